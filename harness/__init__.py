@@ -1,0 +1,1 @@
+"""reformer-harness: suites -> cells -> isolated runs -> measurements -> results -> reports/checks."""

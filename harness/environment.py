@@ -1,0 +1,210 @@
+"""Environment capture: code identity, software versions, hardware, host and command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from harness.measure import nvml_snapshot
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_GIT_TIMEOUT_S = 30.0
+
+
+# --------------------------------------------------------------------------- git
+
+
+def _git(repo_root: Path, *args: str) -> bytes:
+    """Run git in ``repo_root``; raises on failure."""
+    # Optional locks off: never contend with a concurrent git command for index.lock.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    return subprocess.run(
+        ["git", "-C", str(repo_root), *args],
+        check=True,
+        capture_output=True,
+        timeout=_GIT_TIMEOUT_S,
+        env=env,
+    ).stdout
+
+
+def _dirty_hash(repo_root: Path, base: str) -> str | None:
+    """8-hex hash of uncommitted changes against ``base``; None when the tree is clean.
+
+    Covers tracked changes (staged or not, ``git diff <base>``) and untracked,
+    non-ignored files: their names *and* contents, so editing a new file changes it.
+    """
+    diff = _git(repo_root, "diff", "--binary", "--no-ext-diff", "--no-textconv", "--no-color", base)
+    untracked = [
+        p for p in _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split(b"\0") if p
+    ]
+    if not diff and not untracked:
+        return None
+    h = hashlib.sha256(diff)
+    for rel in sorted(untracked):
+        h.update(b"\0untracked\0" + rel + b"\0")
+        path = repo_root / os.fsdecode(rel)
+        try:
+            if path.is_symlink():
+                h.update(os.fsencode(os.readlink(path)))
+            elif path.is_file():
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()[:8]
+
+
+def git_state(repo_root: Path | None = None) -> dict:
+    """{"git_sha": 40-hex or None, "git_dirty": bool or None, "code_version": str}. Never raises."""
+    root = Path(repo_root) if repo_root is not None else REPO_ROOT
+    try:
+        top = Path(_git(root, "rev-parse", "--show-toplevel").decode().strip())
+    except Exception:
+        return {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+    try:
+        try:
+            sha: str | None = _git(top, "rev-parse", "--verify", "HEAD").decode().strip()
+            base = sha
+        except subprocess.CalledProcessError:
+            # A repository without commits: compare against the empty tree.
+            sha = None
+            base = _git(top, "hash-object", "-t", "tree", "/dev/null").decode().strip()
+        dirty = _dirty_hash(top, base)
+    except Exception:
+        return {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+    version = sha[:12] if sha else "nocommit"
+    if dirty is not None:
+        version += f"+dirty.{dirty}"
+    return {"git_sha": sha, "git_dirty": dirty is not None, "code_version": version}
+
+
+def code_version(repo_root: Path | None = None) -> str:
+    """Short (12-hex) git SHA, plus "+dirty.<8 hex>" when the tree has changes.
+
+    "nocommit[+dirty.<hash>]" in a repository without commits, "unknown" outside git
+    (or without git). ``repo_root`` defaults to this package's repository. Never raises.
+    """
+    return git_state(repo_root)["code_version"]
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, else platform.processor()/machine()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: str) -> str:
+    """Human-readable name of ``device`` ("cuda", "cuda:1", "cpu")."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "unavailable cuda device"
+        return torch.cuda.get_device_name(dev)
+    return cpu_model()
+
+
+def device_slug(name: str) -> str:
+    """Lowercase, runs of non-alphanumerics -> '-': "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "unknown"
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def _driver_version() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:
+        return None
+
+
+def _cudnn_version() -> int | None:
+    try:
+        return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:
+        return None
+
+
+def _host_resources() -> dict:
+    try:
+        import psutil
+
+        return {
+            "cpu_cores_physical": psutil.cpu_count(logical=False),
+            "cpu_cores_logical": psutil.cpu_count(logical=True),
+            "ram_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
+        }
+    except Exception:
+        return {"cpu_cores_physical": None, "cpu_cores_logical": os.cpu_count(), "ram_total_gib": None}
+
+
+def capture_environment(device: str) -> dict:
+    """JSON-serialisable description of code, software, hardware, host and command.
+
+    GPU fields (driver, NVML clocks/temperature/power) are None/{} without a GPU.
+    """
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda" and torch.cuda.is_available()
+    env: dict = {
+        "started_at_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **git_state(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": _cudnn_version(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "gpu_driver": _driver_version() if on_cuda else None,
+        "nvml": nvml_snapshot(dev.index or 0) if on_cuda else {},
+        "cpu_model": cpu_model(),
+        **_host_resources(),
+        "torch_threads": torch.get_num_threads(),
+        "command": list(sys.argv),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+    }
+    return env
+
+
+def format_environment(env: dict) -> str:
+    """Aligned "key: value" lines; nested dicts become "parent.child" keys."""
+    flat: list[tuple[str, object]] = []
+    for key, value in env.items():
+        if isinstance(value, dict):
+            if not value:
+                flat.append((key, "-"))
+            flat.extend((f"{key}.{k}", v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            flat.append((key, " ".join(str(v) for v in value)))
+        else:
+            flat.append((key, "-" if value is None else value))
+    width = max((len(k) for k, _ in flat), default=0)
+    return "\n".join(f"{(k + ':').ljust(width + 1)} {v}" for k, v in flat)

@@ -1,0 +1,395 @@
+"""Timers, peak-memory probes and small measurement helpers.
+
+Everything here follows docs/architecture.md and the measurement notes in
+shared/reference/measurement.md: CUDA work is timed with per-repeat CUDA events,
+CPU work with ``time.perf_counter_ns``; peak memory comes from the CUDA caching
+allocator on GPU and from ``VmHWM`` (reset through ``/proc/self/clear_refs``) on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+MIB = 1024 * 1024
+NOISE_THRESHOLD = 0.10  # IQR / median above which a timing is flagged, as torch.utils.benchmark does
+L2_FLUSH_BYTES = 256 * MIB  # larger than any current GPU's L2 (H100: 50 MB), as triton's do_bench
+
+_OOM_MESSAGES = (
+    "can't allocate memory",
+    "defaultcpuallocator",
+    "out of memory",
+    "cublas_status_alloc_failed",
+)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class TimingSettings:
+    """How many times to call a function, and for how long.
+
+    Repeats continue until both ``min_repeats`` calls and ``min_time_s`` seconds of
+    repeating are reached. ``max_repeats`` and ``max_time_s`` are hard caps that win over
+    the minimums, except that at least one repeat is always taken.
+    """
+
+    warmup: int = 2
+    min_repeats: int = 5
+    min_time_s: float = 1.0
+    max_repeats: int = 200
+    max_time_s: float = 120.0
+    flush_l2: bool = False  # CUDA only: overwrite a 256 MB buffer before each repeat, untimed
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Per-repeat wall times in milliseconds and their summary statistics."""
+
+    samples_ms: list[float]
+    timer: str = "perf_counter_ns"  # "cuda_event" | "perf_counter_ns"
+    _sorted: list[float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.samples_ms = [float(s) for s in self.samples_ms]
+        self._sorted = sorted(self.samples_ms)
+
+    @property
+    def n_repeats(self) -> int:
+        return len(self.samples_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return _quantile(self._sorted, 0.5)
+
+    @property
+    def iqr_ms(self) -> float:
+        """p75 - p25 in ms (0 for a single sample)."""
+        return _quantile(self._sorted, 0.75) - _quantile(self._sorted, 0.25)
+
+    @property
+    def min_ms(self) -> float:
+        return self._sorted[0] if self._sorted else math.nan
+
+    @property
+    def max_ms(self) -> float:
+        return self._sorted[-1] if self._sorted else math.nan
+
+    @property
+    def mean_ms(self) -> float:
+        return sum(self.samples_ms) / len(self.samples_ms) if self.samples_ms else math.nan
+
+    @property
+    def noisy(self) -> bool:
+        """True when IQR / median > 0.10."""
+        if not self.samples_ms:
+            return False
+        median = self.median_ms
+        if median <= 0.0:
+            return self.iqr_ms > 0.0
+        return self.iqr_ms / median > NOISE_THRESHOLD
+
+    def as_row(self) -> dict:
+        """Result-row columns (times in ms)."""
+        return {
+            "time_ms_median": self.median_ms,
+            "time_ms_iqr": self.iqr_ms,
+            "time_ms_min": self.min_ms,
+            "time_ms_max": self.max_ms,
+            "time_ms_mean": self.mean_ms,
+            "time_ms_samples": list(self.samples_ms),
+            "n_repeats": self.n_repeats,
+            "time_noisy": self.noisy,
+            "timer": self.timer,
+        }
+
+
+def _done(n: int, elapsed_s: float, s: TimingSettings) -> bool:
+    if n < 1:
+        return False
+    if n >= s.max_repeats or elapsed_s >= s.max_time_s:
+        return True
+    return n >= s.min_repeats and elapsed_s >= s.min_time_s
+
+
+def time_callable(
+    fn: Callable[[], object], device: torch.device, settings: TimingSettings | None = None
+) -> Timing:
+    """Time ``fn()`` repeatedly on ``device``; returns per-call times in ms.
+
+    ``settings.warmup`` untimed calls come first. On CUDA each repeat is bracketed by a
+    pair of CUDA events on the current stream and followed by a synchronize (so the
+    sample is GPU time from the start event to the end event, including launch gaps the
+    GPU sees). With ``flush_l2`` a 256 MB buffer is zeroed before the start event. On CPU
+    each call is bracketed by ``time.perf_counter_ns``. The min/max time limits count
+    wall-clock time spent in the repeat loop (including flushes and synchronizes).
+    """
+    settings = settings or TimingSettings()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _time_cuda(fn, device, settings)
+    return _time_cpu(fn, settings)
+
+
+def _time_cpu(fn: Callable[[], object], settings: TimingSettings) -> Timing:
+    for _ in range(settings.warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while not _done(len(samples), time.perf_counter() - start, settings):
+        t0 = time.perf_counter_ns()
+        out = fn()
+        t1 = time.perf_counter_ns()
+        del out  # free the result outside the timed region
+        samples.append((t1 - t0) / 1e6)
+    return Timing(samples, timer="perf_counter_ns")
+
+
+def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingSettings) -> Timing:
+    with torch.cuda.device(device):
+        for _ in range(settings.warmup):
+            fn()
+        torch.cuda.synchronize()
+        flush_buf = (
+            torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if settings.flush_l2 else None
+        )
+        samples: list[float] = []
+        start_wall = time.perf_counter()
+        while not _done(len(samples), time.perf_counter() - start_wall, settings):
+            if flush_buf is not None:
+                flush_buf.zero_()  # enqueued before the start event, so not timed
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            del out
+            samples.append(begin.elapsed_time(end))
+        if flush_buf is not None:
+            # Hand the flush buffer back so it does not inflate a later reserved-memory reading.
+            del flush_buf
+            torch.cuda.empty_cache()
+    return Timing(samples, timer="cuda_event")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryReading:
+    """Peak memory of one call above the baseline just before it, in MiB."""
+
+    peak_mib: float
+    reserved_mib: float | None
+    method: str  # "cuda_max_memory_allocated" | "vmhwm_clear_refs" | "ru_maxrss"
+
+    def as_row(self) -> dict:
+        return {
+            "peak_mem_mib": self.peak_mib,
+            "peak_reserved_mib": self.reserved_mib,
+            "mem_method": self.method,
+        }
+
+
+def read_proc_status_kib(field_name: str) -> int:
+    """Value of a ``kB`` field of /proc/self/status (e.g. "VmRSS", "VmHWM") in KiB.
+
+    Raises OSError off Linux and KeyError when the field is missing.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == field_name:
+                return int(value.split()[0])
+    raise KeyError(field_name)
+
+
+def _reset_vmhwm() -> bool:
+    """Reset VmHWM to the current RSS; False when the kernel does not support it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        # Some kernels/sandboxes accept the write but ignore it: check the reset took.
+        slack_kib = 4 * 1024
+        return read_proc_status_kib("VmHWM") <= read_proc_status_kib("VmRSS") + slack_kib
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _ru_maxrss_kib() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss // 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
+
+
+def _current_rss_kib() -> int:
+    try:
+        return read_proc_status_kib("VmRSS")
+    except (OSError, KeyError):
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss // 1024
+
+
+def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> MemoryReading:
+    """Run ``fn()`` once and return its peak memory above the pre-call baseline (MiB).
+
+    CUDA: caching-allocator peak (``max_memory_allocated`` minus ``memory_allocated``
+    before the call; tensors only, no CUDA context), plus ``max_memory_reserved``
+    (everything the allocator held, absolute, not baseline-subtracted).
+    CPU on Linux: ``VmHWM`` after the call minus ``VmRSS`` before it, with VmHWM reset
+    through ``/proc/self/clear_refs``; includes every resident page of the process
+    (allocator caches, thread stacks, libraries loaded lazily by the call).
+    Fallback: ``ru_maxrss`` is the *lifetime* peak (on Linux even carried over from the
+    parent through fork/exec), so it sees the call's peak only when that peak exceeds
+    everything on record; then the result is ``ru_maxrss`` after minus RSS before.
+    Otherwise the peak is unobservable and ``peak_mib`` is NaN rather than a fake 0.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        return _peak_cuda(fn, device)
+    return _peak_cpu(fn)
+
+
+def _peak_cuda(fn: Callable[[], object], device: torch.device) -> MemoryReading:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    reserved = torch.cuda.max_memory_reserved(device)
+    del out
+    return MemoryReading(peak / MIB, reserved / MIB, "cuda_max_memory_allocated")
+
+
+def _peak_cpu(fn: Callable[[], object]) -> MemoryReading:
+    if sys.platform.startswith("linux") and _reset_vmhwm():
+        baseline = read_proc_status_kib("VmRSS")
+        out = fn()
+        peak = read_proc_status_kib("VmHWM") - baseline
+        del out
+        return MemoryReading(max(peak, 0) / 1024, None, "vmhwm_clear_refs")
+
+    lifetime_before = _ru_maxrss_kib()
+    baseline = _current_rss_kib()
+    out = fn()
+    lifetime_after = _ru_maxrss_kib()
+    del out
+    if lifetime_after > lifetime_before:
+        # The call set a new lifetime peak, so lifetime_after *is* its peak.
+        return MemoryReading(max(lifetime_after - baseline, 0) / 1024, None, "ru_maxrss")
+    return MemoryReading(math.nan, None, "ru_maxrss")
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def set_cpu_threads(n: int | None) -> int:
+    """Set torch's intra-op thread count when ``n`` is given; return the count in effect."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _nvml_handle(pynvml, device_index: int):
+    """NVML handle for CUDA device ``device_index``.
+
+    NVML ignores CUDA_VISIBLE_DEVICES, so CUDA index i is translated through it (by
+    UUID when torch has already initialised CUDA, else through the variable's entries).
+    """
+    if torch.cuda.is_initialized():
+        try:
+            uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        except Exception:
+            pass  # older torch without .uuid, or a MIG slice: fall back to the variable
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        entry = entries[device_index]
+        if entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+        return pynvml.nvmlDeviceGetHandleByUUID(entry)
+    return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+
+
+def _clock_event_reasons(pynvml, handle) -> int:
+    # Renamed from ...ThrottleReasons to ...EventReasons in newer NVML bindings.
+    getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons"
+    )
+    return int(getter(handle))
+
+
+def nvml_snapshot(device_index: int = 0) -> dict:
+    """Clocks (MHz), temperature (C) and power (W) of a GPU via NVML; {} when unavailable.
+
+    Keys: sm_clock_mhz, sm_clock_max_mhz, mem_clock_mhz, temperature_c, power_w,
+    power_limit_w, throttle_reasons (NVML bitmask). A field NVML refuses is left out.
+    Never raises.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    snap: dict = {}
+    try:
+        handle = _nvml_handle(pynvml, device_index)
+        probes = {
+            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+            "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+            "throttle_reasons": lambda: _clock_event_reasons(pynvml, handle),
+        }
+        for key, probe in probes.items():
+            try:
+                snap[key] = probe()
+            except Exception:
+                pass
+    except Exception:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return snap
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True when ``exc`` is an out-of-memory failure (CUDA, Python or CPU allocator)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
+        return True
+    if isinstance(exc, RuntimeError):
+        message = str(exc).lower()
+        return any(m in message for m in _OOM_MESSAGES)
+    return False

@@ -1,0 +1,330 @@
+"""Result storage: one folder per run, atomic per-cell writes, loading into pandas.
+
+Layout::
+
+    <root>/<suite>/<run_id>/run.json            environment + suite + command
+    <root>/<suite>/<run_id>/cells/<key>.json    one row per finished cell
+    <root>/<suite>/<run_id>/results.parquet     all rows, rewritten after every cell
+
+Every file is written to a temporary file in the same folder and renamed over the target, so a
+run killed at any moment leaves readable files; `cells/` always holds every finished cell, and
+`results.parquet` lags it by at most the cell being written (`load` notices and uses the cells).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+RUN_INFO = "run.json"
+CELLS_DIR = "cells"
+PARQUET = "results.parquet"
+
+
+class ResultsError(Exception):
+    """A results folder or file that is missing or unreadable; str is a human message."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere, and not worth failing over.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write `text` (UTF-8) to `path`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, (Path, datetime)):
+        return str(value)
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__} {value!r}")
+
+
+def to_json(data: Any, indent: int | None = 2) -> str:
+    """JSON text of `data`; numpy scalars/arrays, tuples, sets and paths are converted."""
+    return json.dumps(data, indent=indent, default=_json_default, sort_keys=False)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Atomically write `data` as indented JSON to `path`."""
+    atomic_write_text(path, to_json(data) + "\n")
+
+
+# --------------------------------------------------------------------------- run ids and store
+
+
+def new_run_id(device_slug: str, parent: str | Path | None = None) -> str:
+    """`YYYYmmddTHHMMSSZ-<device_slug>` in UTC; with `parent` (the suite folder), a `-2`, `-3`, ...
+    suffix is added while a folder of that name already exists there."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device_slug).strip("-") or "device"
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{slug}"
+    if parent is None:
+        return run_id
+    candidate, n = run_id, 1
+    while (Path(parent) / candidate).exists():
+        n += 1
+        candidate = f"{run_id}-{n}"
+    return candidate
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"{path}: unreadable JSON ({error})") from None
+
+
+def _read_cells(run_dir: Path) -> list[dict]:
+    """Rows from `cells/*.json` in the order they were written; unreadable files are skipped."""
+    files = sorted((run_dir / CELLS_DIR).glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    rows = []
+    for file in files:
+        try:
+            row = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a torn file cannot exist with atomic writes; ignore foreign junk
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def rows_to_parquet_bytes(rows: list[dict]) -> bytes:
+    """Parquet bytes of `rows`; object columns pyarrow cannot type (mixed kinds) become JSON text."""
+    frame = pd.DataFrame(rows)
+    buffer = io.BytesIO()
+    try:
+        frame.to_parquet(buffer, index=False)
+    except Exception:  # pyarrow raises several types (ArrowTypeError, ArrowInvalid, ...)
+        import pyarrow as pa
+
+        for column in frame.columns:
+            if frame[column].dtype != object:
+                continue
+            try:
+                pa.array(frame[column].tolist(), from_pandas=True)
+            except Exception:
+                frame[column] = [None if _is_missing(v) else to_json(v, indent=None) for v in frame[column]]
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class RunStore:
+    """The folder of one run: `RunStore(root, suite, run_id).path == root/suite/run_id`."""
+
+    def __init__(self, root: str | Path, suite: str, run_id: str):
+        self.root = Path(root)
+        self.suite = suite
+        self.run_id = run_id
+        self.path = self.root / suite / run_id
+        (self.path / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+
+    def write_run_info(self, info: dict) -> None:
+        """Write run.json (environment, suite, command, ...)."""
+        atomic_write_json(self.path / RUN_INFO, info)
+
+    def update_run_info(self, **fields: Any) -> None:
+        """Merge `fields` into run.json (e.g. `finished_utc=...`)."""
+        file = self.path / RUN_INFO
+        info = _read_json(file) if file.exists() else {}
+        info.update(fields)
+        self.write_run_info(info)
+
+    def append(self, row: dict) -> None:
+        """Store one finished cell (by `row["cell_key"]`, replacing an earlier row of that key),
+        then rewrite results.parquet from all cells."""
+        key = row.get("cell_key")
+        if not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+            raise ValueError(f"row needs a file-name-safe 'cell_key', got {key!r}")
+        row = {"run_id": self.run_id, "suite": self.suite, **row}
+        atomic_write_json(self.path / CELLS_DIR / f"{key}.json", row)
+        atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
+
+    def rows(self) -> list[dict]:
+        """All stored rows, in the order they were written."""
+        return _read_cells(self.path)
+
+    def finished_keys(self) -> set[str]:
+        """cell_keys of stored rows whose status is not "error" (what a resume skips)."""
+        return {r["cell_key"] for r in self.rows() if r.get("status") != "error" and "cell_key" in r}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in (RUN_INFO, CELLS_DIR, PARQUET))
+
+
+def latest_run(root: str | Path, suite: str) -> Path | None:
+    """The newest run folder of `suite` under `root` (run ids sort by their UTC timestamp)."""
+    suite_dir = Path(root) / suite
+    if not suite_dir.is_dir():
+        return None
+    runs = [p for p in suite_dir.iterdir() if _is_run_dir(p)]
+    if not runs:
+        return None
+    # The id starts with a sortable timestamp; the modification time breaks ties within a second.
+    return max(runs, key=lambda p: (p.name[:16], p.stat().st_mtime_ns, p.name))
+
+
+def load_run_info(path: str | Path) -> dict:
+    """run.json of a run folder (or the run.json file itself)."""
+    path = Path(path)
+    file = path / RUN_INFO if path.is_dir() else path
+    info = _read_json(file)
+    if not isinstance(info, dict):
+        raise ResultsError(f"{file}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
+def _lists_back(frame: pd.DataFrame) -> pd.DataFrame:
+    """pyarrow reads list columns as numpy arrays; turn them back into Python lists."""
+    for column in frame.columns:
+        if frame[column].dtype == object and frame[column].map(lambda v: isinstance(v, np.ndarray)).any():
+            frame[column] = frame[column].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+    return frame
+
+
+def _read_parquet(file: Path) -> pd.DataFrame:
+    try:
+        return _lists_back(pd.read_parquet(file))
+    except FileNotFoundError:
+        raise ResultsError(f"{file}: file not found") from None
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt files
+        raise ResultsError(f"{file}: unreadable parquet ({type(error).__name__}: {error})") from None
+
+
+def _load_run_dir(run_dir: Path) -> pd.DataFrame:
+    parquet = run_dir / PARQUET
+    cell_keys = {p.stem for p in (run_dir / CELLS_DIR).glob("*.json")}
+    problem = None
+    if parquet.exists():
+        try:
+            frame = _read_parquet(parquet)
+        except ResultsError as error:
+            problem = str(error)
+        else:
+            stored = set(frame["cell_key"].astype(str)) if "cell_key" in frame.columns else set()
+            if cell_keys <= stored:
+                return frame
+            # Killed between writing a cell and rewriting the parquet: the cells are the truth.
+    if cell_keys:
+        return _lists_back(pd.DataFrame(_read_cells(run_dir)))
+    if problem:
+        raise ResultsError(f"{problem}, and {run_dir / CELLS_DIR} holds no cell files to fall back on")
+    raise ResultsError(f"{run_dir}: no results yet (neither {PARQUET} nor {CELLS_DIR}/*.json)")
+
+
+def _resolve(arg: str | Path, root: Path) -> tuple[Path, str, str, str]:
+    """(path, kind, suite, run_id) for a run folder, suite folder, run id or parquet file."""
+    path = Path(arg)
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ResultsError(f"{path}: not a .parquet file")
+        return path, "parquet", path.parent.parent.name, path.parent.name
+    candidates = [path] if path.is_absolute() else [path, root / path]
+    for candidate in candidates:
+        if _is_run_dir(candidate):
+            return candidate, "run", candidate.parent.name, candidate.name
+        if candidate.is_dir():
+            run = latest_run(candidate.parent, candidate.name)
+            if run is None:
+                raise ResultsError(f"{candidate}: no run folders in this suite folder")
+            return run, "run", candidate.name, run.name
+    if root.is_dir() and len(path.parts) == 1:
+        matches = [d for d in root.glob(f"*/{path.name}") if _is_run_dir(d)]
+        if len(matches) > 1:
+            listed = ", ".join(str(m) for m in matches)
+            raise ResultsError(f"run id {str(arg)!r} is ambiguous under {root}: {listed}")
+        if matches:
+            return matches[0], "run", matches[0].parent.name, matches[0].name
+    suites = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    known = f"suites under {root}: {', '.join(suites)}" if suites else f"{root} holds no suites"
+    raise ResultsError(
+        f"{str(arg)!r} is not a run folder, suite folder, run id or results.parquet ({known})"
+    )
+
+
+def load(*paths_or_run_ids: str | Path, root: str | Path = "results") -> pd.DataFrame:
+    """All rows of the given runs as one DataFrame, with `run_id` and `suite` columns.
+
+    Each argument is a run folder, a suite folder (its latest run), a run id (searched under
+    `root`) or a results.parquet file. With no arguments: the latest run of every suite under
+    `root`. A missing or corrupt results.parquet falls back to the run's cells/*.json.
+    """
+    root = Path(root)
+    if not paths_or_run_ids:
+        if not root.is_dir():
+            raise ResultsError(f"{root}: results folder not found")
+        paths_or_run_ids = tuple(sorted(str(d) for d in root.iterdir() if d.is_dir() and latest_run(root, d.name)))
+        if not paths_or_run_ids:
+            raise ResultsError(f"{root}: no runs found")
+    frames = []
+    for arg in paths_or_run_ids:
+        path, kind, suite, run_id = _resolve(arg, root)
+        frame = _read_parquet(path) if kind == "parquet" else _load_run_dir(path)
+        for column, value in (("run_id", run_id), ("suite", suite)):
+            if column not in frame.columns:
+                frame[column] = value
+            else:
+                frame[column] = frame[column].where(frame[column].notna(), value)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

@@ -1,0 +1,692 @@
+"""YAML benchmark suites: schema, validation with file/key path/line messages, expansion into cells.
+
+A suite names a workload and mode, a model, a sweep (cartesian product of lists) and a list of
+attention variants whose list-valued parameters expand too. `load_suite` validates everything up
+front, so a bad suite fails with a `SuiteError` pointing at the offending key instead of a
+traceback halfway through a run::
+
+    suite = load_suite("suites/seq_length.yaml", device="cpu")
+    for cell in suite.cells():
+        cell.key(code_version), cell.attention_params(), cell.to_row()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from variants.registry import type_matches, type_name
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+Mode = Literal["forward", "forward_backward", "train_step"]
+Workload = Literal["attention", "block", "model"]
+
+SHAPE_KEYS = ("seq_len", "batch", "tokens_per_batch")
+# Taken from `model:` rather than from a variant entry; the attention variant gets them from there.
+MODEL_ATTENTION_KEYS = ("d_model", "n_heads", "causal")
+NOT_MODEL_KEYS = ("attention", "attention_params")  # set by `variants:`
+KeyPath = tuple[Any, ...]  # a key path: ("variants", 2, "n_hashes")
+
+
+class SuiteError(Exception):
+    """Invalid suite; str is a human message with file, line, key path, problem and what is allowed."""
+
+    def __init__(self, message: str, file: str | Path | None = None, path: str = "", line: int | None = None):
+        self.file, self.path, self.line, self.problem = file, path, line, message
+        where = str(file) if file is not None else ""
+        if where and line is not None:
+            where += f":{line}"
+        prefix = ": ".join(p for p in (where, path) if p)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MeasureSpec(_Strict):
+    """How each cell is timed (see harness.measure) and guarded (see harness.runner)."""
+
+    warmup: int = Field(2, ge=0)
+    min_repeats: int = Field(5, ge=1)
+    min_time_s: float = Field(1.0, ge=0)
+    max_repeats: int = Field(200, ge=1)
+    max_time_s: float = Field(120.0, gt=0)
+    flush_l2: bool = False
+    threads: Optional[int] = Field(None, ge=1)
+    timeout_s: float = Field(900.0, gt=0)
+    memory_limit_gib: Optional[float] = Field(None, gt=0)
+    skip_after_oom: bool = True
+
+
+class OverrideSpec(_Strict):
+    """A `cpu:` / `cuda:` block: deep-merged over the suite when that device is used."""
+
+    dtype: Optional[DType] = None
+    mode: Optional[Mode] = None
+    workload: Optional[Workload] = None
+    model: Optional[dict[str, Any]] = None
+    sweep: Optional[dict[str, Any]] = None
+    variants: Optional[list[Any]] = None
+    measure: Optional[dict[str, Any]] = None
+
+
+class SuiteSpec(_Strict):
+    """The top level of a suite file."""
+
+    name: Optional[str] = None  # defaults to the file name without extension
+    description: str = ""
+    device: Device = "auto"
+    dtype: DType = "float32"
+    mode: Mode = "forward_backward"
+    workload: Workload = "attention"
+    model: dict[str, Any] = {}
+    sweep: dict[str, Any]
+    variants: list[dict[str, Any]]
+    measure: MeasureSpec = MeasureSpec()
+    cpu: Optional[OverrideSpec] = None
+    cuda: Optional[OverrideSpec] = None
+
+
+_SCHEMAS: dict[KeyPath, type[BaseModel]] = {
+    (): SuiteSpec,
+    ("measure",): MeasureSpec,
+    ("cpu",): OverrideSpec,
+    ("cuda",): OverrideSpec,
+}
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def format_path(path: KeyPath) -> str:
+    """("variants", 2, "n_hashes") -> "variants[2].n_hashes"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Locator:
+    """Maps key paths of the (merged) suite data to display paths and line numbers in the file."""
+
+    def __init__(self, file: Path, lines: dict[KeyPath, int]):
+        self.file = file
+        self.lines = lines
+        self.redirects: dict[KeyPath, KeyPath] = {}  # merged path -> where it came from (cpu:/cuda:)
+
+    def source(self, path: KeyPath) -> KeyPath:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.redirects:
+                return self.redirects[path[:n]] + tuple(path[n:])
+        return tuple(path)
+
+    def error(self, path: KeyPath, message: str) -> SuiteError:
+        source = self.source(path)
+        line = next((self.lines[source[:n]] for n in range(len(source), -1, -1) if source[:n] in self.lines), None)
+        return SuiteError(message, self.file, format_path(source), line)
+
+
+def _line_map(node: yaml.Node, file: Path, path: KeyPath = ()) -> dict[KeyPath, int]:
+    """Key path -> 1-based line of the key (mappings) or item (sequences); rejects duplicate keys."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise SuiteError(f"duplicate key {key!r} (first on line {seen[key]})", file, format_path(path + (key,)), line)
+            seen[key] = line
+            lines.update(_line_map(value_node, file, path + (key,)))
+            lines[path + (key,)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_map(item, file, path + (i,)))
+    return lines
+
+
+def _parse_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError("suite file not found", path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SuiteError(f"cannot read suite file ({error})", path) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = " ".join(str(p) for p in (getattr(error, "context", None), getattr(error, "problem", None)) if p)
+        raise SuiteError(f"invalid YAML: {problem or error}", path, line=mark.line + 1 if mark else None) from None
+    return data, (_line_map(node, path) if node is not None else {})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _model_fields() -> dict[str, tuple[Any, Any]]:
+    """ReformerLMConfig field -> (annotation, default or MISSING), without attention/attention_params."""
+    from variants.model import ReformerLMConfig
+
+    hints = typing.get_type_hints(ReformerLMConfig)
+    out = {}
+    for f in dataclasses.fields(ReformerLMConfig):
+        if f.name in NOT_MODEL_KEYS:
+            continue
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        out[f.name] = (hints[f.name], default)
+    return out
+
+
+def _describe(fields: dict[str, tuple[Any, Any]]) -> str:
+    def one(name: str, annotation: Any, default: Any) -> str:
+        if default is dataclasses.MISSING:
+            return f"{name} ({type_name(annotation)}, required)"
+        return f"{name} ({type_name(annotation)}, default {default!r})"
+
+    return ", ".join(one(n, a, d) for n, (a, d) in fields.items())
+
+
+def _variant_fields(name: str) -> dict[str, tuple[Any, Any]]:
+    import variants
+
+    spec = variants.spec(name)
+    hints = typing.get_type_hints(spec.config_cls)
+    defaults = variants.describe(name)
+    return {n: (hints[n], defaults[n][1]) for n in spec.parameters()}
+
+
+def _did_you_mean(key: Any, allowed: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists recursively, so configs compare and hash the same after a JSON round trip."""
+    return json.loads(json.dumps(value))
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _fmt(value: Any) -> str:
+    return _canonical(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def _merge(base: dict, over: dict, path: KeyPath, origin: KeyPath, locator: _Locator) -> None:
+    """Deep-merge `over` into `base` (dicts merge, everything else replaces), recording origins."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, path + (key,), origin + (key,), locator)
+        else:
+            base[key] = value
+            locator.redirects[path + (key,)] = origin + (key,)
+
+
+def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath = ()) -> SuiteError:
+    """The first pydantic error as a SuiteError; `prefix` is where the validated data sits in the file."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        schema = _SCHEMAS.get(prefix + loc[:-1])
+        allowed = f"; allowed keys: {', '.join(schema.model_fields)}" if schema else ""
+        message = f"unknown key {loc[-1]!r}{_did_you_mean(loc[-1], schema.model_fields if schema else ())}{allowed}"
+    elif kind == "missing":
+        message = f"required key {loc[-1]!r} is missing"
+    else:
+        message = f"{first['msg']}, got {first.get('input')!r}"
+    more = len(error.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return locator.error(prefix + loc, message)
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a suite: a workload, shapes, model sizes, one attention variant, measure settings."""
+
+    suite: str
+    workload: str
+    mode: str
+    device: str
+    dtype: str
+    seq_len: int
+    batch: int
+    tokens_per_batch: int | None
+    model: dict[str, Any]
+    variant: str
+    variant_params: dict[str, Any]
+    label: str
+    measure: dict[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.key(""))
+
+    def config_dict(self) -> dict[str, Any]:
+        """The canonical JSON-able configuration of this cell."""
+        return _jsonable(dataclasses.asdict(self))
+
+    def key(self, code_version: str) -> str:
+        """Identity of (configuration, code version): first 16 hex of a sha256."""
+        payload = _canonical({"config": self.config_dict(), "code_version": code_version})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def group_key(self) -> str:
+        """The key of this cell's configuration without its length: cells differing only in seq_len
+        (and in batch when it is derived from tokens_per_batch) share it."""
+        config = self.config_dict()
+        config.pop("seq_len")
+        if self.tokens_per_batch is not None:
+            config.pop("batch")
+        return hashlib.sha256(_canonical(config).encode()).hexdigest()[:16]
+
+    def attention_params(self) -> dict[str, Any]:
+        """Keyword arguments for `variants.build(cell.variant, **...)`."""
+        return {key: self.model[key] for key in MODEL_ATTENTION_KEYS} | dict(self.variant_params)
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat result-row columns (docs/architecture.md): shapes, model keys, variant and its params."""
+        row: dict[str, Any] = {
+            "workload": self.workload,
+            "mode": self.mode,
+            "device": self.device,
+            "dtype": self.dtype,
+            "seq_len": self.seq_len,
+            "batch": self.batch,
+            "tokens_per_batch": self.tokens_per_batch,
+        }
+        row.update(_jsonable(self.model))
+        row.update(variant=self.variant, variant_label=self.label, variant_params=_canonical(self.variant_params))
+        for name, value in _jsonable(self.variant_params).items():
+            # A variant parameter named like a model column (e.g. dropout) gets a prefix.
+            column = name if name not in row else f"variant_{name}"
+            if column not in row:
+                row[column] = value
+        return row
+
+
+@dataclass
+class Suite:
+    """A validated suite; `cells()` lists its expansion."""
+
+    name: str
+    description: str
+    path: Path
+    device: str
+    dtype: str
+    mode: str
+    workload: str
+    model: dict[str, Any]
+    sweep: dict[str, list[Any]]
+    variants: list[dict[str, Any]]
+    measure: dict[str, Any]
+    _cells: list[Cell] = field(default_factory=list, repr=False)
+
+    def cells(self) -> list[Cell]:
+        """Cells ordered by variant entry, its expansion, the other sweep keys, then seq_len ascending."""
+        return list(self._cells)
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_suite(path: str | Path, device: str | None = None) -> Suite:
+    """Read, validate and expand a suite file; `device` (auto|cpu|cuda) overrides the file's.
+
+    Raises SuiteError (never anything else) for any problem with the file.
+    """
+    path = Path(path)
+    data, lines = _parse_yaml(path)
+    locator = _Locator(path, lines)
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise locator.error((), f"a suite must be a mapping of keys, got {got}; required keys: sweep, variants")
+
+    # Validate the override blocks before merging so their errors point into them.
+    for block in ("cpu", "cuda"):
+        if block in data and data[block] is not None:
+            try:
+                OverrideSpec.model_validate(data[block])
+            except ValidationError as error:
+                raise _pydantic_error(error, locator, (block,)) from None
+
+    if device is not None and device not in typing.get_args(Device):
+        raise SuiteError(f"device override {device!r} is not one of: {', '.join(typing.get_args(Device))}", path)
+    requested = device or data.get("device", "auto")
+    if requested not in typing.get_args(Device):
+        raise locator.error(("device",), f"{requested!r} is not one of: {', '.join(typing.get_args(Device))}")
+    resolved = _resolve_device(requested)
+
+    merged = {k: v for k, v in data.items() if k not in ("cpu", "cuda")}
+    override = data.get(resolved)
+    if isinstance(override, dict):
+        _merge(merged, {k: v for k, v in override.items() if v is not None}, (), (resolved,), locator)
+    try:
+        spec = SuiteSpec.model_validate(merged)
+    except ValidationError as error:
+        raise _pydantic_error(error, locator) from None
+
+    name = spec.name if spec.name is not None else path.stem
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise locator.error(("name",), f"{name!r}: use only letters, digits, '_', '.', '-' (it names the results folder)")
+    measure = spec.measure.model_dump()
+    if measure["min_repeats"] > measure["max_repeats"]:
+        raise locator.error(("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}")
+
+    model_fields = _model_fields()
+    model = _check_model(spec.model, model_fields, locator)
+    sweep = _check_sweep(spec.sweep, model_fields, locator)
+    entries = _expand_variants(spec.variants, locator)
+    suite = Suite(name, spec.description, path, resolved, spec.dtype, spec.mode, spec.workload,
+                  model, sweep, [dict(v) for v in spec.variants], measure)
+    suite._cells = _build_cells(suite, entries, model_fields, locator)
+    return suite
+
+
+def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, Any]:
+    for key, value in model.items():
+        if key in NOT_MODEL_KEYS:
+            raise locator.error(("model", key), f"{key!r} is set by the `variants:` list, not by `model:`")
+        if key not in fields:
+            raise locator.error(("model", key), f"unknown model key {key!r}{_did_you_mean(key, fields)}; allowed: {_describe(fields)}")
+        annotation = fields[key][0]
+        if not type_matches(value, annotation):
+            raise locator.error(("model", key), f"must be {type_name(annotation)}, got {value!r}")
+    return dict(model)
+
+
+def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, list]:
+    allowed = f"allowed keys: {', '.join(SHAPE_KEYS)} and the model keys {', '.join(fields)}"
+    for key, values in sweep.items():
+        if key in NOT_MODEL_KEYS:
+            raise locator.error(("sweep", key), f"{key!r} is set by the `variants:` list, not swept")
+        if key not in SHAPE_KEYS and key not in fields:
+            raise locator.error(("sweep", key), f"unknown sweep key {key!r}{_did_you_mean(key, [*SHAPE_KEYS, *fields])}; {allowed}")
+        if not isinstance(values, list):
+            raise locator.error(("sweep", key), f"must be a list of values (e.g. {key}: [{values!r}]), got {values!r}")
+        if not values:
+            raise locator.error(("sweep", key), "empty list: give at least one value")
+        for i, value in enumerate(values):
+            if key in SHAPE_KEYS:
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise locator.error(("sweep", key, i), f"{key} values must be positive integers, got {value!r}")
+            elif not type_matches(value, fields[key][0]):
+                raise locator.error(("sweep", key, i), f"{key} values must be {type_name(fields[key][0])}, got {value!r}")
+            if value in values[:i]:
+                raise locator.error(("sweep", key, i), f"duplicate value {value!r}")
+    if "seq_len" not in sweep:
+        raise locator.error(("sweep", "seq_len"), "required key 'seq_len' is missing (e.g. seq_len: [1024, 2048])")
+    if "batch" in sweep and "tokens_per_batch" in sweep:
+        raise locator.error(("sweep", "tokens_per_batch"), "give either batch or tokens_per_batch, not both")
+    return {k: list(v) for k, v in sweep.items()}
+
+
+@dataclass
+class _Expansion:
+    index: int  # position in `variants:`
+    name: str
+    params: dict[str, Any]
+    value_index: dict[str, int]  # param -> index into its list, for list-valued params
+    label: str | None
+    varying_in_entry: list[str]  # list-valued params with more than one value
+
+
+def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_Expansion]:
+    import variants
+
+    registered = variants.available("attention")
+    if not entries:
+        raise locator.error(("variants",), f"empty list: name at least one variant ({', '.join(registered)})")
+    out = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        if name is None:
+            raise locator.error(("variants", i), f"missing 'name'; registered attention variants: {', '.join(registered)}")
+        if name not in registered:
+            raise locator.error(("variants", i, "name"), f"unknown variant {name!r}{_did_you_mean(name, registered)}; registered attention variants: {', '.join(registered)}")
+        fields = _variant_fields(name)
+        label = entry.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
+        choices: dict[str, list[Any]] = {}
+        expanded: set[str] = set()
+        for key, value in entry.items():
+            if key in ("name", "label"):
+                continue
+            where = ("variants", i, key)
+            if key in MODEL_ATTENTION_KEYS:
+                raise locator.error(where, f"{key!r} comes from `model:` (set model.{key} or sweep it), not from a variant entry")
+            if key not in fields:
+                allowed = _describe({k: v for k, v in fields.items() if k not in MODEL_ATTENTION_KEYS})
+                raise locator.error(where, f"variant {name!r} does not take {key!r}{_did_you_mean(key, fields)}; its parameters: {allowed}, plus label")
+            annotation = fields[key][0]
+            takes_sequence = typing.get_origin(annotation) in (list, tuple) or any(
+                typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
+            # A list expands into one variant per value, except a flat list for a sequence-typed parameter.
+            expands = isinstance(value, list) and (not takes_sequence or all(isinstance(v, list) for v in value))
+            if expands and not value:
+                raise locator.error(where, "empty list: give at least one value")
+            choices[key] = value if expands else [value]
+            if expands:
+                expanded.add(key)
+        varying = [k for k in choices if k in expanded and len(choices[k]) > 1]
+        for combo in itertools.product(*(enumerate(v) for v in choices.values())):
+            params = {k: v for k, (_, v) in zip(choices, combo)}
+            value_index = {k: j for k, (j, _) in zip(choices, combo) if k in expanded}
+            out.append(_Expansion(i, name, params, value_index, label, varying))
+    return out
+
+
+def _labels(expansions: list[_Expansion], locator: _Locator) -> list[str]:
+    """Entry label (plus what varies within the entry) or auto: name + params that vary across
+    all expansions of that variant name."""
+    effective = []
+    for e in expansions:
+        defaults = {k: d for k, (_, d) in _variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        effective.append(_jsonable(defaults | e.params))
+    labels = []
+    for e, eff in zip(expansions, effective):
+        if e.label is not None:
+            labels.append(" ".join([e.label] + [f"{k}={_fmt(e.params[k])}" for k in e.varying_in_entry]))
+            continue
+        same = [f for x, f in zip(expansions, effective) if x.name == e.name]
+        shown = [k for k in eff if len({_fmt(f.get(k)) for f in same}) > 1]
+        labels.append(" ".join([e.name] + [f"{k}={_fmt(eff[k])}" for k in shown]))
+    first: dict[str, tuple[int, dict]] = {}
+    for e, label in zip(expansions, labels):
+        if label in first and first[label][1] != e.params | {"name": e.name}:
+            raise locator.error(("variants", e.index),
+                                f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`")
+        first.setdefault(label, (e.index, e.params | {"name": e.name}))
+    return labels
+
+
+def _mentioned(keys: typing.Iterable[str], message: str) -> str | None:
+    """The first of `keys` named as a word in `message`."""
+    return next((k for k in keys if re.search(rf"\b{re.escape(k)}\b", message)), None)
+
+
+def _model_path(key: str | None, swept_at: dict[str, int], suite: Suite) -> KeyPath:
+    """Where a model value came from: its sweep entry, its `model:` key, or `model` itself."""
+    if key in swept_at:
+        return ("sweep", key, swept_at[key])
+    return ("model", key) if key in suite.model else ("model",)
+
+
+def _check_model_config(model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: Suite,
+                        cache: set[str], locator: _Locator) -> None:
+    """ReformerLMConfig's own consistency check (residual/activation names, divisibility, ...)."""
+    from variants.model import ReformerLMConfig
+
+    signature = _canonical(["model", e.name, model])
+    if signature in cache:
+        return
+    try:
+        ReformerLMConfig(**model, attention=e.name, attention_params={e.name: dict(e.params)}).validate()
+    except (ValueError, TypeError) as error:
+        where = _model_path(_mentioned(model, str(error)), swept_at, suite)
+        raise locator.error(where, f"invalid model settings: {error}") from None
+    cache.add(signature)
+
+
+def _check_variant(e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: Suite,
+                   cache: set[str], locator: _Locator) -> None:
+    """The expanded parameters through `variants.make_config`, errors mapped to their key path."""
+    import variants
+
+    attention = {k: model[k] for k in MODEL_ATTENTION_KEYS}
+    signature = _canonical([e.name, attention, e.params])
+    if signature in cache:
+        return
+    try:
+        variants.make_config(e.name, **attention, **e.params)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        named = re.search(r"parameter '(\w+)'", message)
+        key = named.group(1) if named else _mentioned(list(e.params) + list(MODEL_ATTENTION_KEYS), message)
+        if key in e.params:
+            where: KeyPath = ("variants", e.index, key) + ((e.value_index[key],) if key in e.value_index else ())
+        elif key in MODEL_ATTENTION_KEYS:
+            where = _model_path(key, swept_at, suite)
+        else:
+            where = ("variants", e.index)
+        fields = {k: v for k, v in _variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        context = ", ".join(f"{k}={v!r}" for k, v in attention.items())
+        raise locator.error(where, f"{message} (with model {context}); parameters of {e.name!r}: {_describe(fields)}") from None
+    cache.add(signature)
+
+
+def _max_len(model: dict[str, Any]) -> int:
+    """Longest sequence the LM's positional embedding covers (mirrors ReformerLM.max_len)."""
+    axial = model.get("axial_shape")
+    return model["max_seq_len"] if axial is None else min(model["max_seq_len"], math.prod(axial))
+
+
+def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, tuple[Any, Any]],
+                 locator: _Locator) -> list[Cell]:
+    missing = [k for k, (_, d) in fields.items() if d is dataclasses.MISSING and k not in suite.model and k not in suite.sweep]
+    if missing:
+        raise locator.error(("model",), f"required model key(s) missing: {', '.join(missing)}")
+    base_model = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING} | suite.model
+    labels = _labels(expansions, locator)
+    other_keys = [k for k in suite.sweep if k != "seq_len"]
+    seq_lens = sorted(enumerate(suite.sweep["seq_len"]), key=lambda iv: iv[1])
+    cache: set[str] = set()
+    cells: list[Cell] = []
+    seen: dict[str, int] = {}
+    for e, label in zip(expansions, labels):
+        for combo in itertools.product(*(enumerate(suite.sweep[k]) for k in other_keys)):
+            chosen = {k: v for k, (_, v) in zip(other_keys, combo)}
+            swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
+            model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
+            _check_model_config(model, e, swept_at, suite, cache, locator)
+            _check_variant(e, model, swept_at, suite, cache, locator)
+            for j, seq_len in seq_lens:
+                tokens = chosen.get("tokens_per_batch")
+                if tokens is not None:
+                    if tokens % seq_len:
+                        raise locator.error(("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
+                                            f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
+                                            f"({format_path(locator.source(('sweep', 'seq_len', j)))}); "
+                                            "use a multiple of every seq_len")
+                    batch = tokens // seq_len
+                else:
+                    batch = chosen.get("batch", 1)
+                if suite.workload == "model" and seq_len > _max_len(model):
+                    raise locator.error(("sweep", "seq_len", j),
+                                        f"seq_len={seq_len} exceeds what the model's positional embedding covers "
+                                        f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
+                                        f"axial_shape={model.get('axial_shape')})")
+                cell = Cell(suite.name, suite.workload, suite.mode, suite.device, suite.dtype, seq_len, batch,
+                            tokens, _jsonable(model), e.name, _jsonable(e.params), label, dict(suite.measure))
+                key = cell.key("")
+                if key in seen:
+                    raise locator.error(("variants", e.index), f"duplicates the cells of variants[{seen[key]}]")
+                seen[key] = e.index
+                cells.append(cell)
+    return cells
+
+
+# --------------------------------------------------------------------------- selection and estimates
+
+
+def filter_cells(cells: list[Cell], expr: str) -> list[Cell]:
+    """The cells whose `to_row()` columns satisfy a pandas `DataFrame.query` expression."""
+    import pandas as pd
+
+    if not cells:
+        return []
+    frame = pd.DataFrame([c.to_row() for c in cells])
+    try:
+        selected = frame.query(expr)
+    except Exception as error:  # pandas raises SyntaxError, NameError subclasses, TypeError, ...
+        raise SuiteError(f"bad filter {expr!r}: {type(error).__name__}: {error}; "
+                         f"available columns: {', '.join(map(str, frame.columns))}") from None
+    return [cells[i] for i in selected.index]
+
+
+CPU_FLOP_S = 50e9  # deliberately round guesses of achieved throughput
+CUDA_FLOP_S = 100e12
+PROCESS_START_S = 3.0  # spawning a subprocess and importing torch
+
+
+def _forward_flops(cell: Cell) -> float:
+    m = cell.model
+    b, length, d = cell.batch, cell.seq_len, m["d_model"]
+    params = {k: default for k, (_, default) in _variant_fields(cell.variant).items()} | cell.variant_params
+    if "n_hashes" in params and "bucket_size" in params:  # LSH: each query sees ~2 buckets per hash round
+        span = min(length, 2 * int(params["bucket_size"])) * int(params["n_hashes"])
+    else:
+        span = length / 2 if m.get("causal") else length
+    attention = 8 * b * length * d * d + 4 * b * length * span * d
+    if cell.workload == "attention":
+        return attention
+    block = attention + 4 * b * length * d * m.get("d_ff", 4 * d)
+    if cell.workload == "block":
+        return block
+    return m.get("n_layers", 1) * block + 2 * b * length * d * m.get("vocab_size", 256)
+
+
+def estimate_seconds(cell: Cell) -> float:
+    """A rough a-priori wall-time guess for --dry-run: analytic FLOPs at a round throughput
+    (50 GFLOP/s CPU, 100 TFLOP/s CUDA), times the iterations the measure settings imply, plus
+    process start. It ignores memory-bound kernels and launch overhead: expect to be off by 3x."""
+    flops = _forward_flops(cell) * (1 if cell.mode == "forward" else 3)  # backward ~ 2x forward
+    per_iter = flops / (CUDA_FLOP_S if cell.device == "cuda" else CPU_FLOP_S)
+    m = cell.measure
+    # Repeats continue until both min_repeats and min_time_s are met, within the max_* caps.
+    repeats = max(m["min_repeats"], m["min_time_s"] / per_iter if per_iter > 0 else m["min_repeats"])
+    repeats = min(repeats, m["max_repeats"])
+    measured = min(repeats * per_iter, max(m["max_time_s"], m["min_repeats"] * per_iter))
+    total = PROCESS_START_S + m["warmup"] * per_iter + measured
+    return float(min(total, m["timeout_s"]))

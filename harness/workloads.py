@@ -1,0 +1,109 @@
+"""Turn a cell into the one call that gets measured, and count its FLOPs.
+
+workload x mode:
+- `attention`: one attention layer (projections included) on random [batch, seq_len, d_model];
+- `block`: the residual stack of `n_layers` (norm + attention, norm + FFN) on random activations;
+- `model`: the whole ReformerLM on random tokens, loss = bits per dim.
+- `forward`: inference under `torch.no_grad()`;
+- `forward_backward`: forward, then backward of a fixed random projection of the output
+  (or of the loss for `model`);
+- `train_step`: forward_backward plus an AdamW step.
+FLOPs count 2 per multiply-add; backward is counted as twice the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import variants
+from variants.model import ReformerLMConfig, build_layer_stack
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKWARD_FLOPS_FACTOR = 2
+
+
+@dataclass
+class Workload:
+    """The measured call of a cell, and what one call does (tokens, analytic FLOPs)."""
+
+    step: Callable[[], Any]
+    module: nn.Module
+    tokens: int
+    flops: int
+
+
+def model_config(cell: Any) -> ReformerLMConfig:
+    """The ReformerLMConfig of a cell: its model block with the cell's attention variant."""
+    return variants.make_config(
+        "reformer_lm",
+        **cell.model,
+        attention=cell.variant,
+        attention_params={cell.variant: dict(cell.variant_params)},
+    )
+
+
+def _build_module(cell: Any) -> nn.Module:
+    if cell.workload == "attention":
+        return variants.build(cell.variant, **cell.attention_params())
+    config = model_config(cell)
+    if cell.workload == "block":
+        return build_layer_stack(config)
+    return variants.spec("reformer_lm").module_cls(config)
+
+
+def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
+    """Build the module and inputs of `cell` on `device`; return its measured step."""
+    torch.manual_seed(seed)
+    dtype = DTYPES[cell.dtype]
+    module = _build_module(cell).to(device=device, dtype=dtype)
+    batch, seq_len = cell.batch, cell.seq_len
+    training = cell.mode != "forward"
+    module.train(training)
+
+    if cell.workload == "model":
+        vocab = cell.model.get("vocab_size", 256)
+        tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
+        inputs: torch.Tensor = tokens
+
+        def loss_of() -> torch.Tensor:
+            return module.loss_bpd(tokens)
+    else:
+        inputs = torch.randn(batch, seq_len, module_width(cell), device=device, dtype=dtype)
+        inputs.requires_grad_(training)
+        probe = torch.randn_like(inputs) if training else None
+
+        def loss_of() -> torch.Tensor:
+            return (module(inputs) * probe).sum()
+
+    if cell.mode == "forward":
+        def step() -> Any:
+            with torch.no_grad():
+                return module(inputs)
+    elif cell.mode == "forward_backward":
+        def step() -> Any:
+            module.zero_grad(set_to_none=True)
+            inputs.grad = None
+            loss_of().backward()
+    elif cell.mode == "train_step":
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+        def step() -> Any:
+            optimizer.zero_grad(set_to_none=True)
+            inputs.grad = None
+            loss_of().backward()
+            optimizer.step()
+    else:
+        raise ValueError(f"unknown mode {cell.mode!r}")
+
+    forward_flops = int(module.flops(batch, seq_len))
+    flops = forward_flops * (1 if cell.mode == "forward" else 1 + BACKWARD_FLOPS_FACTOR)
+    return Workload(step=step, module=module, tokens=batch * seq_len, flops=flops)
+
+
+def module_width(cell: Any) -> int:
+    """d_model of a cell (the variant's own override, else the model block's)."""
+    return int(cell.attention_params().get("d_model", cell.model.get("d_model", 256)))

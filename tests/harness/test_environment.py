@@ -1,0 +1,179 @@
+"""Tests for harness.environment: code identity, device names, environment capture."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.environment import (
+    capture_environment,
+    code_version,
+    device_name,
+    device_slug,
+    format_environment,
+    git_state,
+)
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c",
+         "commit.gpgsign=false", *args],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository with one commit holding a.py and a .gitignore for *.log."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    _git(tmp_path, "add", "a.py", ".gitignore")
+    _git(tmp_path, "commit", "-q", "-m", "init")
+    return tmp_path
+
+
+DIRTY = re.compile(r"^[0-9a-f]{12}\+dirty\.[0-9a-f]{8}$")
+
+
+@needs_git
+def test_clean_repo_is_short_sha(repo: Path) -> None:
+    sha = _git(repo, "rev-parse", "HEAD")
+    assert code_version(repo) == sha[:12]
+    assert git_state(repo) == {"git_sha": sha, "git_dirty": False, "code_version": sha[:12]}
+    (repo / "debug.log").write_text("ignored files do not make the tree dirty\n")
+    assert code_version(repo) == sha[:12]
+
+
+@needs_git
+def test_dirty_suffix_tracks_the_diff(repo: Path) -> None:
+    sha12 = _git(repo, "rev-parse", "HEAD")[:12]
+    (repo / "a.py").write_text("x = 2\n")
+    first = code_version(repo)
+    assert DIRTY.match(first) and first.startswith(sha12 + "+dirty.")
+    assert code_version(repo) == first  # deterministic
+    (repo / "a.py").write_text("x = 3\n")
+    second = code_version(repo)
+    assert DIRTY.match(second) and second != first
+    _git(repo, "add", "a.py")  # staging does not change what differs from HEAD
+    assert code_version(repo) == second
+    (repo / "a.py").write_text("x = 1\n")
+    _git(repo, "add", "a.py")
+    assert code_version(repo) == sha12  # back to the committed content
+
+
+@needs_git
+def test_untracked_files_make_it_dirty_by_name_and_content(repo: Path) -> None:
+    (repo / "new.py").write_text("y = 1\n")
+    first = code_version(repo)
+    assert DIRTY.match(first)
+    (repo / "new.py").write_text("y = 2\n")
+    second = code_version(repo)
+    assert DIRTY.match(second) and second != first
+    (repo / "new.py").rename(repo / "other.py")
+    assert code_version(repo) not in (first, second)
+
+
+@needs_git
+def test_subdirectory_uses_the_whole_repository(repo: Path) -> None:
+    (repo / "sub").mkdir()
+    assert code_version(repo / "sub") == code_version(repo)
+    (repo / "a.py").write_text("x = 5\n")
+    assert code_version(repo / "sub") == code_version(repo)
+
+
+@needs_git
+def test_repository_without_commits(tmp_path: Path) -> None:
+    _git(tmp_path, "init", "-q")
+    assert code_version(tmp_path) == "nocommit"
+    (tmp_path / "a.py").write_text("x = 1\n")
+    assert re.match(r"^nocommit\+dirty\.[0-9a-f]{8}$", code_version(tmp_path))
+
+
+def test_outside_git_is_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert code_version(tmp_path / "does-not-exist") == "unknown"
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repo above tmp_path
+    assert code_version(tmp_path) == "unknown"
+    assert git_state(tmp_path) == {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+    monkeypatch.setenv("PATH", "")  # no git at all
+    assert code_version(tmp_path) == "unknown"
+
+
+def test_default_repo_root_gives_a_version() -> None:
+    version = code_version()
+    assert version == "unknown" or re.match(r"^([0-9a-f]{12}|nocommit)(\+dirty\.[0-9a-f]{8})?$", version)
+
+
+@pytest.mark.parametrize(
+    "name, slug",
+    [
+        ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+        ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb"),
+        ("Intel(R) Xeon(R) Platinum 8480+", "intel-r-xeon-r-platinum-8480"),
+        ("  AMD EPYC  7763 64-Core Processor ", "amd-epyc-7763-64-core-processor"),
+        ("!!!", "unknown"),
+    ],
+)
+def test_device_slug(name: str, slug: str) -> None:
+    assert device_slug(name) == slug
+
+
+def test_device_name_cpu() -> None:
+    name = device_name("cpu")
+    assert isinstance(name, str) and name.strip()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_name_cuda() -> None:
+    assert device_name("cuda") == torch.cuda.get_device_name(0)
+    assert device_name("cuda:0") == torch.cuda.get_device_name(0)
+
+
+EXPECTED_KEYS = {
+    "started_at_utc", "git_sha", "git_dirty", "code_version", "python", "torch", "torch_cuda",
+    "cudnn", "device", "device_name", "gpu_driver", "nvml", "cpu_model", "cpu_cores_physical",
+    "cpu_cores_logical", "ram_total_gib", "torch_threads", "command", "hostname", "platform",
+}
+
+
+def test_capture_environment_cpu() -> None:
+    env = capture_environment("cpu")
+    assert EXPECTED_KEYS <= set(env)
+    assert json.loads(json.dumps(env)) == env
+    assert env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["cpu_cores_logical"] >= 1 and env["ram_total_gib"] > 0
+    assert env["device"] == "cpu" and env["nvml"] == {} and env["gpu_driver"] is None
+    assert env["started_at_utc"].endswith("+00:00")
+    assert isinstance(env["command"], list)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_capture_environment_cuda() -> None:
+    env = capture_environment("cuda")
+    json.dumps(env)
+    assert env["device_name"] == torch.cuda.get_device_name(0)
+    assert env["torch_cuda"] == torch.version.cuda
+    if env["gpu_driver"] is not None:  # NVML usable
+        assert env["nvml"].get("sm_clock_mhz", 0) > 0
+
+
+def test_format_environment_lists_every_field() -> None:
+    env = {"torch": "2.13", "nvml": {"sm_clock_mhz": 1980}, "command": ["a", "--b"], "cudnn": None}
+    text = format_environment(env)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert re.match(r"^torch:\s+2\.13$", lines[0])
+    assert re.match(r"^nvml\.sm_clock_mhz:\s+1980$", lines[1])
+    assert re.match(r"^command:\s+a --b$", lines[2])
+    assert re.match(r"^cudnn:\s+-$", lines[3])
+    assert "code_version" in format_environment(capture_environment("cpu"))

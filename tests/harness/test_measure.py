@@ -1,0 +1,289 @@
+"""Tests for harness.measure: timers, peak-memory probes, OOM classification, NVML."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.measure import (
+    MemoryReading,
+    Timing,
+    TimingSettings,
+    is_oom_error,
+    measure_peak_memory,
+    nvml_snapshot,
+    read_proc_status_kib,
+    set_cpu_threads,
+    time_callable,
+)
+
+CPU = torch.device("cpu")
+LINUX = sys.platform.startswith("linux")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MIB_256_FLOATS = 256 * 2**20 // 4  # float32 elements in 256 MiB
+
+
+class CountingSleep:
+    """Callable that sleeps a fixed time per call (cycling through ``durations_s``)."""
+
+    def __init__(self, *durations_s: float) -> None:
+        self.durations_s = durations_s
+        self.calls = 0
+
+    def __call__(self) -> None:
+        time.sleep(self.durations_s[self.calls % len(self.durations_s)])
+        self.calls += 1
+
+
+# --------------------------------------------------------------------------- Timing
+
+
+def test_timing_statistics_match_known_values() -> None:
+    t = Timing([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert t.median_ms == 3.0
+    assert t.iqr_ms == pytest.approx(2.0)  # p75=4, p25=2 (linear interpolation)
+    assert (t.min_ms, t.max_ms, t.mean_ms, t.n_repeats) == (1.0, 5.0, 3.0, 5)
+    assert t.samples_ms == [5.0, 1.0, 4.0, 2.0, 3.0]  # order kept
+
+
+def test_noisy_flag_threshold() -> None:
+    assert not Timing([10.0] * 8).noisy
+    assert Timing([10.0, 10.0, 10.0, 20.0, 20.0, 20.0]).noisy  # bimodal
+    assert not Timing([9.6, 9.8, 10.0, 10.2, 10.4]).noisy  # iqr 0.4 / 10 = 0.04
+    assert Timing([8.0, 9.0, 10.0, 11.5, 13.0]).noisy  # iqr 2.5 / 10 = 0.25
+    assert Timing([4.0]).iqr_ms == 0.0 and not Timing([4.0]).noisy
+
+
+def test_as_row_keys_and_types() -> None:
+    row = Timing([1.0, 2.0, 3.0], timer="cuda_event").as_row()
+    assert set(row) == {
+        "time_ms_median", "time_ms_iqr", "time_ms_min", "time_ms_max", "time_ms_mean",
+        "time_ms_samples", "n_repeats", "time_noisy", "timer",
+    }
+    assert row["time_ms_samples"] == [1.0, 2.0, 3.0]
+    assert row["n_repeats"] == 3 and row["timer"] == "cuda_event"
+    assert isinstance(row["time_noisy"], bool)
+
+
+# --------------------------------------------------------------------------- time_callable
+
+
+def test_sleep_20ms_median_and_warmup_not_counted() -> None:
+    fn = CountingSleep(0.020)
+    settings = TimingSettings(warmup=3, min_repeats=6, min_time_s=0.0)
+    t = time_callable(fn, CPU, settings)
+    assert t.timer == "perf_counter_ns"
+    assert t.n_repeats == 6 == len(t.samples_ms)
+    assert fn.calls == 3 + 6
+    assert t.median_ms == pytest.approx(20.0, rel=0.15)
+    assert min(t.samples_ms) >= 19.9  # sleep never returns early
+
+
+def test_warmup_calls_are_not_timed() -> None:
+    # The first (warm-up) call is slow; the timed ones must not include it.
+    fn = CountingSleep(0.200, 0.001, 0.001, 0.001, 0.001, 0.001)
+    t = time_callable(fn, CPU, TimingSettings(warmup=1, min_repeats=5, min_time_s=0.0))
+    assert fn.calls == 6 and t.n_repeats == 5
+    assert t.max_ms < 100.0
+
+
+def test_min_time_keeps_repeating_past_min_repeats() -> None:
+    fn = CountingSleep(0.010)
+    t = time_callable(fn, CPU, TimingSettings(warmup=0, min_repeats=2, min_time_s=0.15))
+    assert t.n_repeats >= 8  # ~15 calls of >= 10 ms fill 0.15 s; 2 would be the min_repeats alone
+    assert sum(t.samples_ms) >= 140.0
+    assert fn.calls == t.n_repeats
+
+
+def test_max_repeats_caps_min_time() -> None:
+    t = time_callable(CountingSleep(0.001), CPU,
+                      TimingSettings(warmup=0, min_repeats=2, min_time_s=60.0, max_repeats=4))
+    assert t.n_repeats == 4
+
+
+def test_max_time_caps_min_repeats_but_keeps_one() -> None:
+    t = time_callable(CountingSleep(0.010), CPU,
+                      TimingSettings(warmup=0, min_repeats=1000, min_time_s=0.0, max_time_s=0.05))
+    assert 1 <= t.n_repeats < 20
+    t = time_callable(CountingSleep(0.001), CPU,
+                      TimingSettings(warmup=0, min_repeats=5, min_time_s=0.0, max_time_s=0.0))
+    assert t.n_repeats == 1
+
+
+def test_bimodal_durations_flagged_noisy() -> None:
+    t = time_callable(CountingSleep(0.002, 0.020), CPU,
+                      TimingSettings(warmup=0, min_repeats=10, min_time_s=0.0))
+    assert t.n_repeats == 10
+    assert t.noisy and t.as_row()["time_noisy"] is True
+
+
+@needs_cuda
+@pytest.mark.parametrize("flush_l2", [False, True])
+def test_cuda_timer_scales_with_gpu_work(flush_l2: bool) -> None:
+    # torch.cuda._sleep spins the GPU for N cycles and returns to the host at once: only a
+    # GPU-side timer sees it, and twice the cycles must read about twice the time.
+    dev = torch.device("cuda")
+    settings = TimingSettings(warmup=1, min_repeats=5, min_time_s=0.0, flush_l2=flush_l2)
+    short = time_callable(lambda: torch.cuda._sleep(1_000_000), dev, settings)
+    long = time_callable(lambda: torch.cuda._sleep(2_000_000), dev, settings)
+    assert short.timer == "cuda_event" and short.n_repeats == 5
+    assert short.median_ms > 0.05
+    assert long.median_ms / short.median_ms == pytest.approx(2.0, rel=0.15)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _alloc_256mib() -> None:
+    x = torch.ones(MIB_256_FLOATS)  # torch.ones writes every page, so all of it is resident
+    del x
+
+
+@pytest.mark.skipif(not LINUX, reason="VmHWM is Linux-only")
+def test_cpu_peak_of_known_allocation_within_10_percent() -> None:
+    reading = measure_peak_memory(_alloc_256mib, CPU)
+    assert reading.method == "vmhwm_clear_refs"
+    assert reading.reserved_mib is None
+    assert reading.peak_mib == pytest.approx(256.0, rel=0.10)
+
+
+@pytest.mark.skipif(not LINUX, reason="VmHWM is Linux-only")
+def test_cpu_peak_is_not_the_earlier_peak() -> None:
+    _alloc_256mib()  # an earlier, larger peak must not leak into the next reading
+    reading = measure_peak_memory(lambda: None, CPU)
+    assert 0.0 <= reading.peak_mib < 16.0
+
+
+def test_ru_maxrss_fallback() -> None:
+    # ru_maxrss is the lifetime peak, and Linux carries it over from the parent through
+    # fork/exec, so the allocation is sized to rise 256 MiB above whatever peak is on record.
+    script = textwrap.dedent(
+        """
+        import math, torch
+        from harness import measure
+        measure._reset_vmhwm = lambda: False  # as on a kernel without clear_refs
+        gap_mib = (measure._ru_maxrss_kib() - measure._current_rss_kib()) / 1024
+        n_mib = math.ceil(gap_mib) + 256
+        def alloc():
+            x = torch.ones(n_mib * 2**20 // 4); del x
+        big = measure.measure_peak_memory(alloc, torch.device("cpu"))
+        small = measure.measure_peak_memory(lambda: None, torch.device("cpu"))
+        print(n_mib, big.method, big.peak_mib, small.method, small.peak_mib)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    n_mib = float(out[0])
+    assert out[1] == "ru_maxrss" and float(out[2]) == pytest.approx(n_mib, rel=0.10)
+    # Below the lifetime peak the fallback cannot see anything: NaN, not a fake zero.
+    assert out[3] == "ru_maxrss" and math.isnan(float(out[4]))
+
+
+def test_memory_reading_as_row() -> None:
+    assert MemoryReading(12.5, 64.0, "cuda_max_memory_allocated").as_row() == {
+        "peak_mem_mib": 12.5, "peak_reserved_mib": 64.0, "mem_method": "cuda_max_memory_allocated",
+    }
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc is Linux-only")
+def test_read_proc_status_kib() -> None:
+    rss = read_proc_status_kib("VmRSS")
+    assert rss > 10_000  # torch alone is tens of MiB
+    assert read_proc_status_kib("VmHWM") >= rss
+    with pytest.raises(KeyError):
+        read_proc_status_kib("NoSuchField")
+
+
+@needs_cuda
+def test_cuda_peak_of_known_allocation_within_10_percent() -> None:
+    dev = torch.device("cuda")
+    keep = torch.ones(MIB_256_FLOATS, device=dev)  # baseline must be subtracted
+
+    def alloc() -> None:
+        x = torch.ones(MIB_256_FLOATS, device=dev)
+        del x
+
+    measure_peak_memory(alloc, dev)  # a warm-up peak must not leak into the next reading
+    reading = measure_peak_memory(alloc, dev)
+    assert reading.method == "cuda_max_memory_allocated"
+    assert reading.peak_mib == pytest.approx(256.0, rel=0.10)
+    assert reading.reserved_mib is not None and reading.reserved_mib >= 2 * 256.0 * 0.9
+    assert measure_peak_memory(lambda: None, dev).peak_mib < 16.0
+    del keep
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def test_set_cpu_threads_sets_and_reports() -> None:
+    original = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1 == torch.get_num_threads()
+        assert set_cpu_threads(None) == 1
+        with pytest.raises(ValueError):
+            set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (MemoryError(), True),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                      "not enough memory: you tried to allocate 1099511627776 bytes."), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
+        (ValueError("out of memory"), False),
+        (KeyboardInterrupt(), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_is_oom_error_classification(exc: BaseException, expected: bool) -> None:
+    assert is_oom_error(exc) is expected
+
+
+def test_is_oom_error_on_real_cpu_allocation_failure() -> None:
+    with pytest.raises(Exception) as info:
+        torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: more than any address space
+    assert is_oom_error(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_nvml_snapshot_without_gpu_is_empty() -> None:
+    assert nvml_snapshot() == {}
+    assert nvml_snapshot(3) == {}
+
+
+def test_nvml_snapshot_without_pynvml_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    assert nvml_snapshot() == {}
+
+
+def test_nvml_snapshot_never_raises_on_broken_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        def __getattr__(self, name: str):
+            raise RuntimeError("driver exploded")
+
+    monkeypatch.setitem(sys.modules, "pynvml", Broken())
+    assert nvml_snapshot() == {}
+
+
+@needs_cuda
+def test_nvml_snapshot_on_gpu_has_clocks() -> None:
+    snap = nvml_snapshot(0)
+    if not snap:
+        pytest.skip("NVML not usable here")
+    assert snap["sm_clock_mhz"] > 0 and snap["temperature_c"] > 0
+    assert snap["power_limit_w"] > 0
+

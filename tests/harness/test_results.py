@@ -1,0 +1,172 @@
+"""harness.results: atomic writes, the run store, loading, fallbacks and resume keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pandas as pd
+import pytest
+
+from harness import results
+from harness.results import (
+    ResultsError,
+    RunStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    latest_run,
+    load,
+    load_run_info,
+    new_run_id,
+)
+
+
+def row(key: str, status: str = "ok", **extra) -> dict:
+    return {"cell_key": key, "status": status, "seq_len": 1024, "variant": "lsh",
+            "time_ms_median": 1.5, "time_ms_samples": [1.0, 1.5, 2.0], **extra}
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "data.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["data.json"]
+
+
+def test_failed_atomic_write_keeps_old_content(tmp_path, monkeypatch):
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(results.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["data.bin"]
+
+
+def test_new_run_id_format_and_uniqueness(tmp_path):
+    run_id = new_run_id("NVIDIA H100 80GB")
+    assert re.fullmatch(r"\d{8}T\d{6}Z-NVIDIA-H100-80GB", run_id)
+    (tmp_path / run_id).mkdir()
+    second = new_run_id("NVIDIA H100 80GB", parent=tmp_path)
+    if second[:16] == run_id[:16]:  # same second: must not reuse the folder
+        assert second == f"{run_id}-2"
+    assert not (tmp_path / second).exists()
+
+
+def test_append_and_load_round_trip(tmp_path):
+    store = RunStore(tmp_path, "demo", "20240101T000000Z-cpu")
+    store.write_run_info({"command": "python -m harness run demo.yaml"})
+    store.append(row("aaa"))
+    store.append(row("bbb", status="oom", time_ms_samples=[], time_ms_median=None))
+    store.update_run_info(finished_at="now")
+
+    assert sorted(p.name for p in store.path.iterdir()) == ["cells", "results.parquet", "run.json"]
+    assert load_run_info(store.path) == {"command": "python -m harness run demo.yaml", "finished_at": "now"}
+    frame = load(store.path)
+    assert list(frame["cell_key"]) == ["aaa", "bbb"]
+    assert frame["time_ms_samples"].tolist() == [[1.0, 1.5, 2.0], []]
+    assert set(frame["run_id"]) == {"20240101T000000Z-cpu"} and set(frame["suite"]) == {"demo"}
+    # the same rows through the parquet file itself and through the run id
+    assert load(store.path / "results.parquet")["time_ms_samples"].tolist() == [[1.0, 1.5, 2.0], []]
+    assert list(load("20240101T000000Z-cpu", root=tmp_path)["cell_key"]) == ["aaa", "bbb"]
+
+
+def test_append_replaces_a_row_of_the_same_key(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa", status="error"))
+    store.append(row("aaa", status="ok"))
+    assert [r["status"] for r in store.rows()] == ["ok"]
+    assert load(store.path)["status"].tolist() == ["ok"]
+
+
+def test_mixed_type_columns_still_write(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa", extra=3))
+    store.append(row("bbb", extra="three"))
+    assert len(load(store.path)) == 2
+
+
+def test_finished_keys_excludes_errors(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    for key, status in [("a", "ok"), ("b", "error"), ("c", "oom"), ("d", "skipped"), ("e", "timeout")]:
+        store.append(row(key, status=status))
+    assert store.finished_keys() == {"a", "c", "d", "e"}
+    assert RunStore(tmp_path, "demo", "r1").finished_keys() == {"a", "c", "d", "e"}  # reopened
+
+
+def test_suite_folder_loads_its_latest_run(tmp_path):
+    RunStore(tmp_path, "demo", "20240101T000000Z-cpu").append(row("old"))
+    RunStore(tmp_path, "demo", "20240301T000000Z-cpu").append(row("new"))
+    RunStore(tmp_path, "demo", "20240201T000000Z-cpu").append(row("middle"))
+    assert latest_run(tmp_path, "demo").name == "20240301T000000Z-cpu"
+    assert latest_run(tmp_path, "absent") is None
+    assert load(tmp_path / "demo")["cell_key"].tolist() == ["new"]
+    assert load("demo", root=tmp_path)["cell_key"].tolist() == ["new"]
+    both = load(tmp_path / "demo" / "20240101T000000Z-cpu", tmp_path / "demo")
+    assert both["cell_key"].tolist() == ["old", "new"]
+    assert both["run_id"].tolist() == ["20240101T000000Z-cpu", "20240301T000000Z-cpu"]
+
+
+def test_missing_folder_gives_results_error(tmp_path):
+    with pytest.raises(ResultsError, match="nope"):
+        load(tmp_path / "nope", root=tmp_path)
+    with pytest.raises(ResultsError, match="not found"):
+        load_run_info(tmp_path)
+
+
+def test_corrupt_parquet_falls_back_to_cells(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa"))
+    store.append(row("bbb"))
+    (store.path / "results.parquet").write_bytes(b"not a parquet file")
+    frame = load(store.path)
+    assert frame["cell_key"].tolist() == ["aaa", "bbb"]
+    assert frame["time_ms_samples"].tolist() == [[1.0, 1.5, 2.0]] * 2
+
+
+def test_missing_parquet_falls_back_to_cells(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa"))
+    (store.path / "results.parquet").unlink()
+    assert load(store.path)["cell_key"].tolist() == ["aaa"]
+
+
+def test_stale_parquet_is_superseded_by_cells(tmp_path):
+    # Killed after the cell json was written but before the parquet was rewritten.
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa"))
+    stale = (store.path / "results.parquet").read_bytes()
+    store.append(row("bbb"))
+    (store.path / "results.parquet").write_bytes(stale)
+    assert load(store.path)["cell_key"].tolist() == ["aaa", "bbb"]
+
+
+def test_corrupt_parquet_without_cells_is_an_error(tmp_path):
+    run = tmp_path / "demo" / "r1"
+    run.mkdir(parents=True)
+    (run / "results.parquet").write_bytes(b"garbage")
+    with pytest.raises(ResultsError, match="unreadable parquet"):
+        load(run)
+    with pytest.raises(ResultsError, match="unreadable parquet"):
+        load(run / "results.parquet")
+
+
+def test_empty_run_is_an_error(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.write_run_info({})
+    with pytest.raises(ResultsError, match="no results yet"):
+        load(store.path)
+
+
+def test_load_returns_a_dataframe_of_all_suites_by_default(tmp_path):
+    RunStore(tmp_path, "one", "r1").append(row("a"))
+    RunStore(tmp_path, "two", "r1").append(row("b"))
+    frame = load(root=tmp_path)
+    assert isinstance(frame, pd.DataFrame)
+    assert sorted(zip(frame["suite"], frame["cell_key"])) == [("one", "a"), ("two", "b")]

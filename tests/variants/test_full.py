@@ -1,0 +1,108 @@
+"""full_attention and the `full` / `sdpa` variants against naive loops, each other and torch SDPA."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import variants
+from variants.attention.full import full_attention
+
+
+def naive_attention(q, k, v, causal, shared_qk):
+    """Per-position loops in float64 with python-float softmax: the independent reference."""
+    batch, heads, seq_len, head_dim = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(batch, heads, seq_len, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            if shared_qk:  # k_hat = q / sqrt(mean(q^2) + eps) / sqrt(d) = q / sqrt(|q|^2 + eps * d)
+                keys = [q[b, h, j] / math.sqrt(float(q[b, h, j] @ q[b, h, j]) + 1e-6 * head_dim) for j in range(seq_len)]
+            else:
+                keys = [k[b, h, j] / math.sqrt(head_dim) for j in range(seq_len)]
+            for i in range(seq_len):
+                logits = []
+                for j in range(seq_len):
+                    logit = float(q[b, h, i] @ keys[j])
+                    if causal and j > i:
+                        logit = -1e9
+                    if shared_qk and j == i:
+                        logit = -1e5
+                    logits.append(logit)
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                total = sum(weights)
+                out[b, h, i] = sum(w / total * v[b, h, j] for j, w in enumerate(weights))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_full_attention_matches_naive_loops(causal, shared_qk):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    expected = naive_attention(q, k, v, causal, shared_qk)
+    got = full_attention(q, q if shared_qk else k, v, causal=causal, shared_qk=shared_qk)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_qk_ignores_k_argument_and_first_causal_position_sees_itself():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    out = full_attention(q, k, v, causal=True, shared_qk=True)
+    torch.testing.assert_close(out, full_attention(q, q, v, causal=True, shared_qk=True))
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])  # nothing but itself to attend to
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_full_attention_matches_torch_sdpa_math(causal):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(full_attention(q, k, v, causal=causal), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_full_attention_fp16_masks_stay_finite():
+    gen = torch.Generator().manual_seed(3)
+    q, v = (torch.randn(1, 2, 8, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    try:
+        out = full_attention(q.half(), q.half(), v.half(), causal=True, shared_qk=True)
+    except RuntimeError as error:  # some CPU builds lack fp16 matmul
+        pytest.skip(f"no fp16 matmul here: {error}")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), naive_attention(q, q, v, True, True), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_full_and_sdpa_modules_agree(causal, shared_qk):
+    torch.manual_seed(4)
+    params = dict(d_model=16, n_heads=2, causal=causal, shared_qk=shared_qk)
+    full = variants.build("full", **params).double()
+    sdpa = variants.build("sdpa", **params).double()
+    sdpa.load_state_dict(full.state_dict())
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out_full, out_sdpa = full(x), sdpa(x)
+    torch.testing.assert_close(out_sdpa, out_full, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out_full)
+    (g_full,) = torch.autograd.grad(out_full, x, grad)
+    (g_sdpa,) = torch.autograd.grad(out_sdpa, x, grad)
+    torch.testing.assert_close(g_sdpa, g_full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_full_flops_match_flop_counter(shared_qk):
+    module = variants.build("full", d_model=16, n_heads=2, shared_qk=shared_qk, causal=True)
+    with FlopCounterMode(display=False) as counter:
+        module(torch.randn(3, 10, 16))
+    assert module.flops(3, 10) == counter.get_total_flops()
+
+
+def test_sdpa_flops_halve_only_on_causal_fast_path():
+    full = variants.build("sdpa", d_model=16, n_heads=2).core_flops(2, 32)
+    assert full == 2 * 2 * 2 * 32 * 32 * 16
+    assert variants.build("sdpa", d_model=16, n_heads=2, causal=True).core_flops(2, 32) == full // 2
+    assert variants.build("sdpa", d_model=16, n_heads=2, causal=True, shared_qk=True).core_flops(2, 32) == full

@@ -1,0 +1,13 @@
+"""Pluggable Reformer building blocks and their registry.
+
+>>> import variants
+>>> variants.available()            # registered names
+>>> layer = variants.build("lsh", d_model=256, n_heads=4, n_hashes=4, bucket_size=64)
+"""
+
+from variants.registry import available, build, describe, make_config, register, spec
+
+# Importing the built-in modules registers their variants.
+from variants import attention, feedforward, residual, model  # noqa: E402,F401
+
+__all__ = ["available", "build", "describe", "make_config", "register", "spec"]

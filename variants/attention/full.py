@@ -1,0 +1,136 @@
+"""Full (quadratic) attention: the `full_attention` functional core and variants `full` and `sdpa`.
+
+`full` materialises the [seq_len, seq_len] logits and is the reference every other variant is
+checked against. `sdpa` computes the same thing with `torch.nn.functional.scaled_dot_product_attention`
+so torch can pick a flash / memory-efficient kernel.
+
+Shared-QK (Reformer section 2): queries and keys come from one projection; the keys are the
+length-normalised queries and a position may attend to itself only when nothing else is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from variants.attention.base import AttentionConfig, AttentionModule
+from variants.registry import register
+
+
+def mask_values(dtype: torch.dtype) -> tuple[float, float]:
+    """(mask value, self-attention penalty) that replace masked logits of `dtype`.
+
+    -1e9 / -1e5 as in trax and HuggingFace; fp16 cannot hold those (max 65504), so -1e4 / -1e3 there.
+    """
+    if dtype == torch.float16:
+        return -1e4, -1e3
+    return -1e9, -1e5
+
+
+def shared_qk_keys(qk: torch.Tensor) -> torch.Tensor:
+    """Keys of shared-QK attention: qk / sqrt(mean(qk^2) + 1e-6) / sqrt(head_dim), per vector.
+
+    qk: [..., head_dim] -> same shape. Each key has (almost exactly) unit length, so the logit
+    q . k is |q| cos(q, k): the usual 1/sqrt(head_dim) scaling is folded into the keys.
+    """
+    variance = qk.pow(2).mean(dim=-1, keepdim=True)
+    return qk * torch.rsqrt(variance + 1e-6) / math.sqrt(qk.shape[-1])
+
+
+def full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False
+) -> torch.Tensor:
+    """Materialised softmax(logits) @ v on [batch, heads, seq_len, head_dim] tensors.
+
+    Without shared_qk: logits = q . k / sqrt(head_dim). With shared_qk the `k` argument is ignored
+    (callers pass q again) and the keys are `shared_qk_keys(q)`; logits = q . k_hat with no other
+    scaling, and the self logit is replaced by a finite penalty (-1e5, fp16 -1e3) so a position
+    attends to itself only when nothing else is allowed. Causal: logits of later positions are
+    replaced by -1e9 (fp16 -1e4) first, then the self penalty is applied (as HuggingFace does).
+    Returns [batch, heads, seq_len, head_dim].
+    """
+    seq_len = q.shape[-2]
+    mask_value, self_value = mask_values(q.dtype)
+    if shared_qk:
+        logits = q @ shared_qk_keys(q).transpose(-1, -2)
+    else:
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    positions = torch.arange(seq_len, device=q.device)
+    if causal:
+        allowed = positions[:, None] >= positions[None, :]
+        logits = logits.masked_fill(~allowed, mask_value)
+    if shared_qk:
+        logits = logits.masked_fill(positions[:, None] == positions[None, :], self_value)
+    return torch.softmax(logits, dim=-1) @ v
+
+
+@dataclass
+class FullAttentionConfig(AttentionConfig):
+    """AttentionConfig plus shared_qk: one projection for queries and keys (Reformer-style)."""
+
+    shared_qk: bool = False
+
+
+@register("full", config=FullAttentionConfig)
+class FullAttention(AttentionModule):
+    """Full attention with the [seq_len, seq_len] logits materialised (the reference variant)."""
+
+    def __init__(self, config: FullAttentionConfig):
+        super().__init__(config, n_inputs=2 if config.shared_qk else 3)
+
+    def attend(self, *heads: torch.Tensor) -> torch.Tensor:
+        """(q, k, v) or (qk, v), each [batch, heads, seq_len, head_dim] -> same shape."""
+        if self.config.shared_qk:
+            qk, v = heads
+            return full_attention(qk, qk, v, causal=self.config.causal, shared_qk=True)
+        q, k, v = heads
+        return full_attention(q, k, v, causal=self.config.causal)
+
+    def core_flops(self, batch: int, seq_len: int) -> int:
+        """QK^T and PV matmuls over all seq_len^2 pairs (causal computes them all too)."""
+        return 2 * 2 * batch * seq_len * seq_len * self.config.d_model
+
+
+@dataclass
+class SdpaAttentionConfig(AttentionConfig):
+    """AttentionConfig plus shared_qk (see FullAttentionConfig)."""
+
+    shared_qk: bool = False
+
+
+@register("sdpa", config=SdpaAttentionConfig)
+class SdpaAttention(AttentionModule):
+    """Full attention through torch's scaled_dot_product_attention (flash / mem-efficient kernels).
+
+    Without shared_qk it uses `is_causal`, so torch may pick a fused kernel. With shared_qk it passes
+    the normalised keys, scale=1.0 and an additive [seq_len, seq_len] float mask (causal -1e9 plus
+    the self penalty -1e5; fp16 -1e4 / -1e3), which rules out the flash kernel. The penalty is added
+    rather than substituted as in `full`; both leave the self weight at exp(-1e5) ~ 0 unless the
+    position has nothing else to attend to, where both give weight 1, so the outputs agree.
+    """
+
+    def __init__(self, config: SdpaAttentionConfig):
+        super().__init__(config, n_inputs=2 if config.shared_qk else 3)
+
+    def attend(self, *heads: torch.Tensor) -> torch.Tensor:
+        """(q, k, v) or (qk, v), each [batch, heads, seq_len, head_dim] -> same shape."""
+        if not self.config.shared_qk:
+            q, k, v = heads
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.config.causal)
+        qk, v = heads
+        seq_len = qk.shape[-2]
+        mask_value, self_value = mask_values(qk.dtype)
+        positions = torch.arange(seq_len, device=qk.device)
+        bias = torch.zeros(seq_len, seq_len, device=qk.device, dtype=qk.dtype)
+        if self.config.causal:
+            bias = bias.masked_fill(positions[:, None] < positions[None, :], mask_value)
+        bias = bias.masked_fill(positions[:, None] == positions[None, :], self_value)
+        return F.scaled_dot_product_attention(qk, shared_qk_keys(qk), v, attn_mask=bias, scale=1.0)
+
+    def core_flops(self, batch: int, seq_len: int) -> int:
+        """QK^T and PV matmuls; halved for the is_causal path, whose fused kernels skip masked blocks."""
+        flops = 2 * 2 * batch * seq_len * seq_len * self.config.d_model
+        return flops // 2 if self.config.causal and not self.config.shared_qk else flops
