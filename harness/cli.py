@@ -1,12 +1,14 @@
 """Command line: `python -m harness run|list|env|report ...` (also installed as `harness`).
 
-Exit status: 0 when the command did its job (cells that ran out of memory are results, not
-failures), 2 for unusable input (a bad suite, a missing results folder), 130 when interrupted.
+Exit status: 0 when the command did its job (cells that ran out of memory, timed out or crashed
+are results, not failures), 1 when a run measured nothing because every cell it ran failed with
+an error, 2 for unusable input (a bad suite, a missing results folder), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -15,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.environment import capture_environment, code_version, device_name, device_slug, format_environment
-from harness.results import ResultsError, RunStore, new_run_id
-from harness.suite import SuiteError, estimate_seconds, filter_cells, load_suite
+from harness.results import ResultsError, RunStore, load_run_info, new_run_id
+from harness.suite import Cell, Suite, SuiteError, estimate_seconds, filter_cells, load_suite
 from harness.tables import pivot_metric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,69 +32,123 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _dry_run_table(cells: list[Cell], version: str) -> pd.DataFrame:
+    """The cells as a table: label, seq_len, batch, the config columns that vary across the cells
+    (variant parameters are in the label), the time estimate and the key."""
+    rows = pd.DataFrame([c.to_row() for c in cells])
+    config = ["workload", "mode", "device", "dtype", "tokens_per_batch", *dict.fromkeys(k for c in cells for k in c.model)]
+    varying = [c for c in config if c in rows and rows[c].astype(str).nunique() > 1]
+    table = rows[["variant_label", "seq_len", "batch", *varying]].copy()
+    table["estimate_s"] = [round(estimate_seconds(c), 1) for c in cells]
+    table["key"] = [c.key(version) for c in cells]
+    return table
+
+
+def _print_summary(rows: pd.DataFrame, suite: str, path: Path) -> None:
+    """Pivot tables of time and memory, the cells that did not finish ok, and status counts."""
+    print(f"\nmedian time per call (ms), {suite}:")
+    print(pivot_metric(rows, "time_ms_median").to_string())
+    print("\npeak memory (MiB):")
+    print(pivot_metric(rows, "peak_mem_mib").to_string())
+    problems = rows[~rows["status"].isin(["ok", "skipped"])]
+    if len(problems):
+        print("\nnot ok:")
+        for _, row in problems.iterrows():
+            first_line = str(row.get("message") or "").strip().splitlines()
+            print(f"  {row['variant_label']} L={row['seq_len']} B={row['batch']}: {row['status']}: {first_line[0][:200] if first_line else ''}")
+    counts = rows["status"].value_counts().to_dict()
+    print(f"\n{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"\nresults: {path}")
+
+
+def _open_store(args: argparse.Namespace, suite: Suite, cells: list[Cell], version: str) -> RunStore:
+    """The run folder: the one named by --resume (which must exist), else a new one with run.json."""
+    out = Path(args.out)
+    if args.resume:
+        run_folder = out / suite.name / args.resume
+        if Path(args.resume).name != args.resume or not (run_folder / "run.json").is_file():
+            raise UsageError(f"--resume {args.resume}: no run at {run_folder} (expected {run_folder / 'run.json'})")
+        store = RunStore(out, suite.name, args.resume)
+        finished = store.finished_keys()
+        done = sum(c.key(version) in finished for c in cells)
+        print(f"resuming {store.path}: {done} of {len(cells)} cells already done with code version {version}")
+        resumes = load_run_info(store.path).get("resumes", [])
+        store.update_run_info(resumes=[*resumes, {"at": _now(), "code_version": version, "command": _command_line()}])
+        return store
+    store = RunStore(out, suite.name, new_run_id(device_slug(device_name(suite.device)), parent=out / suite.name))
+    store.write_run_info(
+        {
+            "suite": suite.name,
+            "suite_path": str(args.suite),
+            "suite_text": Path(args.suite).read_text(),
+            "description": suite.description,
+            "command": _command_line(),
+            "code_version": version,
+            "n_cells": len(cells),
+            "started_at": _now(),
+            "environment": capture_environment(suite.device),
+        }
+    )
+    return store
+
+
+def _command_line() -> str:
+    return "python -m harness " + shlex.join(sys.argv[1:])
+
+
 def command_run(args: argparse.Namespace) -> int:
+    from harness.quality import is_quality_suite
+
+    if is_quality_suite(args.suite):  # `kind: quality` / a `train:` block: training suites (harness.quality)
+        from harness.quality import command_run_quality
+
+        return command_run_quality(args)
     suite = load_suite(args.suite, device=args.device)
     cells = suite.cells()
     if args.filter:
         cells = filter_cells(cells, args.filter)
     if not cells:
         raise UsageError(f"{args.suite}: no cells to run (after --filter {args.filter!r})" if args.filter else f"{args.suite}: no cells")
+    if suite.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{args.suite}: device {suite.device!r}, but CUDA is not available here (try --device cpu)")
     version = code_version(REPO_ROOT)
     if args.dry_run:
-        rows = pd.DataFrame([{**c.to_row(), "key": c.key(version), "estimate_s": estimate_seconds(c)} for c in cells])
-        columns = [c for c in ("variant_label", "seq_len", "batch", "n_layers", "residual", "d_ff", "ffn_chunks", "estimate_s", "key") if c in rows]
-        print(rows[columns].to_string(index=False))
-        print(f"{len(cells)} cells on {suite.device}; rough estimate {rows['estimate_s'].sum() / 60:.1f} min")
+        table = _dry_run_table(cells, version)
+        print(table.to_string(index=False))
+        print(f"{len(cells)} cells on {suite.device}; rough estimate {table['estimate_s'].sum() / 60:.1f} min")
         return 0
 
-    out = Path(args.out)
-    if args.resume:
-        run_folder = out / suite.name / args.resume
-        if not (run_folder / "run.json").exists():
-            raise UsageError(f"--resume {args.resume}: no run at {run_folder} (expected {run_folder / 'run.json'})")
-        store = RunStore(out, suite.name, args.resume)
-        finished = store.finished_keys()
-        print(f"resuming {store.path}: {sum(c.key(version) in finished for c in cells)} of {len(cells)} cells already done")
-    else:
-        store = RunStore(out, suite.name, new_run_id(device_slug(device_name(suite.device)), parent=out / suite.name))
-        finished = set()
-        store.write_run_info(
-            {
-                "suite": suite.name,
-                "suite_path": str(args.suite),
-                "suite_text": Path(args.suite).read_text(),
-                "description": suite.description,
-                "command": "python -m harness " + shlex.join(sys.argv[1:]),
-                "code_version": version,
-                "n_cells": len(cells),
-                "started_at": _now(),
-                "environment": capture_environment(suite.device),
-            }
-        )
-    print(f"running {len(cells)} cells of suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
     from harness.runner import RunOptions, interrupt_guard, run_cells
 
-    interrupt_guard()
-    options = RunOptions(code_version=version, run_id=store.path.name, in_process=args.in_process)
     try:
-        run_cells(cells, store, options, finished=finished)
-    except KeyboardInterrupt:
-        store.update_run_info(interrupted_at=_now())
-        print(f"\ninterrupted; finished cells are saved. Continue with: python -m harness run {args.suite} --resume {store.path.name}", file=sys.stderr)
-        return 130
+        store = _open_store(args, suite, cells, version)
+    except OSError as error:
+        raise UsageError(f"cannot write results under {args.out}: {error}") from None
+    options = RunOptions(code_version=version, run_id=store.path.name, in_process=args.in_process)
+    with interrupt_guard():
+        finished = store.finished_keys()
+        todo = sum(c.key(version) not in finished for c in cells)
+        print(f"running {todo} of {len(cells)} cells of suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
+        try:
+            new_rows = run_cells(cells, store, options)
+        except KeyboardInterrupt:
+            store.update_run_info(interrupted_at=_now())
+            print(f"\ninterrupted; finished cells are saved. Continue with: python -m harness run {args.suite} --resume {store.path.name}", file=sys.stderr)
+            return 130
     store.update_run_info(finished_at=_now())
-    rows = pd.DataFrame(store.rows())
-    print(f"\nmedian time per call (ms), {suite.name}:")
-    print(pivot_metric(rows, "time_ms_median").to_string())
-    print("\npeak memory (MiB):")
-    print(pivot_metric(rows, "peak_mem_mib").to_string())
-    counts = rows["status"].value_counts().to_dict()
-    print(f"\n{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"\nresults: {store.path}")
+    if not new_rows:
+        print("nothing to run: every cell is already finished")
+    _print_summary(pd.DataFrame(store.rows()), suite.name, store.path)
     if args.report:
         from harness.report import render_report
 
         report = render_report([store.path], out=None)
         print(f"report: {report}")
+    if new_rows and all(row["status"] == "error" for row in new_rows):
+        print("error: every cell failed with an error (see the messages above); nothing was measured", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -112,6 +168,37 @@ def command_env(args: argparse.Namespace) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(format_environment(capture_environment(device)))
+    return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    from harness.check import FORMATS, run_check
+
+    report = run_check(args.run, args.baseline, root=args.root, any_device=args.any_device, checks_file=args.checks)
+    print(FORMATS[args.format](report))
+    return report.exit_code  # 1 on a regression
+
+
+def command_baseline(args: argparse.Namespace) -> int:
+    from harness.check import promote_baseline
+
+    print(f"baseline {args.name!r}: {promote_baseline(args.run, args.name, root=args.root, force=args.force)}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from harness.report import render_report
+
+    out = Path(args.out) if args.out else None
+    print(f"report: {render_report(args.results, out=out, root=args.root)}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from harness.report import render_compare
+
+    out = Path(args.out) if args.out else None
+    print(f"comparison: {render_compare(args.run_a, args.run_b, out=out, root=args.root)}")
     return 0
 
 
@@ -136,6 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="print the environment capture stored with every run")
     env.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     env.set_defaults(handler=command_env)
+
+    check = commands.add_parser("check", help="compare a run with a baseline; exit 1 on a regression, 2 on unusable input")
+    check.add_argument("run", help="run folder, suite folder (its latest run), run id or results.parquet")
+    check.add_argument("--baseline", required=True, help="baseline folder, or a name under <root>/baselines/<device slug>/")
+    check.add_argument("--any-device", action="store_true", help="compare even when the device names differ (memory, ratio checks)")
+    check.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    check.add_argument("--checks", metavar="FILE", help="YAML checks block to use instead of the suite's `checks:`")
+    check.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    check.set_defaults(handler=command_check)
+
+    baseline = commands.add_parser("baseline", help="promote a run to results/baselines/<device slug>/NAME/")
+    baseline.add_argument("run", help="run folder, suite folder (its latest run) or run id")
+    baseline.add_argument("--name", required=True, help="baseline name, e.g. the suite name")
+    baseline.add_argument("--force", action="store_true", help="replace an existing baseline / promote an unfinished run")
+    baseline.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    baseline.set_defaults(handler=command_baseline)
+
+    report = commands.add_parser("report", help="render figures, report.md and index.html from stored results (runs nothing)")
+    report.add_argument("results", nargs="*", help="run folders, suite folders, run ids or results.parquet files "
+                        "(default: the latest run of every suite under --root)")
+    report.add_argument("--out", help="output folder (default: reports/<suite>/<run_id>/)")
+    report.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    report.set_defaults(handler=command_report)
+
+    compare = commands.add_parser("compare", help="time ratio B/A per matched cell of two runs, marking differences within noise")
+    compare.add_argument("run_a", help="run A (the reference): run folder, suite folder, run id or results.parquet")
+    compare.add_argument("run_b", help="run B")
+    compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>/)")
+    compare.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    compare.set_defaults(handler=command_compare)
     return parser
 
 
@@ -146,3 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SuiteError, ResultsError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `harness list | head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

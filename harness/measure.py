@@ -67,6 +67,9 @@ class Timing:
 
     samples_ms: list[float]
     timer: str = "perf_counter_ns"  # "cuda_event" | "perf_counter_ns"
+    # CPU only: process CPU time of each repeat (time.process_time_ns), which other processes on a
+    # shared machine do not inflate the way they inflate wall time; the regression check's CPU ratios use it.
+    cpu_samples_ms: list[float] | None = None
     _sorted: list[float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,10 @@ class Timing:
             "n_repeats": self.n_repeats,
             "time_noisy": self.noisy,
             "timer": self.timer,
+            **({} if self.cpu_samples_ms is None else {
+                "cpu_time_ms_samples": [float(s) for s in self.cpu_samples_ms],
+                "cpu_time_ms_median": _quantile(sorted(self.cpu_samples_ms), 0.5),
+            }),
         }
 
 
@@ -154,14 +161,18 @@ def _time_cpu(fn: Callable[[], object], settings: TimingSettings) -> Timing:
     for _ in range(settings.warmup):
         fn()
     samples: list[float] = []
+    cpu_samples: list[float] = []
     start = time.perf_counter()
     while not _done(len(samples), time.perf_counter() - start, settings):
+        c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
         out = fn()
         t1 = time.perf_counter_ns()
+        c1 = time.process_time_ns()
         del out  # free the result outside the timed region
         samples.append((t1 - t0) / 1e6)
-    return Timing(samples, timer="perf_counter_ns")
+        cpu_samples.append((c1 - c0) / 1e6)
+    return Timing(samples, timer="perf_counter_ns", cpu_samples_ms=cpu_samples)
 
 
 def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingSettings) -> Timing:

@@ -21,7 +21,7 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -196,6 +196,22 @@ class RunStore:
         row = {"run_id": self.run_id, "suite": self.suite, **row}
         atomic_write_json(self.path / CELLS_DIR / f"{key}.json", row)
         atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
+
+    def remove(self, keys: Iterable[str]) -> None:
+        """Delete the rows of `keys` (e.g. a cell's row from an older code version), then rewrite
+        results.parquet from the remaining cells. Keys not stored are ignored."""
+        removed = False
+        for key in keys:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+                raise ValueError(f"not a cell_key: {key!r}")
+            try:
+                (self.path / CELLS_DIR / f"{key}.json").unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        if removed:
+            _fsync_dir(self.path / CELLS_DIR)
+            atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
 
     def rows(self) -> list[dict]:
         """All stored rows, in the order they were written."""

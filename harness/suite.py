@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -27,6 +28,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from variants.registry import type_matches, type_name
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -85,6 +87,7 @@ class OverrideSpec(_Strict):
     sweep: Optional[dict[str, Any]] = None
     variants: Optional[list[Any]] = None
     measure: Optional[dict[str, Any]] = None
+    checks: Optional[dict[str, Any]] = None
 
 
 class SuiteSpec(_Strict):
@@ -102,6 +105,7 @@ class SuiteSpec(_Strict):
     measure: MeasureSpec = MeasureSpec()
     cpu: Optional[OverrideSpec] = None
     cuda: Optional[OverrideSpec] = None
+    checks: Optional[ChecksSpec] = None  # regression-check rules (harness.check_rules)
 
 
 _SCHEMAS: dict[KeyPath, type[BaseModel]] = {
@@ -109,6 +113,7 @@ _SCHEMAS: dict[KeyPath, type[BaseModel]] = {
     ("measure",): MeasureSpec,
     ("cpu",): OverrideSpec,
     ("cuda",): OverrideSpec,
+    **CHECK_SCHEMAS,
 }
 
 
@@ -265,6 +270,48 @@ def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath =
 
 # --------------------------------------------------------------------------- cells
 
+# Result-row columns that, with the model columns and the parsed variant_params, identify a cell's
+# configuration independently of the code version (see `config_key_of`).
+CONFIG_COLUMNS = ("workload", "mode", "device", "dtype", "seq_len", "batch", "tokens_per_batch", "variant")
+
+
+@functools.lru_cache(maxsize=1)
+def _model_defaults() -> tuple[tuple[str, Any], ...]:
+    return tuple((name, _plain(default)) for name, (_, default) in _model_fields().items())
+
+
+def _plain(value: Any) -> Any:
+    """A result-row value as plain JSON-able Python, the same before and after a parquet round trip:
+    NaN -> None, numpy scalars/arrays -> Python, integral floats -> int, JSON text -> its value."""
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        value = value.tolist()
+    if isinstance(value, float):
+        return None if math.isnan(value) else (int(value) if value.is_integer() else value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        try:
+            return _plain(json.loads(value))
+        except ValueError:
+            return value
+    return None if value is dataclasses.MISSING else value
+
+
+def config_key_of(row: typing.Mapping[str, Any]) -> str:
+    """Identity of a cell's configuration without the code version: what `harness check` matches a
+    run's cells to a baseline's by. First 16 hex of a sha256 over the shape/variant columns, the
+    parsed `variant_params` and the model columns that differ from the model's defaults (so adding a
+    model field with a default keeps existing keys). Labels, suite name and measure settings are
+    not part of it. Works on `Cell.to_row()` and on stored result rows alike."""
+    identity = {column: _plain(row.get(column)) for column in CONFIG_COLUMNS}
+    identity["variant_params"] = _plain(row.get("variant_params")) or {}
+    for name, default in _model_defaults():
+        if name in row and _plain(row[name]) != default:
+            identity[f"model.{name}"] = _plain(row[name])
+    return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -305,6 +352,10 @@ class Cell:
             config.pop("batch")
         return hashlib.sha256(_canonical(config).encode()).hexdigest()[:16]
 
+    def config_key(self) -> str:
+        """`config_key_of(self.to_row())`: the configuration identity without the code version."""
+        return self.to_row()["config_key"]
+
     def attention_params(self) -> dict[str, Any]:
         """Keyword arguments for `variants.build(cell.variant, **...)`."""
         return {key: self.model[key] for key in MODEL_ATTENTION_KEYS} | dict(self.variant_params)
@@ -327,6 +378,7 @@ class Cell:
             column = name if name not in row else f"variant_{name}"
             if column not in row:
                 row[column] = value
+        row["config_key"] = config_key_of(row)
         return row
 
 
@@ -345,6 +397,7 @@ class Suite:
     sweep: dict[str, list[Any]]
     variants: list[dict[str, Any]]
     measure: dict[str, Any]
+    checks: Optional[ChecksSpec] = None  # the `checks:` block, None when the suite has none
     _cells: list[Cell] = field(default_factory=list, repr=False)
 
     def cells(self) -> list[Cell]:
@@ -410,7 +463,22 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
     suite = Suite(name, spec.description, path, resolved, spec.dtype, spec.mode, spec.workload,
                   model, sweep, [dict(v) for v in spec.variants], measure)
     suite._cells = _build_cells(suite, entries, model_fields, locator)
+    suite.checks = spec.checks
+    _check_ratio_filters(suite, locator)
     return suite
+
+
+def _check_ratio_filters(suite: Suite, locator: _Locator) -> None:
+    """Each ratio check's numerator and denominator (with its `at`) must select cells of the suite."""
+    for i, ratio in enumerate(suite.checks.ratios if suite.checks else []):
+        for side in ("numerator", "denominator"):
+            expr = getattr(ratio, side) if ratio.at is None else f"({getattr(ratio, side)}) and ({ratio.at})"
+            try:
+                selected = filter_cells(suite.cells(), expr)
+            except SuiteError as error:
+                raise locator.error(("checks", "ratios", i, side), error.problem) from None
+            if not selected:
+                raise locator.error(("checks", "ratios", i, side), f"{expr!r} selects no cell of this suite")
 
 
 def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, Any]:

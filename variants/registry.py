@@ -13,12 +13,17 @@ A variant registers itself with a decorator that names its config dataclass::
 `build("my_attention", d_model=256, window=64)` validates the parameters against the
 dataclass (unknown names and wrong types raise `ValueError` listing what is allowed) and
 returns the module. Third-party packages add variants through the entry-point group
-`reformer_harness.variants`: each entry point names a module that registers on import.
+`reformer_harness.variants`: each entry point names a module that registers on import. Modules
+named in the environment variable `REFORMER_HARNESS_PLUGINS` (comma-separated, importable from
+`sys.path`) are imported the same way, without installing anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from typing import Any, Callable, TypeVar
 import torch.nn as nn
 
 ENTRY_POINT_GROUP = "reformer_harness.variants"
+PLUGINS_ENV = "REFORMER_HARNESS_PLUGINS"  # comma-separated module names imported like entry points
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,20 @@ def register(name: str, *, config: type, kind: str = "attention") -> Callable[[M
 
 
 def _load_entry_points() -> None:
+    """Import the entry-point modules (once) and the modules named in $REFORMER_HARNESS_PLUGINS."""
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        entry_point.load()  # importing the module runs its @register decorators
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry_point.load()  # importing the module runs its @register decorators
+    # Read on every call: the variable is inherited by the spawned cell processes, so variants
+    # registered this way exist there too (a registration made in the parent alone would not).
+    for module in filter(None, (name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ImportError(f"{PLUGINS_ENV}: cannot import {module!r} ({error})") from error
 
 
 def available(kind: str | None = None) -> list[str]:

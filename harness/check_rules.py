@@ -1,0 +1,166 @@
+"""The `checks:` block of a suite (and of a `--checks` file): which regressions `harness check` looks for.
+
+Every rule has `enabled` and defaults that follow shared/reference/measurement.md::
+
+    checks:
+      time: {threshold: 0.10, p_value: 0.01}        # slower by >= 10% AND Mann-Whitney p < 0.01
+      memory: {threshold: 0.02, floor_mib: 1.0}     # peak memory up by > max(2%, 1 MiB)
+      bpd: {threshold: 0.01, columns: [eval_bpd, bpd]}  # bits per dim up by > 0.01 (absolute)
+      status: {enabled: true}                       # ok -> oom/error/timeout, always
+      ratios:                                       # time ratios measured within one run
+        - numerator: "variant_label == 'lsh n_hashes=8'"
+          denominator: "variant_label == 'full'"
+          at: "seq_len == 2048"                     # optional extra filter for both sides
+          threshold: 0.25                           # ratio up by >= 25% AND p < p_value
+          metric: cpu_time                          # per-repeat process CPU time instead of wall time
+
+A ratio pairs each numerator cell with the one denominator cell that agrees on `match_on`
+(default seq_len and batch) and compares median(numerator) / median(denominator) with the same
+ratio in the baseline. This module has no torch/pandas imports: harness.suite validates with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: bool = True
+
+
+class TimeRule(_Rule):
+    """Absolute time: slower by at least `threshold` (relative) and significant on the samples."""
+
+    threshold: float = Field(0.10, gt=0)
+    p_value: float = Field(0.01, gt=0, le=1)
+
+
+class MemoryRule(_Rule):
+    """Peak memory: the change must exceed both `threshold` x baseline and `floor_mib`."""
+
+    threshold: float = Field(0.02, ge=0)
+    floor_mib: float = Field(1.0, ge=0)
+
+
+class BpdRule(_Rule):
+    """Bits per dim (lower is better): the first of `columns` present in both runs, absolute threshold."""
+
+    threshold: float = Field(0.01, ge=0)
+    columns: list[str] = Field(default_factory=lambda: ["eval_bpd", "bpd"], min_length=1)
+
+
+class StatusRule(_Rule):
+    """A status change (ok -> oom/error/timeout, or between failures) is a regression."""
+
+
+class RatioRule(_Rule):
+    """median time of `numerator` cells / median time of the matching `denominator` cell.
+
+    metric "time" uses the wall-time samples (`time_ms_samples`); "cpu_time" the process CPU time
+    of each repeat (`cpu_time_ms_samples`, CPU cells only), which other processes on a shared
+    machine barely move.
+    """
+
+    numerator: str = Field(min_length=1)
+    denominator: str = Field(min_length=1)
+    at: Optional[str] = None
+    match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
+    name: Optional[str] = None
+    metric: Literal["time", "cpu_time"] = "time"
+    threshold: float = Field(0.10, gt=0)
+    p_value: float = Field(0.01, gt=0, le=1)
+
+
+RATIO_SAMPLES = {"time": "time_ms_samples", "cpu_time": "cpu_time_ms_samples"}
+
+
+class ChecksSpec(BaseModel):
+    """The whole `checks:` block."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    time: TimeRule = TimeRule()
+    memory: MemoryRule = MemoryRule()
+    bpd: BpdRule = BpdRule()
+    status: StatusRule = StatusRule()
+    ratios: list[RatioRule] = []
+
+
+CHECK_SCHEMAS: dict[tuple, type[BaseModel]] = {
+    ("checks",): ChecksSpec,
+    ("checks", "time"): TimeRule,
+    ("checks", "memory"): MemoryRule,
+    ("checks", "bpd"): BpdRule,
+    ("checks", "status"): StatusRule,
+}
+
+
+class ChecksError(Exception):
+    """An invalid checks block or file; str is a human message."""
+
+
+def _first_error(error: ValidationError, where: str) -> ChecksError:
+    first = error.errors()[0]
+    path = ".".join(str(p) for p in ("checks", *first["loc"]))
+    if first["type"] == "extra_forbidden":
+        schema = CHECK_SCHEMAS.get(("checks", *first["loc"][:-1]), RatioRule)
+        problem = f"unknown key {first['loc'][-1]!r}; allowed keys: {', '.join(schema.model_fields)}"
+    else:
+        problem = f"{first['msg']}, got {first.get('input')!r}"
+    return ChecksError(f"{where}: {path}: {problem}")
+
+
+def parse_checks(data: Any, where: str = "checks") -> ChecksSpec:
+    """Validate a checks mapping (None -> all defaults); raise ChecksError naming `where`."""
+    if data is None:
+        return ChecksSpec()
+    if not isinstance(data, dict):
+        raise ChecksError(f"{where}: checks must be a mapping, got {type(data).__name__}")
+    try:
+        return ChecksSpec.model_validate(data)
+    except ValidationError as error:
+        raise _first_error(error, where) from None
+
+
+def checks_from_suite_text(text: str, device: str, where: str = "suite") -> ChecksSpec | None:
+    """The checks of a suite's YAML text for `device` (cpu/cuda): `checks:` deep-merged with the
+    device block's `checks:` (mappings merge, anything else, e.g. the ratios list, replaces).
+    None when the suite has no checks block at all."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ChecksError(f"{where}: invalid YAML ({error})") from None
+    if not isinstance(data, dict):
+        return None
+    device_block = data.get(device) if isinstance(data.get(device), dict) else {}
+    if data.get("checks") is None and device_block.get("checks") is None:
+        return None
+    merged = _merge(data.get("checks") or {}, device_block.get("checks") or {})
+    return parse_checks(merged, where)
+
+
+def load_checks_file(path: str | Path) -> ChecksSpec:
+    """A `--checks` YAML file: either the block itself or a mapping with a `checks:` key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChecksError(f"{path}: checks file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ChecksError(f"{path}: unreadable checks file ({error})") from None
+    if isinstance(data, dict) and set(data) == {"checks"}:
+        data = data["checks"]
+    return parse_checks(data, str(path))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,788 @@
+"""Reports from stored results: figures, `report.md` and a self-contained `index.html`.
+
+`render_report(results, out)` reads run folders (nothing is re-run) and writes, per run,
+`reports/<suite>/<run_id>/` (or `out`) with every figure as PNG and SVG, `report.md` and
+`index.html` (the PNGs embedded as base64, the SVGs linked beside it). Which figures are drawn
+follows from which configuration columns vary in the rows (`sweep_axes`), never from suite or
+variant names:
+
+- `seq_len` varies: time per step, peak memory and throughput against length (log-log), with the
+  paper's Fig. 5 read-offs when the run is one attention layer at the paper's 32,768 tokens/step;
+- `n_layers`, `ffn_chunks` (or `d_ff` alone) vary: peak memory and time against it;
+- rows with `step` and `train_bpd`/`eval_bpd`: learning curves; rows with `train_variant`,
+  `eval_variant` and `accuracy`: the train-by-eval accuracy table and heat map.
+
+`render_compare(run_a, run_b, out)` matches the cells of two runs on their configuration columns
+and reports the time ratio B/A per cell, marking differences within measurement noise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from harness import figures, paper, stats
+from harness.results import ResultsError, _resolve, latest_run, load, load_run_info
+from harness.tables import series_label, pivot_metric
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_ROOT = REPO_ROOT / "results"
+REPORTS_ROOT = REPO_ROOT / "reports"
+
+# Numeric sweep columns that can be an x axis, in order of preference for the summary tables.
+X_CANDIDATES = ("seq_len", "n_layers", "ffn_chunks", "d_ff")
+AXIS_TEXT = {"seq_len": ("sequence length", "sequence length (tokens)"),
+             "n_layers": ("number of layers", "number of layers"),
+             "ffn_chunks": ("feed-forward chunks", "feed-forward chunks (along the sequence)"),
+             "d_ff": ("feed-forward width", "d_ff (feed-forward width)")}
+WORKLOAD_TEXT = {"attention": "one attention layer", "block": "Reformer block", "model": "Reformer LM"}
+MODE_TEXT = {"forward": "forward", "forward_backward": "forward + backward", "train_step": "training step"}
+# Configuration columns worth naming in a subtitle, per workload (others are unused defaults).
+SHOWN_CONFIG = {
+    "attention": ("d_model", "n_heads", "causal"),
+    "block": ("d_model", "n_heads", "d_ff", "n_layers", "residual", "ffn_chunks", "causal"),
+    "model": ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "residual", "ffn_chunks", "causal"),
+}
+REQUIRED_COLUMNS = ("status", "variant", "variant_label", "seq_len")
+# Columns that identify a cell's configuration in `compare` (model columns are added from the schema).
+MATCH_CORE = ("workload", "mode", "device", "dtype", "seq_len", "batch", "tokens_per_batch", "variant", "variant_params")
+ALPHA = 0.01  # significance level of the noise check in `compare`
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Run:
+    """One stored run: its folder, run.json and rows."""
+
+    path: Path
+    info: dict
+    rows: pd.DataFrame
+
+    @property
+    def suite(self) -> str:
+        return str(self.info.get("suite") or self.path.parent.name)
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+
+def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> Run:
+    """Load a run from a run folder, suite folder (its latest run), run id or results.parquet.
+
+    Raises ResultsError with a one-line message when run.json or the rows are missing or unreadable.
+    """
+    path, kind, _suite, _run_id = _resolve(arg, Path(root))
+    folder = path.parent if kind == "parquet" else path
+    info = load_run_info(folder)
+    rows = load(path, root=root)
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ResultsError(f"{folder}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
+    return Run(folder, info, rows)
+
+
+def default_runs(root: str | Path = RESULTS_ROOT) -> list[Path]:
+    """The latest run of every suite under `root`."""
+    root = Path(root)
+    suites = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(("_", "."))] if root.is_dir() else []
+    runs = [latest_run(root, d.name) for d in suites]  # baselines/<device>/<name>/ holds no run folders itself
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        raise ResultsError(f"{root}: no runs found (run a suite first: python -m harness run suites/seq_length.yaml)")
+    return runs
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(benchmark rows, learning-curve rows, train-by-eval rows, other rows such as failed trainings).
+
+    Quality runs (harness.quality) mark their rows with `row_type` "curve" / "eval" / "error";
+    without that column, rows with an `eval_variant` are evaluations and rows with a `step` curves.
+    Benchmark rows have neither."""
+    if "row_type" in rows:
+        kind = rows["row_type"].astype(object)
+    else:
+        kind = pd.Series(None, index=rows.index, dtype=object)
+        if "step" in rows:
+            kind = kind.mask(rows["step"].notna(), "curve")
+        if "eval_variant" in rows:
+            kind = kind.mask(rows["eval_variant"].notna(), "eval")
+    other = kind.notna() & ~kind.isin(["curve", "eval"])
+    return rows[kind.isna()], rows[kind == "curve"], rows[kind == "eval"], rows[other]
+
+
+def _varies(rows: pd.DataFrame, column: str) -> bool:
+    return column in rows and rows[column].astype(str).nunique() > 1
+
+
+def sweep_axes(rows: pd.DataFrame) -> list[str]:
+    """The numeric configuration columns that vary, each one x axis (`d_ff` only without ffn_chunks)."""
+    axes = [c for c in X_CANDIDATES if c in rows and pd.to_numeric(rows[c], errors="coerce").nunique() > 1]
+    if "ffn_chunks" in axes and "d_ff" in axes:
+        axes.remove("d_ff")  # one line per d_ff in the ffn_chunks figure
+    return axes
+
+
+def with_series(rows: pd.DataFrame, x: str) -> pd.DataFrame:
+    """`rows` plus a `series` column: `tables.series_label` for axis `x`, plus seq_len (and batch when it
+    is not derived from tokens_per_batch) when they vary but are not the axis."""
+    label = series_label(rows, x=x)
+    for column in ("seq_len", "batch"):
+        derived = column == "batch" and "tokens_per_batch" in rows and rows["tokens_per_batch"].notna().any()
+        if column != x and not derived and _varies(rows, column):
+            label = label + f" {column}=" + rows[column].astype(str)
+    return rows.assign(series=label)
+
+
+def _first(rows: pd.DataFrame, column: str) -> Any:
+    values = rows[column].dropna().unique() if column in rows else []
+    return values[0] if len(values) else None
+
+
+def _tokens_per_step(rows: pd.DataFrame) -> int | None:
+    """The constant tokens per step of the run (tokens_per_batch), or None when not constant."""
+    if "tokens_per_batch" not in rows or rows["tokens_per_batch"].isna().any():
+        return None
+    values = rows["tokens_per_batch"].unique()
+    return int(values[0]) if len(values) == 1 else None
+
+
+def _params(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def constant_variant_params(rows: pd.DataFrame) -> dict[str, dict]:
+    """Per variant name, the parameters that are the same in all its rows (e.g. lsh: bucket_size=64)."""
+    out: dict[str, dict] = {}
+    for variant, part in rows.groupby("variant", sort=False):
+        dicts = [_params(v) for v in part["variant_params"]] if "variant_params" in part else [{}]
+        keys = set().union(*dicts)
+        out[str(variant)] = {k: dicts[0].get(k) for k in sorted(keys)
+                             if all(k in d for d in dicts) and len({json.dumps(d[k]) for d in dicts}) == 1}
+    return out
+
+
+def legend_names(rows: pd.DataFrame) -> tuple[str, dict[str, str]]:
+    """(legend title, series -> shown name). With one variant label the title names it and its fixed
+    parameters and the entries show only what differs; otherwise the title is "variant"."""
+    constant = constant_variant_params(rows)
+    labels = rows["variant_label"].astype(str).unique()
+    if len(labels) == 1:
+        variant = str(rows["variant"].iloc[0])
+        params = ", ".join(f"{k}={v}" for k, v in constant.get(variant, {}).items() if f"{k}=" not in labels[0])
+        title = f"{labels[0]} ({params})" if params else labels[0]
+        names = {s: (s[len(labels[0]):].strip() or s) for s in rows["series"].unique()}
+        return title, names
+    fixed = "; ".join(f"{v}: " + ", ".join(f"{k}={p}" for k, p in ps.items()) for v, ps in constant.items() if ps)
+    return (f"variant ({fixed})" if fixed else "variant"), {}
+
+
+def fixed_settings(rows: pd.DataFrame, exclude: Iterable[str] = ()) -> list[str]:
+    """"key=value" of the configuration columns that are constant and matter for the workload."""
+    workload = _first(rows, "workload")
+    columns = ["seq_len", "batch"] + list(SHOWN_CONFIG.get(workload, SHOWN_CONFIG["model"]))
+    out = []
+    for column in columns:
+        if column in exclude or column not in rows or _varies(rows, column) or rows[column].isna().all():
+            continue
+        if column == "batch" and _tokens_per_step(rows):
+            continue
+        out.append(f"{column}={_first(rows, column)}")
+    return out
+
+
+def summary_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Pivoted tables (series x primary axis) of median time (ms) and peak memory (MiB)."""
+    axes = sweep_axes(rows)
+    x = axes[0] if axes else "seq_len"
+    return {
+        f"median time per step (ms), by {x}": pivot_metric(rows, "time_ms_median", columns=x),
+        f"peak memory (MiB), by {x}": pivot_metric(rows, "peak_mem_mib", columns=x, fmt="{:.1f}"),
+    }
+
+
+def scaling_fits(rows: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Per series, least-squares fits over ok cells of time and peak memory against `x`.
+
+    On a power-of-two axis: exponents k of metric ~ x^k (fit on log-log). Otherwise: slopes
+    (ms and MiB per unit of x). Series with fewer than two distinct x values are left out.
+    """
+    log = figures.is_log_axis(rows[x])
+    frame = with_series(rows[rows["status"] == "ok"], x)
+    out = []
+    for series in dict.fromkeys(frame["series"]):  # the order of the summary tables
+        part = frame[frame["series"] == series]
+        xs = pd.to_numeric(part[x], errors="coerce").to_numpy(float)
+        if len(set(xs[np.isfinite(xs)])) < 2:
+            continue
+        entry: dict[str, Any] = {"series": series, "cells": len(part), "range": f"{xs.min():g}..{xs.max():g}"}
+        for name, column in (("time", "time_ms_median"), ("memory", "peak_mem_mib")):
+            ys = pd.to_numeric(part[column], errors="coerce").to_numpy(float)
+            keep = np.isfinite(xs) & np.isfinite(ys) & ((xs > 0) & (ys > 0) if log else True)
+            if keep.sum() < 2 or len(set(xs[keep])) < 2:
+                entry[name] = np.nan
+                continue
+            if log:
+                entry[name] = float(np.polyfit(np.log(xs[keep]), np.log(ys[keep]), 1)[0])
+            else:
+                entry[name] = float(np.polyfit(xs[keep], ys[keep], 1)[0])
+        out.append(entry)
+    frame = pd.DataFrame(out)
+    for column in ("time", "memory"):
+        if column in frame:
+            frame[column] = frame[column].round(3) + 0.0  # no "-0"
+    return frame
+
+
+def paper_fig5(rows: pd.DataFrame, palette: dict[str, Any]) -> tuple[list[tuple[paper.PaperSeries, Any]], pd.DataFrame | None, str]:
+    """The paper's Fig. 5 lines to draw (with our colour of the matching series), the comparison
+    table (paper vs this run at the read-off lengths, seconds per step) and a note.
+
+    Lines are drawn only for one attention layer trained at the paper's 32,768 tokens per step; the
+    table is given for any constant-tokens attention run (compare ratios when the tokens differ)."""
+    tokens = _tokens_per_step(rows)
+    if _first(rows, "workload") != "attention" or tokens is None or _first(rows, "mode") == "forward":
+        return [], None, ""
+    frame = with_series(rows, "seq_len")
+    keys = frame.drop_duplicates("series")
+    lines, table = [], []
+    for entry in paper.FIG5:
+        match = [r["series"] for _, r in keys.iterrows() if entry.matches(str(r["variant"]), _params(r["variant_params"]))]
+        series = match[0] if match else None
+        lines.append((entry, palette.get(series, (0.5, 0.5, 0.5))))
+        (x0, y0), (x1, y1) = entry.points[0], entry.points[-1]
+        mine, seconds = {}, {}
+        for x_value in (x0, x1):
+            cell = frame[(frame["series"] == series) & (frame["seq_len"] == x_value)] if series else frame.iloc[:0]
+            if cell.empty:
+                mine[x_value] = "-"
+            elif cell["status"].iloc[0] != "ok":
+                mine[x_value] = str(cell["status"].iloc[0]).upper()
+            else:
+                seconds[x_value] = float(cell["time_ms_median"].iloc[0]) / 1000
+                mine[x_value] = f"{seconds[x_value]:.4g}"
+        ratio = f"{seconds[x1] / seconds[x0]:.3g}" if len(seconds) == 2 else "-"
+        table.append({"paper line": entry.name, f"paper at {x0} (s)": y0, f"paper at {x1} (s)": y1,
+                      f"paper {x1}/{x0}": f"{y1 / y0:.3g}", "matched series here": series or "-",
+                      f"here at {x0} (s)": mine[x0], f"here at {x1} (s)": mine[x1], f"here {x1}/{x0}": ratio})
+    note = (f"Endpoints read off the paper's Figure 5 (right) by eye, {paper.FIG5_TOKENS_PER_STEP} tokens per step, "
+            f"hardware not stated ({paper.CITATION}). Only the two read-off points per line are drawn (hollow "
+            "markers, dashed line); nothing between them is the paper's.")
+    if tokens != paper.FIG5_TOKENS_PER_STEP:
+        note += (f" This run used {tokens} tokens per step, so the paper's lines are not drawn; compare the "
+                 "32K/1K ratios, not absolute times.")
+        lines = []
+    return lines, pd.DataFrame(table), note
+
+
+# --------------------------------------------------------------------------- noise and compare
+
+
+def _quartiles(row: pd.Series, suffix: str) -> tuple[float, float]:
+    return figures.time_quartiles(row.get(f"time_ms_samples{suffix}"), row.get(f"time_ms_median{suffix}"),
+                                  row.get(f"time_ms_iqr{suffix}"))
+
+
+def noise_check(row: pd.Series) -> tuple[bool, float, bool]:
+    """(within noise, p-value or NaN, IQRs overlap) for a merged row with `_a`/`_b` timing columns.
+
+    A difference is beyond noise only when the interquartile ranges of the two cells do not overlap
+    and, where both have enough repeats for it to reach ALPHA at all, a two-sided Mann-Whitney U test
+    on the timing samples gives p < ALPHA (with 3 + 3 repeats it cannot: the IQRs alone decide)."""
+    (a25, a75), (b25, b75) = _quartiles(row, "_a"), _quartiles(row, "_b")
+    overlap = bool(a25 <= b75 and b25 <= a75)
+    a, b = row.get("time_ms_samples_a"), row.get("time_ms_samples_b")
+    p = float("nan")
+    if isinstance(a, (list, np.ndarray)) and isinstance(b, (list, np.ndarray)) and len(a) >= 2 and len(b) >= 2:
+        if 2 * stats.min_p_value(len(a), len(b)) < ALPHA:
+            p = stats.mann_whitney_u(list(a), list(b), alternative="two-sided").pvalue
+    return overlap or (not math.isnan(p) and p >= ALPHA), p, overlap
+
+
+def _match_columns(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
+    try:
+        from harness.suite import _model_fields
+
+        model = list(_model_fields())
+    except Exception:  # the schema needs torch; without it, the model columns a row can carry
+        model = ["vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "residual",
+                 "ffn_chunks", "activation", "axial_shape", "causal", "dropout"]
+    return [c for c in (*MATCH_CORE, *model) if c in a.columns or c in b.columns]
+
+
+def _canonical_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _match_key(rows: pd.DataFrame, columns: list[str]) -> pd.Series:
+    def key(row: pd.Series) -> str:
+        return json.dumps({c: _canonical_value(row.get(c)) for c in columns}, sort_keys=True, default=str)
+
+    return rows.apply(key, axis=1)
+
+
+def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell present in both runs (matched on the configuration columns, not cell_key):
+    medians, `ratio` = B/A of the median time, `within_noise`, `p_value`, `iqr_overlap`,
+    `memory_ratio` = B/A of peak memory, and both statuses. Raises ResultsError when nothing matches."""
+    columns = _match_columns(a, b)
+    a = a.assign(_key=_match_key(a, columns))
+    b = b.assign(_key=_match_key(b, columns))
+    keep = ["_key", "status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib"]
+    merged = a.merge(b[[c for c in keep if c in b]], on="_key", suffixes=("", "_b"), how="inner")
+    if merged.empty:
+        differing = [c for c in columns if c in a and c in b
+                     and set(a[c].astype(str)) != set(b[c].astype(str))]
+        raise ResultsError("the two runs have no cells with the same configuration"
+                           + (f" (they differ in: {', '.join(differing)})" if differing else ""))
+    merged = merged.rename(columns={c: f"{c}_a" for c in keep[1:] if c in merged})
+    for column in keep[1:]:
+        for side in ("_a", "_b"):
+            if f"{column}{side}" not in merged:
+                merged[f"{column}{side}"] = np.nan
+    ok = (merged["status_a"] == "ok") & (merged["status_b"] == "ok")
+    merged["ratio"] = np.where(ok, merged["time_ms_median_b"] / merged["time_ms_median_a"], np.nan)
+    merged["memory_ratio"] = np.where(ok, merged["peak_mem_mib_b"] / merged["peak_mem_mib_a"], np.nan)
+    checks = [noise_check(r) if is_ok else (None, np.nan, None) for (_, r), is_ok in zip(merged.iterrows(), ok)]
+    merged["within_noise"] = [c[0] for c in checks]
+    merged["p_value"] = [c[1] for c in checks]
+    merged["iqr_overlap"] = [c[2] for c in checks]
+    # one status for drawing: ok when both finished, else the first side's failure ("oom" ...)
+    merged["status"] = merged["status_a"].where(merged["status_a"] != "ok", merged["status_b"])
+    return merged.drop(columns="_key")
+
+
+# --------------------------------------------------------------------------- documents
+
+
+Block = tuple  # ("h1"|"h2"|"h3"|"p"|"code", text) | ("table", DataFrame[, "left"]) | ("figure", stem, caption)
+
+
+def _cell_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    index = frame.index.name is not None or not isinstance(frame.index, pd.RangeIndex)
+    corner = " \\ ".join(str(n) for n in (frame.index.name, frame.columns.name) if n)
+    header = ([corner] if index else []) + [str(c) for c in frame.columns]
+    body = [([str(i)] if index else []) + [_cell_text(v) for v in row] for i, row in zip(frame.index, frame.to_numpy())]
+    return header, body
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    """The blocks as GitHub-flavoured Markdown."""
+    out: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + block[1])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "code":
+            out.append("```\n" + block[1] + "\n```")
+        elif kind == "figure":
+            stem, caption = block[1], block[2]
+            out.append(f"![{caption}]({stem}.png)\n\n*{caption}* ([SVG]({stem}.svg))")
+        elif kind == "table":
+            header, body = _table_rows(block[1])
+            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in body]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
+
+
+_NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?|")  # numbers (and empty cells) are right-aligned
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td.t,th:first-child,table.left td{text-align:left}td:first-child{white-space:nowrap}
+figure{margin:1.5em 0}
+img{max-width:100%;height:auto}figcaption{font-size:14px;color:#444}pre{background:#f6f6f6;padding:.7em;overflow-x:auto}
+code{background:#f3f3f3;padding:0 3px}"""
+
+
+def _td(text: str) -> str:
+    """A table cell: numbers right-aligned (the CSS default), text left-aligned."""
+    return f"<td>{html.escape(text)}</td>" if _NUMBER.fullmatch(text) else f'<td class="t">{html.escape(text)}</td>'
+
+
+def to_html(blocks: list[Block], folder: Path, title: str) -> str:
+    """The blocks as one HTML page; PNGs from `folder` embedded as base64, SVGs linked relatively."""
+    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+           f"<style>{CSS}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "code":
+            out.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
+        elif kind == "figure":
+            stem, caption = block[1], block[2]
+            data = base64.b64encode((folder / f"{stem}.png").read_bytes()).decode("ascii")
+            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                       f'<figcaption>{_inline(caption)} (<a href="{stem}.svg">SVG</a>, '
+                       f'<a href="{stem}.png">PNG</a>)</figcaption></figure>')
+        elif kind == "table":
+            header, body = _table_rows(block[1])
+            rows = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in body)
+            css = ' class="left"' if block[2:] == ("left",) else ""
+            out.append(f"<table{css}><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                       + f"</tr></thead><tbody>{rows}</tbody></table>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def _write_document(blocks: list[Block], folder: Path, title: str) -> None:
+    (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (folder / "index.html").write_text(to_html(blocks, folder, title), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- report sections
+
+
+def _subtitle(rows: pd.DataFrame, x: str) -> str:
+    tokens = _tokens_per_step(rows)
+    parts = [f"{tokens:,} tokens per step (batch = {tokens:,} / length)" if tokens and x == "seq_len" else ""]
+    parts.append(" ".join(str(v) for v in (_first(rows, "device_name") or _first(rows, "device"), _first(rows, "dtype")) if v))
+    parts.append(", ".join(fixed_settings(rows, exclude=[x])))
+    return "\n".join(textwrap.fill(p, 100) for p in parts if p)
+
+
+def _what(rows: pd.DataFrame) -> str:
+    """"one attention layer, forward + backward"; "training on duplication" for quality rows."""
+    workload, mode, task = _first(rows, "workload"), _first(rows, "mode"), _first(rows, "task")
+    if workload is None and task is not None:
+        return f"training on {task}"
+    return ", ".join(str(t) for t in (WORKLOAD_TEXT.get(workload, workload), MODE_TEXT.get(mode, mode)) if t)
+
+
+def _figure_plan(rows: pd.DataFrame) -> list[tuple[str, figures.Metric, str]]:
+    """(x, metric, file stem) for every figure the varying columns call for."""
+    plan = []
+    for x in sweep_axes(rows):
+        metrics = [figures.TIME, figures.MEMORY, figures.THROUGHPUT] if x == "seq_len" else [figures.MEMORY, figures.TIME]
+        names = {"time_ms_median": "time", "peak_mem_mib": "memory", "tokens_per_s": "tokens_per_s"}
+        plan += [(x, m, f"{names[m.column]}_vs_{x}") for m in metrics]
+    return plan
+
+
+def all_series(rows: pd.DataFrame) -> list[str]:
+    """Every series label any figure of these rows uses (for one palette across a report)."""
+    bench, curve, _grid, _other = _split(rows)
+    labels: list[str] = []
+    for x in sweep_axes(bench) or ["seq_len"]:
+        labels += list(with_series(bench, x)["series"])
+    if not curve.empty and "variant_label" in curve:
+        labels += list(with_series(curve, "step")["series"])
+    return labels
+
+
+def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> tuple[list[Block], list[Block]]:
+    """Draw the figures of the benchmark rows; return (figure blocks, paper-reference blocks)."""
+    blocks: list[Block] = []
+    paper_blocks: list[Block] = []
+    for x, metric, stem in _figure_plan(rows):
+        frame = with_series(rows, x)
+        finished = frame[frame["status"] == "ok"]
+        if metric.column not in frame or pd.to_numeric(finished.get(metric.column), errors="coerce").isna().all():
+            blocks.append(("p", f"No `{metric.column}` of a finished cell to draw against {x} (see the tables)."))
+            continue
+        title_name, names = legend_names(frame)
+        short, x_label = AXIS_TEXT[x]
+        lines: list = []
+        if metric is figures.TIME and x == "seq_len":
+            lines, table, note = paper_fig5(rows, palette)
+            if table is not None:
+                paper_blocks = [("h2", "Paper reference (Fig. 5)"), ("p", note), ("table", table)]
+        mem_kind = "training memory" if _first(rows, "mode") != "forward" else "memory"
+        title = {"time_ms_median": f"Time per step vs {short}", "peak_mem_mib": f"Peak {mem_kind} vs {short}",
+                 "tokens_per_s": f"Throughput vs {short}"}[metric.column] + f" ({_what(rows)})"
+        fig = figures.plot_metric(frame, x, metric, palette, title=title, subtitle=_subtitle(rows, x), x_label=x_label,
+                                  legend_title=title_name, names=names, paper=lines,
+                                  paper_title="paper, Fig. 5 (endpoints read off)")
+        figures.save(fig, folder, stem)
+        caption = f"{title}. " + ("Median of the timed repeats per cell; band: their interquartile range"
+                                  if metric.band else "One measurement per cell")
+        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
+        caption += "; hollow markers and dashed lines: the paper's read-off endpoints" if lines else ""
+        blocks.append(("figure", stem, caption + "."))
+    return blocks, paper_blocks
+
+
+def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
+    blocks: list[Block] = []
+    tokens = _tokens_per_step(rows)
+    for x in sweep_axes(rows):
+        fits = scaling_fits(rows, x)
+        if fits.empty:
+            continue
+        if figures.is_log_axis(rows[x]):
+            fits = fits.rename(columns={"time": f"k time (time ~ {x}^k)", "memory": f"k memory (memory ~ {x}^k)"})
+            text = (f"Least-squares fit of log(metric) on log({x}) per series over the cells that finished (status ok).")
+            if x == "seq_len":
+                if tokens:
+                    fits[f"per-sequence time exponent (k + 1)"] = fits[f"k time (time ~ {x}^k)"] + 1
+                    text += (f" At constant tokens per step ({tokens:,}): batch = {tokens:,}/L, so k = 0 means a flat "
+                             "cost per step (linear per sequence) and k = 1 a cost per sequence growing as L^2.")
+                else:
+                    text += " At a constant batch, k is the exponent per sequence."
+        else:
+            unit = {"n_layers": "layer"}.get(x, x)
+            fits = fits.rename(columns={"time": f"ms per {unit}", "memory": f"MiB per {unit}"})
+            text = f"Least-squares line of median time and peak memory against {x} per series (ok cells): the slope."
+        blocks += [("h3", f"Scaling with {x}"), ("p", text), ("table", fits.set_index("series"))]
+    return [("h2", "Scaling fits")] + blocks if blocks else []
+
+
+def _curve_blocks(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> list[Block]:
+    """Learning curves (bits per dim against step, mean over repeated rows such as seeds) and the
+    train-by-eval table of accuracy (%, or eval bits per dim where no accuracy was scored)."""
+    blocks: list[Block] = []
+    measured = [c for c in ("train_bpd", "eval_bpd", "eval_accuracy") if c in curve]
+    if not curve.empty and {"train_bpd", "eval_bpd"} & set(measured):
+        frame = with_series(curve, "step")
+        title_name, names = legend_names(frame)
+        means = frame.groupby(["series", "step"], sort=False)[measured].mean().reset_index()
+        fig = figures.plot_bpd_curves(means, palette, title=f"Bits per dim during training ({_what(frame)})",
+                                      subtitle=_subtitle(frame, "step"), legend_title=title_name, names=names)
+        figures.save(fig, folder, "bpd_curves")
+        last = means.sort_values("step").groupby("series", sort=False).tail(1).set_index("series")
+        last = last.reindex([s for s in dict.fromkeys(frame["series"]) if s in last.index])
+        blocks += [("h2", "Learning curves"),
+                   ("figure", "bpd_curves", "Bits per dim (bits per byte/symbol) against training step: train solid, eval dashed."),
+                   ("p", "Last logged step per series:"), ("table", last[["step", *measured]])]
+    if not grid.empty and "eval_variant" in grid:
+        frame = with_series(grid, "step")
+        scored = "accuracy" in frame and frame["accuracy"].notna().any()
+        value = "accuracy" if scored else "eval_bpd"
+        if value not in frame:
+            return blocks
+        table = frame.pivot_table(index="series", columns="eval_variant", values=value, aggfunc="mean", sort=False)
+        table = table.reindex(index=list(dict.fromkeys(frame["series"])), columns=list(dict.fromkeys(frame["eval_variant"])))
+        table.index.name, table.columns.name = "trained with", "evaluated with"
+        shown = table.map(lambda v: "" if pd.isna(v) else (f"{v:.1f}" if scored else f"{v:.3f}"))
+        blocks.append(("h2", "Train-by-eval " + ("accuracy (%)" if scored else "bits per dim")))
+        if scored:
+            fig = figures.plot_accuracy_grid(table, title="Accuracy (%): trained with (rows) x evaluated with (columns)")
+            figures.save(fig, folder, "train_eval_accuracy")
+            blocks.append(("figure", "train_eval_accuracy", "Accuracy (%) by training (rows) and evaluation (columns) variant."))
+        blocks.append(("table", shown))
+        if scored:
+            reference = pd.DataFrame(paper.TABLE2, index=paper.TABLE2_EVAL).T
+            reference.index.name, reference.columns.name = "trained with", "evaluated with"
+            blocks += [("p", f"For reference, the paper's Table 2 (duplication task, 1 layer, accuracy %; {paper.CITATION}):"),
+                       ("table", reference)]
+    return blocks
+
+
+def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
+    env = info.get("environment") or {}
+    cores = f"{env.get('cpu_cores_physical', '?')} physical / {env.get('cpu_cores_logical', '?')} logical"
+    nvml = env.get("nvml") or {}
+    versions = sorted(rows["code_version"].dropna().astype(str).unique()) if "code_version" in rows else []
+    items = [
+        ("device", env.get("device_name") or env.get("device")),
+        ("GPU driver", env.get("gpu_driver")),
+        ("torch", env.get("torch")),
+        ("CUDA (torch build)", env.get("torch_cuda")),
+        ("cuDNN", env.get("cudnn")),
+        ("threads (torch)", env.get("torch_threads")),
+        ("CPU", f"{env.get('cpu_model', '?')} ({cores})"),
+        ("RAM (GiB)", env.get("ram_total_gib")),
+        ("Python", env.get("python")),
+        ("platform", env.get("platform")),
+        ("git SHA", env.get("git_sha") or "none (not a git commit)"),
+        ("git dirty", env.get("git_dirty")),
+        ("code_version", info.get("code_version") or env.get("code_version")),
+        ("code_version of the rows", ", ".join(versions)),
+        ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
+        ("started", info.get("started_at") or env.get("started_at_utc")),
+        ("finished", info.get("finished_at") or ("interrupted " + str(info["interrupted_at"]) if info.get("interrupted_at") else "not recorded")),
+    ]
+    frame = pd.DataFrame([(k, "-" if v is None or v == "" else str(v)) for k, v in items], columns=["", "value"])
+    return frame.set_index("")
+
+
+def _failed_table(rows: pd.DataFrame, x: str) -> pd.DataFrame:
+    failed = with_series(rows[rows["status"] != "ok"], x)
+    message = failed["message"].fillna("").astype(str).map(lambda m: textwrap.shorten(m, 140)) if "message" in failed else ""
+    return pd.DataFrame({"series": failed["series"], x: failed[x], "status": failed["status"].str.upper(), "message": message})
+
+
+def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block]:
+    """Draw the figures of one run into `folder` and return the report's blocks."""
+    rows = run.rows
+    bench, curve, grid, other = _split(rows)
+    counts = rows["status"].value_counts().to_dict()
+    status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
+    blocks: list[Block] = [("h1", f"{run.suite}: {run.run_id}")]
+    if run.info.get("description"):
+        blocks.append(("p", " ".join(str(run.info["description"]).split())))
+    what = _what(bench if not bench.empty else rows)
+    blocks.append(("p", f"{len(rows)} rows ({status_text}); {what}; results: `{run.path}`. "
+                        "Rendered from the stored results (nothing re-run)."))
+    if not bench.empty:
+        figure_blocks, paper_blocks = _figure_blocks(bench, folder, palette)
+        if figure_blocks:
+            blocks += [("h2", "Figures")] + figure_blocks
+        axes = sweep_axes(bench)
+        blocks.append(("h2", "Summary tables"))
+        blocks.append(("p", "Median time per step (ms) and peak memory (MiB) per cell; rows: series, columns: "
+                            f"{axes[0] if axes else 'seq_len'}. Cells that did not finish show their status."))
+        for title, table in summary_tables(bench).items():
+            blocks += [("h3", title), ("table", table)]
+        blocks += _fit_blocks(bench)
+        blocks += paper_blocks
+        if (bench["status"] != "ok").any():
+            blocks += [("h2", "Cells that did not finish"), ("table", _failed_table(bench, axes[0] if axes else "seq_len"))]
+        notes = []
+        if "mem_method" in bench and bench["mem_method"].notna().any():
+            notes.append("peak memory measured with " + ", ".join(f"`{m}`" for m in bench["mem_method"].dropna().unique())
+                         + " (peak above what was allocated before the measured call)")
+        if "timer" in bench and bench["timer"].notna().any():
+            notes.append("timer " + ", ".join(f"`{t}`" for t in bench["timer"].dropna().unique()))
+        if "n_repeats" in bench and bench["n_repeats"].notna().any():
+            low, high = int(bench["n_repeats"].min()), int(bench["n_repeats"].max())
+            notes.append(f"{low} timed repeats per cell" if low == high else f"{low} to {high} timed repeats per cell")
+        if "time_noisy" in bench:
+            noisy = int(bench["time_noisy"].fillna(False).astype(bool).sum())
+            notes.append(f"{noisy} cell(s) noisy (IQR > 10% of the median)")
+        if notes:
+            blocks.append(("p", "Measurement: " + "; ".join(notes) + "."))
+    blocks += _curve_blocks(curve, grid, folder, palette)
+    if not other.empty:
+        failed = with_series(other, "step")
+        message = failed["message"].fillna("").astype(str).map(lambda m: textwrap.shorten(m, 140)) if "message" in failed else ""
+        blocks += [("h2", "Rows that did not finish"),
+                   ("table", pd.DataFrame({"series": failed["series"], "status": failed["status"].astype(str).str.upper(),
+                                           "message": message}).set_index("series"))]
+    blocks += [("h2", "Environment"), ("table", _environment_table(run.info, rows), "left"),
+               ("h2", "Command"), ("p", "The command that produced these results (run.json):"),
+               ("code", str(run.info.get("command") or "not recorded"))]
+    return blocks
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def render_report(results: list[Path | str], out: Path | None = None, root: Path | str = RESULTS_ROOT) -> Path:
+    """Render reports of stored runs; nothing is re-run.
+
+    `results`: run folders, suite folders (their latest run), run ids or results.parquet files; empty:
+    the latest run of every suite under `root`. Each run goes to `reports/<suite>/<run_id>/`, or to
+    `out` for a single run (`out/<suite>/<run_id>/` for several). Returns the report folder of a single
+    run, or for several the path of the `index.html` that links them. Raises ResultsError for a
+    missing or unreadable results folder or file.
+    """
+    runs = [open_run(r, root) for r in (list(results) or default_runs(root))]
+    base = Path(out) if out is not None else REPORTS_ROOT
+    folders = []
+    for run in runs:
+        folder = base if (out is not None and len(runs) == 1) else base / run.suite / run.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        # One palette per run, from its labels alone: the same series has the same colour in every
+        # figure of the run, and in any other run or comparison whose labels are the same.
+        blocks = report_blocks(run, folder, figures.series_palette(all_series(run.rows)))
+        _write_document(blocks, folder, f"{run.suite} {run.run_id}")
+        folders.append(folder)
+    if len(runs) == 1:
+        return folders[0]
+    blocks = [("h1", "Reports")]
+    for run, folder in zip(runs, folders):
+        relative = folder.relative_to(base).as_posix()
+        description = " ".join(str(run.info.get("description") or "").split())
+        blocks.append(("p", f"[{run.suite}: {run.run_id}]({relative}/index.html) ([report.md]({relative}/report.md)). {description}"))
+    index = base / "index.html"
+    index.write_text(to_html(blocks, base, "Reports"), encoding="utf-8")
+    return index
+
+
+def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None, root: Path | str = RESULTS_ROOT) -> Path:
+    """Render the B/A time ratio per matched cell of two runs (figure, table, report.md, index.html)
+    into `out` (default `reports/compare/<run_a>-vs-<run_b>/`); returns that folder."""
+    a, b = open_run(run_a, root), open_run(run_b, root)
+    bench_a, bench_b = _split(a.rows)[0], _split(b.rows)[0]
+    if bench_a.empty or bench_b.empty:
+        raise ResultsError("compare needs benchmark rows (timings) in both runs")
+    merged = compare_runs(bench_a, bench_b)
+    folder = Path(out) if out is not None else REPORTS_ROOT / "compare" / f"{a.run_id}-vs-{b.run_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    axes = sweep_axes(merged)
+    x = axes[0] if axes else "seq_len"
+    frame = with_series(merged, x)
+    palette = figures.series_palette(frame["series"])
+    title_name, names = legend_names(frame)
+    fig = figures.plot_ratio(frame, x, palette, title=f"Median time per step, B / A ({_what(merged)})",
+                             subtitle=f"A = {a.suite}/{a.run_id}\nB = {b.suite}/{b.run_id}", names=names,
+                             x_label=AXIS_TEXT.get(x, (x, x))[1], legend_title=title_name)
+    figures.save(fig, folder, "time_ratio")
+    table = pd.DataFrame({
+        "series": frame["series"], x: frame[x],
+        "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == "ok", frame["status_a"].str.upper()),
+        "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == "ok", frame["status_b"].str.upper()),
+        "B/A time": frame["ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+        "within noise": frame["within_noise"].map(lambda v: "" if v is None or pd.isna(v) else ("yes" if v else "NO")),
+        "IQRs overlap": frame["iqr_overlap"].map(lambda v: "" if v is None else ("yes" if v else "no")),
+        "Mann-Whitney p": frame["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.2g}"),
+        "B/A memory": frame["memory_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+    }).set_index("series")
+    significant = int((frame["within_noise"] == False).sum())  # noqa: E712 (None = not comparable)
+    compared = int(frame["within_noise"].notna().sum())
+    blocks: list[Block] = [
+        ("h1", f"Compare: {b.run_id} / {a.run_id}"),
+        ("p", f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
+              f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')})."),
+        ("p", f"{len(frame)} cells matched on their configuration ({', '.join(_match_columns(bench_a, bench_b))}); "
+              f"{compared} finished in both, {significant} of them differ beyond noise. A ratio below 1 means B is faster."),
+        ("p", "Noise check: a difference is beyond noise only when the interquartile ranges of the repeats do "
+              f"not overlap and a two-sided Mann-Whitney U test on the timing samples (`harness.stats`) gives "
+              f"p < {ALPHA}; where the repeats are too few for the test to reach p < {ALPHA} at all (e.g. 3 and 3), "
+              "the IQRs alone decide. Peak memory is one measurement per cell: its ratio has no noise estimate."),
+        ("figure", "time_ratio", "Median time B / A per matched cell; hollow markers: within noise."),
+        ("table", table),
+        ("h2", "Commands"), ("code", f"A: {a.info.get('command', '?')}\nB: {b.info.get('command', '?')}"),
+    ]
+    _write_document(blocks, folder, f"compare {a.run_id} {b.run_id}")
+    return folder
