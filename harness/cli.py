@@ -8,6 +8,7 @@ an error, 2 for unusable input (a bad suite, a missing results folder), 130 when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -104,6 +105,8 @@ def command_run(args: argparse.Namespace) -> int:
         return command_run_quality(args)
     suite = load_suite(args.suite, device=args.device)
     cells = suite.cells()
+    if args.threads is not None:
+        cells = [dataclasses.replace(c, measure={**c.measure, "threads": args.threads}) for c in cells]
     if args.filter:
         cells = filter_cells(cells, args.filter)
     if not cells:
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--filter", help="pandas query over cell columns, e.g. \"variant == 'lsh' and seq_len <= 4096\"")
     run.add_argument("--resume", metavar="RUN_ID", help="continue a run: only cells not finished with this code version")
     run.add_argument("--out", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    run.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads per cell (overrides the suite's measure.threads)")
     run.add_argument("--in-process", action="store_true", help="run cells in this process (debugging; no isolation)")
     run.add_argument("--report", action="store_true", help="render the report of this run when it finishes")
     run.set_defaults(handler=command_run)

@@ -362,6 +362,16 @@ def image_data(path: str | Path | None = None, valid_path: str | Path | None = N
 # --------------------------------------------------------------------------- factory
 
 
+def check_files(task: dict) -> None:
+    """Raise DataError now (not minutes into a run) when a file the task reads is missing."""
+    if task["name"] == "bytes":
+        resolve_bytes_path(task.get("path"))
+    elif task["name"] == "images":
+        for key in ("path", "valid_path"):
+            if task.get(key) is not None and not Path(task[key]).expanduser().is_file():
+                raise DataError(f"image file not found (task.{key}): {Path(task[key]).expanduser().resolve()}; {IMAGENET64_HOWTO}")
+
+
 def build_data(task: dict) -> LMData:
     """A dataset from a suite's `task:` mapping (`name` plus that task's settings, see harness.quality)."""
     settings = {k: v for k, v in task.items() if k != "name"}

@@ -624,7 +624,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
 
     from harness.data import build_data
     from harness.environment import device_name
-    from harness.training import EvalConfig, TrainConfig, build_model, evaluate, train, with_attention
+    from harness.training import EvalConfig, TrainConfig, build_model, evaluate, slim_checkpoint, train, with_attention
 
     if cell.train.get("threads"):
         torch.set_num_threads(int(cell.train["threads"]))
@@ -672,6 +672,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
         if verbose:
             accuracy = f"  accuracy {row['accuracy']:5.1f}%" if not math.isnan(row["accuracy"]) else ""
             print(f"  {label:<16} evaluated with {choice.label:<16} {row['eval_bpd']:6.3f} bpd{accuracy}", flush=True)
+    slim_checkpoint(checkpoint)  # the cell is done: keep the weights, drop AdamW's moments
     return rows
 
 
@@ -818,6 +819,15 @@ def command_run_quality(args: Any) -> int:
         cells = filter_cells(cells, args.filter)  # type: ignore[arg-type]
     if not cells:
         raise UsageError(f"{args.suite}: no training cells" + (f" after --filter {args.filter!r}" if args.filter else ""))
+    from harness.data import DataError, check_files
+
+    for task in {_canonical(c.task): c.task for c in cells}.values():
+        try:
+            check_files(task)
+        except DataError as error:
+            if not getattr(args, "dry_run", False):
+                raise UsageError(f"{args.suite}: task {task['name']!r}: {error}") from None
+            print(f"warning: {error}", file=sys.stderr)
     repo = Path(__file__).resolve().parent.parent
     version = code_version(repo)
     if getattr(args, "dry_run", False):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.quality import is_quality_suite, load_quality_suite
+from harness.quality import accuracy_table, is_quality_suite, load_quality_suite
 from harness.results import load
 from harness.suite import SuiteError
 
@@ -66,7 +66,7 @@ def test_shipped_quality_suites_are_valid():
             assert load_quality_suite(path, device=device).cells()
     assert not is_quality_suite(ROOT / "suites" / "smoke.yaml")
     table2 = load_quality_suite(ROOT / "suites" / "duplication.yaml", device="cpu").cells()
-    assert [c.variant.label for c in table2] == ["full", "LSH-1", "LSH-2", "LSH-4"]
+    assert [c.variant.label for c in table2] == ["full", "LSH-4", "LSH-2", "LSH-1"]  # paper row order
     assert [e.label for e in table2[0].eval_variants] == ["full", "LSH-8", "LSH-4", "LSH-2", "LSH-1"]
     paper = load_quality_suite(ROOT / "suites" / "duplication.yaml", device="cuda").cells()
     assert paper[0].seq_len == 1024 and paper[0].model["d_model"] == 256 and paper[0].task["vocab_size"] == 128
@@ -133,6 +133,8 @@ def test_run_stores_curves_and_the_train_by_eval_grid(tmp_path, capsys):
     evals = frame[frame["row_type"] == "eval"]
     assert len(evals) == 2 * 3 and evals["accuracy"].between(0, 100).all()
     assert set(evals["eval_variant"]) == {"full", "LSH-4", "LSH-1"} and frame["cell_key"].is_unique
+    table = accuracy_table(frame)
+    assert list(table.index) == ["full", "LSH-1"] and list(table.columns) == ["full", "LSH-4", "LSH-1"]
     assert (run_dir / "checkpoints").is_dir() and len(list((run_dir / "checkpoints").glob("*.pt"))) == 2
     printed = capsys.readouterr().out
     assert "trained with (rows) x evaluated with (columns)" in printed
@@ -144,3 +146,24 @@ def test_run_stores_curves_and_the_train_by_eval_grid(tmp_path, capsys):
     assert "full: already done" in printed and "LSH-2: done" in printed
     frame = load(out / "tiny")
     assert len(frame[frame["row_type"] == "eval"]) == 3 * 3
+
+
+def test_missing_data_file_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("REFORMER_ENWIK8", raising=False)
+    file = write(tmp_path, replace(BASE, "task: {name: duplication, seq_len: 32, vocab_size: 16}",
+                                   f"task: {{name: bytes, seq_len: 32, path: {tmp_path / 'enwik8'}}}"))
+    file.write_text(file.read_text().replace("model: {", "model: {vocab_size: 256, "))
+    out = tmp_path / "results"
+    assert main(["run", str(file), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'enwik8'}" in err and "mattmahoney.net" in err and not out.exists()
+
+
+def test_a_cell_past_its_timeout_becomes_an_error_row(tmp_path, capsys):
+    file = write(tmp_path, replace(BASE, "timeout_s: 120", "timeout_s: 0.2"))
+    out = tmp_path / "results"
+    assert main(["run", str(file), "--device", "cpu", "--out", str(out), "--filter", "train_variant == 'full'"]) == 0
+    frame = load(out / "tiny")
+    errors = frame[frame["row_type"] == "error"]
+    assert len(errors) == 1 and errors["status"].iloc[0] == "timeout" and "timeout_s=0.2" in errors["message"].iloc[0]
+    assert "TIMEOUT" in capsys.readouterr().out

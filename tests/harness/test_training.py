@@ -14,6 +14,7 @@ from harness.training import (
     build_model,
     evaluate,
     lr_multiplier,
+    slim_checkpoint,
     train,
     with_attention,
 )
@@ -93,9 +94,13 @@ def test_resume_from_checkpoint_continues_the_same_curve(tmp_path):
     resumed = train(resumed_model, data, config, evaluation, checkpoint=checkpoint, record=recorded.append)
     assert [p["step"] for p in recorded] == [0, 4, 8, 12]  # resumed points only are recorded again
     assert _comparable(resumed) == _comparable(straight)
-    # a finished checkpoint resumes to the end immediately
-    again = train(fresh(), data, config, evaluation, checkpoint=checkpoint)
+    # a finished (and slimmed) checkpoint resumes to the end immediately, with the trained weights
+    slim_checkpoint(checkpoint)
+    assert "optimizer" not in torch.load(checkpoint, weights_only=False)
+    finished = fresh()
+    again = train(finished, data, config, evaluation, checkpoint=checkpoint)
     assert again[-1]["eval_bpd"] == straight[-1]["eval_bpd"]
+    assert all(torch.equal(a, b) for a, b in zip(finished.state_dict().values(), resumed_model.state_dict().values()))
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
