@@ -88,12 +88,20 @@ def git_state(repo_root: Path | None = None) -> dict:
     return {"git_sha": sha, "git_dirty": dirty is not None, "code_version": version}
 
 
+CODE_VERSION_ENV = "REFORMER_HARNESS_CODE_VERSION"
+
+
 def code_version(repo_root: Path | None = None) -> str:
     """Short (12-hex) git SHA, plus "+dirty.<8 hex>" when the tree has changes.
 
     "nocommit[+dirty.<hash>]" in a repository without commits, "unknown" outside git
     (or without git). ``repo_root`` defaults to this package's repository. Never raises.
+    A tree copied without its git history (a remote GPU box, a container) can state its version
+    in the environment variable ``REFORMER_HARNESS_CODE_VERSION``; it is then marked "(declared)".
     """
+    declared = os.environ.get(CODE_VERSION_ENV)
+    if declared:
+        return f"{declared} (declared)"
     return git_state(repo_root)["code_version"]
 
 

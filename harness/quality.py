@@ -785,14 +785,18 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     evals = frame[(frame["row_type"] == "eval") & (frame["status"] == "ok")]
     group = [c for c in ("n_layers", "residual", "seed") if c in evals and evals[c].nunique() > 1]
     if not evals.empty:
-        if evals["accuracy"].notna().any():
+        if evals["accuracy"].notna().any() and not (evals["eval_variant"] == evals["train_variant"]).all():
             out.append(("accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
                         if evals["task"].iloc[0] == "duplication" else "accuracy (%), train x eval",
                         evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="accuracy",
                                           sort=False).round(1)))
-        out.append(("eval bits per dim, train x eval",
-                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd",
-                                      sort=False).round(3)))
+        if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
+            columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if evals["accuracy"].notna().any() else [])
+            out.append(("final eval bits per dim", evals[columns].round(3).to_string(index=False)))
+        else:
+            out.append(("eval bits per dim, train x eval",
+                        evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd",
+                                          sort=False).round(3)))
     curve = frame[frame["row_type"] == "curve"]
     if not curve.empty:
         last = curve.loc[curve.groupby("train_key", sort=False)["step"].idxmax()]

@@ -177,3 +177,8 @@ def test_format_environment_lists_every_field() -> None:
     assert re.match(r"^command:\s+a --b$", lines[2])
     assert re.match(r"^cudnn:\s+-$", lines[3])
     assert "code_version" in format_environment(capture_environment("cpu"))
+
+
+def test_code_version_can_be_declared_for_a_tree_without_history(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REFORMER_HARNESS_CODE_VERSION", "0123456789ab")
+    assert code_version(tmp_path) == "0123456789ab (declared)"

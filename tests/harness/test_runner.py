@@ -49,7 +49,8 @@ def write_suite(folder: Path, name: str, variants: list[dict], seq_len: list[int
 def misbehaving_variants(monkeypatch):
     """Register the misbehaving test variants here and in every spawned cell process."""
     monkeypatch.syspath_prepend(str(PLUGINS))  # spawned children inherit sys.path
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(ROOT)]))  # for CLI subprocesses
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), str(ROOT), *inherited]))  # CLI subprocesses
     monkeypatch.setenv(registry.PLUGINS_ENV, "harness_test_variants")
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forgotten after the test
     monkeypatch.delitem(sys.modules, "harness_test_variants", raising=False)
