@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|list|env|report ...` (also installed as `harness`).
+"""Command line: `python -m harness run|status|list|env|report ...` (also installed as `harness`).
 
 Exit status: 0 when the command did its job (cells that ran out of memory, timed out or crashed
 are results, not failures), 1 when a run measured nothing because every cell it ran failed with
@@ -73,7 +73,8 @@ def _open_store(args: argparse.Namespace, suite: Suite, cells: list[Cell], versi
         done = sum(c.key(version) in finished for c in cells)
         print(f"resuming {store.path}: {done} of {len(cells)} cells already done with code version {version}")
         resumes = load_run_info(store.path).get("resumes", [])
-        store.update_run_info(resumes=[*resumes, {"at": _now(), "code_version": version, "command": _command_line()}])
+        store.update_run_info(resumes=[*resumes, {"at": _now(), "code_version": version, "command": _command_line()}],
+                              **_planned_cells(cells, version))
         return store
     store = RunStore(out, suite.name, new_run_id(device_slug(device_name(suite.device)), parent=out / suite.name))
     store.write_run_info(
@@ -85,11 +86,29 @@ def _open_store(args: argparse.Namespace, suite: Suite, cells: list[Cell], versi
             "command": _command_line(),
             "code_version": version,
             "n_cells": len(cells),
+            **_planned_cells(cells, version),
+            "executor": args.executor,
             "started_at": _now(),
             "environment": capture_environment(suite.device),
         }
     )
     return store
+
+
+def _planned_cells(cells: list[Cell], version: str) -> dict:
+    """run.json fields listing the cells a run plans (what `harness status` counts as pending)."""
+    keys = [c.key(version) for c in cells]
+    return {"cell_keys": keys, "cell_labels": {k: f"{c.label} L={c.seq_len} B={c.batch}" for k, c in zip(keys, cells)}}
+
+
+def _slurm_settings(args: argparse.Namespace, suite: Suite) -> dict:
+    """The suite's `slurm:` block with the --slurm-* options over it."""
+    slurm = dict(suite.slurm)
+    for name in ("partition", "time_min", "gpus_per_node", "array_parallelism"):
+        value = getattr(args, f"slurm_{name}")
+        if value is not None:
+            slurm[name] = value
+    return slurm
 
 
 def _command_line() -> str:
@@ -123,8 +142,11 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells on {suite.device}; rough estimate {table['estimate_s'].sum() / 60:.1f} min")
         return 0
 
-    from harness.runner import RunOptions, interrupt_guard, run_cells
+    from harness.executors import ExecutorError, run_with_executor
+    from harness.runner import RunOptions, interrupt_guard
 
+    if args.in_process and args.executor != "local":
+        raise UsageError(f"--in-process runs cells one at a time in this process: not with --executor {args.executor}")
     try:
         store = _open_store(args, suite, cells, version)
     except OSError as error:
@@ -133,9 +155,12 @@ def command_run(args: argparse.Namespace) -> int:
     with interrupt_guard():
         finished = store.finished_keys()
         todo = sum(c.key(version) not in finished for c in cells)
-        print(f"running {todo} of {len(cells)} cells of suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
+        print(f"running {todo} of {len(cells)} cells of suite {suite.name!r} on {suite.device} ({args.executor}) -> {store.path}", flush=True)
         try:
-            new_rows = run_cells(cells, store, options)
+            new_rows = run_with_executor(args.executor, cells, store, options, device=suite.device, workers=args.workers,
+                                         slurm=_slurm_settings(args, suite), cluster=args.submitit_cluster)
+        except ExecutorError as error:
+            raise UsageError(str(error)) from None
         except KeyboardInterrupt:
             store.update_run_info(interrupted_at=_now())
             print(f"\ninterrupted; finished cells are saved. Continue with: python -m harness run {args.suite} --resume {store.path.name}", file=sys.stderr)
@@ -152,6 +177,17 @@ def command_run(args: argparse.Namespace) -> int:
     if new_rows and all(row["status"] == "error" for row in new_rows):
         print("error: every cell failed with an error (see the messages above); nothing was measured", file=sys.stderr)
         return 1
+    return 0
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from harness.results import _resolve
+    from harness.status import format_status, run_status
+
+    path, kind, _, _ = _resolve(args.run, Path(args.out))
+    if kind != "run" or not (path / "run.json").is_file():
+        raise UsageError(f"{args.run}: not a run folder with a run.json")
+    print(format_status(run_status(path)))
     return 0
 
 
@@ -219,7 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads per cell (overrides the suite's measure.threads)")
     run.add_argument("--in-process", action="store_true", help="run cells in this process (debugging; no isolation)")
     run.add_argument("--report", action="store_true", help="render the report of this run when it finishes")
+    run.add_argument("--executor", choices=["local", "pool", "submitit"], default="local",
+                     help="local: one cell at a time (default); pool: one worker per GPU or --workers on CPU; "
+                     "submitit: a Slurm job array (harness.executors)")
+    run.add_argument("--workers", type=int, choices=range(1, 1025), metavar="N",
+                     help="pool executor: worker slots (CPU default 1, threads split among them; CUDA: at most one per GPU)")
+    run.add_argument("--slurm-partition", help="submitit: Slurm partition (overrides the suite's slurm.partition)")
+    run.add_argument("--slurm-time-min", type=int, metavar="MIN", help="submitit: minutes per job before it is requeued")
+    run.add_argument("--slurm-gpus-per-node", type=int, metavar="N", help="submitit: GPUs per job (default 1 on CUDA)")
+    run.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="submitit: array tasks running at once")
+    run.add_argument("--submitit-cluster", choices=["slurm", "local"], default=None,
+                     help="submitit: force the cluster (default: Slurm when available; local runs jobs here, for testing)")
     run.set_defaults(handler=command_run)
+
+    status = commands.add_parser("status", help="done / running / failed / pending cells of a run (any executor)")
+    status.add_argument("run", help="run folder, run id or suite folder (its latest run)")
+    status.add_argument("--out", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    status.set_defaults(handler=command_status)
 
     listing = commands.add_parser("list", help="registered variants and their parameters")
     listing.set_defaults(handler=command_list)

@@ -69,7 +69,6 @@ from harness.suite import (
     _resolve_device,
     _variant_fields,
     filter_cells,
-    format_path,
 )
 from variants.model import ReformerLMConfig
 from variants.registry import type_matches, type_name

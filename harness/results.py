@@ -28,6 +28,7 @@ import pandas as pd
 
 RUN_INFO = "run.json"
 CELLS_DIR = "cells"
+RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
 PARQUET = "results.parquet"
 
 
@@ -129,13 +130,19 @@ def _read_json(path: Path) -> Any:
 
 def _read_cells(run_dir: Path) -> list[dict]:
     """Rows from `cells/*.json` in the order they were written; unreadable files are skipped."""
-    files = sorted((run_dir / CELLS_DIR).glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    stamped = []
+    for file in (run_dir / CELLS_DIR).glob("*.json"):
+        try:  # another process (a parallel worker, a Slurm job) may replace or remove files meanwhile
+            stamped.append((file.stat().st_mtime_ns, file.name, file))
+        except FileNotFoundError:
+            continue
+    files = [file for _, _, file in sorted(stamped)]
     rows = []
     for file in files:
         try:
             row = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a torn file cannot exist with atomic writes; ignore foreign junk
+            continue  # a torn file cannot exist with atomic writes; ignore foreign junk (or a removed file)
         if isinstance(row, dict):
             rows.append(row)
     return rows
@@ -195,7 +202,37 @@ class RunStore:
             raise ValueError(f"row needs a file-name-safe 'cell_key', got {key!r}")
         row = {"run_id": self.run_id, "suite": self.suite, **row}
         atomic_write_json(self.path / CELLS_DIR / f"{key}.json", row)
+        try:
+            (self.path / RUNNING_DIR / f"{key}.json").unlink()
+        except FileNotFoundError:
+            pass
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Rewrite results.parquet from all cells/*.json. Other processes may append meanwhile (each
+        rebuild re-reads every cell), so the parquet can lag; `load` then falls back to the cells."""
         atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
+
+    def mark_running(self, key: str, **info: Any) -> None:
+        """Note that cell `key` is being measured now, by this host and process (`harness status`)."""
+        import socket
+
+        info = {"cell_key": key, "host": socket.gethostname(), "pid": os.getpid(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
+        atomic_write_json(self.path / RUNNING_DIR / f"{key}.json", info)
+
+    def running(self) -> dict[str, dict]:
+        """cell_key -> the `mark_running` note of cells started but not stored (possibly stale)."""
+        notes = {}
+        for file in (self.path / RUNNING_DIR).glob("*.json"):
+            try:
+                note = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(note, dict):
+                notes[file.stem] = note
+        return notes
 
     def remove(self, keys: Iterable[str]) -> None:
         """Delete the rows of `keys` (e.g. a cell's row from an older code version), then rewrite

@@ -160,9 +160,23 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child(cell: Cell, connection: Any, parent_pid: int) -> None:
+THREADS_ENV = "REFORMER_HARNESS_THREADS"  # set by the pool executor: torch threads when the suite sets none
+
+
+def _apply_env(env: dict[str, str] | None) -> None:
+    """Apply a worker slot's environment in the cell process, before CUDA is initialised
+    (torch reads CUDA_VISIBLE_DEVICES at CUDA's first use, not at import)."""
+    if not env:
+        return
+    os.environ.update(env)
+    if env.get(THREADS_ENV):
+        torch.set_num_threads(int(env[THREADS_ENV]))  # a suite's measure.threads still wins in measure_cell
+
+
+def _child(cell: Cell, connection: Any, parent_pid: int, env: dict[str, str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
     _die_with_parent(parent_pid)
+    _apply_env(env)
     try:
         try:
             row = measure_cell(cell)
@@ -181,15 +195,30 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"worker process exited with code {exitcode} without a result"
 
 
-def run_cell_isolated(cell: Cell) -> dict[str, Any]:
+_LIVE: set[Any] = set()  # cell processes running now (several with the pool executor)
+_LIVE_LOCK = threading.Lock()
+
+
+def kill_live_cells() -> None:
+    """Kill every cell process still running (an interrupted parallel run)."""
+    with _LIVE_LOCK:
+        for process in list(_LIVE):
+            if process.is_alive():
+                process.kill()
+
+
+def run_cell_isolated(cell: Cell, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure `cell` in a fresh spawned process; timeouts and crashes become rows too.
 
-    `timeout_s` counts from the process start (interpreter and torch import included).
+    `env` is set in the child before it measures (e.g. CUDA_VISIBLE_DEVICES of a worker slot, or
+    THREADS_ENV). `timeout_s` counts from the process start (interpreter and torch import included).
     """
     context = mp.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(cell, sender, os.getpid()), daemon=True)
+    process = context.Process(target=_child, args=(cell, sender, os.getpid(), env), daemon=True)
     process.start()
+    with _LIVE_LOCK:
+        _LIVE.add(process)
     sender.close()
     timeout = float(cell.measure.get("timeout_s") or 900)
     received = False
@@ -210,6 +239,8 @@ def run_cell_isolated(cell: Cell) -> dict[str, Any]:
             process.kill()
         process.join()
         receiver.close()
+        with _LIVE_LOCK:
+            _LIVE.discard(process)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -248,72 +279,108 @@ def stale_keys(cells: list[Cell], rows: list[dict], code_version: str) -> dict[s
     return out
 
 
-def run_cells(cells: list[Cell], store: RunStore, options: RunOptions) -> list[dict]:
-    """Run the `cells` that `store` does not already hold (for this code version) and append one
-    row per cell; return the new rows.
+class Sweep:
+    """The cells of one `run_cells` call still to run, and what they share: resume state, skips
+    after OOM, stale rows to replace, progress and ETA. `run_one` is thread-safe so executors can
+    run several groups at once (the cells of one group must run in order, in one thread)."""
 
-    A cell already stored with status other than `error` is not run again (resume). A stored row of
-    the same cell under another code version is replaced by the new row. After a cell ends `oom` or
-    `timeout`, longer lengths of its group (same config but seq_len/batch) are recorded as
-    `skipped` when the suite's `skip_after_oom` is on, also across a resume.
-    """
-    version = options.code_version
-    stored = {r["cell_key"]: r for r in store.rows() if "cell_key" in r}
-    finished = store.finished_keys()
-    stale = stale_keys(cells, list(stored.values()), version)
-    done_stale = [key for cell in cells if cell.key(version) in finished for key in stale.get(cell.key(version), [])]
-    if done_stale:  # left by a run killed between writing a new row and removing the old one
-        store.remove(done_stale)
+    def __init__(self, cells: list[Cell], store: RunStore, options: RunOptions):
+        self.store, self.options = store, options
+        self.version = version = options.code_version
+        stored = {r["cell_key"]: r for r in store.rows() if "cell_key" in r}
+        finished = store.finished_keys()
+        self.stale = stale_keys(cells, list(stored.values()), version)
+        done_stale = [key for cell in cells if cell.key(version) in finished for key in self.stale.get(cell.key(version), [])]
+        if done_stale:  # left by a run killed between writing a new row and removing the old one
+            store.remove(done_stale)
+        self.failed_groups: dict[str, tuple[int, str]] = {}  # group -> (shortest failing seq_len, why)
+        for cell in cells:
+            row = stored.get(cell.key(version))
+            if row is not None:
+                self.note_failure(cell, str(row.get("status")))
+        self.pending = [c for c in cells if c.key(version) not in finished]
+        self.estimates = {c.key(version): estimate_seconds(c) for c in self.pending}
+        self.remaining_estimate = sum(self.estimates.values())
+        self.spent_estimate = 0.0
+        self.run_time = 0.0  # wall time of the cells actually run, to rescale the remaining estimate
+        self.done = 0
+        self.rows: list[dict] = []
+        self.stopped = threading.Event()  # set on interrupt: rows of killed cells are not stored
+        self._lock = threading.Lock()
 
-    failed_groups: dict[str, tuple[int, str]] = {}  # group -> (shortest failing seq_len, why)
-
-    def note_failure(cell: Cell, status: str) -> None:
+    def note_failure(self, cell: Cell, status: str) -> None:
         group = cell.group_key()
-        if status in FAILED_STATUSES and (group not in failed_groups or cell.seq_len < failed_groups[group][0]):
-            failed_groups[group] = (cell.seq_len, f"{status} at L={cell.seq_len}")
+        if status in FAILED_STATUSES and (group not in self.failed_groups or cell.seq_len < self.failed_groups[group][0]):
+            self.failed_groups[group] = (cell.seq_len, f"{status} at L={cell.seq_len}")
 
-    for cell in cells:
-        row = stored.get(cell.key(version))
-        if row is not None:
-            note_failure(cell, str(row.get("status")))
+    def groups(self) -> list[list[Cell]]:
+        """The pending cells by group (first-appearance order), each group in suite order (seq_len ascending)."""
+        groups: dict[str, list[Cell]] = {}
+        for cell in self.pending:
+            groups.setdefault(cell.group_key(), []).append(cell)
+        return list(groups.values())
 
-    pending = [c for c in cells if c.key(version) not in finished]
-    estimates = {c.key(version): estimate_seconds(c) for c in pending}
-    remaining_estimate = sum(estimates.values())
-    spent_estimate = 0.0
-    run_time = 0.0  # wall time of the cells actually run, to rescale the remaining estimate
-    rows = []
-    for index, cell in enumerate(pending):
-        key = cell.key(version)
+    def run_one(self, cell: Cell, env: dict[str, str] | None = None) -> dict | None:
+        """Run (or skip) one pending cell, store its row and print progress; None once stopped."""
+        if self.stopped.is_set():
+            return None
+        key = cell.key(self.version)
         begin = time.monotonic()
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        failed = failed_groups.get(cell.group_key())
-        remaining_estimate -= estimates[key]
+        with self._lock:
+            failed = self.failed_groups.get(cell.group_key())
         if failed and cell.seq_len > failed[0] and cell.measure.get("skip_after_oom", True):
-            metrics = {"status": "skipped", "message": f"skipped after {failed[1]}"}
+            metrics, ran = {"status": "skipped", "message": f"skipped after {failed[1]}"}, False
         else:
-            metrics = measure_cell(cell, limit_memory=False) if options.in_process else run_cell_isolated(cell)
-            spent_estimate += estimates[key]
-            run_time += time.monotonic() - begin
-        note_failure(cell, metrics["status"])
+            self.store.mark_running(key)
+            if self.options.in_process:
+                metrics = measure_cell(cell, limit_memory=False)
+            else:
+                metrics = run_cell_isolated(cell, env) if env else run_cell_isolated(cell)
+            ran = True
+        if self.stopped.is_set():  # killed by the interrupt: not a result
+            return None
         row = {
             **cell.to_row(),
-            "run_id": options.run_id,
+            "run_id": self.options.run_id,
             "suite": cell.suite,
             "cell_key": key,
-            "code_version": version,
+            "code_version": self.version,
             "started_at": stamp,
             "cell_wall_s": time.monotonic() - begin,
             **metrics,
         }
-        store.append(row)
-        if stale.get(key):
-            store.remove(stale[key])
-        rows.append(row)
-        # ETA: the remaining a-priori estimates, rescaled by how far off they have been so far.
-        eta = remaining_estimate * (run_time / spent_estimate if spent_estimate else 1.0)
-        options.print_line(_progress_line(index + 1, len(pending), eta, row))
-    return rows
+        with self._lock:
+            self.note_failure(cell, metrics["status"])
+            self.remaining_estimate -= self.estimates[key]
+            if ran:
+                self.spent_estimate += self.estimates[key]
+                self.run_time += time.monotonic() - begin
+            self.store.append(row)
+            if self.stale.get(key):
+                self.store.remove(self.stale[key])
+            self.rows.append(row)
+            self.done += 1
+            # ETA: the remaining a-priori estimates, rescaled by how far off they have been so far.
+            eta = self.remaining_estimate * (self.run_time / self.spent_estimate if self.spent_estimate else 1.0)
+            self.options.print_line(_progress_line(self.done, len(self.pending), eta, row))
+        return row
+
+
+def run_cells(cells: list[Cell], store: RunStore, options: RunOptions) -> list[dict]:
+    """Run the `cells` that `store` does not already hold (for this code version), one at a time,
+    and append one row per cell; return the new rows.
+
+    A cell already stored with status other than `error` is not run again (resume). A stored row of
+    the same cell under another code version is replaced by the new row. After a cell ends `oom` or
+    `timeout`, longer lengths of its group (same config but seq_len/batch) are recorded as
+    `skipped` when the suite's `skip_after_oom` is on, also across a resume. harness.executors
+    runs the same `Sweep` in parallel.
+    """
+    sweep = Sweep(cells, store, options)
+    for cell in sweep.pending:
+        sweep.run_one(cell)
+    return sweep.rows
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

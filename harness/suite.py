@@ -77,6 +77,19 @@ class MeasureSpec(_Strict):
     skip_after_oom: bool = True
 
 
+class SlurmSpec(_Strict):
+    """The `slurm:` block: resources of the Slurm jobs of `harness run --executor submitit`
+    (command-line --slurm-* options override it). One array task per group of cells."""
+
+    partition: Optional[str] = None
+    time_min: int = Field(60, ge=1)  # per job; a job that runs out is requeued and resumes its group
+    gpus_per_node: Optional[int] = Field(None, ge=0)  # default: 1 for CUDA suites, 0 on CPU
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    mem_gb: Optional[float] = Field(None, gt=0)
+    array_parallelism: int = Field(32, ge=1)  # at most this many array tasks at once
+    extra: dict[str, Any] = {}  # more submitit `slurm_*` parameters, without the prefix (e.g. account, qos)
+
+
 class OverrideSpec(_Strict):
     """A `cpu:` / `cuda:` block: deep-merged over the suite when that device is used."""
 
@@ -106,11 +119,13 @@ class SuiteSpec(_Strict):
     cpu: Optional[OverrideSpec] = None
     cuda: Optional[OverrideSpec] = None
     checks: Optional[ChecksSpec] = None  # regression-check rules (harness.check_rules)
+    slurm: Optional[SlurmSpec] = None  # Slurm resources for --executor submitit (harness.executors)
 
 
 _SCHEMAS: dict[KeyPath, type[BaseModel]] = {
     (): SuiteSpec,
     ("measure",): MeasureSpec,
+    ("slurm",): SlurmSpec,
     ("cpu",): OverrideSpec,
     ("cuda",): OverrideSpec,
     **CHECK_SCHEMAS,
@@ -398,6 +413,7 @@ class Suite:
     variants: list[dict[str, Any]]
     measure: dict[str, Any]
     checks: Optional[ChecksSpec] = None  # the `checks:` block, None when the suite has none
+    slurm: dict[str, Any] = field(default_factory=lambda: SlurmSpec().model_dump())  # the `slurm:` block
     _cells: list[Cell] = field(default_factory=list, repr=False)
 
     def cells(self) -> list[Cell]:
@@ -464,6 +480,7 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
                   model, sweep, [dict(v) for v in spec.variants], measure)
     suite._cells = _build_cells(suite, entries, model_fields, locator)
     suite.checks = spec.checks
+    suite.slurm = (spec.slurm or SlurmSpec()).model_dump()
     _check_ratio_filters(suite, locator)
     return suite
 
