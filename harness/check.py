@@ -245,7 +245,7 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
         if not rules.status.enabled:
             return [Comparison(label, "status", base_status, now_status, verdict=UNTESTED, note="status rule disabled", config_key=key)]
         verdict = IMPROVEMENT if now_status == "ok" else REGRESSION
-        note = str(now.get("message") or "").splitlines()[0][:120] if now_status != "ok" else ""
+        note = (str(now.get("message") or "").splitlines() or [""])[0][:120] if now_status != "ok" else ""
         return [Comparison(label, "status", base_status, now_status, verdict=verdict, note=note, config_key=key)]
     if now_status != "ok":
         return [Comparison(label, "status", base_status, now_status, verdict=SAME, note="failed in both", config_key=key)]

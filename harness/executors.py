@@ -214,7 +214,8 @@ def run_submitit(
                        f"follow with: python -m harness status {store.path}")
     by_job = {id(job): group for job, group in zip(jobs, groups)}
     finished = 0
-    for job in submitit.helpers.as_completed(jobs):
+    poll_s = 1.0 if executor.cluster == "local" else 15.0  # spare sacct on a real cluster
+    for job in submitit.helpers.as_completed(jobs, poll_frequency=poll_s):
         group = by_job[id(job)]
         try:
             statuses = job.result()
