@@ -130,17 +130,17 @@ def command_run(args: argparse.Namespace) -> int:
         cells = filter_cells(cells, args.filter)
     if not cells:
         raise UsageError(f"{args.suite}: no cells to run (after --filter {args.filter!r})" if args.filter else f"{args.suite}: no cells")
-    if suite.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{args.suite}: device {suite.device!r}, but CUDA is not available here (try --device cpu)")
     version = code_version(REPO_ROOT)
     if args.dry_run:
         table = _dry_run_table(cells, version)
         print(table.to_string(index=False))
         print(f"{len(cells)} cells on {suite.device}; rough estimate {table['estimate_s'].sum() / 60:.1f} min")
         return 0
+    if suite.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{args.suite}: device {suite.device!r}, but CUDA is not available here (try --device cpu)")
 
     from harness.executors import ExecutorError, run_with_executor
     from harness.runner import RunOptions, interrupt_guard
