@@ -13,6 +13,13 @@ Every rule has `enabled` and defaults that follow shared/reference/measurement.m
           at: "seq_len == 2048"                     # optional extra filter for both sides
           threshold: 0.25                           # ratio up by >= 25% AND p < p_value
           metric: cpu_time                          # per-repeat process CPU time instead of wall time
+      targets:                                      # absolute bounds within one run (check --targets)
+        - name: "LSH-8 3x faster than the fastest peer at 16K"
+          numerator: "variant == 'lsh' and n_hashes == 8"
+          denominator: "variant in ['hf_lsh', 'reformer_pytorch_lsh'] and n_hashes == 8"
+          match_on: [seq_len, batch, n_hashes]
+          at: "seq_len == 16384"
+          max: 0.3333
 
 A ratio pairs each numerator cell with the one denominator cell that agrees on `match_on`
 (default seq_len and batch) and compares median(numerator) / median(denominator) with the same
@@ -80,6 +87,26 @@ class RatioRule(_Rule):
 RATIO_SAMPLES = {"time": "time_ms_samples", "cpu_time": "cpu_time_ms_samples"}
 
 
+class TargetRule(_Rule):
+    """An absolute bound within one run, no baseline (`harness check RUN --targets`).
+
+    value = metric of each `numerator` cell, divided (when `denominator` is given) by the metric of
+    the matching denominator cell (same `match_on` columns; of several ok ones, the fastest: "the
+    fastest peer"). The target holds when every value is <= `max` (and >= `min`). Metrics: time
+    (median s per step), peak_mem (MiB), floor_ratio (time over the compute floor),
+    time_per_token (median s / (seq_len * batch)).
+    """
+
+    name: Optional[str] = None
+    numerator: str = Field(min_length=1)
+    denominator: Optional[str] = None
+    at: Optional[str] = None
+    match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
+    metric: Literal["time", "peak_mem", "floor_ratio", "time_per_token"] = "time"
+    max: Optional[float] = None
+    min: Optional[float] = None
+
+
 class ChecksSpec(BaseModel):
     """The whole `checks:` block."""
 
@@ -90,6 +117,7 @@ class ChecksSpec(BaseModel):
     bpd: BpdRule = BpdRule()
     status: StatusRule = StatusRule()
     ratios: list[RatioRule] = []
+    targets: list[TargetRule] = []
 
 
 CHECK_SCHEMAS: dict[tuple, type[BaseModel]] = {
@@ -109,7 +137,7 @@ def _first_error(error: ValidationError, where: str) -> ChecksError:
     first = error.errors()[0]
     path = ".".join(str(p) for p in ("checks", *first["loc"]))
     if first["type"] == "extra_forbidden":
-        schema = CHECK_SCHEMAS.get(("checks", *first["loc"][:-1]), RatioRule)
+        schema = CHECK_SCHEMAS.get(("checks", *first["loc"][:-1]), TargetRule if first["loc"][0] == "targets" else RatioRule)
         problem = f"unknown key {first['loc'][-1]!r}; allowed keys: {', '.join(schema.model_fields)}"
     else:
         problem = f"{first['msg']}, got {first.get('input')!r}"

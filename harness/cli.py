@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|status|list|env|report ...` (also installed as `harness`).
+"""Command line: `python -m harness run|status|list|env|report|profile ...` (also installed as `harness`).
 
 Exit status: 0 when the command did its job (cells that ran out of memory, timed out or crashed
 are results, not failures), 1 when a run measured nothing because every cell it ran failed with
@@ -211,8 +211,18 @@ def command_env(args: argparse.Namespace) -> int:
 
 
 def command_check(args: argparse.Namespace) -> int:
-    from harness.check import FORMATS, run_check
+    from harness.check import FORMATS, load_run_data, rules_for, run_check
 
+    if args.targets:
+        from harness.targets import evaluate_targets, format_targets
+
+        run = load_run_data(args.run, args.root)
+        rules, source = rules_for(run, args.checks)
+        table = evaluate_targets(run.frame, rules.targets)
+        print(format_targets(table, source))
+        return 0 if bool(table["met"].all()) else 1
+    if args.baseline is None:
+        raise UsageError("check needs --baseline BASELINE (regressions) or --targets (the suite's absolute targets)")
     report = run_check(args.run, args.baseline, root=args.root, any_device=args.any_device, checks_file=args.checks)
     print(FORMATS[args.format](report))
     return report.exit_code  # 1 on a regression
@@ -238,6 +248,24 @@ def command_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else None
     print(f"comparison: {render_compare(args.run_a, args.run_b, out=out, root=args.root)}")
+    return 0
+
+
+def command_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.profile import profile_cell
+
+    suite = load_suite(args.suite, device=args.device)
+    cells = filter_cells(suite.cells(), args.filter) if args.filter else suite.cells()
+    if not cells:
+        raise UsageError(f"no cell of {args.suite} matches --filter {args.filter!r}")
+    if len(cells) > args.max_cells:
+        raise UsageError(f"{len(cells)} cells match; narrow --filter (or raise --max-cells {args.max_cells})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for cell in cells:
+        print(profile_cell(cell, torch.device(suite.device), steps=args.steps, top=args.top))
     return 0
 
 
@@ -282,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="compare a run with a baseline; exit 1 on a regression, 2 on unusable input")
     check.add_argument("run", help="run folder, suite folder (its latest run), run id or results.parquet")
-    check.add_argument("--baseline", required=True, help="baseline folder, or a name under <root>/baselines/<device slug>/")
+    check.add_argument("--baseline", help="baseline folder, or a name under <root>/baselines/<device slug>/")
+    check.add_argument("--targets", action="store_true", help="instead of a baseline: the checks' absolute `targets:` within the run (exit 1 if one is missed)")
     check.add_argument("--any-device", action="store_true", help="compare even when the device names differ (memory, ratio checks)")
     check.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     check.add_argument("--checks", metavar="FILE", help="YAML checks block to use instead of the suite's `checks:`")
@@ -309,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>/)")
     compare.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
     compare.set_defaults(handler=command_compare)
+
+    prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
+    prof.add_argument("suite", help="suite YAML file")
+    prof.add_argument("--filter", help="pandas query over cell columns selecting the cells to profile")
+    prof.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override the suite's device")
+    prof.add_argument("--steps", type=int, default=1, choices=range(1, 1001), metavar="N", help="profiled calls (default 1)")
+    prof.add_argument("--top", type=int, default=25, choices=range(1, 1001), metavar="N", help="table rows (default 25)")
+    prof.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads")
+    prof.add_argument("--max-cells", type=int, default=4, help="refuse to profile more cells than this (default 4)")
+    prof.set_defaults(handler=command_profile)
     return parser
 
 

@@ -235,6 +235,7 @@ def _time_quartiles(row: pd.Series) -> tuple[float, float]:
 TIME = Metric("time_ms_median", "time per step (s)", scale=1e-3, band=True)
 MEMORY = Metric("peak_mem_mib", "peak memory (MiB)")
 THROUGHPUT = Metric("tokens_per_s", "throughput (tokens/s)", band=True, formatter=format_si)
+FLOOR_RATIO = Metric("floor_ratio", "time per step / compute floor")
 
 
 # --------------------------------------------------------------------------- figures

@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -202,6 +202,104 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingS
             del flush_buf
             torch.cuda.empty_cache()
     return Timing(samples, timer="cuda_event")
+
+
+# --------------------------------------------------------------------------- matmul rate
+
+# The matmul probe: largest square size, time budget and timed repeats per device type.
+MATMUL_MAX_N = {"cpu": 2048, "cuda": 8192}
+MATMUL_BUDGET_S = {"cpu": 1.5, "cuda": 2.0}
+MATMUL_REPEATS = {"cpu": 3, "cuda": 10}
+MATMUL_START_N = 256  # the size-finding calls start here and double
+
+
+@dataclass
+class MatmulReading:
+    """The sustained rate of a square matmul ``[n, n] @ [n, n]`` (2 n^3 FLOPs) on one device."""
+
+    gflops: float  # 2 n^3 / best repeat, in GFLOP/s (1e9 FLOP per second)
+    n: int
+    best_ms: float  # the fastest timed repeat, ms
+    dtype: str
+
+    def as_row(self) -> dict:
+        """Result-row columns: `matmul_gflops` (GFLOP/s) and `matmul_n` (the square size)."""
+        return {"matmul_gflops": self.gflops, "matmul_n": self.n}
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"not a torch dtype: {dtype!r}")
+    return value
+
+
+def measure_matmul(
+    device: torch.device | str,
+    dtype: torch.dtype | str = torch.float32,
+    n: int | None = None,
+    repeats: int | None = None,
+    warmup: int = 1,
+    budget_s: float | None = None,
+) -> MatmulReading:
+    """Time ``torch.mm(a, b, out=c)`` on square ``[n, n]`` matrices of ``dtype`` with
+    `time_callable` (CUDA events on GPU, perf_counter_ns on CPU); the rate is 2 n^3 FLOPs over
+    the *fastest* of ``repeats`` timed calls, in GFLOP/s.
+
+    ``n=None`` picks the size: starting at 256 (one untimed warm-up call there, one timed call
+    per size) it doubles while ``repeats + 1`` calls of the doubled size, predicted from the
+    current one (time ~ n^3), fit in ``budget_s``, up to 2048 on CPU and 8192 on CUDA. So a
+    device that is slow in this dtype (bfloat16 on many CPUs: under 1 GFLOP/s) gets a smaller
+    matrix instead of a run of minutes; the whole probe takes about ``budget_s`` at most (CPU
+    1.5 s, CUDA 2 s). The last size-finding call is the warm-up of the timed calls. With an
+    explicit ``n``, ``warmup`` untimed calls precede the timed ones. ``repeats`` defaults to 3
+    on CPU and 10 on CUDA. Runs with torch's current thread count and TF32 settings
+    (``torch.backends.cuda.matmul.allow_tf32``), which it leaves as they are.
+    """
+    device = torch.device(device)
+    dtype = _dtype(dtype)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    repeats = repeats or MATMUL_REPEATS[kind]
+    budget_s = MATMUL_BUDGET_S[kind] if budget_s is None else budget_s
+    once = TimingSettings(warmup=0, min_repeats=1, min_time_s=0.0, max_repeats=1)
+
+    def operands(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        return a, b, torch.empty(size, size, device=device, dtype=dtype)
+
+    if n is None:
+        n = min(MATMUL_START_N, MATMUL_MAX_N[kind])
+        a, b, c = operands(n)
+        seconds = time_callable(lambda: torch.mm(a, b, out=c), device, replace(once, warmup=1)).min_ms / 1e3
+        while n < MATMUL_MAX_N[kind] and seconds * 8 * (repeats + 1) <= budget_s:
+            n *= 2
+            del a, b, c
+            a, b, c = operands(n)
+            seconds = time_callable(lambda: torch.mm(a, b, out=c), device, once).min_ms / 1e3
+        warmup = 0  # the last size-finding call warmed this size up
+    else:
+        if n < 1:
+            raise ValueError(f"matrix size must be >= 1, got {n}")
+        a, b, c = operands(n)
+    settings = TimingSettings(warmup=warmup, min_repeats=repeats, min_time_s=0.0, max_repeats=repeats,
+                              max_time_s=max(budget_s, 1e-3))
+    timing = time_callable(lambda: torch.mm(a, b, out=c), device, settings)
+    del a, b, c
+    best_s = timing.min_ms / 1e3
+    gflops = 2 * n**3 / best_s / 1e9 if best_s > 0 else math.nan
+    return MatmulReading(gflops=gflops, n=n, best_ms=timing.min_ms, dtype=str(dtype).removeprefix("torch."))
+
+
+def matmul_rate(device: torch.device | str, dtype: torch.dtype | str = torch.float32, **options) -> float:
+    """Sustained matrix-multiply rate of ``device`` in ``dtype``, in GFLOP/s (1e9 FLOP per second,
+    2 FLOPs per multiply-add): the best repeat of a large square matmul (CPU up to n=2048,
+    CUDA n=8192, timed with CUDA events), measured now, in this process. ``options`` go to
+    `measure_matmul` (``n``, ``repeats``, ``warmup``, ``budget_s``). It is the rate of a cell's
+    compute floor: floor_s = flops / (matmul_rate * 1e9)."""
+    return measure_matmul(device, dtype, **options).gflops
 
 
 # --------------------------------------------------------------------------- memory

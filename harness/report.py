@@ -551,6 +551,46 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
     return blocks, paper_blocks
 
 
+def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> list[Block]:
+    """"Time over compute floor" (`floor_ratio`, series x primary axis, and its figure) when the run
+    measured the matmul rate (the suite's `measure.matmul_rate`); [] otherwise."""
+    if "floor_ratio" not in rows or pd.to_numeric(rows["floor_ratio"], errors="coerce").notna().sum() == 0:
+        return []
+    axes = sweep_axes(rows)
+    x = axes[0] if axes else "seq_len"
+    rates = pd.to_numeric(rows.get("matmul_gflops"), errors="coerce").dropna()
+    sizes = sorted({int(n) for n in pd.to_numeric(rows.get("matmul_n", pd.Series(dtype=float)), errors="coerce").dropna()})
+    low, high = rates.min(), rates.max()
+    gflops = lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"  # noqa: E731 (plain numbers, never 4e+05)
+    rate = f"{gflops(low)} GFLOP/s" if math.isclose(low, high, rel_tol=5e-3) else \
+        f"{gflops(low)} to {gflops(high)} GFLOP/s (median {gflops(rates.median())})"
+    size = f", n = {', '.join(map(str, sizes))}" if sizes else ""
+    forward = _first(rows, "mode") == "forward"
+    text = ("Median time per step over the compute floor, `floor_ratio` = (`time_ms_median` / 1000) / `floor_s`, "
+            "where `floor_s` = `flops` / (`matmul_gflops` * 1e9) is the time the cell's analytic FLOPs "
+            + ("(forward only) " if forward else "(forward, plus backward counted as 2x forward) ")
+            + "take at the matrix-multiply rate measured in the cell's own process right after its timing "
+            f"(the fastest of a few square matmuls in the cell's dtype{size}). 1 means the step runs at the "
+            "matmul rate; \"within 1.5x of the compute floor\" means at most 1.5. "
+            f"Matmul rate measured in this run: {rate}. Cells that did not finish show their status.")
+    blocks: list[Block] = [("h2", "Time over compute floor"), ("p", text)]
+    if axes:
+        frame = with_series(rows, x)
+        title_name, names = legend_names(frame)
+        short, x_label = AXIS_TEXT[x]
+        title = f"Time over compute floor vs {short} ({_what(rows)})"
+        subtitle = "\n".join(p for p in (_subtitle(rows, x), f"floor: the FLOPs at the measured matmul rate, {rate}") if p)
+        fig = figures.plot_metric(frame, x, figures.FLOOR_RATIO, palette, title=title, subtitle=subtitle,
+                                  x_label=x_label, legend_title=title_name, names=names)
+        stem = f"floor_ratio_vs_{x}"
+        figures.save(fig, folder, stem)
+        caption = f"{title}. Median time per step over the compute floor of each cell (1 = the matmul rate)"
+        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
+        blocks.append(("figure", stem, caption + "."))
+    blocks.append(("table", pivot_metric(rows, "floor_ratio", columns=x, fmt="{:.3g}")))
+    return blocks
+
+
 def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
     blocks: list[Block] = []
     tokens = _tokens_per_step(rows)
@@ -673,6 +713,7 @@ def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block
                             f"{axes[0] if axes else 'seq_len'}. Cells that did not finish show their status."))
         for title, table in summary_tables(bench).items():
             blocks += [("h3", title), ("table", table)]
+        blocks += _floor_blocks(bench, folder, palette)
         blocks += _fit_blocks(bench)
         blocks += paper_blocks
         if (bench["status"] != "ok").any():

@@ -2,12 +2,14 @@
 
 A cell's process sets its thread count and a memory limit (CPU: an address-space limit; CUDA: the
 allocator's share of the GPU when the suite sets one), builds the workload, warms up, measures
-peak memory on one call, then times repeated calls. Whatever happens (OOM, exception, timeout, a
-crash that kills the process) the parent records a row and goes on.
+peak memory on one call, then times repeated calls (and, with the suite's `measure.matmul_rate`,
+then measures the device's matmul rate for the compute floor, `floor_columns`). Whatever happens
+(OOM, exception, timeout, a crash that kills the process) the parent records a row and goes on.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -20,7 +22,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import psutil
 import torch
@@ -28,6 +30,7 @@ import torch
 from harness import measure
 from harness.environment import device_name
 from harness.suite import Cell, estimate_seconds
+from variants.registry import VariantUnavailable
 
 if TYPE_CHECKING:  # pandas is not imported into cell processes: it would slow every start
     from harness.results import RunStore
@@ -118,6 +121,8 @@ def measure_cell(cell: Cell, limit_memory: bool = True) -> dict[str, Any]:
             workload.step()
         memory = measure.measure_peak_memory(workload.step, device)
         timing = measure.time_callable(workload.step, device, replace(settings, warmup=0))
+    except VariantUnavailable as error:  # not applicable here (missing optional package, no kernel)
+        return {**row, "status": "skipped", "message": f"variant unavailable: {error}"[:4000]}
     except Exception as error:  # every failure becomes data
         status = "oom" if measure.is_oom_error(error) else "error"
         message = f"{type(error).__name__}: {error}"
@@ -137,9 +142,55 @@ def measure_cell(cell: Cell, limit_memory: bool = True) -> dict[str, Any]:
         tflops_per_s=workload.flops / seconds / 1e12 if seconds > 0 else math.nan,
         n_params=sum(p.numel() for p in workload.module.parameters()),
     )
-    if device.type == "cuda":
+    if device.type == "cuda":  # the clocks right after the timing, before any matmul probe
         row.update({f"nvml_after_{k}": v for k, v in measure.nvml_snapshot(device.index or 0).items()})
+    if cell.measure.get("matmul_rate"):
+        del workload  # its memory is released first, so the probe cannot run out of it
+        row.update(_probe_matmul(cell, device))
+        row.update(floor_columns(row))
     return row
+
+
+def _probe_matmul(cell: Cell, device: torch.device) -> dict[str, Any]:
+    """`matmul_gflops` / `matmul_n` of `measure.measure_matmul` in the cell's dtype, measured right
+    after the cell's timing; a failed probe leaves the cell ok, with NaN and the reason in `message`."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        measure.release_free_heap()
+    try:
+        return measure.measure_matmul(device, cell.dtype).as_row()
+    except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
+        return {"matmul_gflops": math.nan, "matmul_n": None,
+                "message": f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}
+
+
+def floor_columns(row: Mapping[str, Any]) -> dict[str, float]:
+    """The compute-floor columns of a result row that has `matmul_gflops` (else {}), the one place
+    they are defined:
+
+    - `floor_s` = flops / (matmul_gflops * 1e9): seconds the cell's analytic FLOPs (forward, plus
+      2x forward for backward) would take at the measured matmul rate;
+    - `floor_ratio` = (time_ms_median / 1e3) / floor_s: the median time per step over that floor
+      (1 = the step runs at the matmul rate; a target "within 1.5x of the floor" is floor_ratio <= 1.5).
+
+    NaN where an input is missing, not finite or not positive.
+    """
+    if "matmul_gflops" not in row:
+        return {}
+
+    def number(key: str) -> float:
+        value = row.get(key)
+        try:
+            value = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return math.nan
+        return value if math.isfinite(value) and value > 0 else math.nan
+
+    flops, gflops, median_ms = number("flops"), number("matmul_gflops"), number("time_ms_median")
+    floor_s = flops / (gflops * 1e9)
+    return {"floor_s": floor_s, "floor_ratio": median_ms / 1e3 / floor_s}
 
 
 # --------------------------------------------------------------------------- one process per cell

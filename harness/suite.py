@@ -75,6 +75,9 @@ class MeasureSpec(_Strict):
     timeout_s: float = Field(900.0, gt=0)
     memory_limit_gib: Optional[float] = Field(None, gt=0)
     skip_after_oom: bool = True
+    # Measure the matmul rate (harness.measure.matmul_rate) in each cell's process after its timing:
+    # result columns matmul_gflops, matmul_n, floor_s, floor_ratio (the time over the compute floor).
+    matmul_rate: bool = False
 
 
 class SlurmSpec(_Strict):
@@ -544,6 +547,7 @@ class _Expansion:
     value_index: dict[str, int]  # param -> index into its list, for list-valued params
     label: str | None
     varying_in_entry: list[str]  # list-valued params with more than one value
+    seq_lens: list[int] | None = None  # the entry's own `seq_len:` list, replacing sweep.seq_len
 
 
 def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_Expansion]:
@@ -563,10 +567,17 @@ def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_
         label = entry.get("label")
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
+        seq_lens = entry.get("seq_len")
+        if seq_lens is not None:
+            if not isinstance(seq_lens, list) or not seq_lens:
+                raise locator.error(("variants", i, "seq_len"), f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}")
+            for j, value in enumerate(seq_lens):
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
+                    raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
         choices: dict[str, list[Any]] = {}
         expanded: set[str] = set()
         for key, value in entry.items():
-            if key in ("name", "label"):
+            if key in ("name", "label", "seq_len"):
                 continue
             where = ("variants", i, key)
             if key in MODEL_ATTENTION_KEYS:
@@ -588,7 +599,7 @@ def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_
         for combo in itertools.product(*(enumerate(v) for v in choices.values())):
             params = {k: v for k, (_, v) in zip(choices, combo)}
             value_index = {k: j for k, (j, _) in zip(choices, combo) if k in expanded}
-            out.append(_Expansion(i, name, params, value_index, label, varying))
+            out.append(_Expansion(i, name, params, value_index, label, varying, seq_lens))
     return out
 
 
@@ -685,11 +696,13 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
     base_model = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING} | suite.model
     labels = _labels(expansions, locator)
     other_keys = [k for k in suite.sweep if k != "seq_len"]
-    seq_lens = sorted(enumerate(suite.sweep["seq_len"]), key=lambda iv: iv[1])
     cache: set[str] = set()
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for e, label in zip(expansions, labels):
+        # An entry's own seq_len list replaces the sweep's (e.g. the longest lengths for one variant only).
+        seq_len_at: KeyPath = ("variants", e.index, "seq_len") if e.seq_lens else ("sweep", "seq_len")
+        seq_lens = sorted(enumerate(e.seq_lens or suite.sweep["seq_len"]), key=lambda iv: iv[1])
         for combo in itertools.product(*(enumerate(suite.sweep[k]) for k in other_keys)):
             chosen = {k: v for k, (_, v) in zip(other_keys, combo)}
             swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
@@ -702,13 +715,13 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
                     if tokens % seq_len:
                         raise locator.error(("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
                                             f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
-                                            f"({format_path(locator.source(('sweep', 'seq_len', j)))}); "
+                                            f"({format_path(locator.source(seq_len_at + (j,)))}); "
                                             "use a multiple of every seq_len")
                     batch = tokens // seq_len
                 else:
                     batch = chosen.get("batch", 1)
                 if suite.workload == "model" and seq_len > _max_len(model):
-                    raise locator.error(("sweep", "seq_len", j),
+                    raise locator.error(seq_len_at + (j,),
                                         f"seq_len={seq_len} exceeds what the model's positional embedding covers "
                                         f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
                                         f"axial_shape={model.get('axial_shape')})")
@@ -743,6 +756,7 @@ def filter_cells(cells: list[Cell], expr: str) -> list[Cell]:
 CPU_FLOP_S = 50e9  # deliberately round guesses of achieved throughput
 CUDA_FLOP_S = 100e12
 PROCESS_START_S = 3.0  # spawning a subprocess and importing torch
+MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s), when the suite asks for it
 
 
 def _forward_flops(cell: Cell) -> float:
@@ -765,7 +779,8 @@ def _forward_flops(cell: Cell) -> float:
 def estimate_seconds(cell: Cell) -> float:
     """A rough a-priori wall-time guess for --dry-run: analytic FLOPs at a round throughput
     (50 GFLOP/s CPU, 100 TFLOP/s CUDA), times the iterations the measure settings imply, plus
-    process start. It ignores memory-bound kernels and launch overhead: expect to be off by 3x."""
+    process start (and the matmul probe with `measure.matmul_rate`). It ignores memory-bound kernels
+    and launch overhead: expect to be off by 3x."""
     flops = _forward_flops(cell) * (1 if cell.mode == "forward" else 3)  # backward ~ 2x forward
     per_iter = flops / (CUDA_FLOP_S if cell.device == "cuda" else CPU_FLOP_S)
     m = cell.measure
@@ -773,5 +788,5 @@ def estimate_seconds(cell: Cell) -> float:
     repeats = max(m["min_repeats"], m["min_time_s"] / per_iter if per_iter > 0 else m["min_repeats"])
     repeats = min(repeats, m["max_repeats"])
     measured = min(repeats * per_iter, max(m["max_time_s"], m["min_repeats"] * per_iter))
-    total = PROCESS_START_S + m["warmup"] * per_iter + measured
+    total = PROCESS_START_S + m["warmup"] * per_iter + measured + (MATMUL_PROBE_S if m.get("matmul_rate") else 0.0)
     return float(min(total, m["timeout_s"]))

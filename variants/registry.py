@@ -36,6 +36,12 @@ ENTRY_POINT_GROUP = "reformer_harness.variants"
 PLUGINS_ENV = "REFORMER_HARNESS_PLUGINS"  # comma-separated module names imported like entry points
 
 
+class VariantUnavailable(RuntimeError):
+    """A variant that cannot run here: an optional package is missing, or the device / dtype has no
+    kernel for it (e.g. `sdpa_flash` in float32 on CUDA). Raised when the variant is built or called;
+    the harness records such a cell as `skipped` with this message rather than as an `error`."""
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     """One registered variant: its name, kind ("attention", ...), config class and module class."""

@@ -117,3 +117,32 @@ def test_sigterm_stops_the_run_with_130_and_marks_it_interrupted(tmp_path, misbe
     assert "--resume" in err and "Traceback" not in err
     (run_dir,) = (tmp_path / "out" / "term").iterdir()
     assert "interrupted_at" in load_run_info(run_dir)
+
+
+def test_profile_prints_ops_and_lsh_stages(tmp_path, capsys):
+    suite = write_suite(tmp_path, "prof", [{"name": "lsh", "n_hashes": 2, "bucket_size": 16}], [64], mode="forward_backward")
+    code, out, err = run_cli(capsys, "profile", str(suite), "--top", "5")
+    assert code == 0, err
+    assert "lsh" in out and "seq_len=64" in out and "Self CPU" in out
+    for stage in ("lsh/hash", "lsh/sort", "lsh/attend", "lsh/attend_backward"):
+        assert stage in out, out
+    code, _, err = run_cli(capsys, "profile", str(suite), "--filter", "seq_len > 10**6")
+    assert code == 2 and "no cell" in err and "Traceback" not in err
+
+
+def test_check_targets_and_check_without_baseline(tmp_path, capsys):
+    suite = write_suite(tmp_path, "tgt", [{"name": "full"}, {"name": "sdpa"}], [64])
+    text = suite.read_text() + (
+        "checks:\n  targets:\n"
+        "    - {name: fast enough, numerator: \"variant == 'full'\", metric: time, max: 1000.0}\n"
+        "    - {name: impossible, numerator: \"variant == 'full'\", denominator: \"variant == 'sdpa'\", max: 0.000001}\n"
+    )
+    suite.write_text(text)
+    out_root = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out_root)]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "check", str(out_root / "tgt"), "--root", str(out_root), "--targets")
+    assert code == 1, err
+    assert "fast enough" in out and "MET" in out and "impossible" in out and "MISSED" in out and "1 of 2 met" in out
+    code, _, err = run_cli(capsys, "check", str(out_root / "tgt"), "--root", str(out_root))
+    assert code == 2 and "--baseline" in err and "--targets" in err

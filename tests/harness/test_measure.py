@@ -17,6 +17,8 @@ from harness.measure import (
     Timing,
     TimingSettings,
     is_oom_error,
+    matmul_rate,
+    measure_matmul,
     measure_peak_memory,
     nvml_snapshot,
     read_proc_status_kib,
@@ -137,6 +139,48 @@ def test_cuda_timer_scales_with_gpu_work(flush_l2: bool) -> None:
     assert short.timer == "cuda_event" and short.n_repeats == 5
     assert short.median_ms > 0.05
     assert long.median_ms / short.median_ms == pytest.approx(2.0, rel=0.15)
+
+
+# --------------------------------------------------------------------------- matmul rate
+
+
+def _best_perf_counter_gflops(n: int, repeats: int = 3) -> float:
+    """The same square float32 matmul, timed independently of harness.measure."""
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def test_matmul_rate_is_plausible_and_agrees_with_an_independent_timing() -> None:
+    rate = matmul_rate(CPU, torch.float32, n=512, repeats=3)
+    assert 0.1 < rate < 10_000  # GFLOP/s
+    independent = _best_perf_counter_gflops(512)
+    assert independent / 4 < rate < independent * 4, (rate, independent)  # generous: a shared machine
+
+
+def test_matmul_probe_picks_its_size_within_the_time_budget() -> None:
+    start = time.perf_counter()
+    reading = measure_matmul(CPU)  # the runner's call: size found by doubling from 256 up to 2048
+    elapsed = time.perf_counter() - start
+    assert reading.n in (256, 512, 1024, 2048) and reading.dtype == "float32"
+    assert reading.gflops == pytest.approx(2 * reading.n**3 / (reading.best_ms / 1e3) / 1e9)
+    assert 0.1 < reading.gflops < 10_000
+    assert elapsed < 4.0  # budget 1.5 s plus the size-finding calls, with slack for a busy machine
+    assert reading.as_row() == {"matmul_gflops": reading.gflops, "matmul_n": reading.n}
+    # A device too slow for the budget keeps the smallest size instead of running for minutes.
+    assert measure_matmul(CPU, "float64", budget_s=0.0).n == 256
+
+
+def test_matmul_probe_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        measure_matmul(CPU, "float33", n=8)
+    with pytest.raises(ValueError, match="size"):
+        measure_matmul(CPU, n=0)
 
 
 # --------------------------------------------------------------------------- memory

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli, figures
+from harness import cli, figures, runner
 from harness.report import (
     compare_runs,
     open_run,
@@ -29,7 +29,8 @@ from harness.report import (
     sweep_axes,
     with_series,
 )
-from harness.results import ResultsError, load
+from harness.results import PARQUET, ResultsError, load, rows_to_parquet_bytes
+from harness.tables import pivot_metric
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "results"
 SEQ = DATA / "seq_length" / "20261122T234611Z-nvidia-h100-80gb-hbm3"
@@ -105,6 +106,34 @@ def test_layers_tables_and_fits(rendered):
     # standard residuals keep every layer's activations; reversible ones do not
     assert fits.loc["lsh residual=standard", "memory"] > 500
     assert abs(fits.loc["lsh residual=reversible", "memory"]) < 10
+
+
+def test_time_over_compute_floor_table_and_figure(rendered, tmp_path):
+    # The H100 seq_length run as if its suite had `matmul_rate: true`: a matmul rate per cell, and
+    # the floor columns the runner derives from it.
+    rows = load(SEQ)
+    rows["matmul_gflops"] = np.linspace(380_000.0, 420_000.0, len(rows))
+    rows["matmul_n"] = 8192
+    floors = pd.DataFrame([runner.floor_columns(r) for r in rows.to_dict("records")], index=rows.index)
+    rows = rows.join(floors)
+    run = tmp_path / "results" / "seq_length" / SEQ.name
+    run.mkdir(parents=True)
+    shutil.copy(SEQ / "run.json", run / "run.json")
+    (run / PARQUET).write_bytes(rows_to_parquet_bytes(rows.to_dict("records")))
+    folder = render_report([run], out=tmp_path / "report")
+    text = (folder / "report.md").read_text()
+    assert "## Time over compute floor" in text and "380,000 to 420,000 GFLOP/s" in text and "n = 8192" in text
+    for suffix in (".png", ".svg"):
+        assert (folder / f"floor_ratio_vs_seq_len{suffix}").stat().st_size > 1000
+    table = pivot_metric(load(run), "floor_ratio", fmt="{:.3g}")
+    assert table.loc["full", 32768] == "OOM"
+    ok = rows[rows["status"] == "ok"].iloc[0]
+    expected = ok["time_ms_median"] / 1e3 / (ok["flops"] / (ok["matmul_gflops"] * 1e9))
+    assert table.loc[ok["variant_label"], ok["seq_len"]] == f"{expected:.3g}"
+    md_rows = _md_table_rows(text.split("## Time over compute floor")[1].split("\n## ")[0])
+    assert [[series, *values] for series, values in table.iterrows()] == md_rows[1:]  # after the header
+    # without the matmul rate, no such section
+    assert "Time over compute floor" not in (rendered / "seq_length" / SEQ.name / "report.md").read_text()
 
 
 def test_scaling_exponents_at_constant_tokens():

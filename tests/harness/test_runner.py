@@ -206,3 +206,34 @@ def test_default_memory_limit_is_a_safe_fraction_of_ram(tmp_path):
     assert 0 < runner.memory_limit_bytes(cell) <= 0.75 * memory.total
     limited = load_suite(write_suite(tmp_path, "limit", [{"name": "full"}], [64], memory_limit_gib=0.5)).cells()[0]
     assert runner.memory_limit_bytes(limited) == 2**29
+
+
+def test_matmul_rate_gives_each_cell_its_compute_floor(tmp_path):
+    suite = write_suite(tmp_path, "floor", [{"name": "full"}], [64], mode="forward_backward", matmul_rate=True)
+    store, _rows, _lines = run(suite, tmp_path)  # a spawned cell process measures the rate itself
+    row = load(store.path).iloc[0]
+    assert row["status"] == "ok" and row["message"] == ""
+    assert 0.1 < row["matmul_gflops"] < 10_000 and row["matmul_n"] in (256, 512, 1024, 2048)
+    # the definitions, from the row's own columns
+    assert row["floor_s"] == pytest.approx(row["flops"] / (row["matmul_gflops"] * 1e9), rel=1e-12)
+    assert row["floor_ratio"] == pytest.approx(row["time_ms_median"] / 1e3 / row["floor_s"], rel=1e-12)
+    assert row["floor_ratio"] == pytest.approx(row["time_ms_median"] / 1e3 * row["matmul_gflops"] * 1e9 / row["flops"])
+    assert row["floor_ratio"] > 1  # nothing beats the matmul rate on its FLOPs by much, least of all a tiny layer
+
+
+def test_without_matmul_rate_no_floor_columns_and_a_failed_probe_keeps_the_cell(tmp_path, monkeypatch):
+    plain = load_suite(write_suite(tmp_path, "plain", [{"name": "full"}], [64])).cells()[0]
+    row = runner.measure_cell(plain, limit_memory=False)
+    assert row["status"] == "ok" and not {"matmul_gflops", "floor_s", "floor_ratio"} & set(row)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no matmul today")
+
+    monkeypatch.setattr(runner.measure, "measure_matmul", broken)
+    probed = load_suite(write_suite(tmp_path, "probed", [{"name": "full"}], [64], matmul_rate=True)).cells()[0]
+    row = runner.measure_cell(probed, limit_memory=False)
+    assert row["status"] == "ok" and row["time_ms_median"] > 0
+    assert "matmul_rate probe failed: RuntimeError: no matmul today" in row["message"]
+    assert all(pd.isna(row[c]) for c in ("matmul_gflops", "floor_s", "floor_ratio"))
+    assert runner.floor_columns({"flops": 2e9, "time_ms_median": 30.0, "matmul_gflops": 100.0}) == {
+        "floor_s": pytest.approx(0.02), "floor_ratio": pytest.approx(1.5)}

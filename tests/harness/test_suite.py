@@ -118,6 +118,15 @@ def test_group_key_ignores_seq_len(tmp_path):
     assert len({c.group_key() for c in cells}) == 6  # one per variant expansion
 
 
+def test_a_variant_entry_can_replace_the_seq_len_sweep(tmp_path):
+    text = BASE.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [65536, 4096]}").replace("[8192]", "[65536]")
+    cells = load_suite(write(tmp_path, text), device="cuda").cells()
+    lengths = {label: [c.seq_len for c in cells if c.label == label] for label in dict.fromkeys(c.label for c in cells)}
+    assert lengths["full"] == lengths["sdpa"] == [1024, 2048, 4096]
+    assert lengths["lsh n_hashes=1"] == lengths["lsh n_hashes=8"] == [4096, 65536]
+    assert all("seq_len" not in c.variant_params for c in cells)
+
+
 def test_row_and_attention_params(tmp_path):
     cell = load_suite(write(tmp_path, BASE), device="cuda").cells()[-1]
     row = cell.to_row()
@@ -147,6 +156,20 @@ def test_estimate_is_positive_and_grows_with_length(tmp_path):
     assert all(e >= 3.0 for e in estimates) and estimates == sorted(estimates)
 
 
+def test_matmul_rate_is_an_opt_in_measure_setting(tmp_path):
+    off = load_suite(write(tmp_path, BASE), device="cpu").cells()
+    assert all(c.measure["matmul_rate"] is False for c in off)
+    on = load_suite(write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: true}"),
+                          name="on.yaml"), device="cpu").cells()
+    assert all(c.measure["matmul_rate"] is True for c in on)  # set in the cpu: block, used on CPU
+    assert [c.key("v") for c in on] != [c.key("v") for c in off] and [c.config_key() for c in on] == [c.config_key() for c in off]
+    assert estimate_seconds(on[0]) > estimate_seconds(off[0])  # the probe's time budget is counted
+    with pytest.raises(SuiteError) as error:
+        load_suite(write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: 1}"),
+                         name="int.yaml"), device="cpu")
+    assert ": cpu.measure.matmul_rate: " in str(error.value) and "valid boolean" in str(error.value)
+
+
 # --------------------------------------------------------------------------- errors
 
 # (edit of BASE, key path in the message, text naming what is allowed)
@@ -154,7 +177,7 @@ ERRORS = {
     "unknown top-level key": (lambda s: s + "colour: red\n", "colour", "allowed keys: name, description"),
     "unknown measure key": (lambda s: s.replace("warmup: 1", "warmups: 1"), "measure.warmups", "min_repeats"),
     "unknown override key": (lambda s: s + "  swep: {}\n", "cuda.swep", "allowed keys: dtype"),
-    "unknown variant": (lambda s: s.replace("{name: sdpa}", "{name: spda}"), "variants[1].name", "full, lsh, sdpa"),
+    "unknown variant": (lambda s: s.replace("{name: sdpa}", "{name: spda}"), "variants[1].name", "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa"),
     "unknown variant param": (lambda s: s.replace("bucket_size: 64", "bucket_sise: 64"), "variants[2].bucket_sise",
                               "bucket_size (int"),
     "wrong param type in list": (lambda s: s.replace("[1, 2, 4, 8]", "[1, two, 4]"), "variants[2].n_hashes[1]",
@@ -166,7 +189,7 @@ ERRORS = {
     "model key in variant": (lambda s: s.replace("{name: full}", "{name: full, d_model: 32}"), "variants[0].d_model",
                              "model.d_model"),
     "empty sweep list": (lambda s: s.replace("[2048, 1024, 4096]", "[]"), "sweep.seq_len", "at least one"),
-    "empty variants": (lambda s: s.split("variants:")[0] + "variants: []\n", "variants", "full, lsh, sdpa"),
+    "empty variants": (lambda s: s.split("variants:")[0] + "variants: []\n", "variants", "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa"),
     "seq_len missing": (lambda s: s.replace("  seq_len: [2048, 1024, 4096]\n", ""), "sweep.seq_len", "seq_len: ["),
     "batch and tokens": (lambda s: s.replace("  tokens_per_batch", "  batch: [1]\n  tokens_per_batch"),
                          "sweep.tokens_per_batch", "either batch or tokens_per_batch"),
@@ -181,6 +204,16 @@ ERRORS = {
     "bad enum": (lambda s: s.replace("mode: forward_backward", "mode: backward"), "mode", "'forward', 'forward_backward'"),
     "bad dtype": (lambda s: s.replace("dtype: float32", "dtype: fp8"), "dtype", "'bfloat16'"),
     "sweep not a list": (lambda s: s.replace("[8192]", "8192"), "sweep.tokens_per_batch", "list of values"),
+    "entry seq_len not a list": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: 4096}"),
+                                 "variants[2].seq_len", "replacing sweep.seq_len"),
+    "entry seq_len bad value": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 0]}"),
+                                "variants[2].seq_len[1]", "distinct positive integers"),
+    "entry seq_len not divisible": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 3000]}"),
+                                    "sweep.tokens_per_batch[0]", "variants[2].seq_len[1]"),
+    "matmul_rate not a bool": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rate: 'true'}"),
+                               "measure.matmul_rate", "valid boolean"),
+    "matmul_rate misspelt": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rates: true}"),
+                             "measure.matmul_rates", "did you mean 'matmul_rate'"),
 }
 
 

@@ -19,6 +19,8 @@ OVERRIDES = {
     "sdpa": [dict(shared_qk=False), dict(shared_qk=True)],
     # windows covering the whole sequence: 2 chunks that see each other, or bucket_size = seq_len
     "lsh": [dict(n_hashes=1, bucket_size=SEQ_LEN // 2, n_buckets=2), dict(n_hashes=3, bucket_size=SEQ_LEN)],
+    "hf_lsh": [dict(n_hashes=1, bucket_size=SEQ_LEN // 2, n_buckets=2), dict(n_hashes=3, bucket_size=SEQ_LEN)],
+    "reformer_pytorch_lsh": [dict(n_hashes=1, bucket_size=SEQ_LEN // 2), dict(n_hashes=3, bucket_size=SEQ_LEN)],
 }
 
 
@@ -34,11 +36,14 @@ def test_later_inputs_never_change_earlier_outputs(name, params):
     if "seed" in variants.describe(name):
         params["seed"] = 0  # same rotations in both calls
     torch.manual_seed(0)
-    module = variants.build(name, **params).double().eval()
-    x = torch.randn(2, SEQ_LEN, 16, dtype=torch.float64)
-    changed = x.clone()
-    changed[:, T + 1 :] = torch.randn(2, SEQ_LEN - T - 1, 16, dtype=torch.float64) * 3
-    out, out_changed = module(x), module(changed)
+    try:
+        module = variants.build(name, **params).double().eval()
+        x = torch.randn(2, SEQ_LEN, 16, dtype=torch.float64)
+        changed = x.clone()
+        changed[:, T + 1 :] = torch.randn(2, SEQ_LEN - T - 1, 16, dtype=torch.float64) * 3
+        out, out_changed = module(x), module(changed)
+    except variants.VariantUnavailable as error:  # a peer's package missing, an SDPA backend not on CPU
+        pytest.skip(str(error))
     torch.testing.assert_close(out_changed[:, : T + 1], out[:, : T + 1], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out_changed[:, T + 1 :], out[:, T + 1 :])  # the change is visible later
 

@@ -7,7 +7,7 @@ import torch
 
 import variants
 from variants.attention.full import full_attention
-from variants.attention.lsh import draw_rotations, hash_buckets, lsh_attention
+from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention
 
 
 def randn(*shape, seed):
@@ -167,6 +167,30 @@ def test_gradcheck(causal, dup_correction):
     assert torch.autograd.gradcheck(fn, (qk, v))
 
 
+# (d') the blocked path long sequences take on CPU (runs of a few chunks of one head at a time) and
+# the recomputing backward (save_probs=False): loop reference for values, finite differences for gradients.
+@pytest.mark.parametrize("save_probs", [True, False])
+@pytest.mark.parametrize("causal, dup_correction", [(False, False), (True, False), (False, True)])
+def test_blocked_and_recomputing_paths(monkeypatch, causal, dup_correction, save_probs):
+    import variants.attention.lsh as lsh_module
+
+    bucket_size = 2
+    monkeypatch.setattr(lsh_module, "CPU_BLOCK_ELEMENTS", 3 * bucket_size * 2 * bucket_size)  # 3 chunks per block
+    qk = randn(1, 2, 8, 4, seed=43).requires_grad_()
+    v = randn(1, 2, 8, 4, seed=44).requires_grad_()
+    rotations = randn(2, 4, 2, 2, seed=45)
+
+    def fn(qk, v):
+        return lsh_attention(
+            qk, v, n_hashes=2, bucket_size=bucket_size, causal=causal, rotations=rotations,
+            dup_correction=dup_correction, save_probs=save_probs,
+        )
+
+    expected, _ = reference_lsh(qk.detach(), v.detach(), rotations, bucket_size, causal, dup_correction)
+    torch.testing.assert_close(fn(qk, v), expected, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(fn, (qk, v))
+
+
 # (e) determinism.
 def test_same_seed_same_output_different_seed_different_buckets():
     qk, v = randn(2, 2, 32, 8, seed=50), randn(2, 2, 32, 8, seed=51)
@@ -175,10 +199,12 @@ def test_same_seed_same_output_different_seed_different_buckets():
     first = lsh_attention(qk, v, seed=7, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the seeded path leaves the global RNG alone
     assert torch.equal(lsh_attention(qk, v, seed=7, **kwargs), first)
-    rotations = draw_rotations(2, 8, 2, 16, seed=7, dtype=torch.float64)
-    assert torch.equal(lsh_attention(qk, v, rotations=rotations, **kwargs), first)
-    other = draw_rotations(2, 8, 2, 16, seed=8, dtype=torch.float64)
-    assert not torch.equal(hash_buckets(qk, 2, 16, rotations), hash_buckets(qk, 2, 16, other))
+    # 2 * 32 / 4 = 16 buckets per round, by default factorised as 4 x 4: 4 + 4 rotation columns.
+    assert bucket_factors(None, 32, 4) == (4, 4)
+    rotations = draw_rotations(2, 8, 2, 4 + 4, seed=7, dtype=torch.float64)
+    assert torch.equal(lsh_attention(qk, v, rotations=rotations, n_buckets=(4, 4), **kwargs), first)
+    other = draw_rotations(2, 8, 2, 4 + 4, seed=8, dtype=torch.float64)
+    assert not torch.equal(hash_buckets(qk, 2, (4, 4), rotations), hash_buckets(qk, 2, (4, 4), other))
     assert not torch.allclose(lsh_attention(qk, v, seed=8, **kwargs), first)
 
 
@@ -231,7 +257,9 @@ def test_flops_match_flop_counter():
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n_hashes, hash_seed", [(1, 5), (3, 5), (2, None)])
-def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dtype, tol):
+# 8 buckets; factorised 2 x 4; None: both pick 16 buckets as 4 x 4 for 32 tokens in chunks of 4.
+@pytest.mark.parametrize("n_buckets", [8, (2, 4), None])
+def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dtype, tol, n_buckets):
     reformer = pytest.importorskip("transformers.models.reformer.modeling_reformer")
     if not hasattr(reformer, "LSHSelfAttention") or not hasattr(reformer, "ReformerConfig"):
         pytest.skip("this transformers has no ReformerConfig / LSHSelfAttention")
@@ -250,7 +278,7 @@ def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dty
         lsh_num_chunks_before=1,
         lsh_num_chunks_after=0,
         num_hashes=n_hashes,
-        num_buckets=8,
+        num_buckets=list(n_buckets) if isinstance(n_buckets, tuple) else n_buckets,
         hash_seed=hash_seed,
         is_decoder=causal,
         lsh_attention_probs_dropout_prob=0.0,
@@ -259,7 +287,7 @@ def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dty
     torch.manual_seed(0)
     hf = reformer.LSHSelfAttention(config).to(dtype).eval()
     ours = variants.build(
-        "lsh", d_model=heads * head_dim, n_heads=heads, n_hashes=n_hashes, bucket_size=4, n_buckets=8,
+        "lsh", d_model=heads * head_dim, n_heads=heads, n_hashes=n_hashes, bucket_size=4, n_buckets=n_buckets,
         seed=hash_seed, causal=causal,
     ).to(dtype)
     with torch.no_grad():
@@ -271,7 +299,7 @@ def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dty
     qk = hf.query_key(x).view(batch, seq_len, heads, head_dim).transpose(1, 2)
     v = hf.value(x).view(batch, seq_len, heads, head_dim).transpose(1, 2)
     torch.manual_seed(1)
-    got = lsh_attention(qk, v, n_hashes=n_hashes, bucket_size=4, n_buckets=8, causal=causal, seed=hash_seed)
+    got = lsh_attention(qk, v, n_hashes=n_hashes, bucket_size=4, n_buckets=n_buckets, causal=causal, seed=hash_seed)
     torch.testing.assert_close(got.transpose(1, 2).reshape(batch, seq_len, -1), expected, rtol=tol, atol=tol)
     torch.manual_seed(1)
     torch.testing.assert_close(ours(x), ours.out_proj(expected), rtol=tol, atol=tol)

@@ -2,9 +2,10 @@
 
 Exactly the trax / HuggingFace `LSHSelfAttention` algorithm (see docs and the reference notes):
 
-1. hash: bucket = argmax(concat([x R, -x R])) per round on the detached shared qk vectors;
-   round r's buckets are offset by r * n_buckets;
-2. sort all n_hashes * seq_len items together, stably, by (bucket, position) -- round 0 first;
+1. hash: bucket = argmax(concat([x R, -x R])) per round on the detached shared qk vectors, or with
+   factorised buckets (a, b) argmax_a + a * argmax_b from two slices of R (the default for long
+   sequences, as HF); round r's buckets are offset by r * n_buckets;
+2. sort all n_hashes * seq_len items together by (bucket, position) -- round 0 first;
 3. split that one sequence into chunks of bucket_size; each chunk attends to itself and to the
    chunk before it in the combined order, cyclically (the first chunk looks at the very last one,
    a round's first chunk at the previous round's last chunk);
@@ -13,15 +14,22 @@ Exactly the trax / HuggingFace `LSHSelfAttention` algorithm (see docs and the re
 5. each round r gives o_r and the logsumexp z_r of its logits; unsort and combine
    out = sum_r softmax_r(z)_r * o_r.
 
-Memory: the logits are [batch, heads, n_hashes * seq_len / bucket_size, bucket_size, 2 * bucket_size],
-i.e. O(batch * heads * n_hashes * seq_len * 2 * bucket_size), never seq_len^2.
+How it runs (docs/performance.md has the measurements behind each choice): steps 3-5 are one
+autograd Function, `_LSHCore`, that walks the sorted items in blocks of chunks small enough to stay
+in cache on CPU, gathers each block's rows itself (no n_hashes * seq_len copies of q, k, v, and no
+look-back copies: a chunk's window is a strided view), and has a hand-written backward that
+gathers instead of scattering. Memory: the probabilities, n_hashes * seq_len * 2 * bucket_size per
+head, are the largest saved tensor (none with save_probs=False); never seq_len^2.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import full_attention, mask_values, shared_qk_keys
@@ -52,52 +60,370 @@ def draw_rotations(
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def hash_buckets(qk: torch.Tensor, n_hashes: int, n_buckets: int, rotations: torch.Tensor) -> torch.Tensor:
+def bucket_factors(n_buckets: int | Sequence[int] | None, seq_len: int, bucket_size: int) -> tuple[int, ...]:
+    """Per-round bucket count as factors: (n,) for one argmax over n buckets, (a, b) for factorised hashing.
+
+    n_buckets None -> 2 * seq_len // bucket_size buckets; above 2 * bucket_size of them they are
+    factorised into two even factors a <= b (a closest to sqrt) as trax and HuggingFace do, so hashing
+    costs (a + b) / 2 instead of n / 2 rotations per round and stays O(seq_len^1.5) rather than
+    O(seq_len^2). For power-of-two lengths this is exactly HF's automatic choice (e.g. 16K tokens,
+    bucket 64: 512 buckets as (16, 32)). Every factor must be even and at least 2.
+    """
+    if n_buckets is None:
+        total = max(2, 2 * seq_len // bucket_size)
+        total += total % 2
+        if total > 2 * bucket_size:
+            for small in range(math.isqrt(total), 1, -1):
+                if total % small == 0 and small % 2 == 0 and (total // small) % 2 == 0:
+                    return (small, total // small)
+        return (total,)
+    factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(int(f) for f in n_buckets)
+    if not factors or any(f < 2 or f % 2 for f in factors):
+        raise ValueError(f"n_buckets must be even and at least 2 (or a list of such factors), got {n_buckets}")
+    return factors
+
+
+def hash_buckets(
+    qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor
+) -> torch.Tensor:
     """Angular-LSH buckets of qk [batch, heads, seq_len, head_dim] -> [batch, heads, n_hashes, seq_len].
 
-    rotations: [heads, head_dim, n_hashes, n_buckets // 2] or [head_dim, n_hashes, n_buckets // 2].
-    Round r's buckets lie in [r * n_buckets, (r + 1) * n_buckets). No gradient flows through hashing.
+    n_buckets: buckets per round, or factors (a, b, ...) whose product it is (factorised hashing:
+    bucket = argmax_a + a * argmax_b + ..., each factor from its own slice of the rotations, as trax/HF).
+    rotations: [heads, head_dim, n_hashes, sum(factors) // 2] or [head_dim, n_hashes, sum(factors) // 2].
+    Round r's buckets lie in [r * n, (r + 1) * n), n = prod(factors). No gradient flows through hashing.
     """
+    factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
     if rotations.dim() == 3:
         rotations = rotations.unsqueeze(0).expand(qk.shape[1], -1, -1, -1)
-    if rotations.shape[-2:] != (n_hashes, n_buckets // 2) or rotations.shape[:2] != (qk.shape[1], qk.shape[3]):
+    if rotations.shape[-2:] != (n_hashes, sum(factors) // 2) or rotations.shape[:2] != (qk.shape[1], qk.shape[3]):
         raise ValueError(
             f"rotations of shape {tuple(rotations.shape)} do not fit heads={qk.shape[1]}, "
             f"head_dim={qk.shape[3]}, n_hashes={n_hashes}, n_buckets={n_buckets}"
         )
     rotated = torch.einsum("bhld,hdnr->bhnlr", qk.detach(), rotations.to(qk.dtype))
-    buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
-    offsets = torch.arange(n_hashes, device=qk.device) * n_buckets
+    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.long, device=qk.device)
+    start, product = 0, 1
+    for factor in factors:
+        part = rotated[..., start : start + factor // 2]
+        start += factor // 2
+        # argmax over concat([part, -part]) without building it: ties go to the first half, as argmax does.
+        high, low = part.max(dim=-1), part.min(dim=-1)
+        bucket = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
+        buckets += product * bucket
+        product *= factor
+    offsets = torch.arange(n_hashes, device=qk.device) * product
     return buckets + offsets[:, None]
 
 
-def _look_back(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, n_chunks, chunk, ...] -> [B, H, n_chunks, 2 * chunk, ...]: chunk c-1 (cyclic), then chunk c."""
-    return torch.cat([x.roll(1, dims=2), x], dim=3)
+def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """N_ij for every logit of a block: how often key position j occurs in the windows of query position i.
 
-
-def _duplicate_counts(chunk_of: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, n_chunks: int) -> torch.Tensor:
-    """N_ij for every logit: how often key position j occurs in the windows of query position i.
-
-    chunk_of: [B, H, n_hashes, seq_len] chunk (in the combined order) of each position's item per round;
-    query_pos: [B, H, C, chunk]; key_pos: [B, H, C, 2 * chunk]. Returns [B, H, C, chunk, 2 * chunk].
-    Query i's window in round r is chunks {c, c - 1} with c = chunk_of[r, i]; key j occurs there as its
-    round-r item (chunk c or c - 1) or, when c - 1 belongs to round r - 1, as its round-(r-1) item.
+    chunk_of: [BH * seq_len, n_hashes] chunk (in the combined order) of each (head, position)'s item per
+    round; query_rows: [G, c] and key_rows: [G, 2c] rows (head * seq_len + position) of a block's queries
+    and window keys. Returns [G, c, 2c]. Query i's window in round r is chunks {k, k - 1} with
+    k = chunk_of[i, r]; key j occurs there as its round-r item (chunk k or k - 1) or, when k - 1 belongs
+    to round r - 1, as its round-(r-1) item.
     """
-    batch, heads, n_hashes, _ = chunk_of.shape
-    per_round = chunk_of.permute(0, 1, 3, 2)  # [B, H, L, n_hashes]
-
-    def at(pos: torch.Tensor) -> torch.Tensor:  # [B, H, C, n] -> [B, H, C, n, n_hashes]
-        flat = pos.reshape(batch, heads, -1, 1).expand(-1, -1, -1, n_hashes)
-        return per_round.gather(2, flat).view(*pos.shape, n_hashes)
-
-    c_query = at(query_pos).unsqueeze(-2)  # [B, H, C, chunk, 1, n_hashes]
-    c_key = at(key_pos).unsqueeze(-3)  # [B, H, C, 1, 2 * chunk, n_hashes]
+    n_hashes = chunk_of.shape[1]
+    c_query = chunk_of[query_rows].unsqueeze(-2)  # [G, c, 1, n_hashes]
+    c_key = chunk_of[key_rows].unsqueeze(-3)  # [G, 1, 2c, n_hashes]
     before = (c_query - 1) % n_chunks
     counts = (c_key == c_query).sum(-1) + (c_key == before).sum(-1)
     if n_hashes > 1:  # key j's previous-round item in the chunk before a round's first chunk
         counts = counts + (c_key.roll(1, dims=-1) == before).sum(-1)
     return counts
+
+
+# Logit elements per block of chunks: on CPU a block's rows, logits and probabilities stay in cache
+# (64 chunks of 64 x 128 measured fastest here, docs/performance.md); on CUDA one block usually
+# covers everything.
+CPU_BLOCK_ELEMENTS = 2**19
+CUDA_BLOCK_ELEMENTS = 2**28
+
+Block = tuple[slice, int, int]  # (heads, first chunk, number of chunks)
+
+
+@dataclass
+class _SortedItems:
+    """The hashed and sorted items of `lsh_attention`, and how `_LSHCore` walks them in blocks.
+
+    rows: [BH, c + N] row (head * seq_len + position) of each item in sorted order, with the last
+    chunk prepended, so the window of chunk g (chunk g - 1 cyclically, then chunk g) is rows
+    g*c .. g*c + 2c; undo: [BH, N] sorted index of item r * seq_len + position; sort_idx: its
+    inverse; N = n_hashes * seq_len. Round r's items are exactly sorted indices r*L .. (r+1)*L
+    (bucket offsets), so a chunk never mixes rounds and only a round's first chunk can see a
+    position twice (its own item and another round's item in the chunk before).
+    """
+
+    rows: torch.Tensor
+    undo: torch.Tensor
+    sort_idx: torch.Tensor
+    n_hashes: int
+    chunk: int
+    causal: bool
+    save_probs: bool
+    chunk_of: torch.Tensor | None  # [BH * seq_len, n_hashes] for dup_correction
+    block_elements: int
+
+    @property
+    def n_chunks(self) -> int:
+        return self.undo.shape[1] // self.chunk
+
+    def blocks(self) -> list[Block]:
+        """All heads at once when the logits fit `block_elements`, else runs of chunks of one head."""
+        heads = self.rows.shape[0]
+        per_chunk = self.chunk * 2 * self.chunk
+        if heads * self.n_chunks * per_chunk <= self.block_elements:
+            return [(slice(0, heads), 0, self.n_chunks)]
+        step = max(1, self.block_elements // per_chunk)
+        return [
+            (slice(h, h + 1), first, min(step, self.n_chunks - first))
+            for h in range(heads)
+            for first in range(0, self.n_chunks, step)
+        ]
+
+    def span(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        """x [BH, c + N, ...] (padded sorted order) -> [h, (count + 1) * c, ...]: the block's windows' rows."""
+        heads, first, count = block
+        return x[heads, first * self.chunk : (first + count + 1) * self.chunk]
+
+    def sorted_slice(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        """x [BH, N, ...] in sorted order -> the block's [h * count, c, ...] (a view for one head)."""
+        heads, first, count = block
+        return x[heads, first * self.chunk : (first + count) * self.chunk].reshape(-1, self.chunk, *x.shape[2:])
+
+    def round_first(self, block: Block) -> list[int]:
+        """Indices (into the block's h * count chunks) of the chunks whose window can hold a position twice.
+
+        Those open a hash round: the chunk before belongs to the previous round (or, with a single
+        chunk in all, is the chunk itself).
+        """
+        if self.n_hashes == 1 and self.n_chunks > 1:
+            return []
+        heads, first, count = block
+        per_round = self.n_chunks // self.n_hashes
+        starts = range(-(-first // per_round) * per_round, first + count, per_round)
+        return [h * count + g - first for h in range(heads.stop - heads.start) for g in starts]
+
+
+def _windows(span: torch.Tensor, chunk: int) -> torch.Tensor:
+    """span [h, (count + 1) * chunk, ...] -> windows [h * count, 2 * chunk, ...] (chunk before, chunk).
+
+    Overlapping strided view with no copy for one head; a copy for several.
+    """
+    h, n = span.shape[:2]
+    count = n // chunk - 1
+    size = (h, count, 2 * chunk) + tuple(span.shape[2:])
+    stride = (span.stride(0), chunk * span.stride(1)) + tuple(span.stride()[1:])
+    windows = span.as_strided(size, stride, span.storage_offset())
+    return windows[0] if h == 1 else windows.reshape(-1, *size[2:])
+
+
+def _chunks(span: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """span [h, (count + 1) * chunk, d] -> (chunks before [h * count, c, d], own chunks [h * count, c, d]) views."""
+    h, n, d = span.shape
+    as_chunks = span.view(h, n // chunk, chunk, d)
+    return as_chunks[:, :-1].reshape(-1, chunk, d), as_chunks[:, 1:].reshape(-1, chunk, d)
+
+
+def _window_grad(buffer: torch.Tensor, items: _SortedItems, block: Block, probs: torch.Tensor, grad: torch.Tensor) -> None:
+    """Write probs^T @ grad into buffer [BH, c + N, d] (padded sorted order), spread over each window's two chunks.
+
+    probs [h * count, c, 2c], grad [h * count, c, d]. One head: the own-chunk half is written by a
+    bmm straight into the buffer and the half for the chunk before is added with baddbmm_ (no zero
+    fill, no temporary). Blocks of a head must come in order: a chunk's own half is written before
+    the next window adds the other.
+    """
+    heads, first, count = block
+    c, d = items.chunk, buffer.shape[-1]
+    span = items.span(buffer, block)
+    if first == 0:
+        span[:, :c].zero_()  # the wrapped-around copy of the last chunk: nothing was added to it yet
+    if span.shape[0] == 1:
+        before, own = _chunks(span, c)
+        torch.bmm(probs[:, :, c:].transpose(1, 2), grad, out=own)
+        before.baddbmm_(probs[:, :, :c].transpose(1, 2), grad)
+    else:  # several heads (one block for everything): chunk views do not flatten into a bmm batch
+        update = torch.bmm(probs.transpose(1, 2), grad).view(span.shape[0], count, 2 * c, d)
+        span = span.view(span.shape[0], count + 1, c, d)
+        span[:, 1:] = update[:, :, c:]
+        span[:, :-1] += update[:, :, :c]
+
+
+def _fill_constant(items: _SortedItems, block: Block, x: torch.Tensor, self_value: float, later_value: float) -> None:
+    """Set the logits of a block that are constants, in place: x [h * count, c, 2c].
+
+    self (key position == query position) -> self_value; causal: later key -> later_value (first,
+    so that the self logit ends as self_value). Without causal masking the self logits are the
+    own-chunk diagonal plus, in a round's first chunk, repeats in the chunk before: no full compare.
+    """
+    c = items.chunk
+    span = items.span(items.rows, block)
+    if items.causal or items.chunk_of is not None:
+        query_rows = span[:, c:].reshape(-1, c, 1)
+        key_rows = _windows(span, c).unsqueeze(1)
+        if items.causal:
+            x.masked_fill_(query_rows < key_rows, later_value)
+        x.masked_fill_(query_rows == key_rows, self_value)
+        return
+    x[:, :, c:].diagonal(dim1=1, dim2=2).fill_(self_value)
+    firsts = items.round_first(block)
+    if firsts:
+        index = torch.tensor(firsts, device=x.device)
+        before, own = _chunks(span.unsqueeze(-1), c)
+        repeats = own[index] == before[index].transpose(1, 2)  # [k, c, c]
+        x[index, :, :c] = x[index, :, :c].masked_fill(repeats, self_value)
+
+
+def _masked_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a block [h * count, c, 2c]: q . k, causal then self masks, minus log N_ij (dup_correction).
+
+    query [h * count, c, d], keys (windows) [h * count, 2c, d]; written into `out` when given.
+    """
+    logits = torch.bmm(query, keys.transpose(1, 2), out=out)
+    mask_value, self_value = mask_values(logits.dtype)
+    _fill_constant(items, block, logits, self_value, mask_value)
+    if items.chunk_of is not None:
+        c = items.chunk
+        span = items.span(items.rows, block)
+        counts = _duplicate_counts(items.chunk_of, span[:, c:].reshape(-1, c), _windows(span, c), items.n_chunks)
+        logits.sub_(counts.to(logits.dtype).log_())
+    return logits
+
+
+def _gather_spans(items: _SortedItems, block: Block, *rows_of: torch.Tensor) -> list[torch.Tensor]:
+    """Each x [BH * seq_len, d] gathered over the block's span -> [h, (count + 1) * c, d]."""
+    span = items.span(items.rows, block)
+    flat = span.reshape(-1)
+    return [x.index_select(0, flat).view(*span.shape, x.shape[-1]) for x in rows_of]
+
+
+def _unsort(sorted_rows: torch.Tensor, items: _SortedItems, padded: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rounds of sorted-order rows back onto positions: [BH, (c +) N, d] -> [BH * seq_len, d].
+
+    A gather per round (no scatter): round r's items are a permutation of the positions. padded: the
+    buffer has the wrapped-around last chunk first; it is folded onto the last chunk (in place).
+    weights [BH, N] (sorted order) scale each item first (in place).
+    """
+    c = items.chunk
+    bh, width, d = sorted_rows.shape
+    offset = c if padded else 0
+    if padded:
+        sorted_rows[:, -c:] += sorted_rows[:, :c]
+    if weights is not None:
+        sorted_rows[:, offset:] *= weights.unsqueeze(-1)
+    flat = sorted_rows.view(bh * width, d)
+    per_round = (items.undo + offset + torch.arange(bh, device=flat.device).unsqueeze(1) * width).view(bh, items.n_hashes, -1)
+    total = flat.index_select(0, per_round[:, 0].reshape(-1))
+    for r in range(1, items.n_hashes):
+        total += flat.index_select(0, per_round[:, r].reshape(-1))
+    return total
+
+
+class _LSHCore(torch.autograd.Function):
+    """Chunked attention of the sorted items over their windows, combined over rounds.
+
+    forward(qk_rows, key_rows, v_rows [BH * seq_len, d], items) -> [BH * seq_len, d]. Block by block:
+    logits, softmax and P @ V of each chunk over its window (a strided view: no look-back copies),
+    into sorted order; then the rounds are combined with weights softmax_r(lse_r) by one gather per
+    round. With items.save_probs the rows of every round are gathered once and kept with the
+    probabilities for the backward; without, each block gathers its own rows (in forward and again
+    in backward) and the probabilities are recomputed from the saved row max and sum, so nothing of
+    size n_hashes * seq_len * d is kept. The backward is written by hand: with Y = sum_r w_r o_r,
+    dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)).
+    """
+
+    @staticmethod
+    def forward(ctx, qk_rows, key_rows, v_rows, items: _SortedItems):
+        c, n_hashes = items.chunk, items.n_hashes
+        bh, n_items = items.undo.shape
+        d = qk_rows.shape[-1]
+        new = dict(dtype=qk_rows.dtype, device=qk_rows.device)
+        sorted_inputs: list[torch.Tensor] = []
+        if items.save_probs:
+            flat = items.rows.reshape(-1)
+            sorted_inputs = [x.index_select(0, flat).view(bh, c + n_items, d) for x in (qk_rows, key_rows, v_rows)]
+        out = torch.empty(bh, n_items, d, **new)
+        row_max = torch.empty(bh, n_items, 1, **new)
+        row_sum = torch.empty_like(row_max)
+        probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
+        for block in items.blocks():
+            if sorted_inputs:
+                qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
+            else:
+                qk_span, key_span, v_span = _gather_spans(items, block, qk_rows, key_rows, v_rows)
+            query = qk_span[:, c:].reshape(-1, c, d)
+            target = items.sorted_slice(probs, block) if probs is not None else None
+            logits = _masked_logits(items, block, query, _windows(key_span, c), out=target)
+            top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
+            total = torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
+            p = logits.div_(total)
+            torch.bmm(p, _windows(v_span, c), out=items.sorted_slice(out, block))
+        weights = None
+        if n_hashes > 1:
+            lse = (row_max + row_sum.log()).view(bh, n_items)
+            per_round = lse.gather(1, items.undo).view(bh, n_hashes, -1)
+            # Normalised by the sum rather than exp(lse - logsumexp): exact for rows whose max is ~ -1e5
+            # (only the self logit allowed), where fp32 cannot hold -1e5 + log(2) to 4e-3.
+            per_round = torch.exp(per_round - per_round.amax(dim=1, keepdim=True))
+            per_round /= per_round.sum(dim=1, keepdim=True)
+            weights = per_round.view(bh, n_items).gather(1, items.sort_idx)  # [BH, N] in sorted order
+        combined = _unsort(out, items, padded=False, weights=weights)
+        ctx.items = items
+        ctx.n_sorted = len(sorted_inputs)
+        ctx.save_for_backward(qk_rows, key_rows, v_rows, combined, row_max, row_sum, probs, weights, *sorted_inputs)
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad_combined):
+        with record_function("lsh/attend_backward"):
+            return _LSHCore._backward(ctx, grad_combined)
+
+    @staticmethod
+    def _backward(ctx, grad_combined):
+        qk_rows, key_rows, v_rows, combined, row_max, row_sum, probs, weights, *sorted_inputs = ctx.saved_tensors
+        items: _SortedItems = ctx.items
+        c = items.chunk
+        bh, n_items = items.undo.shape
+        d = qk_rows.shape[-1]
+        new = dict(dtype=qk_rows.dtype, device=qk_rows.device)
+        grad_combined = grad_combined.contiguous()
+        grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
+        grad_query = torch.empty(bh, n_items, d, **new)
+        grad_keys = torch.empty(bh, c + n_items, d, **new)
+        grad_values = torch.empty_like(grad_keys)
+        for block in items.blocks():
+            if sorted_inputs:
+                qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
+            else:
+                qk_span, key_span, v_span = _gather_spans(items, block, qk_rows, key_rows, v_rows)
+            query = qk_span[:, c:].reshape(-1, c, d)
+            keys = _windows(key_span, c)
+            query_rows = items.span(items.rows, block)[:, c:].reshape(-1)
+            d_out = grad_combined.index_select(0, query_rows).view(-1, c, d)
+            shift = grad_dot_out.index_select(0, query_rows).view(-1, c, 1)
+            if weights is not None:  # dO_t = w_t dY; dlse_t = w_t (dY . o_t - dY . Y)
+                w = items.sorted_slice(weights, block).unsqueeze(-1)
+                d_out.mul_(w)
+                shift.mul_(w)
+            if probs is not None:
+                p = items.sorted_slice(probs, block)
+            else:
+                p = _masked_logits(items, block, query, keys)
+                p.sub_(items.sorted_slice(row_max, block)).exp_().div_(items.sorted_slice(row_sum, block))
+            _window_grad(grad_values, items, block, p, d_out)
+            d_logits = torch.bmm(d_out, _windows(v_span, c).transpose(1, 2))
+            d_logits.sub_(shift).mul_(p)
+            _fill_constant(items, block, d_logits, 0.0, 0.0)  # constant (masked, self) logits pass no gradient
+            torch.bmm(d_logits, keys, out=items.sorted_slice(grad_query, block))
+            _window_grad(grad_keys, items, block, d_logits, query)
+        return (
+            _unsort(grad_query, items, padded=False),
+            _unsort(grad_keys, items, padded=True),
+            _unsort(grad_values, items, padded=True),
+            None,
+        )
 
 
 def lsh_attention(
@@ -106,108 +432,101 @@ def lsh_attention(
     *,
     n_hashes: int,
     bucket_size: int,
-    n_buckets: int | None = None,
+    n_buckets: int | Sequence[int] | None = None,
     causal: bool = False,
     rotations: torch.Tensor | None = None,
     seed: int | None = None,
     dup_correction: bool = False,
+    save_probs: bool = True,
 ) -> torch.Tensor:
     """Shared-QK LSH attention on qk, v [batch, heads, seq_len, head_dim] -> [batch, heads, seq_len, head_dim].
 
-    n_buckets defaults to 2 * seq_len // bucket_size (or 2 * rotations.shape[-1]) and must be even.
-    rotations: [heads, head_dim, n_hashes, n_buckets // 2] or [head_dim, n_hashes, n_buckets // 2];
-    when None they are drawn by `draw_rotations` from `seed` or, without one, from the global RNG.
-    seq_len must be a multiple of bucket_size; shorter sequences fall back to shared-QK full attention
-    (HF does so for seq_len <= bucket_size; at seq_len == bucket_size the LSH path sees every key
-    twice per window, which gives the same result).
+    n_buckets: buckets per round or its factors (see `bucket_factors`; None -> 2 * seq_len // bucket_size,
+    factorised above 2 * bucket_size, or what the rotations hold). rotations: [heads, head_dim, n_hashes,
+    sum(factors) // 2] or [head_dim, n_hashes, sum(factors) // 2]; when None they are drawn by
+    `draw_rotations` from `seed` or, without one, from the global RNG. seq_len must be a multiple of
+    bucket_size; shorter sequences fall back to shared-QK full attention (HF does so for
+    seq_len <= bucket_size; at seq_len == bucket_size the LSH path sees every key twice per window,
+    which gives the same result).
 
     dup_correction (paper eq. 16, off in later trax and HF) subtracts log N_ij from each logit, where
     N_ij counts the occurrences of key position j in query position i's windows over all rounds
     (window = i's chunk and the chunk before it, cyclic, in the combined order; a key present in both
     chunks of one window counts twice). Then the output is exactly softmax attention over the union
     of i's candidates. Unlike Jan-2020 trax, N_ij >= 1 for every key in a window, so no logit ever
-    gains +log(1e9). It costs an extra n_hashes-times-the-logits integer tensor.
+    gains +log(1e9).
+
+    save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities for the backward
+    (fastest); False recomputes them there from the saved row max and sum (one more q.k matmul, a
+    third less memory; what a 1M-token step wants).
     """
     batch, heads, seq_len, head_dim = qk.shape
     if n_hashes < 1 or bucket_size < 1:
         raise ValueError(f"n_hashes and bucket_size must be positive, got {n_hashes}, {bucket_size}")
-    if rotations is not None:
-        if rotations.shape[-2] != n_hashes:
-            raise ValueError(f"rotations have {rotations.shape[-2]} rounds, n_hashes={n_hashes}")
-        if n_buckets is None:
-            n_buckets = 2 * rotations.shape[-1]
+    if rotations is not None and rotations.shape[-2] != n_hashes:
+        raise ValueError(f"rotations have {rotations.shape[-2]} rounds, n_hashes={n_hashes}")
     if seq_len < bucket_size:
         return full_attention(qk, qk, v, causal=causal, shared_qk=True)
     if seq_len % bucket_size:
         raise ValueError(f"seq_len={seq_len} is not a multiple of bucket_size={bucket_size}")
-    if n_buckets is None:
-        n_buckets = 2 * seq_len // bucket_size
-    if n_buckets < 2 or n_buckets % 2:
-        raise ValueError(f"n_buckets must be even and at least 2, got {n_buckets}")
+    if n_buckets is None and rotations is not None:
+        n_buckets = 2 * rotations.shape[-1]
+    factors = bucket_factors(n_buckets, seq_len, bucket_size)
     if rotations is None:
-        rotations = draw_rotations(heads, head_dim, n_hashes, n_buckets, seed=seed, device=qk.device, dtype=qk.dtype)
+        rotations = draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=seed, device=qk.device, dtype=qk.dtype)
 
+    bh, c = batch * heads, bucket_size
     n_items = n_hashes * seq_len
-    n_chunks = n_items // bucket_size
-    with torch.no_grad():
-        buckets = hash_buckets(qk, n_hashes, n_buckets, rotations).flatten(2)  # [B, H, n_hashes * L]
-        sort_idx = torch.sort(buckets, dim=-1, stable=True).indices  # item ids r * L + position
-        undo_idx = torch.empty_like(sort_idx)
-        undo_idx.scatter_(-1, sort_idx, torch.arange(n_items, device=qk.device).expand_as(sort_idx))
-        positions = sort_idx % seq_len
-
-    def gather_sorted(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [B, H, C, chunk, d]
-        index = positions.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
-        return x.gather(2, index).view(batch, heads, n_chunks, bucket_size, x.shape[-1])
-
-    query = gather_sorted(qk)
-    keys = _look_back(gather_sorted(shared_qk_keys(qk)))  # [B, H, C, 2 * chunk, d]
-    values = _look_back(gather_sorted(v))
-    query_pos = positions.view(batch, heads, n_chunks, bucket_size)
-    key_pos = _look_back(query_pos)
-
-    logits = query @ keys.transpose(-1, -2)  # [B, H, C, chunk, 2 * chunk]
-    mask_value, self_value = mask_values(logits.dtype)
-    if causal:
-        logits = logits.masked_fill(query_pos.unsqueeze(-1) < key_pos.unsqueeze(-2), mask_value)
-    logits = logits.masked_fill(query_pos.unsqueeze(-1) == key_pos.unsqueeze(-2), self_value)
-    if dup_correction:
-        chunk_of = (undo_idx // bucket_size).view(batch, heads, n_hashes, seq_len)
-        counts = _duplicate_counts(chunk_of, query_pos, key_pos, n_chunks)
-        logits = logits - counts.to(logits.dtype).log()
-
-    # softmax and logsumexp from one shifted exp. Normalising by the sum (not exp(logits - lse))
-    # keeps a row exact when its max is ~ -1e5 (only the self logit allowed): fp32 cannot hold
-    # -1e5 + log(2) to better than 4e-3. Detaching the shift leaves both gradients unchanged.
-    shift = logits.amax(dim=-1, keepdim=True).detach()
-    exp = torch.exp(logits - shift)
-    total = exp.sum(dim=-1, keepdim=True)
-    out = (exp / total) @ values  # [B, H, C, chunk, d]
-    lse = shift + total.log()
-
-    # Unsort: item r * L + i of round r, position i.
-    out = out.view(batch, heads, n_items, head_dim).gather(2, undo_idx.unsqueeze(-1).expand(-1, -1, -1, head_dim))
-    lse = lse.view(batch, heads, n_items).gather(2, undo_idx)
-    out = out.view(batch, heads, n_hashes, seq_len, head_dim)
-    lse = lse.view(batch, heads, n_hashes, seq_len, 1)
-    weights = torch.exp(lse - lse.amax(dim=2, keepdim=True).detach())  # normalised by the sum, as above
-    return (out * weights).sum(dim=2) / weights.sum(dim=2)
+    with torch.no_grad(), record_function("lsh/hash"):
+        buckets = hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
+    with torch.no_grad(), record_function("lsh/sort"):
+        # One sort for all rounds. bucket * seq_len + position is unique and orders items by
+        # (bucket, position), i.e. a stable sort of the buckets, so an unstable sort suffices.
+        position = torch.arange(seq_len, device=qk.device).repeat(n_hashes)
+        sort_idx = (buckets * seq_len + position).argsort(dim=-1)  # item ids r * L + position
+        rows = sort_idx % seq_len + torch.arange(bh, device=qk.device).unsqueeze(1) * seq_len
+        undo = torch.empty_like(sort_idx)
+        undo.scatter_(1, sort_idx, torch.arange(n_items, device=qk.device).expand_as(sort_idx))
+        chunk_of = None
+        if dup_correction:
+            chunk_of = (undo // c).view(bh, n_hashes, seq_len).transpose(1, 2).reshape(bh * seq_len, n_hashes)
+    items = _SortedItems(
+        rows=torch.cat([rows[:, -c:], rows], dim=1),  # last chunk first: the cyclic look-back
+        undo=undo,
+        sort_idx=sort_idx,
+        n_hashes=n_hashes,
+        chunk=c,
+        causal=causal,
+        save_probs=save_probs,
+        chunk_of=chunk_of,
+        block_elements=CUDA_BLOCK_ELEMENTS if qk.device.type == "cuda" else CPU_BLOCK_ELEMENTS,
+    )
+    qk_rows = qk.reshape(bh * seq_len, head_dim)
+    key_rows = shared_qk_keys(qk_rows)  # normalised once per position, not once per round
+    with record_function("lsh/attend"):
+        out = _LSHCore.apply(qk_rows, key_rows, v.reshape(bh * seq_len, head_dim), items)
+    return out.view(batch, heads, seq_len, head_dim)
 
 
 @dataclass
 class LSHAttentionConfig(AttentionConfig):
     """AttentionConfig plus LSH parameters (always shared-QK).
 
-    n_hashes: hashing rounds; bucket_size: chunk length; n_buckets: buckets per round (even; None ->
-    2 * seq_len // bucket_size at forward time); seed: fixed rotations (None -> fresh ones drawn from
-    the global RNG every forward); dup_correction: subtract log N_ij (paper eq. 16).
+    n_hashes: hashing rounds; bucket_size: chunk length; n_buckets: buckets per round (even), or its
+    even factors for factorised hashing (in a suite `n_buckets: [16, 32]` is one factor pair; sweep
+    with a list of them, [[16, 32], [512]]);
+    None -> 2 * seq_len // bucket_size at forward time, factorised above 2 * bucket_size (as HF);
+    seed: fixed rotations (None -> fresh ones drawn from the global RNG every forward);
+    dup_correction: subtract log N_ij (paper eq. 16); save_probs: keep the attention probabilities
+    for the backward (False recomputes them: less memory, one more matmul).
     """
 
     n_hashes: int = 1
     bucket_size: int = 64
-    n_buckets: int | None = None
+    n_buckets: int | tuple[int, ...] | None = None
     seed: int | None = None
     dup_correction: bool = False
+    save_probs: bool = True
 
     def validate(self) -> None:
         """Raise ValueError when the fields are inconsistent."""
@@ -216,8 +535,8 @@ class LSHAttentionConfig(AttentionConfig):
             raise ValueError(f"n_hashes must be positive, got {self.n_hashes}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket_size must be positive, got {self.bucket_size}")
-        if self.n_buckets is not None and (self.n_buckets < 2 or self.n_buckets % 2):
-            raise ValueError(f"n_buckets must be even and at least 2, got {self.n_buckets}")
+        if self.n_buckets is not None:
+            bucket_factors(self.n_buckets, self.bucket_size, self.bucket_size)
 
 
 @register("lsh", config=LSHAttentionConfig)
@@ -239,6 +558,7 @@ class LSHAttention(AttentionModule):
             causal=c.causal,
             seed=c.seed,
             dup_correction=c.dup_correction,
+            save_probs=c.save_probs,
         )
 
     def core_flops(self, batch: int, seq_len: int) -> int:
@@ -246,7 +566,7 @@ class LSHAttention(AttentionModule):
         c = self.config
         if seq_len < c.bucket_size:  # shared-QK full attention fallback
             return 2 * 2 * batch * seq_len * seq_len * c.d_model
-        n_buckets = c.n_buckets if c.n_buckets is not None else 2 * seq_len // c.bucket_size
-        hashing = 2 * batch * seq_len * c.d_model * c.n_hashes * (n_buckets // 2)
+        rotations = sum(bucket_factors(c.n_buckets, seq_len, c.bucket_size)) // 2
+        hashing = 2 * batch * seq_len * c.d_model * c.n_hashes * rotations
         chunks = 2 * 2 * batch * c.n_hashes * seq_len * 2 * c.bucket_size * c.d_model
         return hashing + chunks

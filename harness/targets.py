@@ -1,0 +1,96 @@
+"""Absolute targets within one run (`checks: targets:` of a suite): `harness check RUN --targets`.
+
+Each `TargetRule` (harness.check_rules) gives one row per numerator cell: its metric, divided by
+the matching denominator cell's when the rule names one (of several ok denominator cells, the
+fastest), against the bound. A target is met when all its rows are; unfinished numerator cells
+and numerators without an ok denominator are misses (a target that cannot be measured is not met).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from harness.check_rules import TargetRule
+from harness.results import ResultsError
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float:
+    """The rule metric of one result row: time (s), peak_mem (MiB), floor_ratio, time_per_token (s)."""
+    def number(key: str) -> float:
+        value = row.get(key)
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return math.nan
+
+    if metric == "time":
+        return number("time_ms_median") / 1e3
+    if metric == "peak_mem":
+        return number("peak_mem_mib")
+    if metric == "floor_ratio":
+        return number("floor_ratio")
+    if metric == "time_per_token":
+        return number("time_ms_median") / 1e3 / (number("seq_len") * number("batch"))
+    raise ValueError(f"unknown target metric {metric!r}")
+
+
+def _select(frame: pd.DataFrame, expr: str, at: str | None, rule: TargetRule) -> pd.DataFrame:
+    full = expr if at is None else f"({expr}) and ({at})"
+    try:
+        return frame.query(full)
+    except Exception as error:  # pandas raises many types for a bad or inapplicable expression
+        raise ResultsError(f"target {rule.name or rule.numerator!r}: {full!r}: {type(error).__name__}: {error}") from None
+
+
+def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFrame:
+    """One row per (target, numerator cell): target, cell, value, denominator, bound, met, note."""
+    rows = []
+    for rule in rules:
+        name = rule.name or (rule.numerator if rule.denominator is None else f"{rule.numerator} / {rule.denominator}")
+        missing = [c for c in rule.match_on if c not in frame.columns]
+        if rule.denominator is not None and missing:
+            raise ResultsError(f"target {name!r}: match_on column(s) {missing} not in the results")
+        numerators = _select(frame, rule.numerator, rule.at, rule)
+        # the denominator may sit at another length (e.g. time per token at 64K over 4K): `at` filters numerators only
+        denominators = _select(frame, rule.denominator, None, rule) if rule.denominator is not None else None
+        if numerators.empty:
+            rows.append({"target": name, "cell": "", "value": math.nan, "denominator": "", "met": False,
+                         "note": "no numerator cell in this run", "bound": _bound(rule)})
+        for num in numerators.to_dict("records"):
+            cell = f"{num.get('variant_label')} L={num.get('seq_len')} B={num.get('batch')}"
+            value, den_label, note = metric_value(num, rule.metric), "", ""
+            if num.get("status") != "ok":
+                value, note = math.nan, f"numerator {num.get('status')}"
+            elif denominators is not None:
+                same = denominators[denominators["status"] == "ok"]
+                for column in rule.match_on:
+                    same = same[same[column] == num[column]]
+                if same.empty:
+                    value, note = math.nan, "no ok denominator cell"
+                else:
+                    den = same.loc[same["time_ms_median"].idxmin()].to_dict()
+                    den_label = f"{den.get('variant_label')} L={den.get('seq_len')}"
+                    value = value / metric_value(den, rule.metric)
+            met = math.isfinite(value) and (rule.max is None or value <= rule.max) and (rule.min is None or value >= rule.min)
+            rows.append({"target": name, "cell": cell, "value": value, "denominator": den_label, "bound": _bound(rule),
+                         "met": met, "note": note})
+    return pd.DataFrame(rows, columns=["target", "cell", "value", "denominator", "bound", "met", "note"])
+
+
+def _bound(rule: TargetRule) -> str:
+    parts = [f"<= {rule.max:g}" if rule.max is not None else "", f">= {rule.min:g}" if rule.min is not None else ""]
+    return " and ".join(p for p in parts if p) or "(none)"
+
+
+def format_targets(table: pd.DataFrame, source: str) -> str:
+    """Plain-text table of evaluate_targets' rows and a one-line verdict."""
+    if table.empty:
+        return f"no targets in {source}"
+    shown = table.assign(value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"),
+                         met=table["met"].map({True: "MET", False: "MISSED"}))
+    missed = int((~table["met"]).sum())
+    verdict = f"{len(table) - missed} of {len(table)} met" + (f"; {missed} missed" if missed else "")
+    return f"targets from {source}:\n{shown.to_string(index=False)}\n{verdict}"
