@@ -116,6 +116,10 @@ def test_hf_lsh_config_mapping():
     assert (attn.num_chunks_before, attn.num_chunks_after, attn.is_decoder, attn.dropout) == (1, 0, True, 0.0)
     assert (attn.num_attention_heads, attn.attention_head_size) == (HEADS, HEAD_DIM)
     assert layer.out_proj.bias is None and attn.query_key.bias is None
+    factorised = build("hf_lsh", n_hashes=2, bucket_size=16, n_buckets=(2, 4))
+    assert factorised.attn.num_buckets == [2, 4] and factorised.num_buckets(64) == [2, 4]
+    with pytest.raises(ValueError, match="even"):
+        build("hf_lsh", n_hashes=2, bucket_size=16, n_buckets=(2, 3))
 
 
 def test_hf_lsh_automatic_buckets_are_hfs_and_factorised_for_long_sequences():

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from variants.attention.base import AttentionConfig
 from variants.attention.full import SdpaAttention, SdpaAttentionConfig
+from variants.attention.lsh import bucket_factors
 from variants.registry import VariantUnavailable, register
 
 PEERS_EXTRA = "pip install -e .[peers]"
@@ -54,14 +55,14 @@ def require(module: str, package: str, variant: str) -> types.ModuleType:
         ) from error
 
 
-def _validate_lsh(n_hashes: int, bucket_size: int, n_buckets: int | None = None) -> None:
-    """Raise ValueError when the LSH fields of a peer config are inconsistent."""
+def _validate_lsh(n_hashes: int, bucket_size: int, n_buckets: int | tuple[int, ...] | None = None) -> None:
+    """Raise ValueError when the LSH fields of a peer config are inconsistent (as for `lsh`)."""
     if n_hashes < 1:
         raise ValueError(f"n_hashes must be positive, got {n_hashes}")
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be positive, got {bucket_size}")
-    if n_buckets is not None and (n_buckets < 2 or n_buckets % 2):
-        raise ValueError(f"n_buckets must be even and at least 2, got {n_buckets}")
+    if n_buckets is not None:
+        bucket_factors(n_buckets, bucket_size, bucket_size)
 
 
 # --------------------------------------------------------------------------- HuggingFace
@@ -117,7 +118,7 @@ class HFLSHAttentionConfig(AttentionConfig):
 
     n_hashes: int = 1
     bucket_size: int = 64
-    n_buckets: int | None = None
+    n_buckets: int | tuple[int, ...] | None = None
     seed: int | None = None
 
     def validate(self) -> None:
@@ -156,7 +157,7 @@ class HFLSHAttention(nn.Module):
             attn_layers=["lsh"],
             lsh_attn_chunk_length=config.bucket_size,
             num_hashes=config.n_hashes,
-            num_buckets=config.n_buckets,
+            num_buckets=list(config.n_buckets) if isinstance(config.n_buckets, tuple) else config.n_buckets,
             lsh_num_chunks_before=1,
             lsh_num_chunks_after=0,
             is_decoder=config.causal,
@@ -176,7 +177,8 @@ class HFLSHAttention(nn.Module):
         if seq_len <= self.config.bucket_size:
             return None
         if self.config.n_buckets is not None:
-            return self.config.n_buckets
+            n_buckets = self.config.n_buckets
+            return list(n_buckets) if isinstance(n_buckets, tuple) else n_buckets
         if seq_len not in self._auto_buckets:
             self._auto_buckets[seq_len] = hf_auto_num_buckets(seq_len, self.config.bucket_size)
         return self._auto_buckets[seq_len]
