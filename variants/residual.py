@@ -104,6 +104,16 @@ class StandardResidual(_ResidualStack):
         return x
 
 
+def _subtract_into(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """y - out, written over out's storage and returned detached.
+
+    A recomputed layer output is still needed as the root of its backward, but only for its graph,
+    not its values (no op saves its own output here; autograd would raise if one did), so its memory
+    can hold the reconstructed input: one activation less at the backward's peak.
+    """
+    return out.detach().neg_().add_(y)
+
+
 class _ReversibleStackFunction(torch.autograd.Function):
     """Two-stream reversible stack; saves only the final streams, recomputes inputs in backward.
 
@@ -150,13 +160,16 @@ class _ReversibleStackFunction(torch.autograd.Function):
                 y1.requires_grad_(True)
                 with torch.enable_grad(), restored_rng(rng_g):
                     g_out = g(y1)
+                x2 = _subtract_into(y2, g_out).requires_grad_(True)
                 grad_y1 = grad_y1 + local_grads(g, g_out, y1, grad_y2)
-                x2 = (y2 - g_out.detach()).requires_grad_(True)
+                del g_out
                 # Undo y1 = x1 + f(x2).
                 with torch.enable_grad(), restored_rng(rng_f):
                     f_out = f(x2)
+                x1 = _subtract_into(y1, f_out)
                 grad_y2 = grad_y2 + local_grads(f, f_out, x2, grad_y1)
-                y1, y2 = y1.detach() - f_out.detach(), x2.detach()
+                del f_out
+                y1, y2 = x1, x2.detach()
         # grad_y1 / grad_y2 now hold the gradients of the stack's inputs x1 / x2.
         return (grad_y1, grad_y2, None, *grad_params)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
-from variants.attention.full import full_attention
+from variants.attention.full import full_attention, shared_qk_keys, shared_qk_keys_backward
 
 
 def naive_attention(q, k, v, causal, shared_qk):
@@ -54,6 +54,14 @@ def test_shared_qk_ignores_k_argument_and_first_causal_position_sees_itself():
     out = full_attention(q, k, v, causal=True, shared_qk=True)
     torch.testing.assert_close(out, full_attention(q, q, v, causal=True, shared_qk=True))
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0])  # nothing but itself to attend to
+
+
+def test_shared_qk_keys_backward_matches_autograd():
+    generator = torch.Generator().manual_seed(3)
+    qk = torch.randn(5, 7, 8, dtype=torch.float64, generator=generator).requires_grad_()
+    grad_keys = torch.randn(5, 7, 8, dtype=torch.float64, generator=generator)
+    (expected,) = torch.autograd.grad(shared_qk_keys(qk), qk, grad_keys)
+    torch.testing.assert_close(shared_qk_keys_backward(qk.detach(), grad_keys), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -88,6 +88,27 @@ def test_whole_sequence_windows_equal_full_attention(causal, n_hashes, bucket_si
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_module_on_packed_projection_equals_full_attention_layer():
+    """The `lsh` module reads the projection's layout directly; with windows over the whole sequence
+    it is a shared-QK full-attention layer: same output and gradients for the input and both weights."""
+    torch.manual_seed(0)
+    module = variants.build("lsh", d_model=8, n_heads=2, n_hashes=2, bucket_size=16).double()
+    x = randn(2, 16, 8, seed=5).requires_grad_()
+    upstream = randn(2, 16, 8, seed=6)
+
+    def full_layer(x):
+        qk, v = module.in_proj(x).view(2, 16, 2, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = full_attention(qk, qk, v, shared_qk=True)
+        return module.out_proj(heads.transpose(1, 2).reshape(2, 16, 8))
+
+    parameters = (x, module.in_proj.weight, module.out_proj.weight)
+    expected = torch.autograd.grad(full_layer(x), parameters, upstream)
+    got = module(x)
+    torch.testing.assert_close(got, full_layer(x), rtol=1e-10, atol=1e-10)
+    for g, e in zip(torch.autograd.grad(got, parameters, upstream), expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
 # (b) an independent loop reference, random rotations, several rounds.
 @pytest.mark.parametrize("dup_correction", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
@@ -176,8 +197,9 @@ def test_blocked_and_recomputing_paths(monkeypatch, causal, dup_correction, save
 
     bucket_size = 2
     monkeypatch.setattr(lsh_module, "CPU_BLOCK_ELEMENTS", 3 * bucket_size * 2 * bucket_size)  # 3 chunks per block
-    qk = randn(1, 2, 8, 4, seed=43).requires_grad_()
-    v = randn(1, 2, 8, 4, seed=44).requires_grad_()
+    monkeypatch.setattr(lsh_module, "KEY_SLICE_ROWS", 5)  # key gradients mapped back in slices
+    qk = randn(2, 2, 8, 4, seed=43).requires_grad_()
+    v = randn(2, 2, 8, 4, seed=44).requires_grad_()
     rotations = randn(2, 4, 2, 2, seed=45)
 
     def fn(qk, v):

@@ -40,6 +40,18 @@ def shared_qk_keys(qk: torch.Tensor) -> torch.Tensor:
     return qk * torch.rsqrt(variance + 1e-6) / math.sqrt(qk.shape[-1])
 
 
+def shared_qk_keys_backward(qk: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. qk [..., head_dim] of sum(grad_keys * shared_qk_keys(qk)) (same shape).
+
+    With k = s q, s = (mean(q^2) + 1e-6)^-1/2 / sqrt(d): dq = s (dk - q (q . dk) / (d (mean(q^2) + 1e-6))).
+    """
+    head_dim = qk.shape[-1]
+    variance = qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6
+    scale = torch.rsqrt(variance) / math.sqrt(head_dim)
+    dot = (qk * grad_keys).sum(dim=-1, keepdim=True)
+    return scale * (grad_keys - qk * (dot / (head_dim * variance)))
+
+
 def full_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False
 ) -> torch.Tensor:

@@ -17,9 +17,13 @@ Exactly the trax / HuggingFace `LSHSelfAttention` algorithm (see docs and the re
 How it runs (docs/performance.md has the measurements behind each choice): steps 3-5 are one
 autograd Function, `_LSHCore`, that walks the sorted items in blocks of chunks small enough to stay
 in cache on CPU, gathers each block's rows itself (no n_hashes * seq_len copies of q, k, v, and no
-look-back copies: a chunk's window is a strided view), and has a hand-written backward that
-gathers instead of scattering. Memory: the probabilities, n_hashes * seq_len * 2 * bucket_size per
-head, are the largest saved tensor (none with save_probs=False); never seq_len^2.
+look-back copies: a chunk's window is a strided view), and has a hand-written backward that adds
+each block's gradients straight onto positions (index_add_), so backward holds no
+n_hashes * seq_len * d buffers either. The `lsh` module projects qk and v separately, straight
+into the [batch, seq_len, heads, head_dim] layout the core reads, so no head split or merge is
+copied. Memory: the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the largest
+saved tensor (none with save_probs=False, which also recomputes the output in backward); never
+seq_len^2.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 from variants.attention.base import AttentionConfig, AttentionModule
-from variants.attention.full import full_attention, mask_values, shared_qk_keys
+from variants.attention.full import full_attention, mask_values, shared_qk_keys, shared_qk_keys_backward
 from variants.registry import register
 
 
@@ -119,9 +124,9 @@ def hash_buckets(
 def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows: torch.Tensor, n_chunks: int) -> torch.Tensor:
     """N_ij for every logit of a block: how often key position j occurs in the windows of query position i.
 
-    chunk_of: [BH * seq_len, n_hashes] chunk (in the combined order) of each (head, position)'s item per
-    round; query_rows: [G, c] and key_rows: [G, 2c] rows (head * seq_len + position) of a block's queries
-    and window keys. Returns [G, c, 2c]. Query i's window in round r is chunks {k, k - 1} with
+    chunk_of: [rows, n_hashes] chunk (in the combined order) of each (head, position)'s item per
+    round; query_rows: [G, c] and key_rows: [G, 2c] rows of chunk_of of a block's queries and window
+    keys. Returns [G, c, 2c]. Query i's window in round r is chunks {k, k - 1} with
     k = chunk_of[i, r]; key j occurs there as its round-r item (chunk k or k - 1) or, when k - 1 belongs
     to round r - 1, as its round-(r-1) item.
     """
@@ -148,10 +153,11 @@ Block = tuple[slice, int, int]  # (heads, first chunk, number of chunks)
 class _SortedItems:
     """The hashed and sorted items of `lsh_attention`, and how `_LSHCore` walks them in blocks.
 
-    rows: [BH, c + N] row (head * seq_len + position) of each item in sorted order, with the last
-    chunk prepended, so the window of chunk g (chunk g - 1 cyclically, then chunk g) is rows
-    g*c .. g*c + 2c; undo: [BH, N] sorted index of item r * seq_len + position; sort_idx: its
-    inverse; N = n_hashes * seq_len. Round r's items are exactly sorted indices r*L .. (r+1)*L
+    rows: [BH, c + N] row ((b * L + position) * H + h) of each item in the [B * L * H, d] tables
+    of qk, v and the output, in sorted order, with the last chunk prepended, so the window of
+    chunk g (chunk g - 1 cyclically, then chunk g) is entries g*c .. g*c + 2c; within a head rows
+    grow with the position, so they serve as positions in the masks; undo: [BH, N] sorted index of
+    item r * seq_len + position; sort_idx: its inverse; N = n_hashes * seq_len. Round r's items are exactly sorted indices r*L .. (r+1)*L
     (bucket offsets), so a chunk never mixes rounds and only a round's first chunk can see a
     position twice (its own item and another round's item in the chunk before).
     """
@@ -159,11 +165,13 @@ class _SortedItems:
     rows: torch.Tensor
     undo: torch.Tensor
     sort_idx: torch.Tensor
+    heads: int
+    seq_len: int
     n_hashes: int
     chunk: int
     causal: bool
     save_probs: bool
-    chunk_of: torch.Tensor | None  # [BH * seq_len, n_hashes] for dup_correction
+    chunk_of: torch.Tensor | None  # [B * seq_len * H, n_hashes] (by rows) for dup_correction
     block_elements: int
 
     @property
@@ -182,6 +190,10 @@ class _SortedItems:
             for h in range(heads)
             for first in range(0, self.n_chunks, step)
         ]
+
+    def everything(self) -> Block:
+        """One block of all heads and chunks."""
+        return (slice(0, self.rows.shape[0]), 0, self.n_chunks)
 
     def span(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         """x [BH, c + N, ...] (padded sorted order) -> [h, (count + 1) * c, ...]: the block's windows' rows."""
@@ -227,30 +239,6 @@ def _chunks(span: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]
     return as_chunks[:, :-1].reshape(-1, chunk, d), as_chunks[:, 1:].reshape(-1, chunk, d)
 
 
-def _window_grad(buffer: torch.Tensor, items: _SortedItems, block: Block, probs: torch.Tensor, grad: torch.Tensor) -> None:
-    """Write probs^T @ grad into buffer [BH, c + N, d] (padded sorted order), spread over each window's two chunks.
-
-    probs [h * count, c, 2c], grad [h * count, c, d]. One head: the own-chunk half is written by a
-    bmm straight into the buffer and the half for the chunk before is added with baddbmm_ (no zero
-    fill, no temporary). Blocks of a head must come in order: a chunk's own half is written before
-    the next window adds the other.
-    """
-    heads, first, count = block
-    c, d = items.chunk, buffer.shape[-1]
-    span = items.span(buffer, block)
-    if first == 0:
-        span[:, :c].zero_()  # the wrapped-around copy of the last chunk: nothing was added to it yet
-    if span.shape[0] == 1:
-        before, own = _chunks(span, c)
-        torch.bmm(probs[:, :, c:].transpose(1, 2), grad, out=own)
-        before.baddbmm_(probs[:, :, :c].transpose(1, 2), grad)
-    else:  # several heads (one block for everything): chunk views do not flatten into a bmm batch
-        update = torch.bmm(probs.transpose(1, 2), grad).view(span.shape[0], count, 2 * c, d)
-        span = span.view(span.shape[0], count + 1, c, d)
-        span[:, 1:] = update[:, :, c:]
-        span[:, :-1] += update[:, :, :c]
-
-
 def _fill_constant(items: _SortedItems, block: Block, x: torch.Tensor, self_value: float, later_value: float) -> None:
     """Set the logits of a block that are constants, in place: x [h * count, c, 2c].
 
@@ -292,58 +280,102 @@ def _masked_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys:
     return logits
 
 
-def _gather_spans(items: _SortedItems, block: Block, *rows_of: torch.Tensor) -> list[torch.Tensor]:
-    """Each x [BH * seq_len, d] gathered over the block's span -> [h, (count + 1) * c, d]."""
+def _gather_spans(items: _SortedItems, block: Block, qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None) -> list[torch.Tensor]:
+    """The block's span [h, (count + 1) * c, d] of qk, keys and v (rows of the [B * L * H, d] tables).
+
+    keys None: normalised here from the gathered qk (no table of keys kept: what save_probs=False wants).
+    """
     span = items.span(items.rows, block)
     flat = span.reshape(-1)
-    return [x.index_select(0, flat).view(*span.shape, x.shape[-1]) for x in rows_of]
+    qk_rows, v_rows = qk.index_select(0, flat), v.index_select(0, flat)
+    key_rows = shared_qk_keys(qk_rows) if keys is None else keys.index_select(0, flat)
+    return [x.view(*span.shape, qk.shape[-1]) for x in (qk_rows, key_rows, v_rows)]
 
 
-def _unsort(sorted_rows: torch.Tensor, items: _SortedItems, padded: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over rounds of sorted-order rows back onto positions: [BH, (c +) N, d] -> [BH * seq_len, d].
+def _unsort(sorted_rows: torch.Tensor, items: _SortedItems, offset: int) -> torch.Tensor:
+    """Sum over rounds of sorted-order rows back onto positions: [BH, W, d] -> [B * L * H, d].
 
-    A gather per round (no scatter): round r's items are a permutation of the positions. padded: the
-    buffer has the wrapped-around last chunk first; it is folded onto the last chunk (in place).
-    weights [BH, N] (sorted order) scale each item first (in place).
+    Row (b * L + position) * H + h of the result is the sum over rounds r of
+    sorted_rows[b * H + h, offset + undo[b * H + h, r * L + position]]. A gather per round (no
+    scatter): round r's items are a permutation of the positions. offset: c for buffers with the
+    wrapped-around chunk first.
     """
-    c = items.chunk
     bh, width, d = sorted_rows.shape
-    offset = c if padded else 0
-    if padded:
-        sorted_rows[:, -c:] += sorted_rows[:, :c]
-    if weights is not None:
-        sorted_rows[:, offset:] *= weights.unsqueeze(-1)
-    flat = sorted_rows.view(bh * width, d)
-    per_round = (items.undo + offset + torch.arange(bh, device=flat.device).unsqueeze(1) * width).view(bh, items.n_hashes, -1)
-    total = flat.index_select(0, per_round[:, 0].reshape(-1))
-    for r in range(1, items.n_hashes):
-        total += flat.index_select(0, per_round[:, r].reshape(-1))
+    heads, seq_len, n_hashes = items.heads, items.seq_len, items.n_hashes
+    start = torch.arange(bh, device=sorted_rows.device).view(bh // heads, heads, 1, 1) * width + offset
+    index = (items.undo.view(bh // heads, heads, n_hashes, seq_len) + start).permute(2, 0, 3, 1)  # [rounds, B, L, H]
+    flat = sorted_rows.view(-1, d)
+    total = flat.index_select(0, index[0].reshape(-1))
+    for r in range(1, n_hashes):
+        total += flat.index_select(0, index[r].reshape(-1))
     return total
+
+
+# Rows per slice of the key normalisation's backward (bounds its temporaries).
+KEY_SLICE_ROWS = 2**14
+
+
+def _add_keys_grad(grad_qk: torch.Tensor, grad_keys: torch.Tensor, qk: torch.Tensor) -> None:
+    """grad_qk += grad_keys mapped back through shared_qk_keys, all [rows, d] by position, slice by slice."""
+    for start in range(0, qk.shape[0], KEY_SLICE_ROWS):
+        part = slice(start, start + KEY_SLICE_ROWS)
+        grad_qk[part] += shared_qk_keys_backward(qk[part], grad_keys[part])
+
+
+def _recomputed_probs(
+    items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor
+) -> torch.Tensor:
+    """The block's probabilities [h * count, c, 2c] again, from its logits and the saved row max and sum [BH, N, 1]."""
+    p = _masked_logits(items, block, query, keys)
+    return p.sub_(items.sorted_slice(row_max, block)).exp_().div_(items.sorted_slice(row_sum, block))
+
+
+def _recomputed_grad_dot_out(
+    items: _SortedItems, qk: torch.Tensor, v: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor,
+    weights: torch.Tensor | None, grad_combined: torch.Tensor,
+) -> torch.Tensor:
+    """dY . Y per row [B * L * H, 1] without the output Y: sum over items of w_t (dY . o_t), o_t recomputed block by block."""
+    c, d = items.chunk, qk.shape[-1]
+    grad_dot_out = torch.zeros(qk.shape[0], 1, dtype=qk.dtype, device=qk.device)
+    for block in items.blocks():
+        qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
+        p = _recomputed_probs(items, block, qk_span[:, c:].reshape(-1, c, d), _windows(key_span, c), row_max, row_sum)
+        query_rows = items.span(items.rows, block)[:, c:].reshape(-1)
+        d_out = grad_combined.index_select(0, query_rows).view(-1, c, d)
+        dots = (d_out * torch.bmm(p, _windows(v_span, c))).sum(-1, keepdim=True)
+        if weights is not None:
+            dots.mul_(items.sorted_slice(weights, block).unsqueeze(-1))
+        grad_dot_out.index_add_(0, query_rows, dots.view(-1, 1))
+    return grad_dot_out
 
 
 class _LSHCore(torch.autograd.Function):
     """Chunked attention of the sorted items over their windows, combined over rounds.
 
-    forward(qk_rows, key_rows, v_rows [BH * seq_len, d], items) -> [BH * seq_len, d]. Block by block:
-    logits, softmax and P @ V of each chunk over its window (a strided view: no look-back copies),
-    into sorted order; then the rounds are combined with weights softmax_r(lse_r) by one gather per
-    round. With items.save_probs the rows of every round are gathered once and kept with the
-    probabilities for the backward; without, each block gathers its own rows (in forward and again
-    in backward) and the probabilities are recomputed from the saved row max and sum, so nothing of
-    size n_hashes * seq_len * d is kept. The backward is written by hand: with Y = sum_r w_r o_r,
-    dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)).
+    forward(qk, v [B * L * H, d], items) -> [B * L * H, d], rows (b * L + position) * H + h. Block
+    by block: logits, softmax and P @ V of each chunk over its window (a strided view: no look-back
+    copies), into sorted order; then the rounds are combined with weights softmax_r(lse_r) by one
+    gather per round. With items.save_probs the qk, key and v rows of every round are gathered once
+    and kept with the probabilities for the backward; without, each block gathers its own rows and
+    normalises its keys (in forward and again in backward) and the probabilities are recomputed
+    from the saved row max and sum, so nothing of size n_hashes * seq_len * d is kept. The backward
+    is written by hand: with Y = sum_r w_r o_r, dO_t = w_t dY and the softmax/logsumexp terms reduce
+    to dS = P * (dP - w_t (dY . Y)); the key gradients go back through the key normalisation in
+    sorted order and join the query gradients there, and each gradient buffer is freed as soon as
+    it is gathered back to positions (the backward is where a long sequence's step peaks).
     """
 
     @staticmethod
-    def forward(ctx, qk_rows, key_rows, v_rows, items: _SortedItems):
+    def forward(ctx, qk, v, items: _SortedItems):
         c, n_hashes = items.chunk, items.n_hashes
         bh, n_items = items.undo.shape
-        d = qk_rows.shape[-1]
-        new = dict(dtype=qk_rows.dtype, device=qk_rows.device)
+        d = qk.shape[-1]
+        new = dict(dtype=qk.dtype, device=qk.device)
         sorted_inputs: list[torch.Tensor] = []
         if items.save_probs:
-            flat = items.rows.reshape(-1)
-            sorted_inputs = [x.index_select(0, flat).view(bh, c + n_items, d) for x in (qk_rows, key_rows, v_rows)]
+            keys = shared_qk_keys(qk)  # once per position, not once per round
+            sorted_inputs = [x.view(bh, c + n_items, d) for x in _gather_spans(items, items.everything(), qk, v, keys)]
+            del keys
         out = torch.empty(bh, n_items, d, **new)
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
@@ -352,7 +384,7 @@ class _LSHCore(torch.autograd.Function):
             if sorted_inputs:
                 qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
             else:
-                qk_span, key_span, v_span = _gather_spans(items, block, qk_rows, key_rows, v_rows)
+                qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
             query = qk_span[:, c:].reshape(-1, c, d)
             target = items.sorted_slice(probs, block) if probs is not None else None
             logits = _masked_logits(items, block, query, _windows(key_span, c), out=target)
@@ -369,10 +401,11 @@ class _LSHCore(torch.autograd.Function):
             per_round = torch.exp(per_round - per_round.amax(dim=1, keepdim=True))
             per_round /= per_round.sum(dim=1, keepdim=True)
             weights = per_round.view(bh, n_items).gather(1, items.sort_idx)  # [BH, N] in sorted order
-        combined = _unsort(out, items, padded=False, weights=weights)
+            out.mul_(weights.unsqueeze(-1))
+        combined = _unsort(out, items, offset=0)
         ctx.items = items
-        ctx.n_sorted = len(sorted_inputs)
-        ctx.save_for_backward(qk_rows, key_rows, v_rows, combined, row_max, row_sum, probs, weights, *sorted_inputs)
+        # Without save_probs the output is not kept either: backward recomputes dY . Y (one more pass).
+        ctx.save_for_backward(qk, v, combined if items.save_probs else None, row_max, row_sum, probs, weights, *sorted_inputs)
         return combined
 
     @staticmethod
@@ -382,48 +415,53 @@ class _LSHCore(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_combined):
-        qk_rows, key_rows, v_rows, combined, row_max, row_sum, probs, weights, *sorted_inputs = ctx.saved_tensors
+        qk, v, combined, row_max, row_sum, probs, weights, *sorted_inputs = ctx.saved_tensors
         items: _SortedItems = ctx.items
         c = items.chunk
         bh, n_items = items.undo.shape
-        d = qk_rows.shape[-1]
-        new = dict(dtype=qk_rows.dtype, device=qk_rows.device)
+        d = qk.shape[-1]
+        new = dict(dtype=qk.dtype, device=qk.device)
         grad_combined = grad_combined.contiguous()
-        grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
-        grad_query = torch.empty(bh, n_items, d, **new)
-        grad_keys = torch.empty(bh, c + n_items, d, **new)
-        grad_values = torch.empty_like(grad_keys)
+        if combined is not None:
+            grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
+        else:
+            grad_dot_out = _recomputed_grad_dot_out(items, qk, v, row_max, row_sum, weights, grad_combined)
+        # Gradients by position, summed over every item (round, window) that reads the position:
+        # written block by block with index_add_, so nothing of size n_hashes * seq_len * d is kept.
+        # Key gradients go back through the key normalisation once per position at the end, or, to
+        # keep no table of them without save_probs, per window as they come (twice the work).
+        grad_query, grad_values = torch.zeros_like(qk), torch.zeros_like(v)
+        grad_keys = torch.zeros_like(qk) if sorted_inputs else None
         for block in items.blocks():
             if sorted_inputs:
                 qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
             else:
-                qk_span, key_span, v_span = _gather_spans(items, block, qk_rows, key_rows, v_rows)
+                qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
             query = qk_span[:, c:].reshape(-1, c, d)
             keys = _windows(key_span, c)
-            query_rows = items.span(items.rows, block)[:, c:].reshape(-1)
+            row_span = items.span(items.rows, block)
+            query_rows, window_rows = row_span[:, c:].reshape(-1), _windows(row_span.unsqueeze(-1), c).reshape(-1)
             d_out = grad_combined.index_select(0, query_rows).view(-1, c, d)
             shift = grad_dot_out.index_select(0, query_rows).view(-1, c, 1)
             if weights is not None:  # dO_t = w_t dY; dlse_t = w_t (dY . o_t - dY . Y)
                 w = items.sorted_slice(weights, block).unsqueeze(-1)
                 d_out.mul_(w)
                 shift.mul_(w)
-            if probs is not None:
-                p = items.sorted_slice(probs, block)
-            else:
-                p = _masked_logits(items, block, query, keys)
-                p.sub_(items.sorted_slice(row_max, block)).exp_().div_(items.sorted_slice(row_sum, block))
-            _window_grad(grad_values, items, block, p, d_out)
+            p = items.sorted_slice(probs, block) if probs is not None else _recomputed_probs(items, block, query, keys, row_max, row_sum)
+            grad_values.index_add_(0, window_rows, torch.bmm(p.transpose(1, 2), d_out).view(-1, d))
             d_logits = torch.bmm(d_out, _windows(v_span, c).transpose(1, 2))
             d_logits.sub_(shift).mul_(p)
             _fill_constant(items, block, d_logits, 0.0, 0.0)  # constant (masked, self) logits pass no gradient
-            torch.bmm(d_logits, keys, out=items.sorted_slice(grad_query, block))
-            _window_grad(grad_keys, items, block, d_logits, query)
-        return (
-            _unsort(grad_query, items, padded=False),
-            _unsort(grad_keys, items, padded=True),
-            _unsort(grad_values, items, padded=True),
-            None,
-        )
+            grad_query.index_add_(0, query_rows, torch.bmm(d_logits, keys).view(-1, d))
+            key_grad = torch.bmm(d_logits.transpose(1, 2), query)
+            if grad_keys is None:
+                grad_query.index_add_(0, window_rows, shared_qk_keys_backward(_windows(qk_span, c), key_grad).view(-1, d))
+            else:
+                grad_keys.index_add_(0, window_rows, key_grad.view(-1, d))
+        del grad_combined, grad_dot_out
+        if grad_keys is not None:
+            _add_keys_grad(grad_query, grad_keys, qk)
+        return grad_query, grad_values, None
 
 
 def lsh_attention(
@@ -438,6 +476,7 @@ def lsh_attention(
     seed: int | None = None,
     dup_correction: bool = False,
     save_probs: bool = True,
+    heads_last: bool = False,
 ) -> torch.Tensor:
     """Shared-QK LSH attention on qk, v [batch, heads, seq_len, head_dim] -> [batch, heads, seq_len, head_dim].
 
@@ -459,14 +498,23 @@ def lsh_attention(
     save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities for the backward
     (fastest); False recomputes them there from the saved row max and sum (one more q.k matmul, a
     third less memory; what a 1M-token step wants).
+
+    heads_last: qk, v and the result are [batch, seq_len, heads, head_dim] instead, the layout of a
+    projection's output viewed per head (the `lsh` module passes its projections so: no head split
+    or merge is copied).
     """
-    batch, heads, seq_len, head_dim = qk.shape
+    if qk.shape != v.shape:
+        raise ValueError(f"qk and v must have the same shape, got {tuple(qk.shape)} and {tuple(v.shape)}")
+    if not heads_last:
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)
+    batch, seq_len, heads, head_dim = qk.shape
     if n_hashes < 1 or bucket_size < 1:
         raise ValueError(f"n_hashes and bucket_size must be positive, got {n_hashes}, {bucket_size}")
     if rotations is not None and rotations.shape[-2] != n_hashes:
         raise ValueError(f"rotations have {rotations.shape[-2]} rounds, n_hashes={n_hashes}")
     if seq_len < bucket_size:
-        return full_attention(qk, qk, v, causal=causal, shared_qk=True)
+        out = full_attention(qk.transpose(1, 2), qk.transpose(1, 2), v.transpose(1, 2), causal=causal, shared_qk=True)
+        return out.transpose(1, 2) if heads_last else out
     if seq_len % bucket_size:
         raise ValueError(f"seq_len={seq_len} is not a multiple of bucket_size={bucket_size}")
     if n_buckets is None and rotations is not None:
@@ -477,35 +525,40 @@ def lsh_attention(
 
     bh, c = batch * heads, bucket_size
     n_items = n_hashes * seq_len
+    device = qk.device
     with torch.no_grad(), record_function("lsh/hash"):
-        buckets = hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
+        buckets = hash_buckets(qk.transpose(1, 2), n_hashes, factors, rotations).view(bh, n_items)
     with torch.no_grad(), record_function("lsh/sort"):
         # One sort for all rounds. bucket * seq_len + position is unique and orders items by
         # (bucket, position), i.e. a stable sort of the buckets, so an unstable sort suffices.
-        position = torch.arange(seq_len, device=qk.device).repeat(n_hashes)
+        position = torch.arange(seq_len, device=device).repeat(n_hashes)
         sort_idx = (buckets * seq_len + position).argsort(dim=-1)  # item ids r * L + position
-        rows = sort_idx % seq_len + torch.arange(bh, device=qk.device).unsqueeze(1) * seq_len
+        del buckets, position
+        head = torch.arange(bh, device=device).unsqueeze(1)
+        rows = ((head // heads) * seq_len + sort_idx % seq_len) * heads + head % heads
         undo = torch.empty_like(sort_idx)
-        undo.scatter_(1, sort_idx, torch.arange(n_items, device=qk.device).expand_as(sort_idx))
+        undo.scatter_(1, sort_idx, torch.arange(n_items, device=device).expand_as(sort_idx))
         chunk_of = None
         if dup_correction:
-            chunk_of = (undo // c).view(bh, n_hashes, seq_len).transpose(1, 2).reshape(bh * seq_len, n_hashes)
+            chunk_of = (undo // c).view(batch, heads, n_hashes, seq_len).permute(0, 3, 1, 2).reshape(-1, n_hashes)
     items = _SortedItems(
         rows=torch.cat([rows[:, -c:], rows], dim=1),  # last chunk first: the cyclic look-back
         undo=undo,
         sort_idx=sort_idx,
+        heads=heads,
+        seq_len=seq_len,
         n_hashes=n_hashes,
         chunk=c,
         causal=causal,
         save_probs=save_probs,
         chunk_of=chunk_of,
-        block_elements=CUDA_BLOCK_ELEMENTS if qk.device.type == "cuda" else CPU_BLOCK_ELEMENTS,
+        block_elements=CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS,
     )
-    qk_rows = qk.reshape(bh * seq_len, head_dim)
-    key_rows = shared_qk_keys(qk_rows)  # normalised once per position, not once per round
+    del rows
     with record_function("lsh/attend"):
-        out = _LSHCore.apply(qk_rows, key_rows, v.reshape(bh * seq_len, head_dim), items)
-    return out.view(batch, heads, seq_len, head_dim)
+        out = _LSHCore.apply(qk.reshape(-1, head_dim), v.reshape(-1, head_dim), items)
+    out = out.view(batch, seq_len, heads, head_dim)
+    return out if heads_last else out.transpose(1, 2)
 
 
 @dataclass
@@ -546,12 +599,30 @@ class LSHAttention(AttentionModule):
     def __init__(self, config: LSHAttentionConfig):
         super().__init__(config, n_inputs=2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, seq_len, d_model] -> [batch, seq_len, d_model].
+
+        qk and v are projected separately (the halves of in_proj's weight), so each is already the
+        [batch, seq_len, heads, head_dim] table the LSH core reads and its gradient is written
+        straight into it: no head split or merge copies, and the two gradients can be freed one at
+        a time.
+        """
+        batch, seq_len, d_model = x.shape
+        if seq_len < self.config.bucket_size:
+            return super().forward(x)
+        heads = (batch, seq_len, self.config.n_heads, self.config.head_dim)
+        qk_weight, v_weight = self.in_proj.weight.chunk(2)
+        qk, v = F.linear(x, qk_weight).view(heads), F.linear(x, v_weight).view(heads)
+        out = lsh_attention(qk, v, heads_last=True, **self._lsh_arguments())
+        return self.dropout(self.out_proj(out.reshape(batch, seq_len, d_model)))
+
     def attend(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """qk, v: [batch, heads, seq_len, head_dim] -> same shape; rotations drawn per call."""
+        return lsh_attention(qk, v, **self._lsh_arguments())
+
+    def _lsh_arguments(self) -> dict:
         c = self.config
-        return lsh_attention(
-            qk,
-            v,
+        return dict(
             n_hashes=c.n_hashes,
             bucket_size=c.bucket_size,
             n_buckets=c.n_buckets,
