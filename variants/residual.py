@@ -105,12 +105,16 @@ class StandardResidual(_ResidualStack):
 
 
 def _subtract_into(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """y - out, written over out's storage and returned detached.
+    """y - out, detached; written over out's storage when both have the same dtype and shape.
 
     A recomputed layer output is still needed as the root of its backward, but only for its graph,
-    not its values (no op saves its own output here; autograd would raise if one did), so its memory
-    can hold the reconstructed input: one activation less at the backward's peak.
+    not its values (no op here saves its own output; autograd would raise if one did, since the
+    detached alias shares its version counter), so its memory can hold the reconstructed input: one
+    activation less at the backward's peak. Under autocast the output is in low precision while
+    the streams are not: then a new tensor, so the input is rebuilt in the streams' precision.
     """
+    if out.dtype != y.dtype or out.shape != y.shape:
+        return y - out.detach()
     return out.detach().neg_().add_(y)
 
 

@@ -260,10 +260,29 @@ def test_bad_inputs_raise():
 def test_short_sequence_falls_back_to_full_attention():
     qk, v = randn(1, 2, 6, 4, seed=61), randn(1, 2, 6, 4, seed=62)
     for causal in (False, True):
-        torch.testing.assert_close(
-            lsh_attention(qk, v, n_hashes=2, bucket_size=8, causal=causal),
-            full_attention(qk, qk, v, causal=causal, shared_qk=True),
+        expected = full_attention(qk, qk, v, causal=causal, shared_qk=True)
+        torch.testing.assert_close(lsh_attention(qk, v, n_hashes=2, bucket_size=8, causal=causal), expected)
+        heads_last = lsh_attention(
+            qk.transpose(1, 2), v.transpose(1, 2), n_hashes=2, bucket_size=8, causal=causal, heads_last=True
         )
+        torch.testing.assert_close(heads_last, expected.transpose(1, 2))
+
+
+def test_heads_last_layout_gives_the_same_attention():
+    qk, v = randn(2, 2, 16, 4, seed=63), randn(2, 2, 16, 4, seed=64)
+    kwargs = dict(n_hashes=2, bucket_size=4, causal=True, seed=1)
+    got = lsh_attention(qk.transpose(1, 2), v.transpose(1, 2), heads_last=True, **kwargs)
+    torch.testing.assert_close(got, lsh_attention(qk, v, **kwargs).transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("save_probs", [True, False])
+def test_module_gradcheck_with_hashing(save_probs):
+    """The module's own path (separate qk / v projections, several chunks and rounds, batch 2) by finite differences."""
+    module = variants.build(
+        "lsh", d_model=8, n_heads=2, n_hashes=2, bucket_size=4, seed=3, causal=True, save_probs=save_probs
+    ).double()
+    x = randn(2, 16, 8, seed=65).requires_grad_()
+    assert torch.autograd.gradcheck(module, (x,))
 
 
 def test_flops_match_flop_counter():

@@ -16,10 +16,10 @@ Exactly the trax / HuggingFace `LSHSelfAttention` algorithm (see docs and the re
 
 How it runs (docs/performance.md has the measurements behind each choice): steps 3-5 are one
 autograd Function, `_LSHCore`, that walks the sorted items in blocks of chunks small enough to stay
-in cache on CPU, gathers each block's rows itself (no n_hashes * seq_len copies of q, k, v, and no
-look-back copies: a chunk's window is a strided view), and has a hand-written backward that adds
-each block's gradients straight onto positions (index_add_), so backward holds no
-n_hashes * seq_len * d buffers either. The `lsh` module projects qk and v separately, straight
+in cache on CPU, reads each chunk's window as a strided view (no look-back copies), and has a
+hand-written backward that adds each block's gradients straight onto positions (index_add_), so
+the backward allocates no n_hashes * seq_len * d buffers; with save_probs=False the blocks also
+gather their own rows, so nothing of that size is kept at all. The `lsh` module projects qk and v separately, straight
 into the [batch, seq_len, heads, head_dim] layout the core reads, so no head split or merge is
 copied. Memory: the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the largest
 saved tensor (none with save_probs=False, which also recomputes the output in backward); never
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 from variants.attention.base import AttentionConfig, AttentionModule
@@ -292,17 +293,16 @@ def _gather_spans(items: _SortedItems, block: Block, qk: torch.Tensor, v: torch.
     return [x.view(*span.shape, qk.shape[-1]) for x in (qk_rows, key_rows, v_rows)]
 
 
-def _unsort(sorted_rows: torch.Tensor, items: _SortedItems, offset: int) -> torch.Tensor:
-    """Sum over rounds of sorted-order rows back onto positions: [BH, W, d] -> [B * L * H, d].
+def _unsort(sorted_rows: torch.Tensor, items: _SortedItems) -> torch.Tensor:
+    """Sum over rounds of sorted-order rows back onto positions: [BH, N, d] -> [B * L * H, d].
 
     Row (b * L + position) * H + h of the result is the sum over rounds r of
-    sorted_rows[b * H + h, offset + undo[b * H + h, r * L + position]]. A gather per round (no
-    scatter): round r's items are a permutation of the positions. offset: c for buffers with the
-    wrapped-around chunk first.
+    sorted_rows[b * H + h, undo[b * H + h, r * L + position]]. A gather per round (no scatter):
+    round r's items are a permutation of the positions.
     """
     bh, width, d = sorted_rows.shape
     heads, seq_len, n_hashes = items.heads, items.seq_len, items.n_hashes
-    start = torch.arange(bh, device=sorted_rows.device).view(bh // heads, heads, 1, 1) * width + offset
+    start = torch.arange(bh, device=sorted_rows.device).view(bh // heads, heads, 1, 1) * width
     index = (items.undo.view(bh // heads, heads, n_hashes, seq_len) + start).permute(2, 0, 3, 1)  # [rounds, B, L, H]
     flat = sorted_rows.view(-1, d)
     total = flat.index_select(0, index[0].reshape(-1))
@@ -358,11 +358,12 @@ class _LSHCore(torch.autograd.Function):
     gather per round. With items.save_probs the qk, key and v rows of every round are gathered once
     and kept with the probabilities for the backward; without, each block gathers its own rows and
     normalises its keys (in forward and again in backward) and the probabilities are recomputed
-    from the saved row max and sum, so nothing of size n_hashes * seq_len * d is kept. The backward
-    is written by hand: with Y = sum_r w_r o_r, dO_t = w_t dY and the softmax/logsumexp terms reduce
-    to dS = P * (dP - w_t (dY . Y)); the key gradients go back through the key normalisation in
-    sorted order and join the query gradients there, and each gradient buffer is freed as soon as
-    it is gathered back to positions (the backward is where a long sequence's step peaks).
+    from the saved row max and sum, as is dY . Y (the output is not kept either), so nothing of
+    size n_hashes * seq_len * d is kept. The backward is written by hand: with Y = sum_r w_r o_r,
+    dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)); dQ, dK and
+    dV are added onto positions block by block (index_add_; on CUDA its atomics make the sums'
+    order, so the last bits, vary between runs), and the key gradients go back through the key
+    normalisation once per position at the end (per window without save_probs).
     """
 
     @staticmethod
@@ -402,13 +403,14 @@ class _LSHCore(torch.autograd.Function):
             per_round /= per_round.sum(dim=1, keepdim=True)
             weights = per_round.view(bh, n_items).gather(1, items.sort_idx)  # [BH, N] in sorted order
             out.mul_(weights.unsqueeze(-1))
-        combined = _unsort(out, items, offset=0)
+        combined = _unsort(out, items)
         ctx.items = items
         # Without save_probs the output is not kept either: backward recomputes dY . Y (one more pass).
         ctx.save_for_backward(qk, v, combined if items.save_probs else None, row_max, row_sum, probs, weights, *sorted_inputs)
         return combined
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: no double backward
     def backward(ctx, grad_combined):
         with record_function("lsh/attend_backward"):
             return _LSHCore._backward(ctx, grad_combined)
@@ -417,10 +419,7 @@ class _LSHCore(torch.autograd.Function):
     def _backward(ctx, grad_combined):
         qk, v, combined, row_max, row_sum, probs, weights, *sorted_inputs = ctx.saved_tensors
         items: _SortedItems = ctx.items
-        c = items.chunk
-        bh, n_items = items.undo.shape
-        d = qk.shape[-1]
-        new = dict(dtype=qk.dtype, device=qk.device)
+        c, d = items.chunk, qk.shape[-1]
         grad_combined = grad_combined.contiguous()
         if combined is not None:
             grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
@@ -495,9 +494,10 @@ def lsh_attention(
     of i's candidates. Unlike Jan-2020 trax, N_ij >= 1 for every key in a window, so no logit ever
     gains +log(1e9).
 
-    save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities for the backward
-    (fastest); False recomputes them there from the saved row max and sum (one more q.k matmul, a
-    third less memory; what a 1M-token step wants).
+    save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities and the sorted
+    qk, key and v rows for the backward (fastest); False keeps neither, nor the output, and
+    recomputes them there from the saved row max and sum (two more q.k and one more P @ V
+    matmul per block; nothing of size n_hashes * seq_len is kept: what a 1M-token step wants).
 
     heads_last: qk, v and the result are [batch, seq_len, heads, head_dim] instead, the layout of a
     projection's output viewed per head (the `lsh` module passes its projections so: no head split
@@ -571,7 +571,7 @@ class LSHAttentionConfig(AttentionConfig):
     None -> 2 * seq_len // bucket_size at forward time, factorised above 2 * bucket_size (as HF);
     seed: fixed rotations (None -> fresh ones drawn from the global RNG every forward);
     dup_correction: subtract log N_ij (paper eq. 16); save_probs: keep the attention probabilities
-    for the backward (False recomputes them: less memory, one more matmul).
+    for the backward (False recomputes them and the output in backward: least memory, more matmuls).
     """
 
     n_hashes: int = 1
