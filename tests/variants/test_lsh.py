@@ -7,7 +7,7 @@ import torch
 
 import variants
 from variants.attention.full import full_attention
-from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention
+from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention, lsh_attention_packed
 
 
 def randn(*shape, seed):
@@ -197,7 +197,6 @@ def test_blocked_and_recomputing_paths(monkeypatch, causal, dup_correction, save
 
     bucket_size = 2
     monkeypatch.setattr(lsh_module, "CPU_BLOCK_ELEMENTS", 3 * bucket_size * 2 * bucket_size)  # 3 chunks per block
-    monkeypatch.setattr(lsh_module, "KEY_SLICE_ROWS", 5)  # key gradients mapped back in slices
     qk = randn(2, 2, 8, 4, seed=43).requires_grad_()
     v = randn(2, 2, 8, 4, seed=44).requires_grad_()
     rotations = randn(2, 4, 2, 2, seed=45)
@@ -262,22 +261,29 @@ def test_short_sequence_falls_back_to_full_attention():
     for causal in (False, True):
         expected = full_attention(qk, qk, v, causal=causal, shared_qk=True)
         torch.testing.assert_close(lsh_attention(qk, v, n_hashes=2, bucket_size=8, causal=causal), expected)
-        heads_last = lsh_attention(
-            qk.transpose(1, 2), v.transpose(1, 2), n_hashes=2, bucket_size=8, causal=causal, heads_last=True
-        )
-        torch.testing.assert_close(heads_last, expected.transpose(1, 2))
+        packed = lsh_attention_packed(pack(qk, v), n_hashes=2, bucket_size=8, causal=causal)
+        torch.testing.assert_close(packed, expected.transpose(1, 2))
 
 
-def test_heads_last_layout_gives_the_same_attention():
+def pack(qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """qk, v [batch, heads, seq_len, head_dim] -> the packed [batch, seq_len, heads, 2 * head_dim] layout, by hand."""
+    batch, heads, seq_len, head_dim = qk.shape
+    packed = torch.empty(batch, seq_len, heads, 2 * head_dim, dtype=qk.dtype)
+    for h in range(heads):
+        packed[:, :, h, :head_dim], packed[:, :, h, head_dim:] = qk[:, h], v[:, h]
+    return packed
+
+
+def test_packed_layout_gives_the_same_attention():
     qk, v = randn(2, 2, 16, 4, seed=63), randn(2, 2, 16, 4, seed=64)
     kwargs = dict(n_hashes=2, bucket_size=4, causal=True, seed=1)
-    got = lsh_attention(qk.transpose(1, 2), v.transpose(1, 2), heads_last=True, **kwargs)
+    got = lsh_attention_packed(pack(qk, v), **kwargs)
     torch.testing.assert_close(got, lsh_attention(qk, v, **kwargs).transpose(1, 2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("save_probs", [True, False])
 def test_module_gradcheck_with_hashing(save_probs):
-    """The module's own path (separate qk / v projections, several chunks and rounds, batch 2) by finite differences."""
+    """The module's own path (one packed projection, several chunks and rounds, batch 2) by finite differences."""
     module = variants.build(
         "lsh", d_model=8, n_heads=2, n_hashes=2, bucket_size=4, seed=3, causal=True, save_probs=save_probs
     ).double()

@@ -30,26 +30,32 @@ def mask_values(dtype: torch.dtype) -> tuple[float, float]:
     return -1e9, -1e5
 
 
+def shared_qk_key_scale(qk: torch.Tensor) -> torch.Tensor:
+    """s = 1 / sqrt(mean(qk^2) + 1e-6) / sqrt(head_dim) per vector, so the key is s * qk: [..., head_dim] -> [..., 1]."""
+    return torch.rsqrt(qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6) / math.sqrt(qk.shape[-1])
+
+
 def shared_qk_keys(qk: torch.Tensor) -> torch.Tensor:
     """Keys of shared-QK attention: qk / sqrt(mean(qk^2) + 1e-6) / sqrt(head_dim), per vector.
 
     qk: [..., head_dim] -> same shape. Each key has (almost exactly) unit length, so the logit
     q . k is |q| cos(q, k): the usual 1/sqrt(head_dim) scaling is folded into the keys.
     """
-    variance = qk.pow(2).mean(dim=-1, keepdim=True)
-    return qk * torch.rsqrt(variance + 1e-6) / math.sqrt(qk.shape[-1])
+    return qk * shared_qk_key_scale(qk)
 
 
-def shared_qk_keys_backward(qk: torch.Tensor, grad_keys: torch.Tensor) -> torch.Tensor:
+def shared_qk_keys_backward(
+    qk: torch.Tensor, grad_keys: torch.Tensor, scale: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gradient w.r.t. qk [..., head_dim] of sum(grad_keys * shared_qk_keys(qk)) (same shape).
 
-    With k = s q, s = (mean(q^2) + 1e-6)^-1/2 / sqrt(d): dq = s (dk - q (q . dk) / (d (mean(q^2) + 1e-6))).
+    With k = s q, s = `shared_qk_key_scale(q)` (pass it as `scale` when known; s^2 = 1 / (d (mean(q^2) + 1e-6))):
+    dq = s dk - q (q . dk) s^3. Written into `out` when given.
     """
-    head_dim = qk.shape[-1]
-    variance = qk.pow(2).mean(dim=-1, keepdim=True) + 1e-6
-    scale = torch.rsqrt(variance) / math.sqrt(head_dim)
+    if scale is None:
+        scale = shared_qk_key_scale(qk)
     dot = (qk * grad_keys).sum(dim=-1, keepdim=True)
-    return scale * (grad_keys - qk * (dot / (head_dim * variance)))
+    return torch.mul(grad_keys, scale, out=out).addcmul_(qk, dot.mul_(scale.pow(3)), value=-1)
 
 
 def full_attention(

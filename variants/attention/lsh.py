@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 from variants.attention.base import AttentionConfig, AttentionModule
-from variants.attention.full import full_attention, mask_values, shared_qk_keys, shared_qk_keys_backward
+from variants.attention.full import full_attention, mask_values, shared_qk_key_scale, shared_qk_keys_backward
 from variants.registry import register
 
 
@@ -89,6 +89,10 @@ def bucket_factors(n_buckets: int | Sequence[int] | None, seq_len: int, bucket_s
     return factors
 
 
+# Rotated values per slice of positions in `hash_buckets` (bounds its temporaries to ~100 MB).
+HASH_SLICE_ELEMENTS = 2**23
+
+
 def hash_buckets(
     qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor
 ) -> torch.Tensor:
@@ -107,17 +111,24 @@ def hash_buckets(
             f"rotations of shape {tuple(rotations.shape)} do not fit heads={qk.shape[1]}, "
             f"head_dim={qk.shape[3]}, n_hashes={n_hashes}, n_buckets={n_buckets}"
         )
-    rotated = torch.einsum("bhld,hdnr->bhnlr", qk.detach(), rotations.to(qk.dtype))
-    buckets = torch.zeros(rotated.shape[:-1], dtype=torch.long, device=qk.device)
-    start, product = 0, 1
-    for factor in factors:
-        part = rotated[..., start : start + factor // 2]
-        start += factor // 2
-        # argmax over concat([part, -part]) without building it: ties go to the first half, as argmax does.
-        high, low = part.max(dim=-1), part.min(dim=-1)
-        bucket = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
-        buckets += product * bucket
-        product *= factor
+    batch, heads, seq_len, _ = qk.shape
+    buckets = torch.zeros(batch, heads, n_hashes, seq_len, dtype=torch.long, device=qk.device)
+    rotations = rotations.to(qk.dtype)
+    # Positions in slices so the rotated vectors (and their temporaries) stay bounded: at 1M tokens
+    # they would be several GB at once.
+    step = max(1, HASH_SLICE_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
+    for first in range(0, seq_len, step):
+        positions = slice(first, first + step)
+        rotated = torch.einsum("bhld,hdnr->bhnlr", qk[:, :, positions].detach(), rotations)
+        start, product = 0, 1
+        for factor in factors:
+            part = rotated[..., start : start + factor // 2]
+            start += factor // 2
+            # argmax over concat([part, -part]) without building it: ties go to the first half, as argmax does.
+            high, low = part.max(dim=-1), part.min(dim=-1)
+            bucket = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
+            buckets[..., positions] += product * bucket
+            product *= factor
     offsets = torch.arange(n_hashes, device=qk.device) * product
     return buckets + offsets[:, None]
 
@@ -281,16 +292,44 @@ def _masked_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys:
     return logits
 
 
-def _gather_spans(items: _SortedItems, block: Block, qk: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | None) -> list[torch.Tensor]:
-    """The block's span [h, (count + 1) * c, d] of qk, keys and v (rows of the [B * L * H, d] tables).
+class _BlockRows:
+    """One block's rows of the [B * L * H, 2d] (qk | v) table, gathered into a buffer reused by every block.
 
-    keys None: normalised here from the gathered qk (no table of keys kept: what save_probs=False wants).
+    key_scale: [B * L * H, 1] per-position key scales (`shared_qk_key_scale`), so a block's keys
+    cost one multiply. gather(block) -> (rows, qk, keys, v, scale): the span's table rows
+    [h, (count + 1) * c], its qk, keys and v [h, (count + 1) * c, d] and key scales [..., 1]. A
+    block's rows stay in cache while its matmuls read them; nothing of size n_hashes * seq_len * d
+    is gathered.
     """
-    span = items.span(items.rows, block)
-    flat = span.reshape(-1)
-    qk_rows, v_rows = qk.index_select(0, flat), v.index_select(0, flat)
-    key_rows = shared_qk_keys(qk_rows) if keys is None else keys.index_select(0, flat)
-    return [x.view(*span.shape, qk.shape[-1]) for x in (qk_rows, key_rows, v_rows)]
+
+    def __init__(self, items: _SortedItems, table: torch.Tensor, key_scale: torch.Tensor):
+        self.items, self.table, self.key_scale = items, table, key_scale
+        heads, first, count = max(items.blocks(), key=lambda b: (b[0].stop - b[0].start) * b[2])
+        self.buffer = table.new_empty((heads.stop - heads.start) * (count + 1) * items.chunk, table.shape[1])
+
+    def gather(self, block: Block) -> tuple[torch.Tensor, ...]:
+        rows = self.items.span(self.items.rows, block)
+        flat = rows.reshape(-1)
+        both = torch.index_select(self.table, 0, flat, out=self.buffer[: flat.numel()]).view(*rows.shape, -1)
+        d = both.shape[-1] // 2
+        qk, v = both[..., :d], both[..., d:]
+        scale = self.key_scale.index_select(0, flat).view(*rows.shape, 1)
+        return rows, qk, qk * scale, v, scale
+
+
+def _fold_windows(windows: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """Window rows [h * count, 2c, d] summed onto the span rows they came from: out [h, (count + 1) * c, d].
+
+    Window g is chunks g - 1 and g of the span (`_windows`), so chunk g of the span gets the second
+    half of window g and the first half of window g + 1.
+    """
+    h = out.shape[0]
+    spans = out.view(h, -1, chunk, out.shape[-1])
+    halves = windows.view(h, -1, 2, chunk, windows.shape[-1])
+    spans[:, 1:].copy_(halves[:, :, 1])
+    spans[:, 0].zero_()
+    spans[:, :-1] += halves[:, :, 0]
+    return out
 
 
 def _unsort(sorted_rows: torch.Tensor, items: _SortedItems) -> torch.Tensor:
@@ -311,40 +350,24 @@ def _unsort(sorted_rows: torch.Tensor, items: _SortedItems) -> torch.Tensor:
     return total
 
 
-# Rows per slice of the key normalisation's backward (bounds its temporaries).
-KEY_SLICE_ROWS = 2**14
-
-
-def _add_keys_grad(grad_qk: torch.Tensor, grad_keys: torch.Tensor, qk: torch.Tensor) -> None:
-    """grad_qk += grad_keys mapped back through shared_qk_keys, all [rows, d] by position, slice by slice."""
-    for start in range(0, qk.shape[0], KEY_SLICE_ROWS):
-        part = slice(start, start + KEY_SLICE_ROWS)
-        grad_qk[part] += shared_qk_keys_backward(qk[part], grad_keys[part])
-
-
-def _recomputed_probs(
-    items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor
-) -> torch.Tensor:
-    """The block's probabilities [h * count, c, 2c] again, from its logits and the saved row max and sum [BH, N, 1]."""
-    p = _masked_logits(items, block, query, keys)
-    return p.sub_(items.sorted_slice(row_max, block)).exp_().div_(items.sorted_slice(row_sum, block))
+def _exp_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """The block's unnormalised probabilities exp(logits - row max) [h * count, c, 2c] again, from the saved row max [BH, N, 1]."""
+    return _masked_logits(items, block, query, keys).sub_(items.sorted_slice(row_max, block)).exp_()
 
 
 def _recomputed_grad_dot_out(
-    items: _SortedItems, qk: torch.Tensor, v: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor,
-    weights: torch.Tensor | None, grad_combined: torch.Tensor,
+    items: _SortedItems, gather: _BlockRows, row_max: torch.Tensor, scale: torch.Tensor, grad_combined: torch.Tensor
 ) -> torch.Tensor:
     """dY . Y per row [B * L * H, 1] without the output Y: sum over items of w_t (dY . o_t), o_t recomputed block by block."""
-    c, d = items.chunk, qk.shape[-1]
-    grad_dot_out = torch.zeros(qk.shape[0], 1, dtype=qk.dtype, device=qk.device)
+    c = items.chunk
+    grad_dot_out = grad_combined.new_zeros(grad_combined.shape[0], 1)
     for block in items.blocks():
-        qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
-        p = _recomputed_probs(items, block, qk_span[:, c:].reshape(-1, c, d), _windows(key_span, c), row_max, row_sum)
-        query_rows = items.span(items.rows, block)[:, c:].reshape(-1)
+        rows, qk, keys, v, _ = gather.gather(block)
+        d = qk.shape[-1]
+        e = _exp_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), row_max)
+        query_rows = rows[:, c:].reshape(-1)
         d_out = grad_combined.index_select(0, query_rows).view(-1, c, d)
-        dots = (d_out * torch.bmm(p, _windows(v_span, c))).sum(-1, keepdim=True)
-        if weights is not None:
-            dots.mul_(items.sorted_slice(weights, block).unsqueeze(-1))
+        dots = (d_out * torch.bmm(e, _windows(v, c))).sum(-1, keepdim=True).mul_(items.sorted_slice(scale, block))
         grad_dot_out.index_add_(0, query_rows, dots.view(-1, 1))
     return grad_dot_out
 
@@ -352,48 +375,41 @@ def _recomputed_grad_dot_out(
 class _LSHCore(torch.autograd.Function):
     """Chunked attention of the sorted items over their windows, combined over rounds.
 
-    forward(qk, v [B * L * H, d], items) -> [B * L * H, d], rows (b * L + position) * H + h. Block
-    by block: logits, softmax and P @ V of each chunk over its window (a strided view: no look-back
-    copies), into sorted order; then the rounds are combined with weights softmax_r(lse_r) by one
-    gather per round. With items.save_probs the qk, key and v rows of every round are gathered once
-    and kept with the probabilities for the backward; without, each block gathers its own rows and
-    normalises its keys (in forward and again in backward) and the probabilities are recomputed
-    from the saved row max and sum, as is dY . Y (the output is not kept either), so nothing of
-    size n_hashes * seq_len * d is kept. The backward is written by hand: with Y = sum_r w_r o_r,
-    dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)); dQ, dK and
-    dV are added onto positions block by block (index_add_; on CUDA its atomics make the sums'
-    order, so the last bits, vary between runs), and the key gradients go back through the key
-    normalisation once per position at the end (per window without save_probs).
+    forward(table [B * L * H, 2d] of (qk | v) rows, items) -> [B * L * H, d], rows (b * L + position) * H + h.
+    Block by block: gather the block's rows (qk and v together, keys normalised from them), logits,
+    softmax and P @ V of each chunk over its window (a strided view: no look-back copies), into
+    sorted order; then the rounds are combined with weights softmax_r(lse_r) by one gather per
+    round. The probabilities are kept unnormalised, exp(logit - row max), with scale = w_t / row
+    sum per item, which both the output and the backward fold into [c, d] rows instead of a pass
+    over the [c, 2c] probabilities. save_probs keeps them (and the output) for the backward; without,
+    the backward recomputes them, and dY . Y, from the saved row max, so nothing of size
+    n_hashes * seq_len is kept. The backward is written by hand: with Y = sum_r w_r o_r,
+    dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)). Each block
+    folds its window gradients onto its span, maps the key gradients back through the key
+    normalisation there, and adds its (dqk | dv) rows onto positions with one index_add_ (on CUDA
+    its atomics make the sums' order, so the last bits, vary between runs).
     """
 
     @staticmethod
-    def forward(ctx, qk, v, items: _SortedItems):
+    def forward(ctx, table, items: _SortedItems):
         c, n_hashes = items.chunk, items.n_hashes
         bh, n_items = items.undo.shape
-        d = qk.shape[-1]
-        new = dict(dtype=qk.dtype, device=qk.device)
-        sorted_inputs: list[torch.Tensor] = []
-        if items.save_probs:
-            keys = shared_qk_keys(qk)  # once per position, not once per round
-            sorted_inputs = [x.view(bh, c + n_items, d) for x in _gather_spans(items, items.everything(), qk, v, keys)]
-            del keys
+        d = table.shape[-1] // 2
+        new = dict(dtype=table.dtype, device=table.device)
+        key_scale = shared_qk_key_scale(table[:, :d])
+        gather = _BlockRows(items, table, key_scale)
         out = torch.empty(bh, n_items, d, **new)
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
         for block in items.blocks():
-            if sorted_inputs:
-                qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
-            else:
-                qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
-            query = qk_span[:, c:].reshape(-1, c, d)
+            _, qk, keys, v, _ = gather.gather(block)
             target = items.sorted_slice(probs, block) if probs is not None else None
-            logits = _masked_logits(items, block, query, _windows(key_span, c), out=target)
+            logits = _masked_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), out=target)
             top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
-            total = torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
-            p = logits.div_(total)
-            torch.bmm(p, _windows(v_span, c), out=items.sorted_slice(out, block))
-        weights = None
+            torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
+            torch.bmm(logits, _windows(v, c), out=items.sorted_slice(out, block))
+        scale = row_sum.reciprocal()
         if n_hashes > 1:
             lse = (row_max + row_sum.log()).view(bh, n_items)
             per_round = lse.gather(1, items.undo).view(bh, n_hashes, -1)
@@ -401,12 +417,13 @@ class _LSHCore(torch.autograd.Function):
             # (only the self logit allowed), where fp32 cannot hold -1e5 + log(2) to 4e-3.
             per_round = torch.exp(per_round - per_round.amax(dim=1, keepdim=True))
             per_round /= per_round.sum(dim=1, keepdim=True)
-            weights = per_round.view(bh, n_items).gather(1, items.sort_idx)  # [BH, N] in sorted order
-            out.mul_(weights.unsqueeze(-1))
-        combined = _unsort(out, items)
+            scale.mul_(per_round.view(bh, n_items).gather(1, items.sort_idx).unsqueeze(-1))  # w_t in sorted order
+        del row_sum
+        combined = _unsort(out.mul_(scale), items)
+        del out
         ctx.items = items
         # Without save_probs the output is not kept either: backward recomputes dY . Y (one more pass).
-        ctx.save_for_backward(qk, v, combined if items.save_probs else None, row_max, row_sum, probs, weights, *sorted_inputs)
+        ctx.save_for_backward(table, key_scale, combined if items.save_probs else None, row_max, scale, probs)
         return combined
 
     @staticmethod
@@ -417,50 +434,37 @@ class _LSHCore(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_combined):
-        qk, v, combined, row_max, row_sum, probs, weights, *sorted_inputs = ctx.saved_tensors
+        table, key_scale, combined, row_max, scale, probs = ctx.saved_tensors
         items: _SortedItems = ctx.items
-        c, d = items.chunk, qk.shape[-1]
+        c, d = items.chunk, table.shape[-1] // 2
+        gather = _BlockRows(items, table, key_scale)
         grad_combined = grad_combined.contiguous()
         if combined is not None:
             grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
         else:
-            grad_dot_out = _recomputed_grad_dot_out(items, qk, v, row_max, row_sum, weights, grad_combined)
-        # Gradients by position, summed over every item (round, window) that reads the position:
-        # written block by block with index_add_, so nothing of size n_hashes * seq_len * d is kept.
-        # Key gradients go back through the key normalisation once per position at the end, or, to
-        # keep no table of them without save_probs, per window as they come (twice the work).
-        grad_query, grad_values = torch.zeros_like(qk), torch.zeros_like(v)
-        grad_keys = torch.zeros_like(qk) if sorted_inputs else None
-        for block in items.blocks():
-            if sorted_inputs:
-                qk_span, key_span, v_span = (items.span(x, block) for x in sorted_inputs)
-            else:
-                qk_span, key_span, v_span = _gather_spans(items, block, qk, v, None)
-            query = qk_span[:, c:].reshape(-1, c, d)
-            keys = _windows(key_span, c)
-            row_span = items.span(items.rows, block)
-            query_rows, window_rows = row_span[:, c:].reshape(-1), _windows(row_span.unsqueeze(-1), c).reshape(-1)
-            d_out = grad_combined.index_select(0, query_rows).view(-1, c, d)
-            shift = grad_dot_out.index_select(0, query_rows).view(-1, c, 1)
-            if weights is not None:  # dO_t = w_t dY; dlse_t = w_t (dY . o_t - dY . Y)
-                w = items.sorted_slice(weights, block).unsqueeze(-1)
-                d_out.mul_(w)
-                shift.mul_(w)
-            p = items.sorted_slice(probs, block) if probs is not None else _recomputed_probs(items, block, query, keys, row_max, row_sum)
-            grad_values.index_add_(0, window_rows, torch.bmm(p.transpose(1, 2), d_out).view(-1, d))
-            d_logits = torch.bmm(d_out, _windows(v_span, c).transpose(1, 2))
-            d_logits.sub_(shift).mul_(p)
-            _fill_constant(items, block, d_logits, 0.0, 0.0)  # constant (masked, self) logits pass no gradient
-            grad_query.index_add_(0, query_rows, torch.bmm(d_logits, keys).view(-1, d))
-            key_grad = torch.bmm(d_logits.transpose(1, 2), query)
-            if grad_keys is None:
-                grad_query.index_add_(0, window_rows, shared_qk_keys_backward(_windows(qk_span, c), key_grad).view(-1, d))
-            else:
-                grad_keys.index_add_(0, window_rows, key_grad.view(-1, d))
+            grad_dot_out = _recomputed_grad_dot_out(items, gather, row_max, scale, grad_combined)
+        grad_rows = torch.cat([grad_combined, grad_dot_out], dim=1)  # one gather per block for both
         del grad_combined, grad_dot_out
-        if grad_keys is not None:
-            _add_keys_grad(grad_query, grad_keys, qk)
-        return grad_query, grad_values, None
+        grad_table = torch.zeros_like(table)
+        span_grad = torch.empty_like(gather.buffer)
+        for block in items.blocks():
+            rows, qk, keys, v, key_scale = gather.gather(block)
+            query = qk[:, c:].reshape(-1, c, d)
+            # dO_t = w_t dY and w_t (dY . Y), both over the row sum since P = E / row sum
+            g = grad_rows.index_select(0, rows[:, c:].reshape(-1)).view(-1, c, d + 1).mul_(items.sorted_slice(scale, block))
+            d_out, shift = g[..., :d], g[..., d:]
+            e = items.sorted_slice(probs, block) if probs is not None else _exp_logits(items, block, query, _windows(keys, c), row_max)
+            grad_values = torch.bmm(e.transpose(1, 2), d_out)
+            d_logits = torch.bmm(d_out, _windows(v, c).transpose(1, 2)).sub_(shift).mul_(e)
+            _fill_constant(items, block, d_logits, 0.0, 0.0)  # constant (masked, self) logits pass no gradient
+            grad_query = torch.bmm(d_logits, _windows(keys, c))
+            grad_keys = _fold_windows(torch.bmm(d_logits.transpose(1, 2), query), c, torch.empty_like(keys))
+            both = span_grad[: rows.numel()].view(*rows.shape, 2 * d)
+            shared_qk_keys_backward(qk, grad_keys, key_scale, out=both[..., :d])
+            both[:, c:, :d] += grad_query.view(rows.shape[0], -1, d)
+            _fold_windows(grad_values, c, both[..., d:])
+            grad_table.index_add_(0, rows.reshape(-1), both.view(-1, 2 * d))
+        return grad_table, None
 
 
 def lsh_attention(
@@ -475,7 +479,6 @@ def lsh_attention(
     seed: int | None = None,
     dup_correction: bool = False,
     save_probs: bool = True,
-    heads_last: bool = False,
 ) -> torch.Tensor:
     """Shared-QK LSH attention on qk, v [batch, heads, seq_len, head_dim] -> [batch, heads, seq_len, head_dim].
 
@@ -494,40 +497,68 @@ def lsh_attention(
     of i's candidates. Unlike Jan-2020 trax, N_ij >= 1 for every key in a window, so no logit ever
     gains +log(1e9).
 
-    save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities and the sorted
-    qk, key and v rows for the backward (fastest); False keeps neither, nor the output, and
-    recomputes them there from the saved row max and sum (two more q.k and one more P @ V
-    matmul per block; nothing of size n_hashes * seq_len is kept: what a 1M-token step wants).
+    save_probs keeps the [heads, n_hashes * seq_len, 2 * bucket_size] probabilities and the output
+    for the backward (fastest); False keeps neither and recomputes them there from the saved row
+    max (two more q.k and one more P @ V matmul per block; nothing of size n_hashes * seq_len * d
+    or n_hashes * seq_len * bucket_size is kept: what a 1M-token step wants).
 
-    heads_last: qk, v and the result are [batch, seq_len, heads, head_dim] instead, the layout of a
-    projection's output viewed per head (the `lsh` module passes its projections so: no head split
-    or merge is copied).
+    The work is done by `lsh_attention_packed`, on qk and v packed side by side per head (a copy
+    here; the `lsh` module projects straight into that layout).
     """
     if qk.shape != v.shape:
         raise ValueError(f"qk and v must have the same shape, got {tuple(qk.shape)} and {tuple(v.shape)}")
-    if not heads_last:
-        qk, v = qk.transpose(1, 2), v.transpose(1, 2)
-    batch, seq_len, heads, head_dim = qk.shape
+    packed = torch.cat([qk.transpose(1, 2), v.transpose(1, 2)], dim=-1)
+    out = lsh_attention_packed(
+        packed, n_hashes=n_hashes, bucket_size=bucket_size, n_buckets=n_buckets, causal=causal,
+        rotations=rotations, seed=seed, dup_correction=dup_correction, save_probs=save_probs,
+    )
+    return out.transpose(1, 2)
+
+
+def lsh_attention_packed(
+    packed: torch.Tensor,
+    *,
+    n_hashes: int,
+    bucket_size: int,
+    n_buckets: int | Sequence[int] | None = None,
+    causal: bool = False,
+    rotations: torch.Tensor | None = None,
+    seed: int | None = None,
+    dup_correction: bool = False,
+    save_probs: bool = True,
+) -> torch.Tensor:
+    """`lsh_attention` on packed [batch, seq_len, heads, 2 * head_dim] (qk | v per head) -> [batch, seq_len, heads, head_dim].
+
+    The layout of one projection whose weight rows are ordered (head, qk/v, dim): each position
+    and head is one row of a [batch * seq_len * heads, 2 * head_dim] table, which the core gathers
+    (qk and v in one read) and writes the gradient of in place of any split, merge or copy.
+    Arguments as `lsh_attention`.
+    """
+    batch, seq_len, heads, width = packed.shape
+    if width % 2:
+        raise ValueError(f"packed qk | v must have an even last dimension, got {width}")
+    head_dim = width // 2
     if n_hashes < 1 or bucket_size < 1:
         raise ValueError(f"n_hashes and bucket_size must be positive, got {n_hashes}, {bucket_size}")
     if rotations is not None and rotations.shape[-2] != n_hashes:
         raise ValueError(f"rotations have {rotations.shape[-2]} rounds, n_hashes={n_hashes}")
+    qk = packed[..., :head_dim].transpose(1, 2)  # [batch, heads, seq_len, head_dim] views
     if seq_len < bucket_size:
-        out = full_attention(qk.transpose(1, 2), qk.transpose(1, 2), v.transpose(1, 2), causal=causal, shared_qk=True)
-        return out.transpose(1, 2) if heads_last else out
+        out = full_attention(qk, qk, packed[..., head_dim:].transpose(1, 2), causal=causal, shared_qk=True)
+        return out.transpose(1, 2)
     if seq_len % bucket_size:
         raise ValueError(f"seq_len={seq_len} is not a multiple of bucket_size={bucket_size}")
     if n_buckets is None and rotations is not None:
         n_buckets = 2 * rotations.shape[-1]
     factors = bucket_factors(n_buckets, seq_len, bucket_size)
     if rotations is None:
-        rotations = draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=seed, device=qk.device, dtype=qk.dtype)
+        rotations = draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=seed, device=packed.device, dtype=packed.dtype)
 
     bh, c = batch * heads, bucket_size
     n_items = n_hashes * seq_len
-    device = qk.device
+    device = packed.device
     with torch.no_grad(), record_function("lsh/hash"):
-        buckets = hash_buckets(qk.transpose(1, 2), n_hashes, factors, rotations).view(bh, n_items)
+        buckets = hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
     with torch.no_grad(), record_function("lsh/sort"):
         # One sort for all rounds. bucket * seq_len + position is unique and orders items by
         # (bucket, position), i.e. a stable sort of the buckets, so an unstable sort suffices.
@@ -556,9 +587,8 @@ def lsh_attention(
     )
     del rows
     with record_function("lsh/attend"):
-        out = _LSHCore.apply(qk.reshape(-1, head_dim), v.reshape(-1, head_dim), items)
-    out = out.view(batch, seq_len, heads, head_dim)
-    return out if heads_last else out.transpose(1, 2)
+        out = _LSHCore.apply(packed.reshape(-1, width), items)
+    return out.view(batch, seq_len, heads, head_dim)
 
 
 @dataclass
@@ -602,18 +632,17 @@ class LSHAttention(AttentionModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq_len, d_model] -> [batch, seq_len, d_model].
 
-        qk and v are projected separately (the halves of in_proj's weight), so each is already the
-        [batch, seq_len, heads, head_dim] table the LSH core reads and its gradient is written
-        straight into it: no head split or merge copies, and the two gradients can be freed one at
-        a time.
+        One projection with in_proj's weight rows reordered (head, qk/v, dim) gives the packed
+        [batch, seq_len, heads, 2 * head_dim] table the LSH core reads and writes its gradient
+        into: no head split or merge is copied. Same parameters and FLOPs as `split_heads`.
         """
         batch, seq_len, d_model = x.shape
-        if seq_len < self.config.bucket_size:
+        c = self.config
+        if seq_len < c.bucket_size:
             return super().forward(x)
-        heads = (batch, seq_len, self.config.n_heads, self.config.head_dim)
-        qk_weight, v_weight = self.in_proj.weight.chunk(2)
-        qk, v = F.linear(x, qk_weight).view(heads), F.linear(x, v_weight).view(heads)
-        out = lsh_attention(qk, v, heads_last=True, **self._lsh_arguments())
+        weight = self.in_proj.weight.view(2, c.n_heads, c.head_dim, d_model).transpose(0, 1).reshape(2 * d_model, d_model)
+        packed = F.linear(x, weight).view(batch, seq_len, c.n_heads, 2 * c.head_dim)
+        out = lsh_attention_packed(packed, **self._lsh_arguments())
         return self.dropout(self.out_proj(out.reshape(batch, seq_len, d_model)))
 
     def attend(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
