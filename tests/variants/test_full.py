@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
-from variants.attention.full import full_attention, shared_qk_keys, shared_qk_keys_backward
+from variants.attention.full import full_attention, shared_qk_key_scale, shared_qk_keys, shared_qk_keys_backward
 
 
 def naive_attention(q, k, v, causal, shared_qk):
@@ -62,6 +62,24 @@ def test_shared_qk_keys_backward_matches_autograd():
     grad_keys = torch.randn(5, 7, 8, dtype=torch.float64, generator=generator)
     (expected,) = torch.autograd.grad(shared_qk_keys(qk), qk, grad_keys)
     torch.testing.assert_close(shared_qk_keys_backward(qk.detach(), grad_keys), expected, rtol=1e-12, atol=1e-12)
+    # With the scale given and written into a strided view of a wider buffer (the LSH core's use).
+    wide = torch.zeros(5, 7, 16, dtype=torch.float64)
+    got = shared_qk_keys_backward(qk.detach(), grad_keys, shared_qk_key_scale(qk.detach()), out=wide[..., :8])
+    assert got.data_ptr() == wide.data_ptr()
+    torch.testing.assert_close(wide[..., :8], expected, rtol=1e-12, atol=1e-12)
+    assert not wide[..., 8:].any()
+
+
+def test_shared_qk_keys_backward_stays_finite_in_float16_for_short_and_zero_vectors():
+    qk = torch.zeros(3, 64, dtype=torch.float16)
+    qk[1] = 1e-3  # key scale ~ 1000 / 8: its cube alone overflows float16
+    grad_keys = torch.ones(3, 64, dtype=torch.float16)
+    got = shared_qk_keys_backward(qk, grad_keys)
+    assert torch.isfinite(got).all()
+    # float64 reference through autograd
+    qk64 = qk.double().requires_grad_()
+    (expected,) = torch.autograd.grad(shared_qk_keys(qk64), qk64, grad_keys.double())
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=0)  # fp16 holds 1e-6 (the eps) only roughly
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -274,11 +274,32 @@ def pack(qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def test_packed_layout_gives_the_same_attention():
+@pytest.mark.parametrize("save_probs", [True, False])
+def test_packed_layout_against_loop_reference_and_gradcheck(save_probs):
+    """lsh_attention_packed on a packed leaf: values against the loop reference, its (qk | v) gradient by finite differences."""
     qk, v = randn(2, 2, 16, 4, seed=63), randn(2, 2, 16, 4, seed=64)
-    kwargs = dict(n_hashes=2, bucket_size=4, causal=True, seed=1)
-    got = lsh_attention_packed(pack(qk, v), **kwargs)
-    torch.testing.assert_close(got, lsh_attention(qk, v, **kwargs).transpose(1, 2), rtol=0, atol=0)
+    rotations = randn(2, 4, 2, 2, seed=66)
+    kwargs = dict(n_hashes=2, bucket_size=4, causal=True, rotations=rotations, save_probs=save_probs)
+    packed = pack(qk, v).requires_grad_()
+    expected, _ = reference_lsh(qk, v, rotations, 4, True, False)
+    torch.testing.assert_close(lsh_attention_packed(packed, **kwargs), expected.transpose(1, 2), rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda x: lsh_attention_packed(x, **kwargs), (packed,))
+
+
+def test_hash_buckets_in_slices_of_positions(monkeypatch):
+    """Slicing the positions (bounded temporaries) changes no bucket, ties (zero vectors) included."""
+    import variants.attention.lsh as lsh_module
+
+    qk = randn(2, 3, 40, 4, seed=67)
+    qk[0, 1, :5] = 0.0  # every rotation ties: argmax takes the first index
+    rotations = randn(3, 4, 2, 2 + 3, seed=68)  # factors (4, 6)
+    whole = hash_buckets(qk, 2, (4, 6), rotations)
+    monkeypatch.setattr(lsh_module, "HASH_SLICE_ELEMENTS", 7 * 2 * 3 * 2 * 5)  # 7 positions per slice
+    torch.testing.assert_close(hash_buckets(qk, 2, (4, 6), rotations), whole, rtol=0, atol=0)
+    rotated = torch.einsum("bhld,hdnr->bhnlr", qk, rotations)
+    first, second = rotated[..., :2], rotated[..., 2:]
+    expected = torch.cat([first, -first], -1).argmax(-1) + 4 * torch.cat([second, -second], -1).argmax(-1)
+    torch.testing.assert_close(whole, expected + 24 * torch.arange(2).view(2, 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("save_probs", [True, False])

@@ -54,8 +54,9 @@ def shared_qk_keys_backward(
     """
     if scale is None:
         scale = shared_qk_key_scale(qk)
-    dot = (qk * grad_keys).sum(dim=-1, keepdim=True)
-    return torch.mul(grad_keys, scale, out=out).addcmul_(qk, dot.mul_(scale.pow(3)), value=-1)
+    # (q . dk) s^3 one factor at a time: s^3 alone overflows float16 for short vectors (s > 40).
+    dot = (qk * grad_keys).sum(dim=-1, keepdim=True).mul_(scale).mul_(scale).mul_(scale)
+    return torch.mul(grad_keys, scale, out=out).addcmul_(qk, dot, value=-1)
 
 
 def full_attention(

@@ -14,16 +14,17 @@ Exactly the trax / HuggingFace `LSHSelfAttention` algorithm (see docs and the re
 5. each round r gives o_r and the logsumexp z_r of its logits; unsort and combine
    out = sum_r softmax_r(z)_r * o_r.
 
-How it runs (docs/performance.md has the measurements behind each choice): steps 3-5 are one
-autograd Function, `_LSHCore`, that walks the sorted items in blocks of chunks small enough to stay
-in cache on CPU, reads each chunk's window as a strided view (no look-back copies), and has a
-hand-written backward that adds each block's gradients straight onto positions (index_add_), so
-the backward allocates no n_hashes * seq_len * d buffers; with save_probs=False the blocks also
-gather their own rows, so nothing of that size is kept at all. The `lsh` module projects qk and v separately, straight
-into the [batch, seq_len, heads, head_dim] layout the core reads, so no head split or merge is
-copied. Memory: the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the largest
-saved tensor (none with save_probs=False, which also recomputes the output in backward); never
-seq_len^2.
+How it runs (docs/performance.md has the measurements behind each choice): the `lsh` module
+projects qk and v with one matmul into a packed [batch, seq_len, heads, 2 * head_dim] table (one
+row per position and head: its qk, then its v), so no head split or merge is copied. Steps 3-5 are
+one autograd Function, `_LSHCore`, that walks the sorted items in blocks of chunks small enough to
+stay in cache on CPU: each block gathers its rows of the table into one reused buffer, reads each
+chunk's window as a strided view (no look-back copies), and a hand-written backward gathers them
+again and adds each block's gradients straight onto positions (index_add_). On CPU, where the
+blocks are small, the only n_hashes * seq_len * head_dim buffer is the forward's sorted output
+(freed once combined); the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the
+largest saved tensor (none with save_probs=False, which recomputes them and the output in
+backward); never seq_len^2.
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ Block = tuple[slice, int, int]  # (heads, first chunk, number of chunks)
 class _SortedItems:
     """The hashed and sorted items of `lsh_attention`, and how `_LSHCore` walks them in blocks.
 
-    rows: [BH, c + N] row ((b * L + position) * H + h) of each item in the [B * L * H, d] tables
-    of qk, v and the output, in sorted order, with the last chunk prepended, so the window of
+    rows: [BH, c + N] row ((b * L + position) * H + h) of each item in the [B * L * H, 2d] (qk | v)
+    table and the [B * L * H, d] output, in sorted order, with the last chunk prepended, so the window of
     chunk g (chunk g - 1 cyclically, then chunk g) is entries g*c .. g*c + 2c; within a head rows
     grow with the position, so they serve as positions in the masks; undo: [BH, N] sorted index of
     item r * seq_len + position; sort_idx: its inverse; N = n_hashes * seq_len. Round r's items are exactly sorted indices r*L .. (r+1)*L
@@ -202,10 +203,6 @@ class _SortedItems:
             for h in range(heads)
             for first in range(0, self.n_chunks, step)
         ]
-
-    def everything(self) -> Block:
-        """One block of all heads and chunks."""
-        return (slice(0, self.rows.shape[0]), 0, self.n_chunks)
 
     def span(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         """x [BH, c + N, ...] (padded sorted order) -> [h, (count + 1) * c, ...]: the block's windows' rows."""
@@ -298,8 +295,8 @@ class _BlockRows:
     key_scale: [B * L * H, 1] per-position key scales (`shared_qk_key_scale`), so a block's keys
     cost one multiply. gather(block) -> (rows, qk, keys, v, scale): the span's table rows
     [h, (count + 1) * c], its qk, keys and v [h, (count + 1) * c, d] and key scales [..., 1]. A
-    block's rows stay in cache while its matmuls read them; nothing of size n_hashes * seq_len * d
-    is gathered.
+    block's rows stay in cache while its matmuls read them; the buffer is as large as the largest
+    block (bounded by block_elements: all heads and chunks at once only when they fit).
     """
 
     def __init__(self, items: _SortedItems, table: torch.Tensor, key_scale: torch.Tensor):
@@ -320,8 +317,8 @@ class _BlockRows:
 def _fold_windows(windows: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
     """Window rows [h * count, 2c, d] summed onto the span rows they came from: out [h, (count + 1) * c, d].
 
-    Window g is chunks g - 1 and g of the span (`_windows`), so chunk g of the span gets the second
-    half of window g and the first half of window g + 1.
+    Window g is chunks g and g + 1 of the span (`_windows`: the chunk before, then its own), so
+    span chunk g gets the first half of window g and the second half of window g - 1.
     """
     h = out.shape[0]
     spans = out.view(h, -1, chunk, out.shape[-1])
@@ -383,7 +380,7 @@ class _LSHCore(torch.autograd.Function):
     sum per item, which both the output and the backward fold into [c, d] rows instead of a pass
     over the [c, 2c] probabilities. save_probs keeps them (and the output) for the backward; without,
     the backward recomputes them, and dY . Y, from the saved row max, so nothing of size
-    n_hashes * seq_len is kept. The backward is written by hand: with Y = sum_r w_r o_r,
+    n_hashes * seq_len * head_dim (or * bucket_size) is kept. The backward is written by hand: with Y = sum_r w_r o_r,
     dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)). Each block
     folds its window gradients onto its span, maps the key gradients back through the key
     normalisation there, and adds its (dqk | dv) rows onto positions with one index_add_ (on CUDA
@@ -396,7 +393,7 @@ class _LSHCore(torch.autograd.Function):
         bh, n_items = items.undo.shape
         d = table.shape[-1] // 2
         new = dict(dtype=table.dtype, device=table.device)
-        key_scale = shared_qk_key_scale(table[:, :d])
+        key_scale = shared_qk_key_scale(table[:, :d]).to(table.dtype)  # autocast computes it in fp32
         gather = _BlockRows(items, table, key_scale)
         out = torch.empty(bh, n_items, d, **new)
         row_max = torch.empty(bh, n_items, 1, **new)
@@ -448,7 +445,7 @@ class _LSHCore(torch.autograd.Function):
         grad_table = torch.zeros_like(table)
         span_grad = torch.empty_like(gather.buffer)
         for block in items.blocks():
-            rows, qk, keys, v, key_scale = gather.gather(block)
+            rows, qk, keys, v, span_scale = gather.gather(block)
             query = qk[:, c:].reshape(-1, c, d)
             # dO_t = w_t dY and w_t (dY . Y), both over the row sum since P = E / row sum
             g = grad_rows.index_select(0, rows[:, c:].reshape(-1)).view(-1, c, d + 1).mul_(items.sorted_slice(scale, block))
@@ -460,7 +457,7 @@ class _LSHCore(torch.autograd.Function):
             grad_query = torch.bmm(d_logits, _windows(keys, c))
             grad_keys = _fold_windows(torch.bmm(d_logits.transpose(1, 2), query), c, torch.empty_like(keys))
             both = span_grad[: rows.numel()].view(*rows.shape, 2 * d)
-            shared_qk_keys_backward(qk, grad_keys, key_scale, out=both[..., :d])
+            shared_qk_keys_backward(qk, grad_keys, span_scale, out=both[..., :d])
             both[:, c:, :d] += grad_query.view(rows.shape[0], -1, d)
             _fold_windows(grad_values, c, both[..., d:])
             grad_table.index_add_(0, rows.reshape(-1), both.view(-1, 2 * d))
@@ -586,7 +583,9 @@ def lsh_attention_packed(
         block_elements=CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS,
     )
     del rows
-    with record_function("lsh/attend"):
+    # The core computes in the table's dtype (under autocast too: its out= matmuls and saved
+    # buffers are of that dtype).
+    with record_function("lsh/attend"), torch.autocast(device.type, enabled=False):
         out = _LSHCore.apply(packed.reshape(-1, width), items)
     return out.view(batch, seq_len, heads, head_dim)
 
