@@ -440,16 +440,15 @@ class _LSHCore(torch.autograd.Function):
             grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
         else:
             grad_dot_out = _recomputed_grad_dot_out(items, gather, row_max, scale, grad_combined)
-        grad_rows = torch.cat([grad_combined, grad_dot_out], dim=1)  # one gather per block for both
-        del grad_combined, grad_dot_out
         grad_table = torch.zeros_like(table)
         span_grad = torch.empty_like(gather.buffer)
         for block in items.blocks():
             rows, qk, keys, v, span_scale = gather.gather(block)
             query = qk[:, c:].reshape(-1, c, d)
             # dO_t = w_t dY and w_t (dY . Y), both over the row sum since P = E / row sum
-            g = grad_rows.index_select(0, rows[:, c:].reshape(-1)).view(-1, c, d + 1).mul_(items.sorted_slice(scale, block))
-            d_out, shift = g[..., :d], g[..., d:]
+            query_rows, item_scale = rows[:, c:].reshape(-1), items.sorted_slice(scale, block)
+            d_out = grad_combined.index_select(0, query_rows).view(-1, c, d).mul_(item_scale)
+            shift = grad_dot_out.index_select(0, query_rows).view(-1, c, 1).mul_(item_scale)
             e = items.sorted_slice(probs, block) if probs is not None else _exp_logits(items, block, query, _windows(keys, c), row_max)
             grad_values = torch.bmm(e.transpose(1, 2), d_out)
             d_logits = torch.bmm(d_out, _windows(v, c).transpose(1, 2)).sub_(shift).mul_(e)
