@@ -174,6 +174,16 @@ def _host_resources() -> dict:
         return {"cpu_cores_physical": None, "cpu_cores_logical": os.cpu_count(), "ram_total_gib": None}
 
 
+def _variant_backends() -> dict:
+    """Machine-dependent code paths of the variants (e.g. whether a compiled CPU kernel loaded)."""
+    from variants.registry import backends
+
+    try:
+        return backends()
+    except Exception as error:  # a description must never stop a run
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def capture_environment(device: str) -> dict:
     """JSON-serialisable description of code, software, hardware, host and command.
 
@@ -195,6 +205,7 @@ def capture_environment(device: str) -> dict:
         "cpu_model": cpu_model(),
         **_host_resources(),
         "torch_threads": torch.get_num_threads(),
+        "variant_backends": _variant_backends(),
         "command": list(sys.argv),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

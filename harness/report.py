@@ -669,6 +669,7 @@ def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("CUDA (torch build)", env.get("torch_cuda")),
         ("cuDNN", env.get("cudnn")),
         ("threads (torch)", env.get("torch_threads")),
+        *((f"backend: {name}", value) for name, value in (env.get("variant_backends") or {}).items()),
         ("CPU", f"{env.get('cpu_model', '?')} ({cores})"),
         ("RAM (GiB)", env.get("ram_total_gib")),
         ("Python", env.get("python")),

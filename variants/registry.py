@@ -79,6 +79,20 @@ def register(name: str, *, config: type, kind: str = "attention") -> Callable[[M
     return decorate
 
 
+_BACKENDS: dict[str, Callable[[], str]] = {}
+
+
+def register_backend(name: str, describe: Callable[[], str]) -> None:
+    """Register a code path that depends on the machine (a compiled kernel, say): describe() says which
+    one runs here and why. The harness records `backends()` in every run's environment."""
+    _BACKENDS[name] = describe
+
+
+def backends() -> dict[str, str]:
+    """name -> description of each registered backend, as it resolves on this machine (may build it)."""
+    return {name: describe() for name, describe in sorted(_BACKENDS.items())}
+
+
 def _load_entry_points() -> None:
     """Import the entry-point modules (once) and the modules named in $REFORMER_HARNESS_PLUGINS."""
     global _entry_points_loaded

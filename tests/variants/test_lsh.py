@@ -315,9 +315,10 @@ def test_module_gradcheck_with_hashing(save_probs):
 def test_flops_match_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    module = variants.build("lsh", d_model=16, n_heads=2, n_hashes=3, bucket_size=4, seed=0)
+    # float64 runs the PyTorch-ops path, whose matmuls the counter sees (the fused float32 CPU kernel's it cannot)
+    module = variants.build("lsh", d_model=16, n_heads=2, n_hashes=3, bucket_size=4, seed=0).double()
     with FlopCounterMode(display=False) as counter:
-        module(torch.randn(2, 32, 16))
+        module(torch.randn(2, 32, 16, dtype=torch.float64))
     assert module.flops(2, 32) == counter.get_total_flops()
 
 

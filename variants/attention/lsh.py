@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
+from variants.attention import lsh_cpu
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import full_attention, mask_values, shared_qk_key_scale, shared_qk_keys_backward
-from variants.registry import register
+from variants.registry import register, register_backend
 
 
 def draw_rotations(
@@ -118,8 +119,13 @@ def hash_buckets(
     # Positions in slices so the rotated vectors (and their temporaries) stay bounded: at 1M tokens
     # they would be several GB at once.
     step = max(1, HASH_SLICE_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
+    fused = lsh_cpu.available(qk.device, qk.dtype)
     for first in range(0, seq_len, step):
         positions = slice(first, first + step)
+        if fused:  # the C kernel's argmax; this einsum layout comes out contiguous
+            rotated = torch.einsum("bhld,hdnr->bhlnr", qk[:, :, positions].detach(), rotations).contiguous()
+            buckets[..., positions] = lsh_cpu.buckets(rotated, factors).transpose(2, 3)
+            continue
         rotated = torch.einsum("bhld,hdnr->bhnlr", qk[:, :, positions].detach(), rotations)
         start, product = 0, 1
         for factor in factors:
@@ -130,7 +136,7 @@ def hash_buckets(
             bucket = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
             buckets[..., positions] += product * bucket
             product *= factor
-    offsets = torch.arange(n_hashes, device=qk.device) * product
+    offsets = torch.arange(n_hashes, device=qk.device) * math.prod(factors)
     return buckets + offsets[:, None]
 
 
@@ -152,6 +158,8 @@ def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows
         counts = counts + (c_key.roll(1, dims=-1) == before).sum(-1)
     return counts
 
+
+register_backend("lsh_cpu_kernel", lsh_cpu.status)  # which path LSH attention takes on CPU, in run records
 
 # Logit elements per block of chunks: on CPU a block's rows, logits and probabilities stay in cache
 # (64 chunks of 64 x 128 measured fastest here, docs/performance.md); on CUDA one block usually
@@ -369,6 +377,11 @@ def _recomputed_grad_dot_out(
     return grad_dot_out
 
 
+def _mask_arguments(dtype: torch.dtype) -> dict[str, float]:
+    mask_value, self_value = mask_values(dtype)
+    return dict(mask_value=mask_value, self_value=self_value)
+
+
 class _LSHCore(torch.autograd.Function):
     """Chunked attention of the sorted items over their windows, combined over rounds.
 
@@ -394,18 +407,25 @@ class _LSHCore(torch.autograd.Function):
         d = table.shape[-1] // 2
         new = dict(dtype=table.dtype, device=table.device)
         key_scale = shared_qk_key_scale(table[:, :d]).to(table.dtype)  # autocast computes it in fp32
-        gather = _BlockRows(items, table, key_scale)
         out = torch.empty(bh, n_items, d, **new)
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
-        for block in items.blocks():
-            _, qk, keys, v, _ = gather.gather(block)
-            target = items.sorted_slice(probs, block) if probs is not None else None
-            logits = _masked_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), out=target)
-            top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
-            torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
-            torch.bmm(logits, _windows(v, c), out=items.sorted_slice(out, block))
+        ctx.fused = lsh_cpu.usable(table) and items.chunk_of is None
+        if ctx.fused:
+            lsh_cpu.forward(
+                table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
+                probs=probs, row_max=row_max, row_sum=row_sum, out=out,
+            )
+        else:
+            gather = _BlockRows(items, table, key_scale)
+            for block in items.blocks():
+                _, qk, keys, v, _ = gather.gather(block)
+                target = items.sorted_slice(probs, block) if probs is not None else None
+                logits = _masked_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), out=target)
+                top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
+                torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
+                torch.bmm(logits, _windows(v, c), out=items.sorted_slice(out, block))
         scale = row_sum.reciprocal()
         if n_hashes > 1:
             lse = (row_max + row_sum.log()).view(bh, n_items)
@@ -441,6 +461,13 @@ class _LSHCore(torch.autograd.Function):
         else:
             grad_dot_out = _recomputed_grad_dot_out(items, gather, row_max, scale, grad_combined)
         grad_table = torch.zeros_like(table)
+        if ctx.fused:
+            lsh_cpu.backward(
+                table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
+                probs=probs, row_max=row_max, scale=scale, grad_out=grad_combined, grad_dot=grad_dot_out,
+                grad_table=grad_table,
+            )
+            return grad_table, None
         span_grad = torch.empty_like(gather.buffer)
         for block in items.blocks():
             rows, qk, keys, v, span_scale = gather.gather(block)

@@ -1,0 +1,146 @@
+"""The fused CPU kernel of LSH attention (variants/attention/lsh_cpu.c) against float64 references.
+
+The kernel runs whenever a C compiler is present (CI has one), so these tests fail rather than skip
+when it does not build there. References: the loop implementation of test_lsh (values), the
+PyTorch-ops path in float64 (gradients; itself gradchecked in test_lsh) and argmax over
+concat([x, -x]) (buckets).
+"""
+
+import shutil
+
+import pytest
+import torch
+
+import variants
+from variants.attention import lsh_cpu
+from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention_packed
+from tests.variants.test_lsh import pack, reference_lsh
+
+HAS_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the kernel's forward and backward calls (so a test knows the fused path ran)."""
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(lsh_cpu, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lsh_cpu, name, counted)
+    return calls
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A clean load state, restored afterwards (status() is cached per process)."""
+    monkeypatch.setattr(lsh_cpu, "_state", {})
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler: the PyTorch-ops path runs (tested in test_lsh)")
+def test_kernel_builds_and_loads_where_a_compiler_is():
+    assert lsh_cpu.status().startswith("fused C kernel"), lsh_cpu.status()
+    assert lsh_cpu.available(torch.device("cpu"), torch.float32)
+    assert not lsh_cpu.available(torch.device("cpu"), torch.float64)
+
+
+def _fused_against_references(batch, heads, seq_len, head_dim, n_hashes, bucket, causal, save_probs, seed):
+    qk, v = randn(batch, heads, seq_len, head_dim, seed=seed), randn(batch, heads, seq_len, head_dim, seed=seed + 1)
+    rotations = draw_rotations(heads, head_dim, n_hashes, sum(bucket_factors(None, seq_len, bucket)), seed=seed + 2, dtype=torch.float64)
+    upstream = randn(batch, seq_len, heads, head_dim, seed=seed + 3)
+    kwargs = dict(n_hashes=n_hashes, bucket_size=bucket, causal=causal, save_probs=save_probs)
+
+    packed64 = pack(qk, v).requires_grad_()
+    ops = lsh_attention_packed(packed64, rotations=rotations, **kwargs)  # float64: the PyTorch-ops path
+    (grad_ops,) = torch.autograd.grad(ops, packed64, upstream)
+
+    packed32 = pack(qk, v).float().requires_grad_()
+    fused = lsh_attention_packed(packed32, rotations=rotations.float(), **kwargs)
+    (grad_fused,) = torch.autograd.grad(fused, packed32, upstream.float())
+
+    expected, _ = reference_lsh(qk, v, rotations, bucket, causal, False)
+    torch.testing.assert_close(fused.double(), expected.transpose(1, 2), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(grad_fused.double(), grad_ops, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("save_probs", [True, False])
+@pytest.mark.parametrize(
+    "batch, heads, n_hashes",
+    [(1, 1, 1), (2, 2, 3), (1, 3, 2)],  # one head (fewer heads than threads: private gradient tables), odd head count
+)
+def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, causal, save_probs, batch, heads, n_hashes):
+    _fused_against_references(batch, heads, 64, 8, n_hashes, 8, causal, save_probs, seed=10 * n_hashes + heads)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts_agree(threads):
+    """The work splits by heads, or by chunks with per-thread gradient tables: same numbers either way."""
+    module = variants.build("lsh", d_model=32, n_heads=2, n_hashes=3, bucket_size=8, seed=4)
+    x = torch.randn(1, 128, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = module(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        torch.set_num_threads(threads)
+        out_t = module(x)
+        (grad_t,) = torch.autograd.grad(out_t.square().sum(), x)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out_t, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_t, grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.parametrize("factors", [(8,), (4, 6), (16, 32)])
+def test_fused_buckets_equal_argmax_with_ties(factors):
+    qk = randn(2, 3, 40, 8, seed=70).float()
+    qk[0, 1, :5] = 0.0  # every rotation ties: argmax takes the first index
+    rotations = randn(3, 8, 2, sum(factors) // 2, seed=71).float()
+    rotated = torch.einsum("bhld,hdnr->bhnlr", qk, rotations)
+    expected, start, product = torch.zeros(rotated.shape[:-1], dtype=torch.long), 0, 1
+    for factor in factors:
+        part = rotated[..., start : start + factor // 2]
+        expected += product * torch.cat([part, -part], -1).argmax(-1)
+        start, product = start + factor // 2, product * factor
+    offsets = product * torch.arange(2).view(2, 1)
+    torch.testing.assert_close(hash_buckets(qk, 2, factors, rotations), expected + offsets, rtol=0, atol=0)
+
+
+def test_kernel_off_runs_the_ops_path(monkeypatch, fresh_state, kernel_calls):
+    monkeypatch.setenv("REFORMER_LSH_CPU_KERNEL", "0")
+    assert lsh_cpu.status() == "PyTorch ops: REFORMER_LSH_CPU_KERNEL=0"
+    assert not lsh_cpu.available(torch.device("cpu"), torch.float32)
+    _fused_against_references(1, 2, 64, 8, 2, 8, True, True, seed=40)
+    assert kernel_calls == {"forward": 0, "backward": 0}
+
+
+def test_failed_build_falls_back_with_the_reason(monkeypatch, fresh_state, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("REFORMER_HARNESS_CACHE", str(tmp_path / "cache"))
+    assert lsh_cpu.status().startswith("PyTorch ops:"), lsh_cpu.status()
+    assert "no-such-compiler" in lsh_cpu.status()
+    module = variants.build("lsh", d_model=16, n_heads=2, n_hashes=2, bucket_size=4, seed=1)
+    assert torch.isfinite(module(torch.randn(1, 32, 16))).all()
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_build_is_cached_by_content(monkeypatch, fresh_state, tmp_path):
+    monkeypatch.setenv("REFORMER_HARNESS_CACHE", str(tmp_path))
+    assert lsh_cpu.status().startswith("fused C kernel")
+    built = list(tmp_path.glob("lsh_cpu-*.so"))
+    assert len(built) == 1 and str(built[0]) in lsh_cpu.status()
+    monkeypatch.setattr(lsh_cpu, "_state", {})
+    lsh_cpu.status()
+    assert list(tmp_path.glob("*")) == built  # loaded again, not rebuilt (no temporaries left either)

@@ -1,0 +1,212 @@
+"""The fused CPU kernel of LSH attention's chunked part (`lsh_cpu.c`): build, load, call.
+
+`_LSHCore` runs its blocks of chunks with PyTorch ops everywhere; on CPU, for float32 without
+dup_correction, it calls this kernel instead when it is available. The kernel is plain C (no torch
+headers), compiled on first use with the system C compiler (`$CC`, else `cc` / `gcc`) into a cache
+folder and loaded with ctypes; its matrix products call the `sgemm_` that torch itself links (MKL in
+the x86 wheels), found in torch's own library. No compiler, no `sgemm_`, or a failed build: the
+PyTorch-ops path runs, and `status()` says why. `REFORMER_LSH_CPU_KERNEL=0` turns the kernel off
+(A/B comparisons, tests of the fallback).
+
+Why a kernel (docs/performance.md, item 23): each chunk's [c, 2c] logits, softmax and six small
+matmuls run while the tile is in L1/L2 and its span's rows are gathered once, where the ops path
+makes several passes over the [n_hashes * L, 2c] probabilities and pays Python per block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("lsh_cpu.c")
+# Full fast-math is avoided: linked into a shared library it sets flush-to-zero for the process.
+CFLAGS = [
+    "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+    "-fPIC", "-shared",
+]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CFLAGS.append("-mprefer-vector-width=256")  # GCC's Zen tuning picks 128-bit vectors (expf 4 at a time)
+# Chunks per stretch: a stretch's gathered rows ((stretch + 1) * c rows of qk, keys and v) stay in L2.
+STRETCH_CHUNKS = 4
+
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("REFORMER_HARNESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "reformer-harness"
+    )
+    return Path(root)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE into the cache (named by the source, flags, compiler and CPU) unless already there."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lsh_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed: concurrent processes never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run(
+            [compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
+            capture_output=True, text=True, timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target
+
+
+def _blas_symbols() -> tuple[int, int | None]:
+    """Addresses of sgemm_ and (MKL) mkl_set_num_threads_local_ in torch's CPU library."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libtorch_cpu.*")) + sorted(lib_dir.glob("libtorch.*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        try:
+            sgemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        except AttributeError:
+            continue
+        try:
+            local = ctypes.cast(lib.mkl_set_num_threads_local_, ctypes.c_void_p).value
+        except AttributeError:
+            local = None
+        return sgemm, local
+    raise RuntimeError(f"no sgemm_ in torch's libraries under {lib_dir}")
+
+
+def _load() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (set CC, or install cc / gcc)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    sgemm, local_threads = _blas_symbols()
+    if lib.lsh_cpu_init(ctypes.c_void_p(sgemm), ctypes.c_void_p(local_threads)) != 0:
+        raise RuntimeError("lsh_cpu_init failed")
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    common = [ptr, ptr, ptr, i64, i64, i32, i32, i32, f32, f32, i32, i32]
+    lib.lsh_cpu_forward.argtypes = common + [ptr, ptr, ptr, ptr]
+    lib.lsh_cpu_backward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.lsh_cpu_buckets.argtypes = [ptr, i64, i32, ptr, i32, ptr]
+    lib.lsh_cpu_buckets.restype = None
+    return lib
+
+
+def status() -> str:
+    """'fused C kernel (<path>)' when the kernel is loaded, else 'PyTorch ops: <why>' (builds it on first call)."""
+    if "status" not in _state:
+        if os.environ.get("REFORMER_LSH_CPU_KERNEL", "1") == "0":
+            _state["lib"], _state["status"] = None, "PyTorch ops: REFORMER_LSH_CPU_KERNEL=0"
+        else:
+            try:
+                _state["lib"] = _load()
+                _state["status"] = f"fused C kernel ({_state['lib']._name})"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                _state["lib"], _state["status"] = None, f"PyTorch ops: {error}"
+    return _state["status"]
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs for tensors of this device and dtype: CPU float32, and the kernel is loaded."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    status()
+    return _state["lib"] is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """`available` for x's device and dtype, and x is contiguous (the kernel reads raw memory)."""
+    return x.is_contiguous() and available(x.device, x.dtype)
+
+
+def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(x.data_ptr() if x is not None else None)
+
+
+def _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value) -> list:
+    for name, x in (("table", table), ("key_scale", key_scale), ("rows", rows)):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return [
+        _ptr(table), _ptr(key_scale), _ptr(rows), bh, n_items, chunk, table.shape[1] // 2, int(causal),
+        mask_value, self_value, STRETCH_CHUNKS, torch.get_num_threads(),
+    ]
+
+
+def forward(
+    table: torch.Tensor, key_scale: torch.Tensor, rows: torch.Tensor, *, chunk: int, causal: bool,
+    mask_value: float, self_value: float,
+    probs: torch.Tensor | None, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and row_sum [BH, N, 1], out [BH, N, d].
+
+    table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`_SortedItems.rows`).
+    out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it.
+    """
+    bh, n_items = row_max.shape[0], row_max.shape[1]
+    args = _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value)
+    if _state["lib"].lsh_cpu_forward(*args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out)) != 0:
+        raise MemoryError("lsh_cpu_forward: out of memory for its scratch buffers")
+
+
+def backward(
+    table: torch.Tensor, key_scale: torch.Tensor, rows: torch.Tensor, *, chunk: int, causal: bool,
+    mask_value: float, self_value: float,
+    probs: torch.Tensor | None, row_max: torch.Tensor, scale: torch.Tensor,
+    grad_out: torch.Tensor, grad_dot: torch.Tensor, grad_table: torch.Tensor,
+) -> None:
+    """Adds the chunked attention's gradient w.r.t. the table into grad_table [R, 2d].
+
+    probs [BH, N, 2c] as saved by `forward` (None: recomputed from row_max [BH, N, 1]); scale
+    [BH, N, 1] = w_t / row sum per item; grad_out [R, d] the gradient of the combined output;
+    grad_dot [R, 1] = dY . Y per row.
+    """
+    bh, n_items = row_max.shape[0], row_max.shape[1]
+    for name, x in (("scale", scale), ("grad_out", grad_out), ("grad_dot", grad_dot), ("grad_table", grad_table)):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    args = _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value)
+    code = _state["lib"].lsh_cpu_backward(
+        *args, _ptr(probs), _ptr(row_max), _ptr(scale), _ptr(grad_out), _ptr(grad_dot), _ptr(grad_table), table.shape[0]
+    )
+    if code != 0:
+        raise MemoryError("lsh_cpu_backward: out of memory for its scratch buffers")
+
+
+def buckets(rotated: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Angular-LSH buckets of rotated [..., sum(factors) // 2] -> [...] int64, as `hash_buckets` computes them.
+
+    Factor f's bucket is the argmax over concat([x, -x]) of its slice of the rotated values (ties to
+    the first index), combined as b_0 + factors[0] * (b_1 + factors[1] * ...). rotated must be contiguous, and
+    `available` true for it.
+    """
+    if not usable(rotated):
+        raise ValueError("buckets: rotated must be a contiguous float32 CPU tensor and the kernel loaded")
+    halves = (ctypes.c_int * len(factors))(*(f // 2 for f in factors))
+    out = torch.empty(rotated.shape[:-1], dtype=torch.int64)
+    _state["lib"].lsh_cpu_buckets(_ptr(rotated), out.numel(), rotated.shape[-1], halves, len(factors), _ptr(out))
+    return out
