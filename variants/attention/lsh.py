@@ -114,18 +114,16 @@ def hash_buckets(
             f"head_dim={qk.shape[3]}, n_hashes={n_hashes}, n_buckets={n_buckets}"
         )
     batch, heads, seq_len, _ = qk.shape
+    offsets = torch.arange(n_hashes, device=qk.device) * math.prod(factors)
+    if lsh_cpu.available(qk.device, qk.dtype) and qk.stride(-1) == 1:  # the fused CPU kernel
+        return lsh_cpu.hash_buckets(qk.detach(), rotations, factors) + offsets[:, None]
     buckets = torch.zeros(batch, heads, n_hashes, seq_len, dtype=torch.long, device=qk.device)
     rotations = rotations.to(qk.dtype)
     # Positions in slices so the rotated vectors (and their temporaries) stay bounded: at 1M tokens
     # they would be several GB at once.
     step = max(1, HASH_SLICE_ELEMENTS // (batch * heads * n_hashes * rotations.shape[-1]))
-    fused = lsh_cpu.available(qk.device, qk.dtype)
     for first in range(0, seq_len, step):
         positions = slice(first, first + step)
-        if fused:  # the C kernel's argmax; this einsum layout comes out contiguous
-            rotated = torch.einsum("bhld,hdnr->bhlnr", qk[:, :, positions].detach(), rotations).contiguous()
-            buckets[..., positions] = lsh_cpu.buckets(rotated, factors).transpose(2, 3)
-            continue
         rotated = torch.einsum("bhld,hdnr->bhnlr", qk[:, :, positions].detach(), rotations)
         start, product = 0, 1
         for factor in factors:
@@ -136,7 +134,6 @@ def hash_buckets(
             bucket = torch.where(high.values >= -low.values, high.indices, low.indices + factor // 2)
             buckets[..., positions] += product * bucket
             product *= factor
-    offsets = torch.arange(n_hashes, device=qk.device) * math.prod(factors)
     return buckets + offsets[:, None]
 
 
@@ -382,6 +379,34 @@ def _mask_arguments(dtype: torch.dtype) -> dict[str, float]:
     return dict(mask_value=mask_value, self_value=self_value)
 
 
+def _fused_forward_combining(
+    table: torch.Tensor, key_scale: torch.Tensor, items: _SortedItems, probs: torch.Tensor | None,
+    row_max: torch.Tensor, row_sum: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's forward with the rounds combined per position inside it.
+
+    Fills probs (when kept), row_max and row_sum [BH, N, 1]; returns the combined output
+    [B * L * H, d] and each item's scale w_t / row sum [BH, N, 1] for the backward, with
+    w_t = exp(z_t - M) / S from the position's largest logsumexp M and S = sum_r exp(z_r - M) (the
+    same normalisation by the sum as the ops path).
+    """
+    rows, d = table.shape[0], table.shape[1] // 2
+    bh, n_items = row_max.shape[:2]
+    combined = table.new_zeros(rows, d)
+    lse_max, lse_sum = table.new_full((rows,), -math.inf), table.new_zeros(rows)
+    lsh_cpu.forward(
+        table, key_scale, items.rows, chunk=items.chunk, causal=items.causal, **_mask_arguments(table.dtype),
+        probs=probs, row_max=row_max, row_sum=row_sum, out=None, combined=combined, lse_max=lse_max, lse_sum=lse_sum,
+    )
+    combined.div_(lse_sum.unsqueeze(-1))
+    scale = row_sum.reciprocal()
+    if items.n_hashes > 1:
+        item_rows = items.rows[:, items.chunk :]  # [BH, N] table row (position) of each sorted item
+        lse = row_max.view(bh, n_items) + row_sum.view(bh, n_items).log()
+        scale.mul_((torch.exp(lse - lse_max[item_rows]) / lse_sum[item_rows]).unsqueeze(-1))
+    return combined, scale
+
+
 class _LSHCore(torch.autograd.Function):
     """Chunked attention of the sorted items over their windows, combined over rounds.
 
@@ -407,37 +432,45 @@ class _LSHCore(torch.autograd.Function):
         d = table.shape[-1] // 2
         new = dict(dtype=table.dtype, device=table.device)
         key_scale = shared_qk_key_scale(table[:, :d]).to(table.dtype)  # autocast computes it in fp32
-        out = torch.empty(bh, n_items, d, **new)
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
         ctx.fused = lsh_cpu.usable(table) and items.chunk_of is None
-        if ctx.fused:
-            lsh_cpu.forward(
-                table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
-                probs=probs, row_max=row_max, row_sum=row_sum, out=out,
-            )
+        if ctx.fused and bh >= torch.get_num_threads():
+            # The kernel combines the rounds per position as it goes (no [BH, N, d] output buffer);
+            # M and S (largest logsumexp, sum of exp(z - M)) give each item's weight exp(z - M) / S.
+            combined, scale = _fused_forward_combining(table, key_scale, items, probs, row_max, row_sum)
         else:
-            gather = _BlockRows(items, table, key_scale)
-            for block in items.blocks():
-                _, qk, keys, v, _ = gather.gather(block)
-                target = items.sorted_slice(probs, block) if probs is not None else None
-                logits = _masked_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), out=target)
-                top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
-                torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
-                torch.bmm(logits, _windows(v, c), out=items.sorted_slice(out, block))
-        scale = row_sum.reciprocal()
-        if n_hashes > 1:
-            lse = (row_max + row_sum.log()).view(bh, n_items)
-            per_round = lse.gather(1, items.undo).view(bh, n_hashes, -1)
-            # Normalised by the sum rather than exp(lse - logsumexp): exact for rows whose max is ~ -1e5
-            # (only the self logit allowed), where fp32 cannot hold -1e5 + log(2) to 4e-3.
-            per_round = torch.exp(per_round - per_round.amax(dim=1, keepdim=True))
-            per_round /= per_round.sum(dim=1, keepdim=True)
-            scale.mul_(per_round.view(bh, n_items).gather(1, items.sort_idx).unsqueeze(-1))  # w_t in sorted order
+            out = torch.empty(bh, n_items, d, **new)
+            if ctx.fused:
+                lsh_cpu.forward(
+                    table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
+                    probs=probs, row_max=row_max, row_sum=row_sum, out=out,
+                )
+            else:
+                gather = _BlockRows(items, table, key_scale)
+                for block in items.blocks():
+                    _, qk, keys, v, _ = gather.gather(block)
+                    target = items.sorted_slice(probs, block) if probs is not None else None
+                    logits = _masked_logits(items, block, qk[:, c:].reshape(-1, c, d), _windows(keys, c), out=target)
+                    top = torch.amax(logits, dim=-1, keepdim=True, out=items.sorted_slice(row_max, block))
+                    torch.sum(logits.sub_(top).exp_(), dim=-1, keepdim=True, out=items.sorted_slice(row_sum, block))
+                    torch.bmm(logits, _windows(v, c), out=items.sorted_slice(out, block))
+            scale = row_sum.reciprocal()
+            if n_hashes > 1:
+                lse = (row_max + row_sum.log()).view(bh, n_items)
+                per_round = lse.gather(1, items.undo).view(bh, n_hashes, -1)
+                # Normalised by the sum rather than exp(lse - logsumexp): exact for rows whose max is ~ -1e5
+                # (only the self logit allowed), where fp32 cannot hold -1e5 + log(2) to 4e-3.
+                per_round = torch.exp(per_round - per_round.amax(dim=1, keepdim=True))
+                per_round /= per_round.sum(dim=1, keepdim=True)
+                scale.mul_(per_round.view(bh, n_items).gather(1, items.sort_idx).unsqueeze(-1))  # w_t in sorted order
+            if ctx.fused:
+                combined = lsh_cpu.combine(out, scale, items.undo, batch=bh // items.heads, heads=items.heads, seq_len=items.seq_len)
+            else:
+                combined = _unsort(out.mul_(scale), items)
+            del out
         del row_sum
-        combined = _unsort(out.mul_(scale), items)
-        del out
         ctx.items = items
         # Without save_probs the output is not kept either: backward recomputes dY . Y (one more pass).
         ctx.save_for_backward(table, key_scale, combined if items.save_probs else None, row_max, scale, probs)

@@ -9,6 +9,7 @@
  *   probs     [BH, N, 2c]  exp(logit - row max), unnormalised (NULL: not kept / recomputed)
  *   row_max, row_sum, scale [BH, N]; out [BH, N, d] (unnormalised E @ V)
  *   grad_out  [R, d], grad_dot [R] (dY . Y per row); grad_table [R, 2d] (accumulated into)
+ *   combined  [R, d], lse_max, lse_sum [R]: the rounds combined per position on the fly (instead of out)
  * Logits are q . k with k = s * qk; a key whose row is the query's own gets self_value, with causal a
  * later key (larger row: rows grow with the position within a head) gets mask_value.
  *
@@ -21,6 +22,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 /* glibc's vector expf (libmvec), which its headers declare only under -ffast-math; that flag is
  * avoided because it would set flush-to-zero for the whole process (crtfastmath). */
@@ -29,13 +33,16 @@ float expf(float) __attribute__((simd("notinbranch")));
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
 typedef int (*local_threads_fn)(const int *);
+typedef void (*thread_free_fn)(void);
 
 static sgemm_fn blas_sgemm;
 static local_threads_fn blas_local_threads; /* MKL's mkl_set_num_threads_local_ (optional) */
+static thread_free_fn blas_thread_free;     /* MKL's per-thread buffer release (optional) */
 
-int lsh_cpu_init(void *sgemm, void *local_threads) {
+int lsh_cpu_init(void *sgemm, void *local_threads, void *thread_free) {
     blas_sgemm = (sgemm_fn)sgemm;
     blas_local_threads = (local_threads_fn)local_threads;
+    blas_thread_free = (thread_free_fn)thread_free;
     return blas_sgemm != NULL ? 0 : 1;
 }
 
@@ -53,6 +60,7 @@ typedef struct {
     int c, d, causal, stretch, n_threads;
     float mask_value, self_value;
     float *probs, *row_max, *row_sum, *out;                   /* forward */
+    float *combined, *lse_max, *lse_sum;                       /* forward, rounds combined on the fly */
     const float *grad_out, *grad_dot, *scale;                  /* backward */
     float *grad_table;
 } Problem;
@@ -167,12 +175,55 @@ static void single_blas_thread(void) {
     if (blas_local_threads) blas_local_threads(&one);
 }
 
+/* MKL keeps per-thread work buffers until told otherwise: without this every call's threads would
+ * leave theirs behind (measured: resident memory grew with every step). */
+static void release_blas_thread(void) {
+    if (blas_thread_free) blas_thread_free();
+}
+
 /* The next stretch of a task: its head, first chunk and number of chunks (never across heads). */
 static int64_t next_stretch(const Task *t, int64_t flat, int64_t *bh, int64_t *g0) {
     const int64_t n_chunks = t->p->n_items / t->p->c;
     *bh = flat / n_chunks, *g0 = flat % n_chunks;
     int64_t count = n_chunks - *g0 < t->p->stretch ? n_chunks - *g0 : t->p->stretch;
     return count < t->last - flat ? count : t->last - flat;
+}
+
+/* Adds a chunk's outputs o [c, d] (E @ V, unnormalised) into its positions' running combination over
+ * rounds: with z the item's logsumexp, M the largest z so far and S the sum of exp(z - M), combined
+ * holds the sum of exp(z - M) o / row sum (rescaled whenever M grows). At the end combined / S is
+ * sum_r softmax_r(z) o_r, and M, S give every item's weight exp(z - M) / S. */
+static void combine_rounds(const Problem *p, const int64_t *query_rows, int64_t item, const float *o) {
+    const int c = p->c, d = p->d;
+    for (int i = 0; i < c; i++) {
+        const int64_t row = query_rows[i];
+        const float z = p->row_max[item + i] + logf(p->row_sum[item + i]), top = p->lse_max[row];
+        float *acc = p->combined + row * d, w;
+        if (z > top) { /* a new largest z: rescale what is there (nothing yet when top is -inf) */
+            const float shrink = expf(top - z);
+            for (int j = 0; j < d; j++) acc[j] *= shrink;
+            p->lse_sum[row] *= shrink;
+            p->lse_max[row] = z;
+            w = 1.0f;
+        } else {
+            w = expf(z - top);
+        }
+        p->lse_sum[row] += w;
+        const float scale = w / p->row_sum[item + i], *oi = o + (int64_t)i * d;
+        for (int j = 0; j < d; j++) acc[j] += scale * oi[j];
+    }
+}
+
+/* dst[0..n) = src[0..n) without reading dst's lines first or keeping them in cache (the kept
+ * probabilities are read again only in backward): x86 non-temporal stores when dst is 32-byte aligned. */
+static void store_streaming(float *dst, const float *src, int64_t n) {
+#if defined(__AVX__)
+    if (((uintptr_t)dst & 31) == 0 && n % 8 == 0) {
+        for (int64_t j = 0; j < n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+        return;
+    }
+#endif
+    memcpy(dst, src, n * sizeof(float));
 }
 
 static void *forward_task(void *arg) {
@@ -192,13 +243,23 @@ static void *forward_task(void *arg) {
         gather_span(p, span_rows, (int)(count + 1) * c, s.qkv, s.keys, s.span);
         for (int64_t l = 0; l < count; l++) {
             const int64_t item = bh * p->n_items + (g0 + l) * c;
-            float *x = p->probs ? p->probs + item * 2 * c : s.tile;
+            float *x = s.tile; /* the tile stays in cache; the kept copy is streamed out below */
             chunk_exp_logits(p, s.qkv + (l + 1) * c * 2 * d, s.keys + l * c * d, s.span + l * c, x, NULL,
                              p->row_max + item, p->row_sum + item);
-            gemm('N', 'N', c, d, 2 * c, x, 2 * c, s.qkv + l * c * 2 * d + d, 2 * d, 0.0f, p->out + item * d, d);
+            if (p->probs) store_streaming(p->probs + item * 2 * c, x, (int64_t)c * 2 * c);
+            if (!p->combined) {
+                gemm('N', 'N', c, d, 2 * c, x, 2 * c, s.qkv + l * c * 2 * d + d, 2 * d, 0.0f, p->out + item * d, d);
+                continue;
+            }
+            gemm('N', 'N', c, d, 2 * c, x, 2 * c, s.qkv + l * c * 2 * d + d, 2 * d, 0.0f, s.d_out, d);
+            combine_rounds(p, span_rows + (l + 1) * c, item, s.d_out);
         }
     }
+#if defined(__AVX__)
+    _mm_sfence(); /* the streamed stores are visible to whoever reads probs next */
+#endif
     scratch_free(&s);
+    release_blas_thread();
     return NULL;
 }
 
@@ -274,18 +335,23 @@ static void *backward_task(void *arg) {
         add_span_grads(p, span_rows, span, &s, t->grad_table);
     }
     scratch_free(&s);
+    release_blas_thread();
     return NULL;
 }
 
-/* Runs fn over n_threads tasks. Split by whole heads (disjoint table rows) when there are at least
- * as many heads as threads; otherwise by chunks, threads after the first accumulating into private
- * gradient tables that are summed at the end. Returns 0, or 1 when memory ran out. */
+/* Runs fn over n_threads tasks. Work that adds into rows (a backward, or a forward combining rounds)
+ * splits by whole heads, whose rows are disjoint, when there are at least as many heads as threads
+ * (a combining forward always: it runs on fewer threads otherwise). A backward with fewer heads than
+ * threads splits by chunks, threads after the first adding into private gradient tables that are
+ * summed at the end. A plain forward splits by chunks. Returns 0, or 1 when memory ran out. */
 static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t table_rows) {
     const int64_t n_chunks = p->n_items / p->c, total = p->bh * n_chunks;
     int n = p->n_threads < 1 ? 1 : p->n_threads;
     if (n > 64) n = 64;
     if (n > total) n = (int)total;
-    const int by_heads = !backward || p->bh >= n;
+    if (!backward && p->combined && n > p->bh) n = (int)p->bh;
+    const int by_heads = backward ? p->bh >= n : p->combined != NULL;
+    const int private_tables = backward && !by_heads;
     Task tasks[64];
     pthread_t threads[64];
     int status = 0;
@@ -293,14 +359,14 @@ static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t ta
         tasks[i].p = p;
         tasks[i].status = 0;
         tasks[i].grad_table = p->grad_table;
-        if (by_heads && backward) {
+        if (by_heads) {
             tasks[i].first = p->bh * i / n * n_chunks;
             tasks[i].last = p->bh * (i + 1) / n * n_chunks;
         } else {
             tasks[i].first = total * i / n;
             tasks[i].last = total * (i + 1) / n;
         }
-        if (!by_heads && i > 0) {
+        if (private_tables && i > 0) {
             tasks[i].grad_table = calloc((size_t)table_rows * 2 * p->d, sizeof(float));
             if (!tasks[i].grad_table) status = 1;
         }
@@ -312,8 +378,8 @@ static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t ta
             if (tasks[i].status != 2) pthread_join(threads[i], NULL);
         for (int i = 0; i < n; i++) status |= tasks[i].status;
     }
-    for (int i = 1; i < n; i++) {
-        if (by_heads || !tasks[i].grad_table) continue;
+    for (int i = 1; private_tables && i < n; i++) {
+        if (!tasks[i].grad_table) continue;
         if (status == 0)
             for (int64_t j = 0; j < table_rows * 2 * p->d; j++) p->grad_table[j] += tasks[i].grad_table[j];
         free(tasks[i].grad_table);
@@ -321,12 +387,15 @@ static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t ta
     return status;
 }
 
-/* Forward of every chunk: probs (when not NULL), row_max, row_sum and out. Returns 0 on success. */
+/* Forward of every chunk: probs (when not NULL), row_max, row_sum, and either out or (combined not
+ * NULL) the running combination over rounds: combined, lse_max, lse_sum, initialised by the caller
+ * to 0, -inf and 0. Returns 0 on success. */
 int lsh_cpu_forward(const float *table, const float *key_scale, const int64_t *rows, int64_t bh, int64_t n_items,
                     int c, int d, int causal, float mask_value, float self_value, int stretch, int n_threads,
-                    float *probs, float *row_max, float *row_sum, float *out) {
+                    float *probs, float *row_max, float *row_sum, float *out, float *combined, float *lse_max,
+                    float *lse_sum) {
     Problem p = {table, key_scale, rows, bh, n_items, c, d, causal, stretch, n_threads, mask_value, self_value,
-                 probs, row_max, row_sum, out, NULL, NULL, NULL, NULL};
+                 probs, row_max, row_sum, out, combined, lse_max, lse_sum, NULL, NULL, NULL, NULL};
     return run_threads(&p, forward_task, 0, 0);
 }
 
@@ -336,27 +405,144 @@ int lsh_cpu_backward(const float *table, const float *key_scale, const int64_t *
                      const float *probs, const float *row_max, const float *scale, const float *grad_out,
                      const float *grad_dot, float *grad_table, int64_t table_rows) {
     Problem p = {table, key_scale, rows, bh, n_items, c, d, causal, stretch, n_threads, mask_value, self_value,
-                 (float *)probs, (float *)row_max, NULL, NULL, grad_out, grad_dot, scale, grad_table};
+                 (float *)probs, (float *)row_max, NULL, NULL, NULL, NULL, NULL, grad_out, grad_dot, scale, grad_table};
     return run_threads(&p, backward_task, 1, table_rows);
 }
 
-/* Angular-LSH buckets: for each of n_vectors rows of rotated [n_vectors, width], factor f's bucket is
- * the argmax over concat([x, -x]) of its slice of halves[f] columns (ties to the first index, as
- * argmax), and bucket = b_0 + 2 halves[0] (b_1 + 2 halves[1] (...)). out [n_vectors]. */
-void lsh_cpu_buckets(const float *rotated, int64_t n_vectors, int width, const int *halves, int n_factors, int64_t *out) {
-    for (int64_t v = 0; v < n_vectors; v++) {
-        const float *x = rotated + v * width;
-        int64_t bucket = 0, product = 1;
-        for (int f = 0, start = 0; f < n_factors; start += halves[f], f++) {
-            const float *part = x + start;
-            int high = 0, low = 0;
-            for (int j = 1; j < halves[f]; j++) {
-                high = part[j] > part[high] ? j : high;
-                low = part[j] < part[low] ? j : low;
-            }
-            bucket += product * (part[high] >= -part[low] ? high : low + halves[f]);
-            product *= 2 * halves[f];
+/* Bucket of one rotated vector x [sum(halves)]: factor f's bucket is the argmax over concat([x_f, -x_f])
+ * of its slice x_f of halves[f] values (ties to the first index, as argmax), and the bucket is
+ * b_0 + 2 halves[0] (b_1 + 2 halves[1] (...)). */
+static int64_t bucket_of(const float *x, const int *halves, int n_factors) {
+    int64_t bucket = 0, product = 1;
+    for (int f = 0, start = 0; f < n_factors; start += halves[f], f++) {
+        const float *part = x + start;
+        int high = 0, low = 0;
+        for (int j = 1; j < halves[f]; j++) {
+            high = part[j] > part[high] ? j : high;
+            low = part[j] < part[low] ? j : low;
         }
-        out[v] = bucket;
+        bucket += product * (part[high] >= -part[low] ? high : low + halves[f]);
+        product *= 2 * halves[f];
     }
+    return bucket;
+}
+
+/* Positions hashed per matmul: the [HASH_BLOCK, n_hashes * sum(halves)] rotated tile stays in cache. */
+#define HASH_BLOCK 256
+
+typedef struct {
+    const float *qk, *rotations;
+    int64_t stride_b, stride_h, stride_l, batch, heads, seq_len;
+    int d, n_hashes, n_factors, width, n_threads;
+    const int *halves;
+    int64_t *out;
+} HashProblem;
+
+typedef struct {
+    const HashProblem *p;
+    int64_t first, last; /* range of (batch * heads * position blocks) */
+    int status;
+} HashTask;
+
+static void *hash_task(void *arg) {
+    HashTask *t = arg;
+    const HashProblem *p = t->p;
+    const int d = p->d, columns = p->n_hashes * p->width;
+    const int64_t blocks = (p->seq_len + HASH_BLOCK - 1) / HASH_BLOCK;
+    float *q = malloc((size_t)HASH_BLOCK * d * sizeof(float)), *rotated = malloc((size_t)HASH_BLOCK * columns * sizeof(float));
+    single_blas_thread();
+    if (!q || !rotated) t->status = 1;
+    for (int64_t unit = t->first; unit < t->last && !t->status; unit++) {
+        const int64_t bh = unit / blocks, b = bh / p->heads, h = bh % p->heads, first = unit % blocks * HASH_BLOCK;
+        const int n = (int)(p->seq_len - first < HASH_BLOCK ? p->seq_len - first : HASH_BLOCK);
+        const float *src = p->qk + b * p->stride_b + h * p->stride_h + first * p->stride_l;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < d; j++) q[i * d + j] = src[i * p->stride_l + j];
+        gemm('N', 'N', n, columns, d, q, d, p->rotations + h * d * columns, columns, 0.0f, rotated, columns);
+        for (int i = 0; i < n; i++)
+            for (int r = 0; r < p->n_hashes; r++)
+                p->out[(bh * p->n_hashes + r) * p->seq_len + first + i] =
+                    bucket_of(rotated + (int64_t)i * columns + r * p->width, p->halves, p->n_factors);
+    }
+    free(q), free(rotated);
+    release_blas_thread();
+    return NULL;
+}
+
+/* Angular-LSH buckets of qk (element (b, h, l, j) at qk[b stride_b + h stride_h + l stride_l + j], j < d)
+ * with rotations [heads, d, n_hashes, sum(halves)] (contiguous): out [batch, heads, n_hashes, seq_len],
+ * without the round offsets. Returns 0, or 1 when memory ran out. */
+int lsh_cpu_hash(const float *qk, int64_t stride_b, int64_t stride_h, int64_t stride_l, int64_t batch, int64_t heads,
+                 int64_t seq_len, int d, const float *rotations, int n_hashes, const int *halves, int n_factors,
+                 int n_threads, int64_t *out) {
+    int width = 0;
+    for (int f = 0; f < n_factors; f++) width += halves[f];
+    HashProblem p = {qk, rotations, stride_b, stride_h, stride_l, batch, heads, seq_len,
+                     d, n_hashes, n_factors, width, n_threads, halves, out};
+    const int64_t total = batch * heads * ((seq_len + HASH_BLOCK - 1) / HASH_BLOCK);
+    int n = n_threads < 1 ? 1 : n_threads > 64 ? 64 : n_threads, status = 0;
+    if (n > total) n = (int)total;
+    HashTask tasks[64];
+    pthread_t threads[64];
+    for (int i = 0; i < n; i++) {
+        tasks[i] = (HashTask){&p, total * i / n, total * (i + 1) / n, 0};
+        if (pthread_create(&threads[i], NULL, hash_task, &tasks[i])) tasks[i].status = 2;
+    }
+    for (int i = 0; i < n; i++) {
+        if (tasks[i].status != 2) pthread_join(threads[i], NULL);
+        status |= tasks[i].status;
+    }
+    return status;
+}
+
+typedef struct {
+    const float *out, *scale;
+    const int64_t *undo;
+    int64_t heads, seq_len, first, last;
+    int n_hashes, d;
+    float *combined;
+} CombineTask;
+
+static void *combine_task(void *arg) {
+    CombineTask *t = arg;
+    const int64_t n_items = t->n_hashes * t->seq_len;
+    const int d = t->d;
+    for (int64_t row = t->first; row < t->last; row++) {
+        const int64_t h = row % t->heads, position = row / t->heads % t->seq_len, b = row / (t->heads * t->seq_len);
+        const int64_t base = (b * t->heads + h) * n_items;
+        float *acc = t->combined + row * d;
+        if (row + 2 < t->last) { /* the next rows' items, a row ahead */
+            const int64_t h2 = (row + 2) % t->heads, p2 = (row + 2) / t->heads % t->seq_len;
+            const int64_t b2 = (row + 2) / (t->heads * t->seq_len), base2 = (b2 * t->heads + h2) * n_items;
+            for (int r = 0; r < t->n_hashes; r++)
+                prefetch_bytes(t->out + (base2 + t->undo[base2 + r * t->seq_len + p2]) * d, d * sizeof(float), 0);
+        }
+        for (int j = 0; j < d; j++) acc[j] = 0.0f;
+        for (int r = 0; r < t->n_hashes; r++) {
+            const int64_t item = base + t->undo[base + r * t->seq_len + position];
+            const float w = t->scale[item], *o = t->out + item * d;
+            for (int j = 0; j < d; j++) acc[j] += w * o[j];
+        }
+    }
+    return NULL;
+}
+
+/* Combine over rounds and unsort: combined [B * L * H, d], row (b * L + position) * H + h, is the sum
+ * over rounds r of scale[i] * out[i] for i = undo[b * H + h, r * L + position] (sorted index) of
+ * out [BH, N, d], scale [BH, N]. */
+void lsh_cpu_combine(const float *out, const float *scale, const int64_t *undo, int64_t batch, int64_t heads,
+                     int64_t seq_len, int n_hashes, int d, int n_threads, float *combined) {
+    const int64_t rows = batch * seq_len * heads;
+    int n = n_threads < 1 ? 1 : n_threads > 64 ? 64 : n_threads;
+    if (n > rows) n = (int)rows;
+    CombineTask tasks[64];
+    pthread_t threads[64];
+    int started[64];
+    for (int i = 0; i < n; i++) {
+        tasks[i] = (CombineTask){out, scale, undo, heads, seq_len, rows * i / n, rows * (i + 1) / n, n_hashes, d, combined};
+        started[i] = pthread_create(&threads[i], NULL, combine_task, &tasks[i]) == 0;
+        if (!started[i]) combine_task(&tasks[i]); /* no thread: do its share here */
+    }
+    for (int i = 0; i < n; i++)
+        if (started[i]) pthread_join(threads[i], NULL);
 }

@@ -78,8 +78,9 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _blas_symbols() -> tuple[int, int | None]:
-    """Addresses of sgemm_ and (MKL) mkl_set_num_threads_local_ in torch's CPU library."""
+def _blas_symbols() -> tuple[int, int | None, int | None]:
+    """Addresses of sgemm_ and (MKL, else None) mkl_set_num_threads_local_ and the per-thread buffer
+    release mkl_serv_thread_free_buffers in torch's CPU library."""
     lib_dir = Path(torch.__file__).parent / "lib"
     candidates = sorted(lib_dir.glob("libtorch_cpu.*")) + sorted(lib_dir.glob("libtorch.*"))
     for path in candidates:
@@ -91,11 +92,13 @@ def _blas_symbols() -> tuple[int, int | None]:
             sgemm = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
         except AttributeError:
             continue
-        try:
-            local = ctypes.cast(lib.mkl_set_num_threads_local_, ctypes.c_void_p).value
-        except AttributeError:
-            local = None
-        return sgemm, local
+        optional = []
+        for name in ("mkl_set_num_threads_local_", "mkl_serv_thread_free_buffers"):
+            try:
+                optional.append(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+            except AttributeError:
+                optional.append(None)
+        return sgemm, *optional
     raise RuntimeError(f"no sgemm_ in torch's libraries under {lib_dir}")
 
 
@@ -104,15 +107,16 @@ def _load() -> ctypes.CDLL:
     if not compiler:
         raise RuntimeError("no C compiler (set CC, or install cc / gcc)")
     lib = ctypes.CDLL(str(_build(compiler)))
-    sgemm, local_threads = _blas_symbols()
-    if lib.lsh_cpu_init(ctypes.c_void_p(sgemm), ctypes.c_void_p(local_threads)) != 0:
+    sgemm, local_threads, thread_free = _blas_symbols()
+    if lib.lsh_cpu_init(ctypes.c_void_p(sgemm), ctypes.c_void_p(local_threads), ctypes.c_void_p(thread_free)) != 0:
         raise RuntimeError("lsh_cpu_init failed")
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     common = [ptr, ptr, ptr, i64, i64, i32, i32, i32, f32, f32, i32, i32]
-    lib.lsh_cpu_forward.argtypes = common + [ptr, ptr, ptr, ptr]
+    lib.lsh_cpu_forward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.lsh_cpu_backward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, i64]
-    lib.lsh_cpu_buckets.argtypes = [ptr, i64, i32, ptr, i32, ptr]
-    lib.lsh_cpu_buckets.restype = None
+    lib.lsh_cpu_hash.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i32, ptr, i32, ptr, i32, i32, ptr]
+    lib.lsh_cpu_combine.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, ptr]
+    lib.lsh_cpu_combine.restype = None
     return lib
 
 
@@ -160,17 +164,30 @@ def _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self
 def forward(
     table: torch.Tensor, key_scale: torch.Tensor, rows: torch.Tensor, *, chunk: int, causal: bool,
     mask_value: float, self_value: float,
-    probs: torch.Tensor | None, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor,
+    probs: torch.Tensor | None, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor | None,
+    combined: torch.Tensor | None = None, lse_max: torch.Tensor | None = None, lse_sum: torch.Tensor | None = None,
 ) -> None:
-    """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and row_sum [BH, N, 1], out [BH, N, d].
+    """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and row_sum [BH, N, 1], and out [BH, N, d].
 
     table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`_SortedItems.rows`).
-    out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it.
+    out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it. With combined
+    [R, d], lse_max and lse_sum [R] (initialised to 0, -inf, 0) instead of out, the rounds are
+    combined per position on the fly: combined = sum_t exp(z_t - M) o_t / row sum_t, lse_max = M
+    (the largest logsumexp z), lse_sum = S = sum_t exp(z_t - M); combined / S is the output. Then
+    the work splits by heads (at most one thread per head).
     """
     bh, n_items = row_max.shape[0], row_max.shape[1]
+    if (out is None) == (combined is None):
+        raise ValueError("forward: give either out or combined (with lse_max and lse_sum)")
+    for name, x in (("out", out), ("combined", combined), ("lse_max", lse_max), ("lse_sum", lse_sum)):
+        if x is not None and not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
     args = _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value)
-    if _state["lib"].lsh_cpu_forward(*args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out)) != 0:
-        raise MemoryError("lsh_cpu_forward: out of memory for its scratch buffers")
+    code = _state["lib"].lsh_cpu_forward(
+        *args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out), _ptr(combined), _ptr(lse_max), _ptr(lse_sum)
+    )
+    if code != 0:
+        raise MemoryError("lsh_cpu_forward: out of memory for its scratch buffers (or no thread could start)")
 
 
 def backward(
@@ -194,19 +211,48 @@ def backward(
         *args, _ptr(probs), _ptr(row_max), _ptr(scale), _ptr(grad_out), _ptr(grad_dot), _ptr(grad_table), table.shape[0]
     )
     if code != 0:
-        raise MemoryError("lsh_cpu_backward: out of memory for its scratch buffers")
+        raise MemoryError("lsh_cpu_backward: out of memory for its scratch buffers (or no thread could start)")
 
 
-def buckets(rotated: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
-    """Angular-LSH buckets of rotated [..., sum(factors) // 2] -> [...] int64, as `hash_buckets` computes them.
 
-    Factor f's bucket is the argmax over concat([x, -x]) of its slice of the rotated values (ties to
-    the first index), combined as b_0 + factors[0] * (b_1 + factors[1] * ...). rotated must be contiguous, and
-    `available` true for it.
+def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """Angular-LSH buckets of qk [batch, heads, seq_len, d] (any strides, last one 1) -> [batch, heads, n_hashes, seq_len].
+
+    rotations [heads, d, n_hashes, sum(factors) // 2]. As `lsh.hash_buckets` without the round
+    offsets: factor f's bucket is the argmax over concat([x, -x]) of its slice of the rotated values
+    (ties to the first index), combined as b_0 + factors[0] * (b_1 + factors[1] * ...). The rotated
+    values are made a block of positions at a time (one matmul each) and never stored.
     """
-    if not usable(rotated):
-        raise ValueError("buckets: rotated must be a contiguous float32 CPU tensor and the kernel loaded")
+    if not available(qk.device, qk.dtype) or qk.stride(-1) != 1:
+        raise ValueError("hash_buckets: qk must be float32 on CPU with a contiguous last dimension, and the kernel loaded")
+    batch, heads, seq_len, d = qk.shape
+    n_hashes = rotations.shape[2]
+    rotations = rotations.to(torch.float32).contiguous()
     halves = (ctypes.c_int * len(factors))(*(f // 2 for f in factors))
-    out = torch.empty(rotated.shape[:-1], dtype=torch.int64)
-    _state["lib"].lsh_cpu_buckets(_ptr(rotated), out.numel(), rotated.shape[-1], halves, len(factors), _ptr(out))
+    out = torch.empty(batch, heads, n_hashes, seq_len, dtype=torch.int64)
+    stride_b, stride_h, stride_l, _ = qk.stride()
+    code = _state["lib"].lsh_cpu_hash(
+        _ptr(qk), stride_b, stride_h, stride_l, batch, heads, seq_len, d, _ptr(rotations), n_hashes, halves,
+        len(factors), torch.get_num_threads(), _ptr(out),
+    )
+    if code != 0:
+        raise MemoryError("lsh_cpu_hash: out of memory for its scratch buffers")
     return out
+
+
+def combine(out: torch.Tensor, scale: torch.Tensor, undo: torch.Tensor, *, batch: int, heads: int, seq_len: int) -> torch.Tensor:
+    """Rounds combined and unsorted: out [BH, N, d] (sorted items), scale [BH, N, 1], undo [BH, N] -> [B * L * H, d].
+
+    Row (b * L + position) * H + h is the sum over rounds r of scale[i] * out[i] at the sorted index
+    i = undo[b * H + h, r * L + position]: `_unsort(out * scale)` of lsh.py in one pass, without
+    scaling out in place or a gather per round.
+    """
+    for name, x in (("out", out), ("scale", scale), ("undo", undo)):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    n_hashes, d = undo.shape[1] // seq_len, out.shape[-1]
+    combined = out.new_empty(batch * seq_len * heads, d)
+    _state["lib"].lsh_cpu_combine(
+        _ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, torch.get_num_threads(), _ptr(combined)
+    )
+    return combined
