@@ -105,7 +105,7 @@ def test_thread_counts_agree(threads):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
 @pytest.mark.parametrize("factors", [(8,), (4, 6), (16, 32)])
 def test_fused_buckets_equal_argmax_with_ties(factors):
-    qk = randn(2, 3, 40, 8, seed=70).float()
+    qk = randn(2, 3, 45, 8, seed=70).float()  # 45: a tail of positions past the last group of eight
     qk[0, 1, :5] = 0.0  # every rotation ties: argmax takes the first index
     rotations = randn(3, 8, 2, sum(factors) // 2, seed=71).float()
     rotated = torch.einsum("bhld,hdnr->bhnlr", qk, rotations)
@@ -144,3 +144,21 @@ def test_build_is_cached_by_content(monkeypatch, fresh_state, tmp_path):
     monkeypatch.setattr(lsh_cpu, "_state", {})
     lsh_cpu.status()
     assert list(tmp_path.glob("*")) == built  # loaded again, not rebuilt (no temporaries left either)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_counting_sort_equals_argsort_of_bucket_then_position():
+    batch, heads, n_hashes, seq_len, chunk, per_round = 2, 3, 3, 40, 8, 6
+    generator = torch.Generator().manual_seed(72)
+    buckets = torch.randint(0, per_round, (batch * heads, n_hashes, seq_len), generator=generator)  # many ties
+    buckets += per_round * torch.arange(n_hashes).view(1, n_hashes, 1)
+    buckets = buckets.view(batch * heads, -1)
+    sort_idx, undo, rows = lsh_cpu.sort_items(buckets, n_buckets=n_hashes * per_round, heads=heads, seq_len=seq_len, chunk=chunk)
+
+    position = torch.arange(seq_len).repeat(n_hashes)
+    expected = torch.tensor([sorted(range(buckets.shape[1]), key=lambda i: (int(b[i]), int(position[i]))) for b in buckets])
+    torch.testing.assert_close(sort_idx, expected, rtol=0, atol=0)
+    torch.testing.assert_close(undo.gather(1, sort_idx), torch.arange(buckets.shape[1]).expand_as(undo), rtol=0, atol=0)
+    head = torch.arange(batch * heads).unsqueeze(1)
+    table_rows = ((head // heads) * seq_len + expected % seq_len) * heads + head % heads
+    torch.testing.assert_close(rows, torch.cat([table_rows[:, -chunk:], table_rows], 1), rtol=0, atol=0)

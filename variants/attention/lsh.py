@@ -391,19 +391,14 @@ def _fused_forward_combining(
     same normalisation by the sum as the ops path).
     """
     rows, d = table.shape[0], table.shape[1] // 2
-    bh, n_items = row_max.shape[:2]
     combined = table.new_zeros(rows, d)
     lse_max, lse_sum = table.new_full((rows,), -math.inf), table.new_zeros(rows)
+    scale = torch.empty_like(row_max)
     lsh_cpu.forward(
         table, key_scale, items.rows, chunk=items.chunk, causal=items.causal, **_mask_arguments(table.dtype),
         probs=probs, row_max=row_max, row_sum=row_sum, out=None, combined=combined, lse_max=lse_max, lse_sum=lse_sum,
+        item_scale=scale, seq_len=items.seq_len,
     )
-    combined.div_(lse_sum.unsqueeze(-1))
-    scale = row_sum.reciprocal()
-    if items.n_hashes > 1:
-        item_rows = items.rows[:, items.chunk :]  # [BH, N] table row (position) of each sorted item
-        lse = row_max.view(bh, n_items) + row_sum.view(bh, n_items).log()
-        scale.mul_((torch.exp(lse - lse_max[item_rows]) / lse_sum[item_rows]).unsqueeze(-1))
     return combined, scale
 
 
@@ -616,20 +611,26 @@ def lsh_attention_packed(
     with torch.no_grad(), record_function("lsh/hash"):
         buckets = hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
     with torch.no_grad(), record_function("lsh/sort"):
-        # One sort for all rounds. bucket * seq_len + position is unique and orders items by
-        # (bucket, position), i.e. a stable sort of the buckets, so an unstable sort suffices.
-        position = torch.arange(seq_len, device=device).repeat(n_hashes)
-        sort_idx = (buckets * seq_len + position).argsort(dim=-1)  # item ids r * L + position
-        del buckets, position
-        head = torch.arange(bh, device=device).unsqueeze(1)
-        rows = ((head // heads) * seq_len + sort_idx % seq_len) * heads + head % heads
-        undo = torch.empty_like(sort_idx)
-        undo.scatter_(1, sort_idx, torch.arange(n_items, device=device).expand_as(sort_idx))
+        # One sort for all rounds, by (bucket, position): a stable sort of the buckets.
+        if lsh_cpu.available(device, packed.dtype):  # one counting sort per head in the CPU kernel
+            n_round = math.prod(factors)
+            sort_idx, undo, rows = lsh_cpu.sort_items(buckets, n_buckets=n_hashes * n_round, heads=heads, seq_len=seq_len, chunk=c)
+        else:
+            # bucket * seq_len + position is unique, so an unstable sort suffices.
+            position = torch.arange(seq_len, device=device).repeat(n_hashes)
+            sort_idx = (buckets * seq_len + position).argsort(dim=-1)  # item ids r * L + position
+            del position
+            head = torch.arange(bh, device=device).unsqueeze(1)
+            rows = ((head // heads) * seq_len + sort_idx % seq_len) * heads + head % heads
+            rows = torch.cat([rows[:, -c:], rows], dim=1)  # last chunk first: the cyclic look-back
+            undo = torch.empty_like(sort_idx)
+            undo.scatter_(1, sort_idx, torch.arange(n_items, device=device).expand_as(sort_idx))
+        del buckets
         chunk_of = None
         if dup_correction:
             chunk_of = (undo // c).view(batch, heads, n_hashes, seq_len).permute(0, 3, 1, 2).reshape(-1, n_hashes)
     items = _SortedItems(
-        rows=torch.cat([rows[:, -c:], rows], dim=1),  # last chunk first: the cyclic look-back
+        rows=rows,
         undo=undo,
         sort_idx=sort_idx,
         heads=heads,

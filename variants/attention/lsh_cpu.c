@@ -60,7 +60,8 @@ typedef struct {
     int c, d, causal, stretch, n_threads;
     float mask_value, self_value;
     float *probs, *row_max, *row_sum, *out;                   /* forward */
-    float *combined, *lse_max, *lse_sum;                       /* forward, rounds combined on the fly */
+    float *combined, *lse_max, *lse_sum, *item_scale;          /* forward, rounds combined on the fly */
+    int64_t seq_len;
     const float *grad_out, *grad_dot, *scale;                  /* backward */
     float *grad_table;
 } Problem;
@@ -226,6 +227,23 @@ static void store_streaming(float *dst, const float *src, int64_t n) {
     memcpy(dst, src, n * sizeof(float));
 }
 
+/* A head's combination finished: combined / S for its positions, and each item's scale
+ * w_t / row sum_t with w_t = exp(z_t - M) / S (M, S of the item's position). Round 0's items (sorted
+ * indices 0 .. L) are the head's positions, each once. */
+static void finish_head(const Problem *p, int64_t bh) {
+    const int64_t *rows = p->rows + bh * (p->n_items + p->c) + p->c;
+    for (int64_t k = 0; k < p->n_items; k++) {
+        const int64_t item = bh * p->n_items + k, row = rows[k];
+        const float z = p->row_max[item] + logf(p->row_sum[item]);
+        p->item_scale[item] = expf(z - p->lse_max[row]) / p->lse_sum[row] / p->row_sum[item];
+    }
+    for (int64_t k = 0; k < p->seq_len; k++) {
+        float *acc = p->combined + rows[k] * p->d;
+        const float inverse = 1.0f / p->lse_sum[rows[k]];
+        for (int j = 0; j < p->d; j++) acc[j] *= inverse;
+    }
+}
+
 static void *forward_task(void *arg) {
     Task *t = arg;
     const Problem *p = t->p;
@@ -255,6 +273,8 @@ static void *forward_task(void *arg) {
             combine_rounds(p, span_rows + (l + 1) * c, item, s.d_out);
         }
     }
+    if (p->combined) /* this thread's heads are complete: finish them */
+        for (int64_t bh = t->first / (p->n_items / c); bh < t->last / (p->n_items / c); bh++) finish_head(p, bh);
 #if defined(__AVX__)
     _mm_sfence(); /* the streamed stores are visible to whoever reads probs next */
 #endif
@@ -388,14 +408,16 @@ static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t ta
 }
 
 /* Forward of every chunk: probs (when not NULL), row_max, row_sum, and either out or (combined not
- * NULL) the running combination over rounds: combined, lse_max, lse_sum, initialised by the caller
- * to 0, -inf and 0. Returns 0 on success. */
+ * NULL) the rounds combined per position: combined (then divided by S: the output), lse_max (M),
+ * lse_sum (S), initialised by the caller to 0, -inf and 0, and item_scale [BH, N] = w_t / row sum_t.
+ * Returns 0 on success. */
 int lsh_cpu_forward(const float *table, const float *key_scale, const int64_t *rows, int64_t bh, int64_t n_items,
                     int c, int d, int causal, float mask_value, float self_value, int stretch, int n_threads,
                     float *probs, float *row_max, float *row_sum, float *out, float *combined, float *lse_max,
-                    float *lse_sum) {
+                    float *lse_sum, float *item_scale, int64_t seq_len) {
     Problem p = {table, key_scale, rows, bh, n_items, c, d, causal, stretch, n_threads, mask_value, self_value,
-                 probs, row_max, row_sum, out, combined, lse_max, lse_sum, NULL, NULL, NULL, NULL};
+                 probs, row_max, row_sum, out, combined, lse_max, lse_sum, item_scale, seq_len,
+                 NULL, NULL, NULL, NULL};
     return run_threads(&p, forward_task, 0, 0);
 }
 
@@ -405,26 +427,56 @@ int lsh_cpu_backward(const float *table, const float *key_scale, const int64_t *
                      const float *probs, const float *row_max, const float *scale, const float *grad_out,
                      const float *grad_dot, float *grad_table, int64_t table_rows) {
     Problem p = {table, key_scale, rows, bh, n_items, c, d, causal, stretch, n_threads, mask_value, self_value,
-                 (float *)probs, (float *)row_max, NULL, NULL, NULL, NULL, NULL, grad_out, grad_dot, scale, grad_table};
+                 (float *)probs, (float *)row_max, NULL, NULL, NULL, NULL, NULL, NULL, 0, grad_out, grad_dot, scale, grad_table};
     return run_threads(&p, backward_task, 1, table_rows);
 }
 
-/* Bucket of one rotated vector x [sum(halves)]: factor f's bucket is the argmax over concat([x_f, -x_f])
- * of its slice x_f of halves[f] values (ties to the first index, as argmax), and the bucket is
- * b_0 + 2 halves[0] (b_1 + 2 halves[1] (...)). */
-static int64_t bucket_of(const float *x, const int *halves, int n_factors) {
-    int64_t bucket = 0, product = 1;
-    for (int f = 0, start = 0; f < n_factors; start += halves[f], f++) {
-        const float *part = x + start;
-        int high = 0, low = 0;
-        for (int j = 1; j < halves[f]; j++) {
-            high = part[j] > part[high] ? j : high;
-            low = part[j] < part[low] ? j : low;
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Buckets of n positions from their rotated values x [sum(halves), ld] (one row per rotation,
+ * positions along the row): factor f's bucket is the argmax over concat([x_f, -x_f]) of its
+ * halves[f] rows (ties to the first index, as argmax), and the bucket is
+ * b_0 + 2 halves[0] (b_1 + 2 halves[1] (...)). Eight positions at a time in vector registers
+ * (GCC vector extensions: SIMD where the target has it), the rest one by one. */
+static void buckets_of(const float *x, int n, int ld, const int *halves, int n_factors, int64_t *bucket) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8i total = {0}, product = {1, 1, 1, 1, 1, 1, 1, 1};
+        for (int f = 0, start = 0; f < n_factors; start += halves[f], f++) {
+            v8f high, low, v;
+            v8i high_at = {0}, low_at = {0};
+            memcpy(&high, x + (int64_t)start * ld + i, sizeof(high));
+            low = high;
+            for (int j = 1; j < halves[f]; j++) {
+                memcpy(&v, x + (int64_t)(start + j) * ld + i, sizeof(v));
+                const v8i above = v > high, below = v < low, at = (v8i){0} + j;
+                high_at = (at & above) | (high_at & ~above);
+                high = (v8f)(((v8i)v & above) | ((v8i)high & ~above));
+                low_at = (at & below) | (low_at & ~below);
+                low = (v8f)(((v8i)v & below) | ((v8i)low & ~below));
+            }
+            const v8i first_half = high >= -low;
+            total += product * ((high_at & first_half) | ((low_at + halves[f]) & ~first_half));
+            product *= 2 * halves[f];
         }
-        bucket += product * (part[high] >= -part[low] ? high : low + halves[f]);
-        product *= 2 * halves[f];
+        for (int u = 0; u < 8; u++) bucket[i + u] = total[u];
     }
-    return bucket;
+    for (; i < n; i++) {
+        int64_t total = 0, product = 1;
+        for (int f = 0, start = 0; f < n_factors; start += halves[f], f++) {
+            int high = 0, low = 0;
+            for (int j = 1; j < halves[f]; j++) {
+                const float v = x[(int64_t)(start + j) * ld + i];
+                high = v > x[(int64_t)(start + high) * ld + i] ? j : high;
+                low = v < x[(int64_t)(start + low) * ld + i] ? j : low;
+            }
+            const float top = x[(int64_t)(start + high) * ld + i], bottom = x[(int64_t)(start + low) * ld + i];
+            total += product * (top >= -bottom ? high : low + halves[f]);
+            product *= 2 * halves[f];
+        }
+        bucket[i] = total;
+    }
 }
 
 /* Positions hashed per matmul: the [HASH_BLOCK, n_hashes * sum(halves)] rotated tile stays in cache. */
@@ -450,21 +502,23 @@ static void *hash_task(void *arg) {
     const int d = p->d, columns = p->n_hashes * p->width;
     const int64_t blocks = (p->seq_len + HASH_BLOCK - 1) / HASH_BLOCK;
     float *q = malloc((size_t)HASH_BLOCK * d * sizeof(float)), *rotated = malloc((size_t)HASH_BLOCK * columns * sizeof(float));
+    int64_t *bucket = malloc(HASH_BLOCK * sizeof(int64_t));
     single_blas_thread();
-    if (!q || !rotated) t->status = 1;
+    if (!q || !rotated || !bucket) t->status = 1;
     for (int64_t unit = t->first; unit < t->last && !t->status; unit++) {
         const int64_t bh = unit / blocks, b = bh / p->heads, h = bh % p->heads, first = unit % blocks * HASH_BLOCK;
         const int n = (int)(p->seq_len - first < HASH_BLOCK ? p->seq_len - first : HASH_BLOCK);
         const float *src = p->qk + b * p->stride_b + h * p->stride_h + first * p->stride_l;
         for (int i = 0; i < n; i++)
             for (int j = 0; j < d; j++) q[i * d + j] = src[i * p->stride_l + j];
-        gemm('N', 'N', n, columns, d, q, d, p->rotations + h * d * columns, columns, 0.0f, rotated, columns);
-        for (int i = 0; i < n; i++)
-            for (int r = 0; r < p->n_hashes; r++)
-                p->out[(bh * p->n_hashes + r) * p->seq_len + first + i] =
-                    bucket_of(rotated + (int64_t)i * columns + r * p->width, p->halves, p->n_factors);
+        /* rotated^T [columns, n] = rotations_h^T [columns, d] q^T [d, n] */
+        gemm('T', 'T', columns, n, d, p->rotations + h * d * columns, columns, q, d, 0.0f, rotated, HASH_BLOCK);
+        for (int r = 0; r < p->n_hashes; r++) {
+            buckets_of(rotated + (int64_t)r * p->width * HASH_BLOCK, n, HASH_BLOCK, p->halves, p->n_factors, bucket);
+            memcpy(p->out + (bh * p->n_hashes + r) * p->seq_len + first, bucket, n * sizeof(int64_t));
+        }
     }
-    free(q), free(rotated);
+    free(q), free(rotated), free(bucket);
     release_blas_thread();
     return NULL;
 }
@@ -545,4 +599,62 @@ void lsh_cpu_combine(const float *out, const float *scale, const int64_t *undo, 
     }
     for (int i = 0; i < n; i++)
         if (started[i]) pthread_join(threads[i], NULL);
+}
+
+typedef struct {
+    const int64_t *buckets;
+    int64_t n_items, n_buckets, heads, seq_len, first, last;
+    int c, status;
+    int64_t *sort_idx, *undo, *rows;
+} SortTask;
+
+static void *sort_task(void *arg) {
+    SortTask *t = arg;
+    const int64_t n = t->n_items, c = t->c;
+    int64_t *start = malloc((size_t)t->n_buckets * sizeof(int64_t));
+    if (!start) {
+        t->status = 1;
+        return NULL;
+    }
+    for (int64_t bh = t->first; bh < t->last; bh++) {
+        const int64_t *bucket = t->buckets + bh * n, b = bh / t->heads, h = bh % t->heads;
+        int64_t *sort_idx = t->sort_idx + bh * n, *undo = t->undo + bh * n, *rows = t->rows + bh * (n + c);
+        memset(start, 0, (size_t)t->n_buckets * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) start[bucket[i]]++;
+        for (int64_t k = 0, total = 0; k < t->n_buckets; k++) {
+            const int64_t count = start[k];
+            start[k] = total, total += count;
+        }
+        /* items in id order (round-major, positions ascending): a stable sort by (bucket, position) */
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t at = start[bucket[i]]++;
+            sort_idx[at] = i, undo[i] = at;
+            rows[c + at] = (b * t->seq_len + i % t->seq_len) * t->heads + h;
+        }
+        memcpy(rows, rows + n, (size_t)c * sizeof(int64_t)); /* the last chunk first: the cyclic look-back */
+    }
+    free(start);
+    return NULL;
+}
+
+/* One stable counting sort of every head's items by bucket (buckets [BH, N] in [0, n_buckets), item
+ * id r * L + position): sort_idx [BH, N] (item id at each sorted index), undo [BH, N] (its inverse)
+ * and rows [BH, c + N] (table row of each sorted item, the last chunk prepended), exactly what
+ * argsort of bucket * L + position gives. Returns 0, or 1 when memory ran out. */
+int lsh_cpu_sort(const int64_t *buckets, int64_t bh, int64_t n_items, int64_t n_buckets, int64_t heads, int64_t seq_len,
+                 int c, int n_threads, int64_t *sort_idx, int64_t *undo, int64_t *rows) {
+    int n = n_threads < 1 ? 1 : n_threads > 64 ? 64 : n_threads, status = 0;
+    if (n > bh) n = (int)bh;
+    SortTask tasks[64];
+    pthread_t threads[64];
+    for (int i = 0; i < n; i++) {
+        tasks[i] = (SortTask){buckets, n_items, n_buckets, heads, seq_len, bh * i / n, bh * (i + 1) / n, c, 0,
+                              sort_idx, undo, rows};
+        if (pthread_create(&threads[i], NULL, sort_task, &tasks[i])) tasks[i].status = 2;
+    }
+    for (int i = 0; i < n; i++) {
+        if (tasks[i].status != 2) pthread_join(threads[i], NULL);
+        status |= tasks[i].status;
+    }
+    return status;
 }

@@ -112,11 +112,12 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError("lsh_cpu_init failed")
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     common = [ptr, ptr, ptr, i64, i64, i32, i32, i32, f32, f32, i32, i32]
-    lib.lsh_cpu_forward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.lsh_cpu_forward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.lsh_cpu_backward.argtypes = common + [ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.lsh_cpu_hash.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i32, ptr, i32, ptr, i32, i32, ptr]
     lib.lsh_cpu_combine.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, ptr]
     lib.lsh_cpu_combine.restype = None
+    lib.lsh_cpu_sort.argtypes = [ptr, i64, i64, i64, i64, i64, i32, i32, ptr, ptr, ptr]
     return lib
 
 
@@ -166,25 +167,30 @@ def forward(
     mask_value: float, self_value: float,
     probs: torch.Tensor | None, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor | None,
     combined: torch.Tensor | None = None, lse_max: torch.Tensor | None = None, lse_sum: torch.Tensor | None = None,
+    item_scale: torch.Tensor | None = None, seq_len: int = 0,
 ) -> None:
     """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and row_sum [BH, N, 1], and out [BH, N, d].
 
     table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`_SortedItems.rows`).
     out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it. With combined
-    [R, d], lse_max and lse_sum [R] (initialised to 0, -inf, 0) instead of out, the rounds are
-    combined per position on the fly: combined = sum_t exp(z_t - M) o_t / row sum_t, lse_max = M
-    (the largest logsumexp z), lse_sum = S = sum_t exp(z_t - M); combined / S is the output. Then
-    the work splits by heads (at most one thread per head).
+    [R, d], lse_max and lse_sum [R] (initialised to 0, -inf, 0), item_scale [BH, N, 1] and seq_len
+    instead of out, the rounds are combined per position on the fly: combined ends as the output
+    sum_t w_t o_t / row sum_t, with w_t = exp(z_t - M) / S, M = lse_max the largest logsumexp z of
+    the position's items and S = lse_sum = sum_t exp(z_t - M); item_scale = w_t / row sum_t. Then the
+    work splits by heads (at most one thread per head).
     """
     bh, n_items = row_max.shape[0], row_max.shape[1]
     if (out is None) == (combined is None):
         raise ValueError("forward: give either out or combined (with lse_max and lse_sum)")
-    for name, x in (("out", out), ("combined", combined), ("lse_max", lse_max), ("lse_sum", lse_sum)):
+    if combined is not None and (lse_max is None or lse_sum is None or item_scale is None or seq_len < 1):
+        raise ValueError("forward: combined needs lse_max, lse_sum, item_scale and seq_len")
+    for name, x in (("out", out), ("combined", combined), ("lse_max", lse_max), ("lse_sum", lse_sum), ("item_scale", item_scale)):
         if x is not None and not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     args = _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value)
     code = _state["lib"].lsh_cpu_forward(
-        *args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out), _ptr(combined), _ptr(lse_max), _ptr(lse_sum)
+        *args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out), _ptr(combined), _ptr(lse_max), _ptr(lse_sum),
+        _ptr(item_scale), seq_len,
     )
     if code != 0:
         raise MemoryError("lsh_cpu_forward: out of memory for its scratch buffers (or no thread could start)")
@@ -256,3 +262,26 @@ def combine(out: torch.Tensor, scale: torch.Tensor, undo: torch.Tensor, *, batch
         _ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, torch.get_num_threads(), _ptr(combined)
     )
     return combined
+
+
+def sort_items(buckets: torch.Tensor, *, n_buckets: int, heads: int, seq_len: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stable counting sort per head of buckets [BH, N] (values in [0, n_buckets), item id r * L + position).
+
+    Returns sort_idx [BH, N] (the item id at each sorted index), undo [BH, N] (its inverse) and rows
+    [BH, chunk + N] (the table row (b * L + position) * H + h of each sorted item, the last chunk
+    prepended): what argsort of bucket * L + position and the index arithmetic of `lsh_attention_packed` give.
+    """
+    if buckets.device.type != "cpu" or buckets.dtype != torch.int64 or not buckets.is_contiguous():
+        raise ValueError("sort_items: buckets must be a contiguous int64 CPU tensor")
+    status()
+    if _state["lib"] is None:
+        raise RuntimeError(f"sort_items: the kernel is not loaded ({status()})")
+    bh, n_items = buckets.shape
+    sort_idx, undo = torch.empty_like(buckets), torch.empty_like(buckets)
+    rows = buckets.new_empty(bh, chunk + n_items)
+    code = _state["lib"].lsh_cpu_sort(
+        _ptr(buckets), bh, n_items, n_buckets, heads, seq_len, chunk, torch.get_num_threads(), _ptr(sort_idx), _ptr(undo), _ptr(rows)
+    )
+    if code != 0:
+        raise MemoryError("lsh_cpu_sort: out of memory for its counts (or no thread could start)")
+    return sort_idx, undo, rows
