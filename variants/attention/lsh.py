@@ -24,7 +24,9 @@ again and adds each block's gradients straight onto positions (index_add_). On C
 blocks are small, the only n_hashes * seq_len * head_dim buffer is the forward's sorted output
 (freed once combined); the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the
 largest saved tensor (none with save_probs=False, which recomputes them and the output in
-backward); never seq_len^2.
+backward); never seq_len^2. On CPU in float32 (no dup_correction) a fused C kernel (`lsh_cpu`,
+built on first use) does the hashing, the sort and the chunked part with its backward instead, with
+the same results; without a C compiler the PyTorch ops above run (docs/lsh.md).
 """
 
 from __future__ import annotations
