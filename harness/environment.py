@@ -176,9 +176,9 @@ def _host_resources() -> dict:
 
 def _variant_backends() -> dict:
     """Machine-dependent code paths of the variants (e.g. whether a compiled CPU kernel loaded)."""
-    from variants.registry import backends
-
     try:
+        from variants.registry import backends
+
         return backends()
     except Exception as error:  # a description must never stop a run
         return {"error": f"{type(error).__name__}: {error}"}

@@ -70,15 +70,28 @@ def _fused_against_references(batch, heads, seq_len, head_dim, n_hashes, bucket,
     torch.testing.assert_close(grad_fused.double(), grad_ops, rtol=1e-4, atol=5e-5)
 
 
+@pytest.fixture
+def threads(request):
+    """Runs the test with torch (and so the kernel) on request.param threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 4], indirect=True)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("save_probs", [True, False])
 @pytest.mark.parametrize(
-    "batch, heads, n_hashes",
-    [(1, 1, 1), (2, 2, 3), (1, 3, 2)],  # one head (fewer heads than threads: private gradient tables), odd head count
+    "batch, heads, n_hashes, bucket, head_dim",
+    # With 4 threads: one head (forward split by chunks, private gradient tables), 4 heads (rounds
+    # combined in the forward, backward by heads), 3 heads; with 1 thread every case combines.
+    # Bucket 5 / head_dim 6: rows of 2c = 10 logits and 50-element tiles (the loops' scalar tails).
+    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6)],
 )
-def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, causal, save_probs, batch, heads, n_hashes):
-    _fused_against_references(batch, heads, 64, 8, n_hashes, 8, causal, save_probs, seed=10 * n_hashes + heads)
+def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, threads, causal, save_probs, batch, heads, n_hashes, bucket, head_dim):
+    _fused_against_references(batch, heads, 8 * bucket, head_dim, n_hashes, bucket, causal, save_probs, seed=10 * n_hashes + heads)
     assert kernel_calls == {"forward": 1, "backward": 1}
 
 
@@ -86,6 +99,7 @@ def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, causal, sa
 @pytest.mark.parametrize("threads", [1, 3])
 def test_thread_counts_agree(threads):
     """The work splits by heads, or by chunks with per-thread gradient tables: same numbers either way."""
+    assert lsh_cpu.available(torch.device("cpu"), torch.float32), lsh_cpu.status()
     module = variants.build("lsh", d_model=32, n_heads=2, n_hashes=3, bucket_size=8, seed=4)
     x = torch.randn(1, 128, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
     previous = torch.get_num_threads()
@@ -105,9 +119,13 @@ def test_thread_counts_agree(threads):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
 @pytest.mark.parametrize("factors", [(8,), (4, 6), (16, 32)])
 def test_fused_buckets_equal_argmax_with_ties(factors):
-    qk = randn(2, 3, 45, 8, seed=70).float()  # 45: a tail of positions past the last group of eight
+    assert lsh_cpu.available(torch.device("cpu"), torch.float32), lsh_cpu.status()
+    # Small integers: every product and sum is exact in float32 whatever the summation order, so
+    # the kernel's matmul and einsum agree bit for bit and ties are real ties on any machine.
+    generator = torch.Generator().manual_seed(70)
+    qk = torch.randint(-3, 4, (2, 3, 45, 8), generator=generator).float()  # 45: a tail past the last group of eight
     qk[0, 1, :5] = 0.0  # every rotation ties: argmax takes the first index
-    rotations = randn(3, 8, 2, sum(factors) // 2, seed=71).float()
+    rotations = torch.randint(-3, 4, (3, 8, 2, sum(factors) // 2), generator=generator).float()
     rotated = torch.einsum("bhld,hdnr->bhnlr", qk, rotations)
     expected, start, product = torch.zeros(rotated.shape[:-1], dtype=torch.long), 0, 1
     for factor in factors:

@@ -24,9 +24,10 @@ again and adds each block's gradients straight onto positions (index_add_). On C
 blocks are small, the only n_hashes * seq_len * head_dim buffer is the forward's sorted output
 (freed once combined); the probabilities, n_hashes * seq_len * 2 * bucket_size per head, are the
 largest saved tensor (none with save_probs=False, which recomputes them and the output in
-backward); never seq_len^2. On CPU in float32 (no dup_correction) a fused C kernel (`lsh_cpu`,
-built on first use) does the hashing, the sort and the chunked part with its backward instead, with
-the same results; without a C compiler the PyTorch ops above run (docs/lsh.md).
+backward); never seq_len^2. On CPU in float32 a fused C kernel (`lsh_cpu`, built on first use)
+does the hashing and the sort, and (without dup_correction) the chunked part and its backward, with
+the same results (without save_probs the backward's dY . Y pass stays on the ops path); without a C
+compiler the PyTorch ops above run (docs/lsh.md).
 """
 
 from __future__ import annotations
@@ -419,7 +420,10 @@ class _LSHCore(torch.autograd.Function):
     dO_t = w_t dY and the softmax/logsumexp terms reduce to dS = P * (dP - w_t (dY . Y)). Each block
     folds its window gradients onto its span, maps the key gradients back through the key
     normalisation there, and adds its (dqk | dv) rows onto positions with one index_add_ (on CUDA
-    its atomics make the sums' order, so the last bits, vary between runs).
+    its atomics make the sums' order, so the last bits, vary between runs). On CPU in float32
+    without dup_correction the fused kernel (`lsh_cpu.forward` / `backward`) replaces the block
+    loops: the same quantities chunk by chunk, with the rounds combined per position inside the
+    forward when there are at least as many heads as kernel threads (`_fused_forward_combining`).
     """
 
     @staticmethod
@@ -433,7 +437,7 @@ class _LSHCore(torch.autograd.Function):
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
         ctx.fused = lsh_cpu.usable(table) and items.chunk_of is None
-        if ctx.fused and bh >= torch.get_num_threads():
+        if ctx.fused and bh >= lsh_cpu.threads():
             # The kernel combines the rounds per position as it goes (no [BH, N, d] output buffer);
             # M and S (largest logsumexp, sum of exp(z - M)) give each item's weight exp(z - M) / S.
             combined, scale = _fused_forward_combining(table, key_scale, items, probs, row_max, row_sum)
@@ -484,8 +488,8 @@ class _LSHCore(torch.autograd.Function):
         table, key_scale, combined, row_max, scale, probs = ctx.saved_tensors
         items: _SortedItems = ctx.items
         c, d = items.chunk, table.shape[-1] // 2
-        gather = _BlockRows(items, table, key_scale)
         grad_combined = grad_combined.contiguous()
+        gather = None if ctx.fused and combined is not None else _BlockRows(items, table, key_scale)
         if combined is not None:
             grad_dot_out = (grad_combined * combined).sum(-1, keepdim=True)  # dY . Y per row
         else:

@@ -363,13 +363,20 @@ static void *backward_task(void *arg) {
  * splits by whole heads, whose rows are disjoint, when there are at least as many heads as threads
  * (a combining forward always: it runs on fewer threads otherwise). A backward with fewer heads than
  * threads splits by chunks, threads after the first adding into private gradient tables that are
- * summed at the end. A plain forward splits by chunks. Returns 0, or 1 when memory ran out. */
+ * summed at the end, unless those would exceed PRIVATE_TABLES_BYTES (then one thread per head). A
+ * plain forward splits by chunks. Returns 0, or 1 when memory ran out. */
+/* Most memory the private gradient tables of a backward may take together; past it the backward
+ * runs on one thread per head instead (at 1M tokens one table is 2 GiB). */
+#define PRIVATE_TABLES_BYTES ((int64_t)256 << 20)
+
 static int run_threads(Problem *p, void *(*fn)(void *), int backward, int64_t table_rows) {
     const int64_t n_chunks = p->n_items / p->c, total = p->bh * n_chunks;
     int n = p->n_threads < 1 ? 1 : p->n_threads;
     if (n > 64) n = 64;
     if (n > total) n = (int)total;
     if (!backward && p->combined && n > p->bh) n = (int)p->bh;
+    if (backward && n > p->bh && (n - 1) * table_rows * 2 * p->d * (int64_t)sizeof(float) > PRIVATE_TABLES_BYTES)
+        n = (int)p->bh;
     const int by_heads = backward ? p->bh >= n : p->combined != NULL;
     const int private_tables = backward && !by_heads;
     Task tasks[64];

@@ -108,6 +108,9 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (set CC, or install cc / gcc)")
     lib = ctypes.CDLL(str(_build(compiler)))
     sgemm, local_threads, thread_free = _blas_symbols()
+    # Without MKL's per-thread control each kernel thread's sgemm_ could start BLAS threads of its own
+    # (n^2 threads, and not every BLAS build is safe to call from several threads): one thread then.
+    _state["threads_ok"] = local_threads is not None
     if lib.lsh_cpu_init(ctypes.c_void_p(sgemm), ctypes.c_void_p(local_threads), ctypes.c_void_p(thread_free)) != 0:
         raise RuntimeError("lsh_cpu_init failed")
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -129,7 +132,10 @@ def status() -> str:
         else:
             try:
                 _state["lib"] = _load()
-                _state["status"] = f"fused C kernel ({_state['lib']._name})"
+                one = "" if _state["threads_ok"] else "; one thread (this BLAS has no per-thread control)"
+                _state["status"] = (
+                    f"fused C kernel, used for float32 CPU tensors without dup_correction ({_state['lib']._name}{one})"
+                )
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 _state["lib"], _state["status"] = None, f"PyTorch ops: {error}"
     return _state["status"]
@@ -158,8 +164,14 @@ def _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self
             raise ValueError(f"{name} must be contiguous")
     return [
         _ptr(table), _ptr(key_scale), _ptr(rows), bh, n_items, chunk, table.shape[1] // 2, int(causal),
-        mask_value, self_value, STRETCH_CHUNKS, torch.get_num_threads(),
+        mask_value, self_value, STRETCH_CHUNKS, threads(),
     ]
+
+
+def threads() -> int:
+    """Threads the kernel runs on: torch's count, or 1 when the BLAS cannot be kept single-threaded per thread."""
+    status()
+    return torch.get_num_threads() if _state.get("threads_ok") else 1
 
 
 def forward(
@@ -239,7 +251,7 @@ def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, 
     stride_b, stride_h, stride_l, _ = qk.stride()
     code = _state["lib"].lsh_cpu_hash(
         _ptr(qk), stride_b, stride_h, stride_l, batch, heads, seq_len, d, _ptr(rotations), n_hashes, halves,
-        len(factors), torch.get_num_threads(), _ptr(out),
+        len(factors), threads(), _ptr(out),
     )
     if code != 0:
         raise MemoryError("lsh_cpu_hash: out of memory for its scratch buffers")
@@ -259,7 +271,7 @@ def combine(out: torch.Tensor, scale: torch.Tensor, undo: torch.Tensor, *, batch
     n_hashes, d = undo.shape[1] // seq_len, out.shape[-1]
     combined = out.new_empty(batch * seq_len * heads, d)
     _state["lib"].lsh_cpu_combine(
-        _ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, torch.get_num_threads(), _ptr(combined)
+        _ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, threads(), _ptr(combined)
     )
     return combined
 
@@ -277,10 +289,12 @@ def sort_items(buckets: torch.Tensor, *, n_buckets: int, heads: int, seq_len: in
     if _state["lib"] is None:
         raise RuntimeError(f"sort_items: the kernel is not loaded ({status()})")
     bh, n_items = buckets.shape
+    if buckets.numel() and (int(buckets.min()) < 0 or int(buckets.max()) >= n_buckets):
+        raise ValueError(f"sort_items: buckets must lie in [0, {n_buckets})")
     sort_idx, undo = torch.empty_like(buckets), torch.empty_like(buckets)
     rows = buckets.new_empty(bh, chunk + n_items)
     code = _state["lib"].lsh_cpu_sort(
-        _ptr(buckets), bh, n_items, n_buckets, heads, seq_len, chunk, torch.get_num_threads(), _ptr(sort_idx), _ptr(undo), _ptr(rows)
+        _ptr(buckets), bh, n_items, n_buckets, heads, seq_len, chunk, threads(), _ptr(sort_idx), _ptr(undo), _ptr(rows)
     )
     if code != 0:
         raise MemoryError("lsh_cpu_sort: out of memory for its counts (or no thread could start)")
