@@ -99,9 +99,18 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
     else:
         raise ValueError(f"unknown mode {cell.mode!r}")
 
-    forward_flops = int(module.flops(batch, seq_len))
-    flops = forward_flops * (1 if cell.mode == "forward" else 1 + BACKWARD_FLOPS_FACTOR)
-    return Workload(step=step, module=module, tokens=batch * seq_len, flops=flops)
+    return Workload(step=step, module=module, tokens=batch * seq_len, flops=step_flops(module, batch, seq_len, cell.mode))
+
+
+def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:
+    """Analytic FLOPs of one step on [batch, seq_len]: the forward's (`module.flops`), and with a
+    backward BACKWARD_FLOPS_FACTOR times those of them that have one, i.e. less what submodules
+    declare in `no_backward_flops` (LSH's hashing matmul: its argmax passes no gradient)."""
+    forward = int(module.flops(batch, seq_len))
+    if mode == "forward":
+        return forward
+    no_backward = sum(int(m.no_backward_flops(batch, seq_len)) for m in module.modules() if hasattr(m, "no_backward_flops"))
+    return forward + BACKWARD_FLOPS_FACTOR * (forward - no_backward)
 
 
 def module_width(cell: Any) -> int:

@@ -731,7 +731,13 @@ class LSHAttention(AttentionModule):
         c = self.config
         if seq_len < c.bucket_size:  # shared-QK full attention fallback
             return 2 * 2 * batch * seq_len * seq_len * c.d_model
-        rotations = sum(bucket_factors(c.n_buckets, seq_len, c.bucket_size)) // 2
-        hashing = 2 * batch * seq_len * c.d_model * c.n_hashes * rotations
         chunks = 2 * 2 * batch * c.n_hashes * seq_len * 2 * c.bucket_size * c.d_model
-        return hashing + chunks
+        return self.no_backward_flops(batch, seq_len) + chunks
+
+    def no_backward_flops(self, batch: int, seq_len: int) -> int:
+        """The forward FLOPs that have no backward: the hashing matmul (its argmax passes no gradient)."""
+        c = self.config
+        if seq_len < c.bucket_size:
+            return 0
+        rotations = sum(bucket_factors(c.n_buckets, seq_len, c.bucket_size)) // 2
+        return 2 * batch * seq_len * c.d_model * c.n_hashes * rotations

@@ -88,7 +88,10 @@ static inline void prefetch_bytes(const void *address, int64_t bytes, int for_wr
 static void gather_span(const Problem *p, const int64_t *span_rows, int n, float *qkv, float *keys, int32_t *span) {
     const int d = p->d;
     for (int r = 0; r < n; r++) {
-        if (r + PREFETCH_AHEAD < n) prefetch_bytes(p->table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 0);
+        if (r + PREFETCH_AHEAD < n) {
+            prefetch_bytes(p->table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 0);
+            __builtin_prefetch(p->key_scale + span_rows[r + PREFETCH_AHEAD], 0, 3);
+        }
         span[r] = (int32_t)(span_rows[r] - span_rows[0]);
         const float *src = p->table + span_rows[r] * 2 * d;
         const float s = p->key_scale[span_rows[r]];
@@ -198,6 +201,12 @@ static void combine_rounds(const Problem *p, const int64_t *query_rows, int64_t 
     const int c = p->c, d = p->d;
     for (int i = 0; i < c; i++) {
         const int64_t row = query_rows[i];
+        if (i + PREFETCH_AHEAD < c) { /* random rows: fetch ahead, as in gather_span */
+            const int64_t ahead = query_rows[i + PREFETCH_AHEAD];
+            prefetch_bytes(p->combined + ahead * d, d * sizeof(float), 1);
+            __builtin_prefetch(p->lse_max + ahead, 1, 3);
+            __builtin_prefetch(p->lse_sum + ahead, 1, 3);
+        }
         const float z = p->row_max[item + i] + logf(p->row_sum[item + i]), top = p->lse_max[row];
         float *acc = p->combined + row * d, w;
         if (z > top) { /* a new largest z: rescale what is there (nothing yet when top is -inf) */
@@ -291,8 +300,10 @@ static void add_span_grads(const Problem *p, const int64_t *span_rows, int span,
         const float *q = s->qkv + (int64_t)r * 2 * d, *gk = s->grad_keys + (int64_t)r * d;
         const float *gqv = s->grad_qv + (int64_t)r * 2 * d;
         const float scale = p->key_scale[span_rows[r]];
-        if (r + PREFETCH_AHEAD < span)
+        if (r + PREFETCH_AHEAD < span) {
             prefetch_bytes(grad_table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 1);
+            __builtin_prefetch(p->key_scale + span_rows[r + PREFETCH_AHEAD], 0, 3);
+        }
         float dot = 0.0f;
         for (int j = 0; j < d; j++) dot += q[j] * gk[j];
         const float along = dot * scale * scale * scale;
@@ -330,7 +341,10 @@ static void *backward_task(void *arg) {
             if (!p->probs) chunk_exp_logits(p, query, window_keys, window, e, p->row_max + item, NULL, NULL);
             /* dO_t = (w_t / row sum) dY, and the same scale on dY . Y */
             for (int i = 0; i < c; i++) {
-                if (i + PREFETCH_AHEAD < c) prefetch_bytes(p->grad_out + query_rows[i + PREFETCH_AHEAD] * d, d * sizeof(float), 0);
+                if (i + PREFETCH_AHEAD < c) {
+                    prefetch_bytes(p->grad_out + query_rows[i + PREFETCH_AHEAD] * d, d * sizeof(float), 0);
+                    __builtin_prefetch(p->grad_dot + query_rows[i + PREFETCH_AHEAD], 0, 3);
+                }
                 const float w = p->scale[item + i];
                 const float *g = p->grad_out + query_rows[i] * d;
                 for (int j = 0; j < d; j++) s.d_out[i * d + j] = w * g[j];
@@ -344,9 +358,10 @@ static void *backward_task(void *arg) {
                 const float *ei = e + (int64_t)i * 2 * c;
                 const int32_t q = window[c + i];
                 const float shift = s.shift[i];
-                for (int j = 0; j < 2 * c; j++) {
+                for (int j = 0; j < 2 * c; j++) { /* ei is finite everywhere: read unconditionally (no masked loads) */
                     const int32_t k = window[j];
-                    dsi[j] = (k == q) | (causal & (k > q)) ? 0.0f : (dsi[j] - shift) * ei[j];
+                    const float x = (dsi[j] - shift) * ei[j];
+                    dsi[j] = (k == q) | (causal & (k > q)) ? 0.0f : x;
                 }
             }
             gemm('N', 'N', c, d, 2 * c, ds, 2 * c, window_keys, d, 1.0f, s.grad_qv + (l + 1) * c * 2 * d, 2 * d); /* dQ */

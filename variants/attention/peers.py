@@ -206,13 +206,18 @@ class HFLSHAttention(nn.Module):
         c = self.config
         d = c.d_model
         projections = 3 * 2 * batch * seq_len * d * d
+        if self.num_buckets(seq_len) is None:
+            return projections + 2 * 2 * batch * seq_len * seq_len * d
+        chunks = 2 * 2 * batch * c.n_hashes * seq_len * 2 * c.bucket_size * d
+        return projections + self.no_backward_flops(batch, seq_len) + chunks
+
+    def no_backward_flops(self, batch: int, seq_len: int) -> int:
+        """The forward FLOPs that have no backward: the hashing matmul (its argmax passes no gradient)."""
         buckets = self.num_buckets(seq_len)
         if buckets is None:
-            return projections + 2 * 2 * batch * seq_len * seq_len * d
+            return 0
         rotations = buckets if isinstance(buckets, int) else sum(buckets)
-        hashing = 2 * batch * seq_len * d * c.n_hashes * (rotations // 2)
-        chunks = 2 * 2 * batch * c.n_hashes * seq_len * 2 * c.bucket_size * d
-        return projections + hashing + chunks
+        return 2 * batch * seq_len * self.config.d_model * self.config.n_hashes * (rotations // 2)
 
 
 # --------------------------------------------------------------------------- lucidrains
@@ -298,10 +303,15 @@ class ReformerPytorchLSHAttention(nn.Module):
         projections = 3 * 2 * batch * seq_len * d * d
         if seq_len <= c.bucket_size:
             return projections + 2 * 2 * batch * seq_len * seq_len * d
-        n_buckets = seq_len // c.bucket_size
-        hashing = 2 * batch * seq_len * d * c.n_hashes * (n_buckets // 2)
         chunks = 2 * 2 * batch * c.n_hashes * seq_len * 2 * c.bucket_size * d
-        return projections + hashing + chunks
+        return projections + self.no_backward_flops(batch, seq_len) + chunks
+
+    def no_backward_flops(self, batch: int, seq_len: int) -> int:
+        """The forward FLOPs that have no backward: the hashing matmul (its argmax passes no gradient)."""
+        c = self.config
+        if seq_len <= c.bucket_size:
+            return 0
+        return 2 * batch * seq_len * c.d_model * c.n_hashes * ((seq_len // c.bucket_size) // 2)
 
 
 @contextmanager
