@@ -1,7 +1,7 @@
 /* Fused chunked attention of LSH attention on CPU (float32): the fast path of `_LSHCore`.
  *
- * Built and loaded by lsh_cpu.py (plain C, no torch headers; BLAS is the sgemm_ that torch itself
- * links, passed in as a function pointer). Layouts, all row-major and contiguous:
+ * Built and loaded by lsh_cpu.py (plain C, no torch headers; the hashing matmul's BLAS is the sgemm_
+ * that torch itself links, passed in as a function pointer; the chunk matmuls are `matmul` below). Layouts, all row-major and contiguous:
  *   table     [R, 2d]      (qk | v) row of each (batch, position, head), R = B * L * H
  *   key_scale [R]          shared-QK key scale s (key = s * qk)
  *   rows      [BH, c + N]  table row of each sorted item, the last chunk prepended (cyclic look-back):
@@ -53,6 +53,52 @@ static void gemm(char ta, char tb, int m, int n, int k, const float *a, int lda,
     blas_sgemm(&tb, &ta, &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4))); /* unaligned loads and stores */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* C[m, n] = A B, or C += A B with accumulate, in float32: A(i, p) = a[i * a_row + p * a_col]
+ * (a_col 1: a row-major A; a_row 1: the transpose of a row-major matrix), B(p, j) = b[p * ldb + j],
+ * C row-major with leading dimension ldc. The chunk matmuls are small ([2c, 2c] at most) and their
+ * operands already sit in L1/L2, where sgemm_ spends a tenth of its time packing them (measured on
+ * one core at [64, 128] x [128, 64]: MKL 33 GFLOP/s, this 38): blocks of 4 rows x 16 columns
+ * accumulate in vector registers (AVX2 FMAs under -march=native) over the whole of k instead, each
+ * element in the same order as a plain loop over p; the edges go one element at a time. */
+static void matmul(int m, int n, int k, const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb,
+                   int accumulate, float *c, int64_t ldc) {
+    const int m4 = m - m % 4, n16 = n - n % 16;
+    for (int j = 0; j < n16; j += 16)
+        for (int i = 0; i < m4; i += 4) {
+            v8f c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
+            const float *ap = a + i * a_row, *bp = b + j;
+            for (int p = 0; p < k; p++, ap += a_col, bp += ldb) {
+                const v8f b0 = *(const v8f_u *)bp, b1 = *(const v8f_u *)(bp + 8);
+                v8f x = (v8f){0} + ap[0];
+                c00 += x * b0, c01 += x * b1;
+                x = (v8f){0} + ap[a_row];
+                c10 += x * b0, c11 += x * b1;
+                x = (v8f){0} + ap[2 * a_row];
+                c20 += x * b0, c21 += x * b1;
+                x = (v8f){0} + ap[3 * a_row];
+                c30 += x * b0, c31 += x * b1;
+            }
+            v8f_u *c0 = (v8f_u *)(c + i * ldc + j), *c1 = (v8f_u *)(c + (i + 1) * ldc + j);
+            v8f_u *c2 = (v8f_u *)(c + (i + 2) * ldc + j), *c3 = (v8f_u *)(c + (i + 3) * ldc + j);
+            if (accumulate) {
+                c00 += c0[0], c01 += c0[1], c10 += c1[0], c11 += c1[1];
+                c20 += c2[0], c21 += c2[1], c30 += c3[0], c31 += c3[1];
+            }
+            c0[0] = c00, c0[1] = c01, c1[0] = c10, c1[1] = c11;
+            c2[0] = c20, c2[1] = c21, c3[0] = c30, c3[1] = c31;
+        }
+    for (int i = 0; i < m; i++) /* the edges: columns past n16 of the blocked rows, every column of the rest */
+        for (int j = i < m4 ? n16 : 0; j < n; j++) {
+            float total = 0.0f;
+            for (int p = 0; p < k; p++) total += a[i * a_row + p * a_col] * b[p * ldb + j];
+            c[i * ldc + j] = accumulate ? c[i * ldc + j] + total : total;
+        }
+}
+
 typedef struct {
     const float *table, *key_scale;
     const int64_t *rows;
@@ -84,8 +130,11 @@ static inline void prefetch_bytes(const void *address, int64_t bytes, int for_wr
     }
 }
 
-/* The span's table rows [n, 2d] (qk | v) and keys [n, d], gathered from the table; its rows relative to the first. */
-static void gather_span(const Problem *p, const int64_t *span_rows, int n, float *qkv, float *keys, int32_t *span) {
+/* The span's table rows [n, 2d] (qk | v), gathered from the table, with (where not NULL) its keys
+ * [n, d], keys transposed [d, ld_t] and values transposed [d, ld_t] (the matmuls' B operands); its
+ * rows relative to the first. */
+static void gather_span(const Problem *p, const int64_t *span_rows, int n, float *qkv, float *keys, float *keys_t,
+                        float *values_t, int64_t ld_t, int32_t *span) {
     const int d = p->d;
     for (int r = 0; r < n; r++) {
         if (r + PREFETCH_AHEAD < n) {
@@ -95,9 +144,14 @@ static void gather_span(const Problem *p, const int64_t *span_rows, int n, float
         span[r] = (int32_t)(span_rows[r] - span_rows[0]);
         const float *src = p->table + span_rows[r] * 2 * d;
         const float s = p->key_scale[span_rows[r]];
-        float *dst = qkv + (int64_t)r * 2 * d, *key = keys + (int64_t)r * d;
+        float *dst = qkv + (int64_t)r * 2 * d;
         for (int j = 0; j < 2 * d; j++) dst[j] = src[j];
-        for (int j = 0; j < d; j++) key[j] = s * src[j];
+        if (keys)
+            for (int j = 0; j < d; j++) keys[(int64_t)r * d + j] = s * src[j];
+        if (keys_t)
+            for (int j = 0; j < d; j++) keys_t[j * ld_t + r] = s * src[j];
+        if (values_t)
+            for (int j = 0; j < d; j++) values_t[j * ld_t + r] = src[d + j];
     }
 }
 
@@ -123,15 +177,37 @@ static inline float row_max_of(const float *x, int n) {
     return top;
 }
 
+/* exp of 8 arguments x <= 0 (shifted logits), inlined where the loop runs instead of a call per 8
+ * (measured: the libmvec calls were half of the softmax's time). Cephes' expf: x = n ln2 + r with
+ * |r| <= ln2 / 2 (ln2 in two parts), a degree-7 polynomial for e^r, 2^n put in the exponent bits;
+ * within 4 ulp of expf. Below -87.3 (where 2^n would leave the normal range) it gives 0, as expf
+ * does for the masked logits (expf's denormals for -103 < x < -87.3 differ from 0 by < 1.2e-38). */
+static inline v8f exp_nonpositive(v8f x) {
+    const v8i underflow = x < -87.33654f;
+    x = (v8f)((v8i)x & ~underflow); /* those lanes compute exp(0) and are zeroed below */
+    const v8i whole = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* nearest, x <= 0 */
+    const v8f n = __builtin_convertvector(whole, v8f);
+    const v8f r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8f poly = (v8f){0} + 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * r * r + r + 1.0f;
+    const v8i two_n = (whole + 127) << 23;
+    return (v8f)((v8i)(poly * (v8f)two_n) & ~underflow);
+}
+
 /* The chunk's logits [c, 2c] into x, masked, then exp(logit - row max) in place. query [c, d] (leading
- * dimension 2d: rows of the gathered (qk | v) span), keys [2c, d], window [2c] their span-relative
- * rows. The row max is given (recomputing in backward) or found and written to row_max; row_sum
+ * dimension 2d: rows of the gathered (qk | v) span), keys_t the window's keys transposed [d, 2c]
+ * (leading dimension ld_t), window [2c] their span-relative rows. The row max is given (recomputing in backward) or found and written to row_max; row_sum
  * (when not NULL) gets the row sums. */
-static void chunk_exp_logits(const Problem *p, const float *query, const float *keys, const int32_t *window,
-                             float *x, const float *given_max, float *row_max, float *row_sum) {
+static void chunk_exp_logits(const Problem *p, const float *query, const float *keys_t, int64_t ld_t,
+                             const int32_t *window, float *x, const float *given_max, float *row_max, float *row_sum) {
     const int c = p->c, d = p->d, causal = p->causal;
     const float later = p->mask_value, self = p->self_value;
-    gemm('N', 'T', c, 2 * c, d, query, 2 * d, keys, d, 0.0f, x, 2 * c);
+    matmul(c, 2 * c, d, query, 2 * d, 1, keys_t, ld_t, 0, x, 2 * c);
     for (int i = 0; i < c; i++) {
         float *xi = x + (int64_t)i * 2 * c;
         const int32_t q = window[c + i];
@@ -139,17 +215,26 @@ static void chunk_exp_logits(const Problem *p, const float *query, const float *
         float top;
         if (given_max) top = given_max[i];
         else top = row_max[i] = row_max_of(xi, 2 * c);
+        v8f lanes = {0};
+        int j = 0;
+        for (; j + 8 <= 2 * c; j += 8) {
+            const v8f e = exp_nonpositive(*(v8f_u *)(xi + j) - top);
+            *(v8f_u *)(xi + j) = e;
+            lanes += e;
+        }
         float total = 0.0f;
-        for (int j = 0; j < 2 * c; j++) {
+        for (; j < 2 * c; j++) {
             xi[j] = expf(xi[j] - top);
             total += xi[j];
         }
+        for (int u = 0; u < 8; u++) total += lanes[u];
         if (row_sum) row_sum[i] = total;
     }
 }
 
 typedef struct {
-    float *qkv, *keys, *tile, *d_logits, *d_out, *shift, *grad_qv, *grad_keys;
+    float *qkv, *keys, *keys_t, *values_t, *tile, *d_logits, *d_out, *shift, *grad_qv, *grad_keys;
+    int64_t ld_t; /* leading dimension of keys_t and values_t: the longest span */
     int32_t *span; /* span rows relative to the first (rows of one head differ by less than 2^31) */
 } Scratch;
 
@@ -157,6 +242,9 @@ static int scratch_alloc(const Problem *p, Scratch *s) {
     const int64_t span = (int64_t)(p->stretch + 1) * p->c, c = p->c, d = p->d;
     s->qkv = malloc(span * 2 * d * sizeof(float));
     s->keys = malloc(span * d * sizeof(float));
+    s->keys_t = malloc(span * d * sizeof(float));
+    s->values_t = malloc(span * d * sizeof(float));
+    s->ld_t = span;
     s->tile = malloc(c * 2 * c * sizeof(float));
     s->d_logits = malloc(c * 2 * c * sizeof(float));
     s->d_out = malloc(c * d * sizeof(float));
@@ -164,13 +252,13 @@ static int scratch_alloc(const Problem *p, Scratch *s) {
     s->grad_qv = malloc(span * 2 * d * sizeof(float));
     s->grad_keys = malloc(span * d * sizeof(float));
     s->span = malloc(span * sizeof(int32_t));
-    return s->qkv && s->keys && s->tile && s->d_logits && s->d_out && s->shift && s->grad_qv && s->grad_keys && s->span
+    return s->qkv && s->keys && s->keys_t && s->values_t && s->tile && s->d_logits && s->d_out && s->shift && s->grad_qv && s->grad_keys && s->span
                ? 0
                : 1;
 }
 
 static void scratch_free(Scratch *s) {
-    free(s->qkv), free(s->keys), free(s->tile), free(s->d_logits), free(s->d_out), free(s->shift), free(s->grad_qv),
+    free(s->qkv), free(s->keys), free(s->keys_t), free(s->values_t), free(s->tile), free(s->d_logits), free(s->d_out), free(s->shift), free(s->grad_qv),
         free(s->grad_keys), free(s->span);
 }
 
@@ -267,18 +355,18 @@ static void *forward_task(void *arg) {
     for (int64_t flat = t->first, bh, g0, count; flat < t->last; flat += count) {
         count = next_stretch(t, flat, &bh, &g0);
         const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c;
-        gather_span(p, span_rows, (int)(count + 1) * c, s.qkv, s.keys, s.span);
+        gather_span(p, span_rows, (int)(count + 1) * c, s.qkv, NULL, s.keys_t, NULL, s.ld_t, s.span);
         for (int64_t l = 0; l < count; l++) {
             const int64_t item = bh * p->n_items + (g0 + l) * c;
             float *x = s.tile; /* the tile stays in cache; the kept copy is streamed out below */
-            chunk_exp_logits(p, s.qkv + (l + 1) * c * 2 * d, s.keys + l * c * d, s.span + l * c, x, NULL,
+            chunk_exp_logits(p, s.qkv + (l + 1) * c * 2 * d, s.keys_t + l * c, s.ld_t, s.span + l * c, x, NULL,
                              p->row_max + item, p->row_sum + item);
             if (p->probs) store_streaming(p->probs + item * 2 * c, x, (int64_t)c * 2 * c);
             if (!p->combined) {
-                gemm('N', 'N', c, d, 2 * c, x, 2 * c, s.qkv + l * c * 2 * d + d, 2 * d, 0.0f, p->out + item * d, d);
+                matmul(c, d, 2 * c, x, 2 * c, 1, s.qkv + l * c * 2 * d + d, 2 * d, 0, p->out + item * d, d);
                 continue;
             }
-            gemm('N', 'N', c, d, 2 * c, x, 2 * c, s.qkv + l * c * 2 * d + d, 2 * d, 0.0f, s.d_out, d);
+            matmul(c, d, 2 * c, x, 2 * c, 1, s.qkv + l * c * 2 * d + d, 2 * d, 0, s.d_out, d);
             combine_rounds(p, span_rows + (l + 1) * c, item, s.d_out);
         }
     }
@@ -328,7 +416,7 @@ static void *backward_task(void *arg) {
         count = next_stretch(t, flat, &bh, &g0);
         const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c;
         const int span = (int)(count + 1) * c;
-        gather_span(p, span_rows, span, s.qkv, s.keys, s.span);
+        gather_span(p, span_rows, span, s.qkv, s.keys, p->probs ? NULL : s.keys_t, s.values_t, s.ld_t, s.span);
         memset(s.grad_qv, 0, (size_t)span * 2 * d * sizeof(float));
         memset(s.grad_keys, 0, (size_t)span * d * sizeof(float));
         for (int64_t l = 0; l < count; l++) {
@@ -336,9 +424,8 @@ static void *backward_task(void *arg) {
             const int64_t *query_rows = span_rows + (l + 1) * c;
             const int32_t *window = s.span + l * c;
             const float *query = s.qkv + (l + 1) * c * 2 * d, *window_keys = s.keys + l * c * d;
-            const float *window_v = s.qkv + l * c * 2 * d + d;
             float *e = p->probs ? p->probs + item * 2 * c : s.tile, *ds = s.d_logits;
-            if (!p->probs) chunk_exp_logits(p, query, window_keys, window, e, p->row_max + item, NULL, NULL);
+            if (!p->probs) chunk_exp_logits(p, query, s.keys_t + l * c, s.ld_t, window, e, p->row_max + item, NULL, NULL);
             /* dO_t = (w_t / row sum) dY, and the same scale on dY . Y */
             for (int i = 0; i < c; i++) {
                 if (i + PREFETCH_AHEAD < c) {
@@ -350,8 +437,8 @@ static void *backward_task(void *arg) {
                 for (int j = 0; j < d; j++) s.d_out[i * d + j] = w * g[j];
                 s.shift[i] = w * p->grad_dot[query_rows[i]];
             }
-            gemm('T', 'N', 2 * c, d, c, e, 2 * c, s.d_out, d, 1.0f, s.grad_qv + l * c * 2 * d + d, 2 * d); /* dV */
-            gemm('N', 'T', c, 2 * c, d, s.d_out, d, window_v, 2 * d, 0.0f, ds, 2 * c);                   /* dP */
+            matmul(2 * c, d, c, e, 1, 2 * c, s.d_out, d, 1, s.grad_qv + l * c * 2 * d + d, 2 * d); /* dV = E^T dO */
+            matmul(c, 2 * c, d, s.d_out, d, 1, s.values_t + l * c, s.ld_t, 0, ds, 2 * c);      /* dP = dO V^T */
             /* dS = E (dP - shift); constant (masked, self) logits pass no gradient */
             for (int i = 0; i < c; i++) {
                 float *dsi = ds + (int64_t)i * 2 * c;
@@ -364,8 +451,8 @@ static void *backward_task(void *arg) {
                     dsi[j] = (k == q) | (causal & (k > q)) ? 0.0f : x;
                 }
             }
-            gemm('N', 'N', c, d, 2 * c, ds, 2 * c, window_keys, d, 1.0f, s.grad_qv + (l + 1) * c * 2 * d, 2 * d); /* dQ */
-            gemm('T', 'N', 2 * c, d, c, ds, 2 * c, query, 2 * d, 1.0f, s.grad_keys + l * c * d, d);                /* dK */
+            matmul(c, d, 2 * c, ds, 2 * c, 1, window_keys, d, 1, s.grad_qv + (l + 1) * c * 2 * d, 2 * d); /* dQ = dS K */
+            matmul(2 * c, d, c, ds, 1, 2 * c, query, 2 * d, 1, s.grad_keys + l * c * d, d);                /* dK = dS^T Q */
         }
         add_span_grads(p, span_rows, span, &s, t->grad_table);
     }
@@ -452,9 +539,6 @@ int lsh_cpu_backward(const float *table, const float *key_scale, const int64_t *
                  (float *)probs, (float *)row_max, NULL, NULL, NULL, NULL, NULL, NULL, 0, grad_out, grad_dot, scale, grad_table};
     return run_threads(&p, backward_task, 1, table_rows);
 }
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* Buckets of n positions from their rotated values x [sum(halves), ld] (one row per rotation,
  * positions along the row): factor f's bucket is the argmax over concat([x_f, -x_f]) of its

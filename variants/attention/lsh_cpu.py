@@ -3,8 +3,9 @@
 `_LSHCore` runs its blocks of chunks with PyTorch ops everywhere; on CPU, for float32 without
 dup_correction, it calls this kernel instead when it is available. The kernel is plain C (no torch
 headers), compiled on first use with the system C compiler (`$CC`, else `cc` / `gcc`) into a cache
-folder and loaded with ctypes; its matrix products call the `sgemm_` that torch itself links (MKL in
-the x86 wheels), found in torch's own library. No compiler, no `sgemm_`, or a failed build: the
+folder and loaded with ctypes. The chunk matmuls are its own (register blocks, no packing); the
+hashing matmul calls the `sgemm_` that torch itself links (MKL in the x86 wheels), found in torch's
+own library. No compiler, no `sgemm_`, or a failed build: the
 PyTorch-ops path runs, and `status()` says why. `REFORMER_LSH_CPU_KERNEL=0` turns the kernel off
 (A/B comparisons, tests of the fallback).
 
