@@ -568,7 +568,7 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
     forward = _first(rows, "mode") == "forward"
     text = ("Median time per step over the compute floor, `floor_ratio` = (`time_ms_median` / 1000) / `floor_s`, "
             "where `floor_s` = `flops` / (`matmul_gflops` * 1e9) is the time the cell's analytic FLOPs "
-            + ("(forward only) " if forward else "(forward, plus backward counted as 2x forward) ")
+            + ("(forward only) " if forward else "(forward, plus backward counted as 2x forward, LSH hashing once) ")
             + "take at the matrix-multiply rate measured in the cell's own process right after its timing "
             f"(the fastest of a few square matmuls in the cell's dtype{size}). 1 means the step runs at the "
             "matmul rate; \"within 1.5x of the compute floor\" means at most 1.5. "

@@ -171,7 +171,7 @@ def floor_columns(row: Mapping[str, Any]) -> dict[str, float]:
     they are defined:
 
     - `floor_s` = flops / (matmul_gflops * 1e9): seconds the cell's analytic FLOPs (forward, plus
-      2x forward for backward) would take at the measured matmul rate;
+      2x those with a backward, `workloads.step_flops`) would take at the measured matmul rate;
     - `floor_ratio` = (time_ms_median / 1e3) / floor_s: the median time per step over that floor
       (1 = the step runs at the matmul rate; a target "within 1.5x of the floor" is floor_ratio <= 1.5).
 

@@ -8,7 +8,8 @@ workload x mode:
 - `forward_backward`: forward, then backward of a fixed random projection of the output
   (or of the loss for `model`);
 - `train_step`: forward_backward plus an AdamW step.
-FLOPs count 2 per multiply-add; backward is counted as twice the forward.
+FLOPs count 2 per multiply-add; backward is counted as twice the forward (`step_flops`: less
+what has no backward, LSH's hashing matmul).
 """
 
 from __future__ import annotations
