@@ -106,7 +106,9 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
 def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:
     """Analytic FLOPs of one step on [batch, seq_len]: the forward's (`module.flops`), and with a
     backward BACKWARD_FLOPS_FACTOR times those of them that have one, i.e. less what submodules
-    declare in `no_backward_flops` (LSH's hashing matmul: its argmax passes no gradient)."""
+    declare in `no_backward_flops` (LSH's hashing matmul: its argmax passes no gradient). Each
+    module instance counts once, as in `flops`, where every layer is its own instance; a module that
+    declares `no_backward_flops` must not contain another that does."""
     forward = int(module.flops(batch, seq_len))
     if mode == "forward":
         return forward

@@ -88,9 +88,11 @@ def threads(request):
     # With 4 threads: one head (forward split by chunks, private gradient tables), 4 heads (rounds
     # combined in the forward, backward by heads), 3 heads; with 1 thread every case combines.
     # Bucket 5 / head_dim 6: rows of 2c = 10 logits and 50-element tiles (the loops' scalar tails).
-    # Bucket 16 / head_dim 16: every chunk matmul in whole 4 x 16 register blocks; head_dim 20: blocks
-    # plus 4 edge columns, and 2c = 16 but d = 20 rows of 4 (dV, dK: 2c rows).
-    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6), (1, 2, 2, 16, 16), (1, 2, 2, 8, 20)],
+    # The chunk matmuls' 4 x 16 register blocks: bucket 16 / head_dim 16 in whole blocks only;
+    # bucket 8 / head_dim 20 with 4 edge columns where a product is d wide; bucket 10 / head_dim 20
+    # with edge rows (c = 10) beside whole blocks and 4 edge columns of the 2c = 20 logits too.
+    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6), (1, 2, 2, 16, 16), (1, 2, 2, 8, 20),
+     (1, 2, 2, 10, 20)],
 )
 def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, threads, causal, save_probs, batch, heads, n_hashes, bucket, head_dim):
     _fused_against_references(batch, heads, 8 * bucket, head_dim, n_hashes, bucket, causal, save_probs, seed=10 * n_hashes + heads)
