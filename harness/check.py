@@ -36,7 +36,8 @@ import pandas as pd
 
 from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRule, checks_from_suite_text, load_checks_file
 from harness.environment import device_slug
-from harness.results import ResultsError, _resolve, load, load_run_info, to_json
+from harness.expressions import ExpressionError, both, select_rows
+from harness.results import ResultsError, _resolve, file_mode, load, load_run_info, to_json
 from harness.stats import mann_whitney_u, median, min_p_value
 from harness.suite import CONFIG_COLUMNS, _model_defaults, config_key_of
 
@@ -280,11 +281,10 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
 def _ratio_pairs(frame: pd.DataFrame, rule: RatioRule, label: Any) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(numerator key, denominator key) -> (numerator row, denominator row) of one run."""
     def select(expr: str) -> pd.DataFrame:
-        full = expr if rule.at is None else f"({expr}) and ({rule.at})"
         try:
-            return frame.query(full)
-        except Exception as error:  # pandas raises many types for a bad or inapplicable expression
-            raise CheckError(f"ratio check {full!r}: {type(error).__name__}: {error}") from None
+            return select_rows(frame, both(expr, rule.at))
+        except ExpressionError as error:
+            raise CheckError(f"ratio check: {error}") from None
 
     numerators, denominators = select(rule.numerator), select(rule.denominator)
     missing = [c for c in rule.match_on if c not in frame.columns]
@@ -549,8 +549,9 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
         raise CheckError(f"baseline {dest} already exists; pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    staging.chmod(file_mode(folder=True))  # mkdtemp's 0700 would make the baseline private
     try:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*.tmp"))
+        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*.tmp", ".lock", ".*.lock"))
         info = {"name": name, "promoted_from": str(source), "run_id": source.name, "device_name": run.device_name,
                 "code_version": run.code_version, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / BASELINE_INFO).write_text(to_json(info) + "\n", encoding="utf-8")

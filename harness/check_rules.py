@@ -23,7 +23,8 @@ Every rule has `enabled` and defaults that follow shared/reference/measurement.m
 
 A ratio pairs each numerator cell with the one denominator cell that agrees on `match_on`
 (default seq_len and batch) and compares median(numerator) / median(denominator) with the same
-ratio in the baseline. This module has no torch/pandas imports: harness.suite validates with it.
+ratio in the baseline. Expressions are those of harness.expressions, checked when the block is read.
+This module has no torch/pandas imports: harness.suite validates with it.
 """
 
 from __future__ import annotations
@@ -31,14 +32,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.expressions import parse_expression
+from harness.safe_yaml import YAMLInputError, load_yaml, read_yaml_text
 
 
 class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool = True
+
+
+def _expression(value: str | None) -> str | None:
+    """Whitelist-check a selection expression (harness.expressions) when the rules are read, so a
+    suite, checks file or stored run with code in an expression is rejected before anything runs."""
+    if value is not None:
+        parse_expression(value)
+    return value
 
 
 class TimeRule(_Rule):
@@ -83,6 +94,8 @@ class RatioRule(_Rule):
     threshold: float = Field(0.10, gt=0)
     p_value: float = Field(0.01, gt=0, le=1)
 
+    _expressions = field_validator("numerator", "denominator", "at")(_expression)
+
 
 RATIO_SAMPLES = {"time": "time_ms_samples", "cpu_time": "cpu_time_ms_samples"}
 
@@ -105,6 +118,8 @@ class TargetRule(_Rule):
     metric: Literal["time", "peak_mem", "floor_ratio", "time_per_token"] = "time"
     max: Optional[float] = None
     min: Optional[float] = None
+
+    _expressions = field_validator("numerator", "denominator", "at")(_expression)
 
 
 class ChecksSpec(BaseModel):
@@ -139,6 +154,8 @@ def _first_error(error: ValidationError, where: str) -> ChecksError:
     if first["type"] == "extra_forbidden":
         schema = CHECK_SCHEMAS.get(("checks", *first["loc"][:-1]), TargetRule if first["loc"][0] == "targets" else RatioRule)
         problem = f"unknown key {first['loc'][-1]!r}; allowed keys: {', '.join(schema.model_fields)}"
+    elif first["type"] == "value_error":  # a validator's own message (e.g. an expression outside the language)
+        problem = str(first["ctx"]["error"])
     else:
         problem = f"{first['msg']}, got {first.get('input')!r}"
     return ChecksError(f"{where}: {path}: {problem}")
@@ -161,9 +178,9 @@ def checks_from_suite_text(text: str, device: str, where: str = "suite") -> Chec
     device block's `checks:` (mappings merge, anything else, e.g. the ratios list, replaces).
     None when the suite has no checks block at all."""
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ChecksError(f"{where}: invalid YAML ({error})") from None
+        data = load_yaml(text, where) or {}
+    except YAMLInputError as error:
+        raise ChecksError(str(error)) from None
     if not isinstance(data, dict):
         return None
     device_block = data.get(device) if isinstance(data.get(device), dict) else {}
@@ -177,11 +194,9 @@ def load_checks_file(path: str | Path) -> ChecksSpec:
     """A `--checks` YAML file: either the block itself or a mapping with a `checks:` key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ChecksError(f"{path}: checks file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ChecksError(f"{path}: unreadable checks file ({error})") from None
+        data = load_yaml(read_yaml_text(path, "checks file"), path)
+    except YAMLInputError as error:
+        raise ChecksError(str(error)) from None
     if isinstance(data, dict) and set(data) == {"checks"}:
         data = data["checks"]
     return parse_checks(data, str(path))

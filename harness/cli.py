@@ -12,13 +12,16 @@ import dataclasses
 import os
 import shlex
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
 
 from harness.environment import capture_environment, code_version, device_name, device_slug, format_environment
-from harness.results import ResultsError, RunStore, load_run_info, new_run_id
+from harness.results import CorruptCellWarning, ResultsError, RunStore, load_run_info, new_run_id, open_run
+from harness.safe_yaml import YAMLInputError, read_yaml_text
 from harness.suite import Cell, Suite, SuiteError, estimate_seconds, filter_cells, load_suite
 from harness.tables import pivot_metric
 
@@ -61,38 +64,33 @@ def _print_summary(rows: pd.DataFrame, suite: str, path: Path) -> None:
     print(f"\n{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"\nresults: {path}")
 
 
-def _open_store(args: argparse.Namespace, suite: Suite, cells: list[Cell], version: str) -> RunStore:
-    """The run folder: the one named by --resume (which must exist), else a new one with run.json."""
+def open_store(args: argparse.Namespace, suite_name: str, device: str) -> RunStore:
+    """The run folder: the existing run named by --resume (a plain run id of this suite under
+    --out), else a new one whose id is reserved atomically. Writes nothing else."""
     out = Path(args.out)
+    try:
+        if args.resume:
+            return open_run(out, suite_name, args.resume)
+        return RunStore(out, suite_name, new_run_id(device_slug(device_name(device)), parent=out / suite_name))
+    except OSError as error:
+        raise UsageError(f"cannot write results under {args.out}: {error}") from None
+
+
+def record_start(args: argparse.Namespace, store: RunStore, run_info: dict, environment: Callable[[], dict]) -> None:
+    """Under the run's lock: a new run's run.json (`run_info` plus suite text, command, start and
+    `environment()`), or a resumed run's `resumes` entry with `run_info`'s planned cells.
+    Unreadable cell files are named."""
     if args.resume:
-        run_folder = out / suite.name / args.resume
-        if Path(args.resume).name != args.resume or not (run_folder / "run.json").is_file():
-            raise UsageError(f"--resume {args.resume}: no run at {run_folder} (expected {run_folder / 'run.json'})")
-        store = RunStore(out, suite.name, args.resume)
-        finished = store.finished_keys()
-        done = sum(c.key(version) in finished for c in cells)
-        print(f"resuming {store.path}: {done} of {len(cells)} cells already done with code version {version}")
         resumes = load_run_info(store.path).get("resumes", [])
-        store.update_run_info(resumes=[*resumes, {"at": _now(), "code_version": version, "command": _command_line()}],
-                              **_planned_cells(cells, version))
-        return store
-    store = RunStore(out, suite.name, new_run_id(device_slug(device_name(suite.device)), parent=out / suite.name))
-    store.write_run_info(
-        {
-            "suite": suite.name,
-            "suite_path": str(args.suite),
-            "suite_text": Path(args.suite).read_text(),
-            "description": suite.description,
-            "command": _command_line(),
-            "code_version": version,
-            "n_cells": len(cells),
-            **_planned_cells(cells, version),
-            "executor": args.executor,
-            "started_at": _now(),
-            "environment": capture_environment(suite.device),
-        }
-    )
-    return store
+        planned = {k: v for k, v in run_info.items() if k in ("cell_keys", "cell_labels")}
+        store.update_run_info(resumes=[*resumes, {"at": _now(), "code_version": run_info["code_version"],
+                                                  "command": command_line(args)}], **planned)
+        for file in store.corrupt_cells():
+            print(f"warning: {file}: unreadable cell file; that cell is measured again", file=sys.stderr)
+        return
+    store.write_run_info({"suite": store.suite, "suite_path": str(args.suite),
+                          "suite_text": read_yaml_text(args.suite, "suite file"), **run_info,
+                          "command": command_line(args), "started_at": _now(), "environment": environment()})
 
 
 def _planned_cells(cells: list[Cell], version: str) -> dict:
@@ -111,8 +109,23 @@ def _slurm_settings(args: argparse.Namespace, suite: Suite) -> dict:
     return slurm
 
 
-def _command_line() -> str:
-    return "python -m harness " + shlex.join(sys.argv[1:])
+def command_line(args: argparse.Namespace) -> str:
+    """This command as typed (`python -m harness run ...`), for run.json."""
+    return "python -m harness " + shlex.join(args.argv)
+
+
+def resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that continues run `run_id`: this one's arguments (--out, --device, --filter ...
+    included) without --resume, --dry-run or --report, plus `--resume run_id`."""
+    kept, skip = [], False
+    for argument in args.argv:
+        if skip:
+            skip = False
+        elif argument == "--resume":
+            skip = True
+        elif not argument.startswith("--resume=") and argument not in ("--dry-run", "--report"):
+            kept.append(argument)
+    return "python -m harness " + shlex.join([*kept, "--resume", run_id])
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -147,32 +160,36 @@ def command_run(args: argparse.Namespace) -> int:
 
     if args.in_process and args.executor != "local":
         raise UsageError(f"--in-process runs cells one at a time in this process: not with --executor {args.executor}")
-    try:
-        store = _open_store(args, suite, cells, version)
-    except OSError as error:
-        raise UsageError(f"cannot write results under {args.out}: {error}") from None
+    store = open_store(args, suite.name, suite.device)
     options = RunOptions(code_version=version, run_id=store.path.name, in_process=args.in_process)
-    with interrupt_guard():
-        finished = store.finished_keys()
-        todo = sum(c.key(version) not in finished for c in cells)
-        print(f"running {todo} of {len(cells)} cells of suite {suite.name!r} on {suite.device} ({args.executor}) -> {store.path}", flush=True)
+    with store.lock("harness run"), interrupt_guard():
+        record_start(args, store, {"description": suite.description, "code_version": version, "n_cells": len(cells),
+                                   **_planned_cells(cells, version), "executor": args.executor},
+                     environment=lambda: capture_environment(suite.device))
         try:
+            finished = store.finished_keys()
+            done = sum(c.key(version) in finished for c in cells)
+            if args.resume:
+                print(f"resuming {store.path}: {done} of {len(cells)} cells already done with code version {version}")
+            print(f"running {len(cells) - done} of {len(cells)} cells of suite {suite.name!r} on {suite.device} "
+                  f"({args.executor}) -> {store.path}", flush=True)
             new_rows = run_with_executor(args.executor, cells, store, options, device=suite.device, workers=args.workers,
                                          slurm=_slurm_settings(args, suite), cluster=args.submitit_cluster)
         except ExecutorError as error:
             raise UsageError(str(error)) from None
         except KeyboardInterrupt:
             store.update_run_info(interrupted_at=_now())
-            print(f"\ninterrupted; finished cells are saved. Continue with: python -m harness run {args.suite} --resume {store.path.name}", file=sys.stderr)
+            print(f"\ninterrupted; finished cells are saved. Continue with: {resume_command(args, store.path.name)}", file=sys.stderr)
             return 130
-    store.update_run_info(finished_at=_now())
+        store.rebuild()  # also when nothing ran: a missing or unreadable results.parquet is written anew
+        store.update_run_info(finished_at=_now())
     if not new_rows:
         print("nothing to run: every cell is already finished")
     _print_summary(pd.DataFrame(store.rows()), suite.name, store.path)
     if args.report:
         from harness.report import render_report
 
-        report = render_report([store.path], out=None)
+        report = render_report([store.path], out=None, root=args.out)
         print(f"report: {report}")
     if new_rows and all(row["status"] == "error" for row in new_rows):
         print("error: every cell failed with an error (see the messages above); nothing was measured", file=sys.stderr)
@@ -269,6 +286,18 @@ def command_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_selfcheck(args: argparse.Namespace) -> int:
+    from harness.selfcheck import SelfcheckError, plan_checks, run_selfcheck, select_checks
+
+    try:
+        if args.list:
+            print("\n".join(check.name for check in select_checks(plan_checks(args.quick), args.only)))
+            return 0
+        return run_selfcheck(args.device, quick=args.quick, only=args.only, out=args.out).exit_code
+    except SelfcheckError as error:
+        raise UsageError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark and ablation harness for efficient attention.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -279,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the cells and a rough time estimate, run nothing")
     run.add_argument("--filter", help="pandas query over cell columns, e.g. \"variant == 'lsh' and seq_len <= 4096\"")
     run.add_argument("--resume", metavar="RUN_ID", help="continue a run: only cells not finished with this code version")
-    run.add_argument("--out", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    run.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     run.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads per cell (overrides the suite's measure.threads)")
     run.add_argument("--in-process", action="store_true", help="run cells in this process (debugging; no isolation)")
     run.add_argument("--report", action="store_true", help="render the report of this run when it finishes")
@@ -298,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="done / running / failed / pending cells of a run (any executor)")
     status.add_argument("run", help="run folder, run id or suite folder (its latest run)")
-    status.add_argument("--out", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    status.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     status.set_defaults(handler=command_status)
 
     listing = commands.add_parser("list", help="registered variants and their parameters")
@@ -315,28 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--any-device", action="store_true", help="compare even when the device names differ (memory, ratio checks)")
     check.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     check.add_argument("--checks", metavar="FILE", help="YAML checks block to use instead of the suite's `checks:`")
-    check.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    check.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     check.set_defaults(handler=command_check)
 
     baseline = commands.add_parser("baseline", help="promote a run to results/baselines/<device slug>/NAME/")
     baseline.add_argument("run", help="run folder, suite folder (its latest run) or run id")
     baseline.add_argument("--name", required=True, help="baseline name, e.g. the suite name")
     baseline.add_argument("--force", action="store_true", help="replace an existing baseline / promote an unfinished run")
-    baseline.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    baseline.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     baseline.set_defaults(handler=command_baseline)
 
     report = commands.add_parser("report", help="render figures, report.md and index.html from stored results (runs nothing)")
     report.add_argument("results", nargs="*", help="run folders, suite folders, run ids or results.parquet files "
                         "(default: the latest run of every suite under --root)")
     report.add_argument("--out", help="output folder (default: reports/<suite>/<run_id>/)")
-    report.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    report.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     report.set_defaults(handler=command_report)
 
     compare = commands.add_parser("compare", help="time ratio B/A per matched cell of two runs, marking differences within noise")
     compare.add_argument("run_a", help="run A (the reference): run folder, suite folder, run id or results.parquet")
     compare.add_argument("run_b", help="run B")
     compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>/)")
-    compare.add_argument("--root", default=str(REPO_ROOT / "results"), help="results root (default: results/)")
+    compare.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     compare.set_defaults(handler=command_compare)
 
     prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
@@ -348,14 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads")
     prof.add_argument("--max-cells", type=int, default=4, help="refuse to profile more cells than this (default 4)")
     prof.set_defaults(handler=command_profile)
+
+    selfcheck = commands.add_parser("selfcheck", help="exercise every device path against float64 CPU references "
+                                    "(PASS/FAIL/SKIP per check); exit 1 on a FAIL")
+    selfcheck.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                           help="device under test (default: cuda when available); cuda without CUDA is an error (exit 2)")
+    selfcheck.add_argument("--quick", action="store_true", help="leave out the long LSH cases, fewer repeats (CPU CI)")
+    selfcheck.add_argument("--only", action="append", metavar="GLOB", help="run only checks matching GLOB, e.g. 'lsh/*' (repeatable)")
+    selfcheck.add_argument("--list", action="store_true", help="list the checks that would run, run nothing")
+    selfcheck.add_argument("--out", default=str(Path("results") / "_scratch" / "selfcheck"),
+                           help="folder of the JSON summary selfcheck.json (default: results/_scratch/selfcheck/)")
+    selfcheck.set_defaults(handler=command_selfcheck)
     return parser
+
+
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+    """Our own warnings (an unreadable cell file) as one `warning:` line on stderr; others as usual."""
+    if issubclass(category, CorruptCellWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _print_warning
     try:
         return args.handler(args)
-    except (SuiteError, ResultsError, UsageError) as error:
+    except (SuiteError, ResultsError, UsageError, YAMLInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -64,13 +64,25 @@ def _dirty_hash(repo_root: Path, base: str) -> str | None:
     return h.hexdigest()[:8]
 
 
+def package_version() -> str:
+    """`<version> (package)` of the installed reformer-harness distribution, else "unknown": the
+    code version of an installation that is not a git checkout."""
+    from importlib import metadata
+
+    try:
+        return f"{metadata.version('reformer-harness')} (package)"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def git_state(repo_root: Path | None = None) -> dict:
-    """{"git_sha": 40-hex or None, "git_dirty": bool or None, "code_version": str}. Never raises."""
+    """{"git_sha": 40-hex or None, "git_dirty": bool or None, "code_version": str}. Never raises.
+    Outside a git checkout (an installed package) the code version is `package_version()`."""
     root = Path(repo_root) if repo_root is not None else REPO_ROOT
     try:
         top = Path(_git(root, "rev-parse", "--show-toplevel").decode().strip())
     except Exception:
-        return {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+        return {"git_sha": None, "git_dirty": None, "code_version": package_version()}
     try:
         try:
             sha: str | None = _git(top, "rev-parse", "--verify", "HEAD").decode().strip()
@@ -94,8 +106,8 @@ CODE_VERSION_ENV = "REFORMER_HARNESS_CODE_VERSION"
 def code_version(repo_root: Path | None = None) -> str:
     """Short (12-hex) git SHA, plus "+dirty.<8 hex>" when the tree has changes.
 
-    "nocommit[+dirty.<hash>]" in a repository without commits, "unknown" outside git
-    (or without git). ``repo_root`` defaults to this package's repository. Never raises.
+    "nocommit[+dirty.<hash>]" in a repository without commits, "<package version> (package)"
+    outside git (an installed package, or no git). ``repo_root`` defaults to this package's repository. Never raises.
     A tree copied without its git history (a remote GPU box, a container) can state its version
     in the environment variable ``REFORMER_HARNESS_CODE_VERSION``; it is then marked "(declared)".
     """

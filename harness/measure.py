@@ -227,13 +227,16 @@ class MatmulReading:
         return {"matmul_gflops": self.gflops, "matmul_n": self.n}
 
 
+# Suite dtype names -> torch dtypes (harness.suite's DType); a table, so no name reaches getattr.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"not a torch dtype: {dtype!r}")
-    return value
+    if dtype not in DTYPES:  # a lookup table, not getattr: the name comes from a suite
+        raise ValueError(f"not a dtype the harness measures: {dtype!r}; one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def measure_matmul(

@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import multiprocessing as mp
-import shlex
 import string
 import sys
 import time
@@ -65,10 +64,10 @@ from harness.suite import (
     _Locator,
     _merge,
     _model_fields,
-    _parse_yaml,
     _resolve_device,
     _variant_fields,
     filter_cells,
+    parse_suite_yaml,
 )
 from variants.model import ReformerLMConfig
 from variants.registry import type_matches, type_name
@@ -80,11 +79,11 @@ TASKS = ("duplication", "bytes", "text", "images")
 def is_quality_suite(path: str | Path) -> bool:
     """Whether the YAML file at `path` is a quality suite: a top-level `kind:` key (which must then
     be `quality`) or a `train:` block. Unreadable files are not (the benchmark loader reports them)."""
-    import yaml
+    from harness.safe_yaml import YAMLInputError, load_yaml, read_yaml_text
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = load_yaml(read_yaml_text(path))
+    except YAMLInputError:
         return False
     return isinstance(data, dict) and ("kind" in data or "train" in data)
 
@@ -395,7 +394,8 @@ def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq
 
 def _check_attention(name: str, params: dict[str, Any], model: dict[str, Any], seq_len: int | None,
                      where: KeyPath, choices: dict[str, list[Any]], locator: _Locator) -> None:
-    """The variant's own config validation, plus LSH's bucket_size dividing the sequence length."""
+    """The variant's own config validation, plus its length rule (`check_seq_len`: e.g. LSH's
+    bucket_size must divide the task's sequence length)."""
     import variants
 
     def at(key: str | None) -> KeyPath:
@@ -405,15 +405,13 @@ def _check_attention(name: str, params: dict[str, Any], model: dict[str, Any], s
         return where + (key,) + index
 
     try:
-        variants.make_config(name, **{k: model[k] for k in MODEL_ATTENTION_KEYS}, **params)
+        config = variants.make_config(name, **{k: model[k] for k in MODEL_ATTENTION_KEYS}, **params)
+        check = getattr(config, "check_seq_len", None)
+        if check is not None and seq_len is not None:
+            check(seq_len)
     except (ValueError, TypeError) as error:
         key = next((k for k in params if k in str(error)), None)
-        raise locator.error(at(key), f"{error} (variant {name!r})") from None
-    bucket = params.get("bucket_size")
-    if bucket is None and "bucket_size" in _variant_fields(name):
-        bucket = _variant_fields(name)["bucket_size"][1]
-    if isinstance(bucket, int) and seq_len is not None and seq_len >= bucket and seq_len % bucket:
-        raise locator.error(at("bucket_size"), f"bucket_size={bucket} does not divide the task's seq_len={seq_len}")
+        raise locator.error(at(key), f"{error} (variant {name!r}, the task's seq_len={seq_len})") from None
 
 
 def _parameter_shapes(choice: AttentionChoice, model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -488,7 +486,7 @@ def load_quality_suite(path: str | Path, device: str | None = None) -> QualitySu
     Raises SuiteError (never anything else) for any problem with the file.
     """
     path = Path(path)
-    data, lines = _parse_yaml(path)
+    data, lines = parse_suite_yaml(path)
     locator = _Locator(path, lines)
     if not isinstance(data, dict):
         raise locator.error((), "a quality suite must be a mapping; required keys: kind, task, variants")
@@ -812,9 +810,8 @@ def command_run_quality(args: Any) -> int:
     (--device, --dry-run, --filter, --resume, --out, --in-process)."""
     import pandas as pd
 
-    from harness.cli import UsageError
-    from harness.environment import capture_environment, code_version, device_name, device_slug
-    from harness.results import new_run_id
+    from harness.cli import UsageError, open_store, record_start, resume_command
+    from harness.environment import capture_environment, code_version
 
     suite = load_quality_suite(args.suite, device=getattr(args, "device", None))
     cells = suite.cells()
@@ -841,35 +838,26 @@ def command_run_quality(args: Any) -> int:
         print(frame[columns].to_string(index=False))
         print(f"{len(cells)} training cells on {suite.device}; rough estimate {frame['estimate_s'].sum() / 60:.1f} min")
         return 0
-    out = Path(args.out)
-    if getattr(args, "resume", None):
-        folder = out / suite.name / args.resume
-        if not (folder / "run.json").exists():
-            raise UsageError(f"--resume {args.resume}: no run at {folder} (expected {folder / 'run.json'})")
-        store = RunStore(out, suite.name, args.resume)
-        print(f"resuming {store.path}")
-    else:
-        store = RunStore(out, suite.name, new_run_id(device_slug(device_name(suite.device)), parent=out / suite.name))
-        store.write_run_info({
-            "suite": suite.name, "kind": "quality", "suite_path": str(args.suite),
-            "suite_text": Path(args.suite).read_text(), "description": suite.description,
-            "command": "python -m harness " + shlex.join(sys.argv[1:]), "code_version": version,
-            "n_cells": len(cells), "started_at": _stamp(), "environment": capture_environment(suite.device),
-        })
-    print(f"training {len(cells)} cells of quality suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
     from harness.runner import interrupt_guard
 
-    interrupt_guard()
-    began = time.monotonic()
-    try:
-        run_quality_cells(cells, store, version, in_process=getattr(args, "in_process", False))
-    except KeyboardInterrupt:
-        store.update_run_info(interrupted_at=_stamp())
-        print(f"\ninterrupted; finished rows and checkpoints are saved. Continue with: "
-              f"python -m harness run {args.suite} --resume {store.path.name}", file=sys.stderr)
-        return 130
-    wall = time.monotonic() - began
-    store.update_run_info(finished_at=_stamp(), wall_s=round(wall, 1))
+    store = open_store(args, suite.name, suite.device)
+    with store.lock("harness run"), interrupt_guard():
+        record_start(args, store, {"kind": "quality", "description": suite.description, "code_version": version,
+                                   "n_cells": len(cells)}, environment=lambda: capture_environment(suite.device))
+        began = time.monotonic()
+        try:
+            if args.resume:
+                print(f"resuming {store.path}")
+            print(f"training {len(cells)} cells of quality suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
+            run_quality_cells(cells, store, version, in_process=getattr(args, "in_process", False))
+        except KeyboardInterrupt:
+            store.update_run_info(interrupted_at=_stamp())
+            print(f"\ninterrupted; finished rows and checkpoints are saved. Continue with: "
+                  f"{resume_command(args, store.path.name)}", file=sys.stderr)
+            return 130
+        wall = time.monotonic() - began
+        store.rebuild()  # also when nothing ran: a missing or unreadable results.parquet is written anew
+        store.update_run_info(finished_at=_stamp(), wall_s=round(wall, 1))
     rows = store.rows()
     for title, table in summary_tables(rows):
         print(f"\n{title}:\n{table if isinstance(table, str) else table.to_string()}")

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,12 +32,15 @@ import numpy as np
 import pandas as pd
 
 from harness import figures, paper, stats
-from harness.results import ResultsError, _resolve, latest_run, load, load_run_info
+from harness.results import ResultsError, _resolve, latest_run, load, load_run_info, read_cells
 from harness.tables import series_label, pivot_metric
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_ROOT = REPO_ROOT / "results"
-REPORTS_ROOT = REPO_ROOT / "reports"
+RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives
+
+
+def reports_root(results_root: str | Path) -> Path:
+    """Where reports go by default: `reports/` beside the results root (results/ -> reports/)."""
+    return Path(results_root).parent / "reports"
 
 # Numeric sweep columns that can be an x axis, in order of preference for the summary tables.
 X_CANDIDATES = ("seq_len", "n_layers", "ffn_chunks", "d_ff")
@@ -64,11 +67,12 @@ ALPHA = 0.01  # significance level of the noise check in `compare`
 
 @dataclass
 class Run:
-    """One stored run: its folder, run.json and rows."""
+    """One stored run: its folder, run.json, rows, and the cell files that could not be read."""
 
     path: Path
     info: dict
     rows: pd.DataFrame
+    corrupt: list[Path] = field(default_factory=list)
 
     @property
     def suite(self) -> str:
@@ -91,7 +95,8 @@ def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> Run:
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
     if missing:
         raise ResultsError(f"{folder}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
-    return Run(folder, info, rows)
+    loaded = set(rows["cell_key"].astype(str)) if "cell_key" in rows else set()
+    return Run(folder, info, rows, [f for f in read_cells(folder)[1] if f.stem not in loaded])
 
 
 def default_runs(root: str | Path = RESULTS_ROOT) -> list[Path]:
@@ -704,6 +709,11 @@ def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block
     what = _what(bench if not bench.empty else rows)
     blocks.append(("p", f"{len(rows)} rows ({status_text}); {what}; results: `{run.path}`. "
                         "Rendered from the stored results (nothing re-run)."))
+    if run.corrupt:
+        names = ", ".join(f"`{f.name}`" for f in run.corrupt[:10]) + (" ..." if len(run.corrupt) > 10 else "")
+        blocks.append(("p", f"**Warning: {len(run.corrupt)} cell file(s) could not be read and are missing from this "
+                            f"report:** {names} in `{run.path / 'cells'}`. `python -m harness run SUITE --resume "
+                            f"{run.run_id}` measures them again."))
     if not bench.empty:
         figure_blocks, paper_blocks = _figure_blocks(bench, folder, palette)
         if figure_blocks:
@@ -753,13 +763,14 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
     """Render reports of stored runs; nothing is re-run.
 
     `results`: run folders, suite folders (their latest run), run ids or results.parquet files; empty:
-    the latest run of every suite under `root`. Each run goes to `reports/<suite>/<run_id>/`, or to
+    the latest run of every suite under `root`. Each run goes to `reports/<suite>/<run_id>/` (the
+    `reports/` beside `root`, `reports_root`), or to
     `out` for a single run (`out/<suite>/<run_id>/` for several). Returns the report folder of a single
     run, or for several the path of the `index.html` that links them. Raises ResultsError for a
     missing or unreadable results folder or file.
     """
     runs = [open_run(r, root) for r in (list(results) or default_runs(root))]
-    base = Path(out) if out is not None else REPORTS_ROOT
+    base = Path(out) if out is not None else reports_root(root)
     folders = []
     for run in runs:
         folder = base if (out is not None and len(runs) == 1) else base / run.suite / run.run_id
@@ -789,7 +800,7 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
     if bench_a.empty or bench_b.empty:
         raise ResultsError("compare needs benchmark rows (timings) in both runs")
     merged = compare_runs(bench_a, bench_b)
-    folder = Path(out) if out is not None else REPORTS_ROOT / "compare" / f"{a.run_id}-vs-{b.run_id}"
+    folder = Path(out) if out is not None else reports_root(root) / "compare" / f"{a.run_id}-vs-{b.run_id}"
     folder.mkdir(parents=True, exist_ok=True)
     axes = sweep_axes(merged)
     x = axes[0] if axes else "seq_len"

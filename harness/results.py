@@ -5,23 +5,32 @@ Layout::
     <root>/<suite>/<run_id>/run.json            environment + suite + command
     <root>/<suite>/<run_id>/cells/<key>.json    one row per finished cell
     <root>/<suite>/<run_id>/results.parquet     all rows, rewritten after every cell
+    <root>/<suite>/<run_id>/.lock               held (flock) by the one process running the run
 
 Every file is written to a temporary file in the same folder and renamed over the target, so a
 run killed at any moment leaves readable files; `cells/` always holds every finished cell, and
 `results.parquet` lags it by at most the cell being written (`load` notices and uses the cells).
+A cell file that cannot be read (foreign junk, a disk error) is never dropped silently: `load`
+warns (`CorruptCellWarning`), `corrupt_cells` lists it, and a resume measures that cell again.
+Run ids are checked by `check_run_id` wherever one is taken from a user; new ids are reserved
+atomically (`new_run_id` creates the folder); a run being run or resumed is locked (`RunStore.lock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import math
 import os
 import re
+import socket
 import tempfile
+import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,10 +39,28 @@ RUN_INFO = "run.json"
 CELLS_DIR = "cells"
 RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
 PARQUET = "results.parquet"
+LOCK_FILE = ".lock"
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
 
 class ResultsError(Exception):
     """A results folder or file that is missing or unreadable; str is a human message."""
+
+
+class RunLockedError(ResultsError):
+    """Another process holds the run folder's lock (it is running or resuming that run)."""
+
+
+class CorruptCellWarning(UserWarning):
+    """A `cells/<key>.json` that cannot be read as a row; the message names the file."""
+
+
+def file_mode(folder: bool = False) -> int:
+    """The permissions `open()` / `mkdir()` would give under the current umask (0644 / 0755 usually),
+    for files made through mkstemp / mkdtemp, which would be private (0600 / 0700)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -45,6 +72,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -106,17 +134,44 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 def new_run_id(device_slug: str, parent: str | Path | None = None) -> str:
-    """`YYYYmmddTHHMMSSZ-<device_slug>` in UTC; with `parent` (the suite folder), a `-2`, `-3`, ...
-    suffix is added while a folder of that name already exists there."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device_slug).strip("-") or "device"
+    """`YYYYmmddTHHMMSSZ-<device_slug>` in UTC. With `parent` (the suite folder) the id is reserved:
+    its folder is created atomically (mkdir, no check-then-create race), and a `-2`, `-3`, ...
+    suffix is added while a folder of that name already exists, so concurrent starts get distinct ids."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device_slug).strip("-.") or "device"
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{slug}"
     if parent is None:
         return run_id
+    Path(parent).mkdir(parents=True, exist_ok=True)
     candidate, n = run_id, 1
-    while (Path(parent) / candidate).exists():
-        n += 1
-        candidate = f"{run_id}-{n}"
-    return candidate
+    while True:
+        try:
+            (Path(parent) / candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{run_id}-{n}"
+
+
+def check_run_id(run_id: str, option: str = "run id") -> str:
+    """`run_id` if it is a plain folder name (letters, digits, '_', '.', '-'; no '/', no '..');
+    ResultsError naming `option` otherwise. Every command that takes a run id to write into uses it."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ResultsError(f"{option} {run_id!r}: a run id is a folder name of letters, digits, '_', '.' and '-' "
+                           "(e.g. 20261123T121443Z-amd-epyc), not a path")
+    return run_id
+
+
+def open_run(root: str | Path, suite: str, run_id: str, option: str = "--resume") -> "RunStore":
+    """The existing run `run_id` of `suite` under `root`, to continue it: the id must be a plain
+    folder name, the folder must hold a run.json, and that run must belong to `suite`."""
+    check_run_id(run_id, option)
+    folder = Path(root) / suite / run_id
+    if not (folder / RUN_INFO).is_file():
+        raise ResultsError(f"{option} {run_id}: no run of suite {suite!r} at {folder} (expected {folder / RUN_INFO})")
+    owner = load_run_info(folder).get("suite")
+    if owner is not None and owner != suite:
+        raise ResultsError(f"{option} {run_id}: {folder} is a run of suite {owner!r}, not {suite!r}")
+    return RunStore(root, suite, run_id)
 
 
 def _read_json(path: Path) -> Any:
@@ -128,8 +183,10 @@ def _read_json(path: Path) -> Any:
         raise ResultsError(f"{path}: unreadable JSON ({error})") from None
 
 
-def _read_cells(run_dir: Path) -> list[dict]:
-    """Rows from `cells/*.json` in the order they were written; unreadable files are skipped."""
+def read_cells(run_dir: Path) -> tuple[list[dict], list[Path]]:
+    """(rows, unreadable files) of `cells/*.json`, rows in the order they were written. A file is
+    unreadable when it is not UTF-8 JSON holding an object with a `cell_key` (atomic writes never
+    leave a torn file, so such a file is foreign junk or a disk fault: the caller must say so)."""
     stamped = []
     for file in (run_dir / CELLS_DIR).glob("*.json"):
         try:  # another process (a parallel worker, a Slurm job) may replace or remove files meanwhile
@@ -137,15 +194,27 @@ def _read_cells(run_dir: Path) -> list[dict]:
         except FileNotFoundError:
             continue
     files = [file for _, _, file in sorted(stamped)]
-    rows = []
+    rows, corrupt = [], []
     for file in files:
         try:
             row = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a torn file cannot exist with atomic writes; ignore foreign junk (or a removed file)
-        if isinstance(row, dict):
+        except FileNotFoundError:
+            continue  # removed meanwhile (a stale row replaced by another process)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            corrupt.append(file)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("cell_key"), str):
             rows.append(row)
-    return rows
+        else:
+            corrupt.append(file)
+    return rows, corrupt
+
+
+def warn_corrupt(files: Iterable[Path]) -> None:
+    """One CorruptCellWarning per unreadable cell file (the CLI prints them as `warning:` lines)."""
+    for file in files:
+        warnings.warn(CorruptCellWarning(f"{file}: unreadable cell file, not loaded; "
+                                         "`harness run SUITE --resume RUN_ID` measures that cell again"), stacklevel=3)
 
 
 def rows_to_parquet_bytes(rows: list[dict]) -> bytes:
@@ -173,6 +242,19 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+@contextmanager
+def _flocked(path: Path, blocking: bool) -> Iterator[Any]:
+    """An open handle on `path` holding an exclusive flock; BlockingIOError when not `blocking` and taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    with os.fdopen(fd, "r+", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 class RunStore:
     """The folder of one run: `RunStore(root, suite, run_id).path == root/suite/run_id`."""
 
@@ -188,11 +270,39 @@ class RunStore:
         atomic_write_json(self.path / RUN_INFO, info)
 
     def update_run_info(self, **fields: Any) -> None:
-        """Merge `fields` into run.json (e.g. `finished_utc=...`)."""
+        """Merge `fields` into run.json (e.g. `finished_at=...`): read, merge and replace under an
+        exclusive lock of run.json's own, so concurrent updaters (threads, processes) lose nothing."""
         file = self.path / RUN_INFO
-        info = _read_json(file) if file.exists() else {}
-        info.update(fields)
-        self.write_run_info(info)
+        with _flocked(self.path / f".{RUN_INFO}.lock", blocking=True):
+            info = _read_json(file) if file.exists() else {}
+            info.update(fields)
+            self.write_run_info(info)
+
+    @contextmanager
+    def lock(self, purpose: str = "run") -> Iterator["RunStore"]:
+        """Hold this run's exclusive lock (an flock on `.lock`, released when the process ends, so
+        it is never stale) while running or resuming it. RunLockedError, naming the holder's host,
+        pid and start, when another process holds it; nothing is touched then."""
+        try:
+            with _flocked(self.path / LOCK_FILE, blocking=False) as handle:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(to_json({"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
+                                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=None))
+                handle.flush()
+                yield self
+        except BlockingIOError:
+            try:
+                holder = json.loads((self.path / LOCK_FILE).read_text(encoding="utf-8"))
+                who = f"pid {holder['pid']} on {holder['host']} ({holder['purpose']} since {holder['since']})"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "another process"
+            raise RunLockedError(f"run {self.path} is in use by {who}; wait for it to finish or stop it, "
+                                 "then run again (two processes must not measure one run at once)") from None
+
+    def corrupt_cells(self) -> list[Path]:
+        """The cell files that cannot be read as rows (see `read_cells`)."""
+        return read_cells(self.path)[1]
 
     def append(self, row: dict) -> None:
         """Store one finished cell (by `row["cell_key"]`, replacing an earlier row of that key),
@@ -251,8 +361,8 @@ class RunStore:
             atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
 
     def rows(self) -> list[dict]:
-        """All stored rows, in the order they were written."""
-        return _read_cells(self.path)
+        """All stored rows, in the order they were written (unreadable cell files: `corrupt_cells`)."""
+        return read_cells(self.path)[0]
 
     def finished_keys(self) -> set[str]:
         """cell_keys of stored rows whose status is not "error" (what a resume skips)."""
@@ -307,20 +417,28 @@ def _read_parquet(file: Path) -> pd.DataFrame:
 
 def _load_run_dir(run_dir: Path) -> pd.DataFrame:
     parquet = run_dir / PARQUET
-    cell_keys = {p.stem for p in (run_dir / CELLS_DIR).glob("*.json")}
-    problem = None
+    rows, corrupt = read_cells(run_dir)
+    cell_keys = {row["cell_key"] for row in rows}
+    problem, frame = None, None
     if parquet.exists():
         try:
-            frame = _read_parquet(parquet)
+            stored_frame = _read_parquet(parquet)
         except ResultsError as error:
             problem = str(error)
         else:
-            stored = set(frame["cell_key"].astype(str)) if "cell_key" in frame.columns else set()
+            stored = set(stored_frame["cell_key"].astype(str)) if "cell_key" in stored_frame.columns else set()
             if cell_keys <= stored:
-                return frame
-            # Killed between writing a cell and rewriting the parquet: the cells are the truth.
-    if cell_keys:
-        return _lists_back(pd.DataFrame(_read_cells(run_dir)))
+                frame = stored_frame
+            # else killed between writing a cell and rewriting the parquet: the cells are the truth.
+    if frame is None and cell_keys:
+        frame = _lists_back(pd.DataFrame(rows))
+    loaded = set(frame["cell_key"].astype(str)) if frame is not None and "cell_key" in frame.columns else set()
+    warn_corrupt(file for file in corrupt if file.stem not in loaded)  # a row the parquet still holds is not lost
+    if frame is not None:
+        return frame
+    if corrupt:
+        raise ResultsError(f"{run_dir}: every cell file is unreadable ({', '.join(f.name for f in corrupt[:5])}"
+                           f"{', ...' if len(corrupt) > 5 else ''})" + (f" and {problem}" if problem else ""))
     if problem:
         raise ResultsError(f"{problem}, and {run_dir / CELLS_DIR} holds no cell files to fall back on")
     raise ResultsError(f"{run_dir}: no results yet (neither {PARQUET} nor {CELLS_DIR}/*.json)")

@@ -1,10 +1,15 @@
 """Run cells, each in a fresh spawned process, and turn every outcome into a result row.
 
-A cell's process sets its thread count and a memory limit (CPU: an address-space limit; CUDA: the
-allocator's share of the GPU when the suite sets one), builds the workload, warms up, measures
+A cell's process sets its thread count and a memory limit, builds the workload, warms up, measures
 peak memory on one call, then times repeated calls (and, with the suite's `measure.matmul_rate`,
 then measures the device's matmul rate for the compute floor, `floor_columns`). Whatever happens
 (OOM, exception, timeout, a crash that kills the process) the parent records a row and goes on.
+
+The memory limit means resident memory. On CPU the parent watches the cell process's RSS above
+what it held once torch was imported (the baseline the child reports) and kills it at the limit,
+recording `oom` with the resident peak it saw; an address-space limit of twice that plus 2 GiB
+stays only as a backstop against an allocation faster than the watch (`WATCH_INTERVAL_S`). On
+CUDA the limit is the caching allocator's share of the GPU (`set_per_process_memory_fraction`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ AVAILABLE_MEMORY_FRACTION = 0.9  # ... and at most this much of what is availabl
 GIB = 1024**3
 MIB = 1024**2
 FAILED_STATUSES = ("oom", "timeout")  # statuses after which longer lengths of a variant are skipped
+WATCH_INTERVAL_S = 0.05  # how often the parent reads a CPU cell's resident memory
+BACKSTOP_FACTOR, BACKSTOP_EXTRA = 2, 2 * GIB  # address space allowed: factor x limit + extra
 
 
 @dataclass
@@ -56,8 +63,9 @@ class RunOptions:
 
 
 def memory_limit_bytes(cell: Cell) -> int:
-    """The per-cell memory budget in bytes: the suite's `memory_limit_gib`, else 75% of RAM,
-    but never more than 90% of the memory available now (so a cell cannot wake the OOM killer)."""
+    """The per-cell budget of resident memory in bytes, above the cell process's baseline: the
+    suite's `memory_limit_gib`, else 75% of RAM, but never more than 90% of the memory available
+    now (so a cell cannot wake the OOM killer)."""
     gib = cell.measure.get("memory_limit_gib")
     if gib:
         return int(gib * GIB)
@@ -66,15 +74,43 @@ def memory_limit_bytes(cell: Cell) -> int:
 
 
 def _limit_address_space(limit: int) -> None:
-    """Cap this process's address space at its current size plus `limit` bytes (CPU cells only).
-
-    Beyond the cap, allocations fail with an exception (recorded as `oom`) instead of the kernel's
-    OOM killer taking the machine down. An existing hard limit is kept (it cannot be raised).
-    """
+    """Backstop for CPU cells: cap this process's address space at its current size plus
+    BACKSTOP_FACTOR x `limit` + BACKSTOP_EXTRA bytes. Address space is not memory (threads, arenas
+    and mappings reserve far more than they touch), so this only stops an allocation too large and
+    too fast for the RSS watch; beyond it allocations fail (recorded as `oom`). An existing hard
+    limit is kept (it cannot be raised)."""
     current = measure.read_proc_status_kib("VmSize") * 1024
+    allowed = current + BACKSTOP_FACTOR * limit + BACKSTOP_EXTRA
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    soft = current + limit if hard == resource.RLIM_INFINITY else min(current + limit, hard)
+    soft = allowed if hard == resource.RLIM_INFINITY else min(allowed, hard)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+class ResidentMemoryWatch:
+    """The parent's watch over a CPU cell process: its resident memory above `baseline` bytes
+    (reported by the child once torch is imported), the peak seen, and whether it passed `limit`."""
+
+    def __init__(self, pid: int, limit: int):
+        self.process, self.limit = psutil.Process(pid), limit
+        self.baseline: int | None = None
+        self.peak = 0  # bytes above the baseline, the highest reading so far
+
+    def over_limit(self) -> bool:
+        """Read RSS now; True once it is more than `limit` above the baseline."""
+        if self.baseline is None:
+            return False
+        try:
+            resident = self.process.memory_info().rss - self.baseline
+        except psutil.Error:  # the process is gone; its exit is handled by the caller
+            return False
+        self.peak = max(self.peak, resident)
+        return resident > self.limit
+
+    def oom_row(self) -> dict[str, Any]:
+        """The row of a cell killed at the limit."""
+        return {"status": "oom", "memory_limit_mib": self.limit / MIB, "rss_peak_mib": self.peak / MIB,
+                "message": f"resident memory {self.peak / MIB:.0f} MiB above the cell's start passed its memory limit "
+                           f"{self.limit / GIB:.3g} GiB (measure.memory_limit_gib); the cell process was killed"}
 
 
 def _limit_cuda_memory(cell: Cell, device: torch.device) -> int | None:
@@ -90,8 +126,12 @@ def _limit_cuda_memory(cell: Cell, device: torch.device) -> int | None:
     return int(min(gib * GIB, total))
 
 
-def measure_cell(cell: Cell, limit_memory: bool = True) -> dict[str, Any]:
+def measure_cell(cell: Cell, limit_memory: bool = True,
+                 report_baseline: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Build and measure one cell in this process; return its metric columns (status included).
+
+    With `limit_memory` on CPU, `report_baseline(rss_bytes)` is called once the address-space
+    backstop is set: the resident memory the parent's watch counts the limit from.
 
     Exceptions (out-of-memory included) become `oom` / `error` rows; KeyboardInterrupt and
     SystemExit propagate so an interrupted in-process run stops.
@@ -111,6 +151,8 @@ def measure_cell(cell: Cell, limit_memory: bool = True) -> dict[str, Any]:
         elif limit_memory:
             limit = memory_limit_bytes(cell)
             _limit_address_space(limit)
+            if report_baseline is not None:  # the parent's RSS watch counts from here
+                report_baseline(measure.read_proc_status_kib("VmRSS") * 1024)
         if limit is not None:
             row["memory_limit_mib"] = limit / MIB
         workload = build_workload(cell, device)
@@ -230,12 +272,15 @@ def _child(cell: Cell, connection: Any, parent_pid: int, env: dict[str, str] | N
     _apply_env(env)
     try:
         try:
-            row = measure_cell(cell)
+            row = measure_cell(cell, report_baseline=lambda rss: connection.send({BASELINE_MESSAGE: rss}))
         except BaseException as error:  # noqa: BLE001 - report rather than die with a traceback
             row = {"status": "error", "message": f"{type(error).__name__}: {error}"}
         connection.send(row)
     finally:
         connection.close()
+
+
+BASELINE_MESSAGE = "memory_baseline_bytes"  # the child's first message: its RSS when the limit starts
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -263,6 +308,8 @@ def run_cell_isolated(cell: Cell, env: dict[str, str] | None = None) -> dict[str
 
     `env` is set in the child before it measures (e.g. CUDA_VISIBLE_DEVICES of a worker slot, or
     THREADS_ENV). `timeout_s` counts from the process start (interpreter and torch import included).
+    On CPU the cell's resident memory is watched (`ResidentMemoryWatch`) and the cell is killed
+    and recorded `oom` at its limit.
     """
     context = mp.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -272,17 +319,29 @@ def run_cell_isolated(cell: Cell, env: dict[str, str] | None = None) -> dict[str
         _LIVE.add(process)
     sender.close()
     timeout = float(cell.measure.get("timeout_s") or 900)
+    deadline = time.monotonic() + timeout
+    watch = ResidentMemoryWatch(process.pid, memory_limit_bytes(cell)) if not cell.device.startswith("cuda") else None
     received = False
     try:
-        if not receiver.poll(timeout):
-            return {"status": "timeout", "message": f"cell did not finish within timeout_s={timeout:g}"}
-        try:
-            row = receiver.recv()
-            received = True
-            return row
-        except EOFError:  # the child died before sending
-            process.join(30)
-            return {"status": "error", "message": _describe_exit(process.exitcode)}
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return {"status": "timeout", "message": f"cell did not finish within timeout_s={timeout:g}"}
+            if receiver.poll(min(WATCH_INTERVAL_S, remaining)):
+                try:
+                    message = receiver.recv()
+                except EOFError:  # the child died before sending
+                    process.join(30)
+                    return {"status": "error", "message": _describe_exit(process.exitcode)}
+                if isinstance(message, dict) and BASELINE_MESSAGE in message:
+                    if watch is not None:
+                        watch.baseline = int(message[BASELINE_MESSAGE])
+                    continue
+                received = True
+                return message
+            if watch is not None and watch.over_limit():
+                process.kill()
+                return watch.oom_row()
     finally:
         if received:
             process.join(10)  # let a child that has sent its row exit normally

@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 
-from harness.results import RunStore, load_run_info
+from harness.results import RunStore, load_run_info, read_cells
 
-DONE, RUNNING, FAILED, PENDING = "done", "running", "failed", "pending"
+DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RunStatus:
         return [key for key, s in self.states.items() if s == state]
 
     def counts(self) -> dict[str, int]:
-        return {state: len(self.keys(state)) for state in (DONE, RUNNING, FAILED, PENDING)}
+        return {state: len(self.keys(state)) for state in (DONE, RUNNING, FAILED, PENDING, CORRUPT)}
 
 
 def _alive(note: dict) -> bool:
@@ -80,14 +80,17 @@ def run_status(run_dir: str | Path) -> RunStatus:
     """Classify the planned cells of the run in `run_dir`.
 
     done: a stored row that is not `error`; failed: an `error` row and not running again;
-    running: a running note whose process lives (or another host's); pending: everything else.
+    running: a running note whose process lives (or another host's); corrupt: a cell file that
+    cannot be read (a resume measures it again); pending: everything else.
     Runs from before run.json listed its cells count the stored rows only.
     """
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
     store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name)
-    rows = {r["cell_key"]: r for r in store.rows() if "cell_key" in r}
-    planned = list(info.get("cell_keys") or rows)
+    stored_rows, unreadable = read_cells(run_dir)
+    rows = {r["cell_key"]: r for r in stored_rows}
+    corrupt = {file.stem for file in unreadable}
+    planned = list(info.get("cell_keys") or rows) + sorted(corrupt - set(info.get("cell_keys") or rows))
     labels = dict(info.get("cell_labels") or {})
     running = {k: n for k, n in store.running().items() if _alive(n)}
     job_states, job_of = _slurm_job_states(run_dir)
@@ -99,6 +102,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
             states[key] = DONE
         elif key in running:
             states[key] = RUNNING
+        elif key in corrupt:
+            states[key] = CORRUPT
         elif row is not None:
             states[key] = FAILED
         else:
@@ -138,6 +143,7 @@ def format_status(status: RunStatus, limit: int = 20) -> str:
         return message[0][:200] if message else "error"
 
     section(RUNNING, where)
+    section(CORRUPT, lambda k: f"unreadable {status.path / 'cells' / (k + '.json')}; --resume measures it again")
     section(FAILED, why)
     section(PENDING, lambda k: status.queued.get(k, "not started"))
     if status.job_states:

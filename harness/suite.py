@@ -29,6 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
+from harness.expressions import ExpressionError, both, parse_expression, select_rows
+from harness.safe_yaml import YAMLInputError, compose_yaml, read_yaml_text
 from variants.registry import type_matches, type_name
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -185,20 +187,13 @@ def _line_map(node: yaml.Node, file: Path, path: KeyPath = ()) -> dict[KeyPath, 
     return lines
 
 
-def _parse_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+def parse_suite_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+    """(data, key path -> line) of a suite file, read with the bounds of harness.safe_yaml
+    (size, no anchors/aliases) and rejecting duplicate keys; SuiteError for any problem."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError("suite file not found", path) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SuiteError(f"cannot read suite file ({error})", path) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        problem = " ".join(str(p) for p in (getattr(error, "context", None), getattr(error, "problem", None)) if p)
-        raise SuiteError(f"invalid YAML: {problem or error}", path, line=mark.line + 1 if mark else None) from None
+        data, node = compose_yaml(read_yaml_text(path, "suite file"), path)
+    except YAMLInputError as error:
+        raise SuiteError(error.problem, path, line=error.line) from None
     return data, (_line_map(node, path) if node is not None else {})
 
 
@@ -278,6 +273,8 @@ def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath =
         message = f"unknown key {loc[-1]!r}{_did_you_mean(loc[-1], schema.model_fields if schema else ())}{allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing"
+    elif kind == "value_error":  # a validator's own message (e.g. an expression outside the language)
+        message = str(first["ctx"]["error"])
     else:
         message = f"{first['msg']}, got {first.get('input')!r}"
     more = len(error.errors()) - 1
@@ -438,7 +435,7 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
     Raises SuiteError (never anything else) for any problem with the file.
     """
     path = Path(path)
-    data, lines = _parse_yaml(path)
+    data, lines = parse_suite_yaml(path)
     locator = _Locator(path, lines)
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
@@ -492,7 +489,7 @@ def _check_ratio_filters(suite: Suite, locator: _Locator) -> None:
     """Each ratio check's numerator and denominator (with its `at`) must select cells of the suite."""
     for i, ratio in enumerate(suite.checks.ratios if suite.checks else []):
         for side in ("numerator", "denominator"):
-            expr = getattr(ratio, side) if ratio.at is None else f"({getattr(ratio, side)}) and ({ratio.at})"
+            expr = both(getattr(ratio, side), ratio.at)
             try:
                 selected = filter_cells(suite.cells(), expr)
             except SuiteError as error:
@@ -640,7 +637,7 @@ def _model_path(key: str | None, swept_at: dict[str, int], suite: Suite) -> KeyP
 
 
 def _check_model_config(model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: Suite,
-                        cache: set[str], locator: _Locator) -> None:
+                        cache: dict[str, Any], locator: _Locator) -> None:
     """ReformerLMConfig's own consistency check (residual/activation names, divisibility, ...)."""
     from variants.model import ReformerLMConfig
 
@@ -652,20 +649,21 @@ def _check_model_config(model: dict[str, Any], e: _Expansion, swept_at: dict[str
     except (ValueError, TypeError) as error:
         where = _model_path(_mentioned(model, str(error)), swept_at, suite)
         raise locator.error(where, f"invalid model settings: {error}") from None
-    cache.add(signature)
+    cache[signature] = True
 
 
 def _check_variant(e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: Suite,
-                   cache: set[str], locator: _Locator) -> None:
-    """The expanded parameters through `variants.make_config`, errors mapped to their key path."""
+                   cache: dict[str, Any], locator: _Locator) -> Any:
+    """The expanded parameters through `variants.make_config`, errors mapped to their key path;
+    returns the config (cached by its parameters)."""
     import variants
 
     attention = {k: model[k] for k in MODEL_ATTENTION_KEYS}
     signature = _canonical([e.name, attention, e.params])
     if signature in cache:
-        return
+        return cache[signature]
     try:
-        variants.make_config(e.name, **attention, **e.params)
+        config = variants.make_config(e.name, **attention, **e.params)
     except (ValueError, TypeError) as error:
         message = str(error)
         named = re.search(r"parameter '(\w+)'", message)
@@ -679,7 +677,19 @@ def _check_variant(e: _Expansion, model: dict[str, Any], swept_at: dict[str, int
         fields = {k: v for k, v in _variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
         context = ", ".join(f"{k}={v!r}" for k, v in attention.items())
         raise locator.error(where, f"{message} (with model {context}); parameters of {e.name!r}: {_describe(fields)}") from None
-    cache.add(signature)
+    cache[signature] = config
+    return config
+
+
+def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, locator: _Locator) -> None:
+    """The variant's own length rule (`check_seq_len`, e.g. LSH's bucket_size must divide seq_len)."""
+    check = getattr(config, "check_seq_len", None)
+    if check is None:
+        return
+    try:
+        check(seq_len)
+    except ValueError as error:
+        raise locator.error(where, f"variant {e.name!r} (variants[{e.index}]) cannot run at this length: {error}") from None
 
 
 def _max_len(model: dict[str, Any]) -> int:
@@ -696,7 +706,7 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
     base_model = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING} | suite.model
     labels = _labels(expansions, locator)
     other_keys = [k for k in suite.sweep if k != "seq_len"]
-    cache: set[str] = set()
+    cache: dict[str, Any] = {}
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for e, label in zip(expansions, labels):
@@ -708,7 +718,7 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
             swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
             model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
             _check_model_config(model, e, swept_at, suite, cache, locator)
-            _check_variant(e, model, swept_at, suite, cache, locator)
+            config = _check_variant(e, model, swept_at, suite, cache, locator)
             for j, seq_len in seq_lens:
                 tokens = chosen.get("tokens_per_batch")
                 if tokens is not None:
@@ -720,6 +730,7 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
                     batch = tokens // seq_len
                 else:
                     batch = chosen.get("batch", 1)
+                _check_seq_len(config, e, seq_len, seq_len_at + (j,), locator)
                 if suite.workload == "model" and seq_len > _max_len(model):
                     raise locator.error(seq_len_at + (j,),
                                         f"seq_len={seq_len} exceeds what the model's positional embedding covers "
@@ -739,17 +750,18 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
 
 
 def filter_cells(cells: list[Cell], expr: str) -> list[Cell]:
-    """The cells whose `to_row()` columns satisfy a pandas `DataFrame.query` expression."""
+    """The cells whose `to_row()` columns satisfy `expr` (the safe language of harness.expressions,
+    e.g. "variant == 'lsh' and seq_len <= 4096"); SuiteError for an expression outside it."""
     import pandas as pd
 
-    if not cells:
-        return []
-    frame = pd.DataFrame([c.to_row() for c in cells])
     try:
-        selected = frame.query(expr)
-    except Exception as error:  # pandas raises SyntaxError, NameError subclasses, TypeError, ...
-        raise SuiteError(f"bad filter {expr!r}: {type(error).__name__}: {error}; "
-                         f"available columns: {', '.join(map(str, frame.columns))}") from None
+        expression = parse_expression(expr)
+        if not cells:
+            return []
+        frame = pd.DataFrame([c.to_row() for c in cells])
+        selected = select_rows(frame, expression)
+    except ExpressionError as error:
+        raise SuiteError(f"bad filter: {error}") from None
     return [cells[i] for i in selected.index]
 
 

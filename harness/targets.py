@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.check_rules import TargetRule
+from harness.expressions import ExpressionError, both, select_rows
 from harness.results import ResultsError
 
 
@@ -38,11 +39,10 @@ def metric_value(row: dict[str, Any], metric: str) -> float:
 
 
 def _select(frame: pd.DataFrame, expr: str, at: str | None, rule: TargetRule) -> pd.DataFrame:
-    full = expr if at is None else f"({expr}) and ({at})"
     try:
-        return frame.query(full)
-    except Exception as error:  # pandas raises many types for a bad or inapplicable expression
-        raise ResultsError(f"target {rule.name or rule.numerator!r}: {full!r}: {type(error).__name__}: {error}") from None
+        return select_rows(frame, both(expr, at))
+    except ExpressionError as error:
+        raise ResultsError(f"target {rule.name or rule.numerator!r}: {error}") from None
 
 
 def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFrame:

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 import variants
+from harness.measure import DTYPES
 from variants.model import ReformerLMConfig, build_layer_stack
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKWARD_FLOPS_FACTOR = 2
 
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import torch
 import yaml
 
 from harness import cli
-from harness.results import load_run_info
+from harness.report import render_report
+from harness.results import PARQUET, CorruptCellWarning, RunStore, load, load_run_info
+from harness.status import format_status, run_status
 
+from test_quality import BASE as QUALITY_SUITE
 from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 
@@ -38,7 +46,7 @@ def test_unusable_input_exits_2_with_a_message(tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = {
         "suite file not found": ["run", str(tmp_path / "missing.yaml")],
-        "--resume nope: no run at": ["run", str(suite), "--out", out, "--resume", "nope"],
+        "--resume nope: no run of suite": ["run", str(suite), "--out", out, "--resume", "nope"],
         "no cells to run (after --filter": ["run", str(suite), "--filter", "seq_len > 10**6"],
         "bad filter": ["run", str(suite), "--filter", "no_such_column == 1"],
     }
@@ -115,6 +123,9 @@ def test_sigterm_stops_the_run_with_130_and_marks_it_interrupted(tmp_path, misbe
             process.wait()
     assert process.returncode == 130
     assert "--resume" in err and "Traceback" not in err
+    # The printed command continues the same run: the same --out (it used to be dropped) and options.
+    hint = err.split("Continue with: ")[1].strip()
+    assert hint.startswith("python -m harness run ") and f"--out {tmp_path / 'out'}" in hint and "--in-process" in hint
     (run_dir,) = (tmp_path / "out" / "term").iterdir()
     assert "interrupted_at" in load_run_info(run_dir)
 
@@ -146,3 +157,187 @@ def test_check_targets_and_check_without_baseline(tmp_path, capsys):
     assert "fast enough" in out and "MET" in out and "impossible" in out and "MISSED" in out and "1 of 2 met" in out
     code, _, err = run_cli(capsys, "check", str(out_root / "tgt"), "--root", str(out_root))
     assert code == 2 and "--baseline" in err and "--targets" in err
+
+
+# --------------------------------------------------------------------------- hardening: no code from input
+
+
+def test_filter_payload_runs_no_code_and_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    suite = write_suite(tmp_path, "ok", [{"name": "full"}], [64])
+    payload = "@pd.io.common.os.system('touch pwned') == 0 or seq_len > 0"
+    for expression, problem in ((payload, "'@'"), ("1", "not a condition"),
+                                ("__import__('os').system('touch pwned') == 0", "calling anything")):
+        code, _, err = run_cli(capsys, "run", str(suite), "--dry-run", "--filter", expression)
+        assert code == 2 and problem in err and "Traceback" not in err, err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_targets_payload_in_a_stored_run_or_checks_file_runs_no_code(tmp_path, capsys, monkeypatch):
+    """A suite's `checks:` text travels in run.json: checking someone else's run must not run its code."""
+    monkeypatch.chdir(tmp_path)
+    suite = write_suite(tmp_path, "tgt", [{"name": "full"}], [64])
+    out_root = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out_root)]) == 0
+    (run_dir,) = (out_root / "tgt").iterdir()
+    info = load_run_info(run_dir)
+    payload = "@pd.io.common.os.system('touch pwned') == 0"
+    info["suite_text"] += f"checks:\n  targets:\n    - {{name: evil, numerator: \"{payload}\", max: 1.0}}\n"
+    (run_dir / "run.json").write_text(json.dumps(info))
+    code, _, err = run_cli(capsys, "check", str(run_dir), "--targets")
+    assert code == 2 and "checks.targets.0.numerator" in err and "'@'" in err and "Traceback" not in err, err
+    checks = tmp_path / "checks.yaml"
+    checks.write_text(f"ratios:\n  - {{numerator: \"seq_len.__class__ == 1\", denominator: \"{payload}\"}}\n")
+    code, _, err = run_cli(capsys, "check", str(run_dir), "--baseline", str(run_dir), "--checks", str(checks))
+    assert code == 2 and "checks.ratios.0.numerator" in err and "attribute access" in err, err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_suite_with_a_payload_in_its_checks_is_rejected_before_anything_runs(tmp_path, capsys):
+    suite = write_suite(tmp_path, "evil", [{"name": "full"}], [64])
+    suite.write_text(suite.read_text() + "checks:\n  ratios:\n    - {numerator: \"variant == 'full'\", "
+                     "denominator: \"open('x') == 1\"}\n")
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(tmp_path / "out"))
+    assert code == 2 and "checks.ratios[0].denominator" in err and "calling anything" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- hardening: run folders
+
+
+
+
+def test_resume_cannot_reach_outside_its_suite(tmp_path, capsys):
+    """`--resume ../../victim/...` used to write a training run's rows into another suite's run."""
+    out = tmp_path / "out"
+    victim = write_suite(tmp_path, "victim", [{"name": "full"}], [64])
+    assert cli.main(["run", str(victim), "--out", str(out)]) == 0
+    (victim_run,) = (out / "victim").iterdir()
+    before = sorted(p.name for p in (victim_run / "cells").iterdir())
+    quality = tmp_path / "tiny.yaml"
+    quality.write_text(QUALITY_SUITE)
+    bench = write_suite(tmp_path, "bench", [{"name": "full"}], [64])
+    capsys.readouterr()
+    for suite in (quality, bench):
+        for run_id in (f"../victim/{victim_run.name}", f"../../out/victim/{victim_run.name}", "..", "/etc"):
+            code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_id)
+            assert code == 2 and "not a path" in err and "Traceback" not in err, (suite, run_id, err)
+    # A plain id of another suite's run is not found under this suite's folder.
+    code, _, err = run_cli(capsys, "run", str(bench), "--out", str(out), "--resume", victim_run.name)
+    assert code == 2 and "no run of suite 'bench'" in err
+    assert sorted(p.name for p in (victim_run / "cells").iterdir()) == before
+
+
+def test_a_run_in_use_is_refused_and_left_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "busy", [{"name": "full"}], [64, 128])
+    assert cli.main(["run", str(suite), "--out", str(out), "--filter", "seq_len == 64"]) == 0
+    (run_dir,) = (out / "busy").iterdir()
+    snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    store = RunStore(out, "busy", run_dir.name)
+    with store.lock("another harness run"):  # what a second process meets while the first runs
+        code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_dir.name)
+    assert code == 2 and "is in use by pid" in err and "another harness run" in err, err
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume", run_dir.name]) == 0  # free again
+
+
+def test_two_concurrent_resumes_one_measures_the_other_exits_2(tmp_path, misbehaving_variants):  # noqa: F811
+    suite = write_suite(tmp_path, "race", [{"name": "test_sleep", "seconds": 2.0}], [64])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--in-process"]
+    first = subprocess.run([*command, "--filter", "seq_len == 0"], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 2  # no cells: nothing created
+    starter = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in starter.stdout:
+            if line.startswith("running "):
+                break
+        (run_dir,) = (out / "race").iterdir()
+        second = subprocess.run([*command, "--resume", run_dir.name], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
+        starter.communicate(timeout=120)
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+    assert starter.returncode == 0
+    assert list(load(run_dir)["status"]) == ["ok"]
+
+
+def test_result_files_are_world_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        suite = write_suite(tmp_path, "perm", [{"name": "full"}], [64])
+        assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    (run_dir,) = (tmp_path / "out" / "perm").iterdir()
+    files = [run_dir / "run.json", run_dir / "results.parquet", *(run_dir / "cells").iterdir()]
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {"0o644"}
+    assert oct(stat.S_IMODE(run_dir.stat().st_mode)) == "0o755"
+
+
+# --------------------------------------------------------------------------- hardening: no silent loss
+
+
+def test_an_unreadable_cell_file_is_reported_everywhere_and_measured_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "junk", [{"name": "full"}], [64, 128])
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    (run_dir,) = (out / "junk").iterdir()
+    broken = sorted((run_dir / "cells").iterdir())[0]
+    broken.write_text("{not json")
+    (run_dir / PARQUET).unlink()
+    with pytest.warns(CorruptCellWarning, match=broken.name):
+        assert len(load(run_dir)) == 1
+    status = run_status(run_dir)
+    assert status.states[broken.stem] == "corrupt" and "unreadable" in format_status(status)
+    report = render_report([run_dir], out=tmp_path / "report")
+    assert f"could not be read and are missing from this report:** `{broken.name}`" in (report / "report.md").read_text()
+    capsys.readouterr()
+    code, out_text, err = run_cli(capsys, "report", str(run_dir), "--out", str(tmp_path / "report2"))
+    assert code == 0 and f"warning: {broken}" in err
+    code, out_text, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_dir.name)
+    assert code == 0 and "running 1 of 2 cells" in out_text and "unreadable cell file" in err, out_text + err
+    assert len(load(run_dir)) == 2 and (run_dir / PARQUET).is_file()
+    assert run_status(run_dir).counts()["done"] == 2
+
+
+def test_a_resume_with_nothing_to_run_rebuilds_a_missing_or_garbage_parquet(tmp_path, capsys):
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "pq", [{"name": "full"}], [64])
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    (run_dir,) = (out / "pq").iterdir()
+    for damage in (lambda p: p.unlink(), lambda p: p.write_bytes(b"garbage")):
+        damage(run_dir / PARQUET)
+        assert cli.main(["run", str(suite), "--out", str(out), "--resume", run_dir.name]) == 0
+        assert len(pd.read_parquet(run_dir / PARQUET)) == 1
+    assert "nothing to run" in capsys.readouterr().out
+
+
+def test_an_installed_package_writes_results_and_reports_where_the_user_is(tmp_path):
+    """Installed (not a git checkout), `harness run --report` writes under the working directory
+    (results/ and reports/ beside it), never beside the package, and names the package version."""
+    import shutil
+
+    site, work = tmp_path / "site-packages", tmp_path / "work"
+    for package in ("harness", "variants"):
+        shutil.copytree(ROOT / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    work.mkdir()
+    suite = write_suite(work, "here", [{"name": "full"}], [64])
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    environment.pop("REFORMER_HARNESS_CODE_VERSION", None)
+    command = [sys.executable, "-m", "harness", "run", suite.name, "--report"]
+    done = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (work / "results" / "here").iterdir()
+    assert (work / "reports" / "here" / run_dir.name / "report.md").is_file()
+    assert load_run_info(run_dir)["code_version"].endswith("(package)")
+    assert not (site / "results").exists() and not (site / "reports").exists()
+    # With --out elsewhere, the report goes beside those results.
+    other = tmp_path / "elsewhere" / "results"
+    done = subprocess.run([*command, "--out", str(other)], cwd=work, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "elsewhere" / "reports" / "here").iterdir())

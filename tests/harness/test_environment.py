@@ -99,11 +99,16 @@ def test_repository_without_commits(tmp_path: Path) -> None:
     assert re.match(r"^nocommit\+dirty\.[0-9a-f]{8}$", code_version(tmp_path))
 
 
-def test_outside_git_is_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert code_version(tmp_path / "does-not-exist") == "unknown"
+def test_outside_git_is_the_package_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    installed = f"{metadata.version('reformer-harness')} (package)"  # pyproject.toml's version, as installed
+    assert code_version(tmp_path / "does-not-exist") == installed
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repo above tmp_path
-    assert code_version(tmp_path) == "unknown"
-    assert git_state(tmp_path) == {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+    assert code_version(tmp_path) == installed
+    assert git_state(tmp_path) == {"git_sha": None, "git_dirty": None, "code_version": installed}
+    monkeypatch.setattr(metadata, "version", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name)))
+    assert code_version(tmp_path) == "unknown"  # neither git nor an installed distribution
     monkeypatch.setenv("PATH", "")  # no git at all
     assert code_version(tmp_path) == "unknown"
 

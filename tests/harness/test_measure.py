@@ -177,8 +177,10 @@ def test_matmul_probe_picks_its_size_within_the_time_budget() -> None:
 
 
 def test_matmul_probe_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="not a torch dtype"):
+    with pytest.raises(ValueError, match="not a dtype the harness measures: 'float33'"):
         measure_matmul(CPU, "float33", n=8)
+    with pytest.raises(ValueError, match="not a dtype"):  # a torch attribute that is no dtype name of ours
+        measure_matmul(CPU, "__class__", n=8)
     with pytest.raises(ValueError, match="size"):
         measure_matmul(CPU, n=0)
 

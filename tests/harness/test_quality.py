@@ -83,7 +83,7 @@ def test_shipped_quality_suites_are_valid():
         ("vocab_size: 16}", "vocab_size: 16, length: 3}", "task.length", "unknown key 'length'"),
         ("d_ff: 32,", "d_ff: 32, dff: 3,", "model.dff", "unknown model key 'dff'"),
         ("n_hashes: [1, 2], bucket_size: 8", "n_hashes: [1, 2], bucket_size: 12", "variants[1].bucket_size",
-         "does not divide the task's seq_len=32"),
+         "seq_len=32 is not a multiple of bucket_size=12"),
         ("n_hashes: [1, 2], bucket", "n_hashes: [1, two], bucket", "variants[1].n_hashes[1]", "must be int"),
         ("{name: lsh, n_hashes: [4, 1]", "{name: lhs, n_hashes: [4, 1]", "eval_variants[1].name", "unknown variant 'lhs'"),
         ("  - {name: full, shared_qk: true, label: full}\n  - {name: lsh, n_hashes: [4",

@@ -12,13 +12,16 @@ import pytest
 from harness import results
 from harness.results import (
     ResultsError,
+    RunLockedError,
     RunStore,
     atomic_write_bytes,
     atomic_write_json,
+    check_run_id,
     latest_run,
     load,
     load_run_info,
     new_run_id,
+    open_run,
 )
 
 
@@ -56,7 +59,17 @@ def test_new_run_id_format_and_uniqueness(tmp_path):
     second = new_run_id("NVIDIA H100 80GB", parent=tmp_path)
     if second[:16] == run_id[:16]:  # same second: must not reuse the folder
         assert second == f"{run_id}-2"
-    assert not (tmp_path / second).exists()
+    assert (tmp_path / second).is_dir()  # reserved: created by new_run_id itself
+
+
+def test_new_run_id_is_atomic_across_processes(tmp_path):
+    """Concurrent starts (a check-then-mkdir race gave 6 starts 5 ids) each reserve their own folder."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(6) as pool:
+        ids = pool.starmap(new_run_id, [("cpu", tmp_path)] * 6)
+    assert len(set(ids)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ids)
 
 
 def test_append_and_load_round_trip(tmp_path):
@@ -66,7 +79,7 @@ def test_append_and_load_round_trip(tmp_path):
     store.append(row("bbb", status="oom", time_ms_samples=[], time_ms_median=None))
     store.update_run_info(finished_at="now")
 
-    assert sorted(p.name for p in store.path.iterdir()) == ["cells", "results.parquet", "run.json"]
+    assert sorted(p.name for p in store.path.iterdir() if not p.name.startswith(".")) == ["cells", "results.parquet", "run.json"]
     assert load_run_info(store.path) == {"command": "python -m harness run demo.yaml", "finished_at": "now"}
     frame = load(store.path)
     assert list(frame["cell_key"]) == ["aaa", "bbb"]
@@ -170,3 +183,43 @@ def test_load_returns_a_dataframe_of_all_suites_by_default(tmp_path):
     frame = load(root=tmp_path)
     assert isinstance(frame, pd.DataFrame)
     assert sorted(zip(frame["suite"], frame["cell_key"])) == [("one", "a"), ("two", "b")]
+
+
+def test_run_info_updates_from_many_threads_lose_nothing(tmp_path):
+    """run.json is read-modify-written under its own lock: concurrent updaters all land."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = RunStore(tmp_path, "demo", "r1")
+    store.write_run_info({"suite": "demo"})
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: store.update_run_info(**{f"field_{i}": i}), range(40)))
+    info = load_run_info(store.path)
+    assert {k: v for k, v in info.items() if k.startswith("field_")} == {f"field_{i}": i for i in range(40)}
+
+
+@pytest.mark.parametrize("bad", ["../victim", "a/b", "..", ".", ".hidden", "/etc", "", "x" * 300, "a\nb"])
+def test_run_ids_taken_from_users_are_plain_folder_names(bad):
+    with pytest.raises(ResultsError, match="not a path"):
+        check_run_id(bad, "--resume")
+    assert check_run_id("20261123T121443Z-amd-epyc-2") == "20261123T121443Z-amd-epyc-2"
+
+
+def test_open_run_needs_a_run_of_that_suite(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.write_run_info({"suite": "other"})
+    with pytest.raises(ResultsError, match="is a run of suite 'other', not 'demo'"):
+        open_run(tmp_path, "demo", "r1")
+    with pytest.raises(ResultsError, match="no run of suite 'demo'"):
+        open_run(tmp_path, "demo", "r2")
+    store.update_run_info(suite="demo")
+    assert open_run(tmp_path, "demo", "r1").path == store.path
+
+
+def test_the_run_lock_is_exclusive_and_released(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    with store.lock("first"):
+        with pytest.raises(RunLockedError, match=r"in use by pid \d+ on .* \(first since"):
+            with RunStore(tmp_path, "demo", "r1").lock("second"):
+                pass
+    with RunStore(tmp_path, "demo", "r1").lock("third"):  # released on exit
+        pass

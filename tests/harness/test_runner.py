@@ -100,8 +100,28 @@ def test_oom_under_memory_limit_then_longer_lengths_are_skipped(tmp_path):
     suite = write_suite(tmp_path, "oom", [{"name": "full"}], [8192, 16384], memory_limit_gib=0.25)
     _, rows, _ = run(suite, tmp_path)
     assert statuses(rows) == [("full", 8192, "oom"), ("full", 16384, "skipped")]
-    assert "can't allocate memory" in rows[0]["message"] and "memory limit 0.25 GiB" in rows[0]["message"]
+    # Killed by the parent's watch on resident memory, with the peak it saw (above the 256 MiB limit).
+    assert "resident memory" in rows[0]["message"] and "memory limit 0.25 GiB" in rows[0]["message"]
+    assert rows[0]["memory_limit_mib"] == 256 and 256 < rows[0]["rss_peak_mib"] < 512 + 256
     assert rows[1]["message"] == "skipped after oom at L=8192"
+
+
+def test_the_memory_limit_is_resident_memory_not_address_space(tmp_path):
+    """An LSH cell whose measured peak is ~50-120 MiB fits a 0.25 GiB limit (with an address-space
+    limit it was `oom`: threads and arenas reserve far more address space than they touch)."""
+    suite = write_suite(tmp_path, "lsh", [{"name": "lsh", "n_hashes": 2, "bucket_size": 64}], [4096],
+                        mode="forward_backward", memory_limit_gib=0.25)
+    _, rows, _ = run(suite, tmp_path)
+    assert statuses(rows) == [("lsh", 4096, "ok")], rows[0].get("message")
+    assert 0 < rows[0]["peak_mem_mib"] < 256
+
+
+def test_an_allocation_beyond_the_address_space_backstop_fails_at_once(tmp_path):
+    # [1, 2, 65536, 65536] float32 logits are 32 GiB: far beyond 2 x 0.25 GiB + 2 GiB of address space.
+    suite = write_suite(tmp_path, "huge", [{"name": "full"}], [65536], memory_limit_gib=0.25)
+    _, rows, _ = run(suite, tmp_path)
+    assert statuses(rows) == [("full", 65536, "oom")]
+    assert "memory limit 0.25 GiB" in rows[0]["message"] and "resident memory" not in rows[0]["message"]
 
 
 def test_timeout_is_recorded_and_longer_lengths_are_skipped(tmp_path, misbehaving_variants):

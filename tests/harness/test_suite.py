@@ -210,6 +210,9 @@ ERRORS = {
                                 "variants[2].seq_len[1]", "distinct positive integers"),
     "entry seq_len not divisible": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 3000]}"),
                                     "sweep.tokens_per_batch[0]", "variants[2].seq_len[1]"),
+    "bucket_size does not divide seq_len": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 1000]}")
+                                            .replace("tokens_per_batch: [8192]", "batch: [1]"),
+                                            "variants[2].seq_len[1]", "seq_len=1000 is not a multiple of bucket_size=64"),
     "matmul_rate not a bool": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rate: 'true'}"),
                                "measure.matmul_rate", "valid boolean"),
     "matmul_rate misspelt": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rates: true}"),

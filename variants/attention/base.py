@@ -30,6 +30,11 @@ class AttentionConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raise ValueError when this configuration cannot run at `seq_len` tokens (e.g. LSH's chunk
+        length must divide it). Suites call it for every length before anything runs; modules call
+        it in forward. Any length by default."""
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads

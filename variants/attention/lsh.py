@@ -686,6 +686,11 @@ class LSHAttentionConfig(AttentionConfig):
         if self.n_buckets is not None:
             bucket_factors(self.n_buckets, self.bucket_size, self.bucket_size)
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Shorter than bucket_size: full attention (any length); otherwise a multiple of bucket_size."""
+        if seq_len >= self.bucket_size and seq_len % self.bucket_size:
+            raise ValueError(f"seq_len={seq_len} is not a multiple of bucket_size={self.bucket_size}")
+
 
 @register("lsh", config=LSHAttentionConfig)
 class LSHAttention(AttentionModule):

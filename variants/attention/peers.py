@@ -126,6 +126,11 @@ class HFLSHAttentionConfig(AttentionConfig):
         super().validate()
         _validate_lsh(self.n_hashes, self.bucket_size, self.n_buckets)
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Up to bucket_size: no hashing (any length); beyond it, a multiple of bucket_size."""
+        if seq_len > self.bucket_size and seq_len % self.bucket_size:
+            raise ValueError(f"hf_lsh: seq_len={seq_len} is not a multiple of bucket_size={self.bucket_size}")
+
 
 @register("hf_lsh", config=HFLSHAttentionConfig)
 class HFLSHAttention(nn.Module):
@@ -188,10 +193,7 @@ class HFLSHAttention(nn.Module):
         seq_len = x.shape[1]
         buckets = self.num_buckets(seq_len)
         if buckets is not None:
-            if seq_len % self.config.bucket_size:
-                raise ValueError(
-                    f"hf_lsh: seq_len={seq_len} is not a multiple of bucket_size={self.config.bucket_size}"
-                )
+            self.config.check_seq_len(seq_len)
             # HF keeps the first automatic choice for every later length; set it per length instead.
             self.attn.num_buckets = buckets
             self.attn.config.num_buckets = buckets
@@ -241,6 +243,12 @@ class ReformerPytorchLSHConfig(AttentionConfig):
         super().validate()
         _validate_lsh(self.n_hashes, self.bucket_size)
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Up to bucket_size: full attention (any length); beyond it, a multiple of 2 * bucket_size."""
+        if seq_len > self.bucket_size and seq_len % (2 * self.bucket_size):
+            raise ValueError(f"reformer_pytorch_lsh: seq_len={seq_len} must be a multiple of "
+                             f"2 * bucket_size={2 * self.bucket_size}")
+
 
 @register("reformer_pytorch_lsh", config=ReformerPytorchLSHConfig)
 class ReformerPytorchLSHAttention(nn.Module):
@@ -284,11 +292,7 @@ class ReformerPytorchLSHAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq_len, d_model] -> [batch, seq_len, d_model]."""
-        seq_len, bucket_size = x.shape[1], self.config.bucket_size
-        if seq_len > bucket_size and seq_len % (2 * bucket_size):
-            raise ValueError(
-                f"reformer_pytorch_lsh: seq_len={seq_len} must be a multiple of 2 * bucket_size={2 * bucket_size}"
-            )
+        self.config.check_seq_len(x.shape[1])
         if self.config.seed is None:
             return self.attn(x)
         with _seeded(self.config.seed, x.device):

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Everything a short GPU lease should produce, in one call of at most ~8 minutes (docs/benchmarks.md):
+#   1. preflight: python, torch, the GPU (nvidia-smi -q, harness env)
+#   2. harness selfcheck --device cuda (every CUDA path, full list)          budget 100 s
+#   3. suites/ci_gpu.yaml, its check against results/baselines/<gpu>/ci_gpu
+#      (or, for a GPU without one, a candidate baseline to commit), report   budget  70 s + 20 s + 20 s
+#   4. suites/seq_length.yaml on CUDA (36 cells), report                     budget 170 s + 20 s
+#   5. suites/peers.yaml on CUDA at 16K tokens, 1 and 8 rounds (10 cells)    budget  90 s + 20 s
+# Each step runs under `timeout` within an overall deadline (LEASE_SECONDS, default 480: steps that
+# would pass it get less, or are skipped); a suite cut short keeps its finished cells, which still get
+# their report. Everything goes under one folder:
+#   OUT_DIR/{summary.txt,steps.tsv,logs/,selfcheck/,results/,check/,reports/,env.txt,nvidia-smi.txt}
+#
+# Usage:
+#   scripts/gpu-lease.sh [OUT_DIR]            # default OUT_DIR: $OUT (a lent machine's return folder),
+#                                             # else results/_scratch/gpu-lease-<UTC time>
+#   scripts/gpu-lease.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) on any machine, CPU included: shows every
+#                                             # step, lists the selfcheck's checks, --dry-runs the suites
+# Environment: PYTHON (default .venv/bin/python, else python3), LEASE_SECONDS, and on a copy of the tree
+# without git history REFORMER_HARNESS_CODE_VERSION=<sha> so the runs record which code they measured.
+# Exit status: 0 when every step succeeded, 1 otherwise (steps.tsv says which), 2 when python/torch/CUDA
+# are not usable here (nothing else runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN="${DRY_RUN:-0}"
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+if [ "$DRY_RUN" = 1 ]; then DEFAULT_OUT="results/_scratch/gpu-lease-dry-run-$STAMP"; else DEFAULT_OUT="${OUT:-results/_scratch/gpu-lease-$STAMP}"; fi
+LEASE_OUT="${1:-$DEFAULT_OUT}"
+LEASE_SECONDS="${LEASE_SECONDS:-480}"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x "${REFORMER_VENV:-.venv}/bin/python" ]; then PY="${REFORMER_VENV:-.venv}/bin/python"; else PY=python3; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # harness importable without an install
+RESULTS="$LEASE_OUT/results"
+mkdir -p "$LEASE_OUT/logs" "$LEASE_OUT/check" "$LEASE_OUT/reports"
+START=$(date +%s)
+STEPS="$LEASE_OUT/steps.tsv"
+printf 'step\texit\tseconds\tbudget_s\n' > "$STEPS"
+FAILED=0
+
+say() { echo "[lease $(( $(date +%s) - START ))s] $*" | tee -a "$LEASE_OUT/summary.txt"; }
+
+# budget WANTED: seconds a step may take, leaving 15 s of the deadline for the summary (0: no time left).
+budget() {
+    local left=$(( LEASE_SECONDS - ( $(date +%s) - START ) - 15 ))
+    if [ "$left" -lt 10 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+
+# step NAME WANTED_SECONDS COMMAND...: run under timeout, log to logs/NAME.txt, record exit and seconds.
+step() {
+    local name="$1" wanted="$2"; shift 2
+    local seconds; seconds=$(budget "$wanted")
+    local log="$LEASE_OUT/logs/$name.txt"
+    if [ "$seconds" = 0 ]; then
+        say "$name: SKIPPED, no time left of LEASE_SECONDS=$LEASE_SECONDS"
+        printf '%s\tskipped\t0\t0\n' "$name" >> "$STEPS"; FAILED=1; return 0
+    fi
+    say "$name (up to ${seconds}s): $*"
+    local begin; begin=$(date +%s)
+    local status=0
+    timeout --signal=TERM --kill-after=20 "$seconds" "$@" > "$log" 2>&1 || status=$?
+    local took=$(( $(date +%s) - begin ))
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$took" "$seconds" >> "$STEPS"
+    tail -n 3 "$log" | sed 's/^/    /'
+    if [ "$status" != 0 ]; then
+        FAILED=1
+        say "$name: exit $status after ${took}s$([ "$status" = 124 ] && echo ' (stopped at its budget; a suite keeps its finished cells)')"
+    fi
+    return 0
+}
+
+# planned NAME COMMAND...: in a dry run, show a step that needs real results, without running it.
+planned() { local name="$1"; shift; say "$name (not run in a dry run): $*"; }
+
+# --------------------------------------------------------------------------- 1. preflight
+if ! "$PY" -c "import torch, harness" > "$LEASE_OUT/logs/preflight.txt" 2>&1; then
+    say "preflight: $PY cannot import torch and harness:"; cat "$LEASE_OUT/logs/preflight.txt"; exit 2
+fi
+say "preflight: $("$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, cuda available: {torch.cuda.is_available()}, {torch.cuda.device_count()} GPU(s)")')"
+if [ "$DRY_RUN" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    say "preflight: CUDA is not available to $PY (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}); nothing run. Use --dry-run off a GPU."
+    exit 2
+fi
+command -v nvidia-smi > /dev/null && nvidia-smi -q > "$LEASE_OUT/nvidia-smi.txt" 2>&1 || true
+"$PY" -m harness env --device "$([ "$DRY_RUN" = 1 ] && echo auto || echo cuda)" > "$LEASE_OUT/env.txt" 2>&1 || true
+
+# --------------------------------------------------------------------------- 2. selfcheck
+if [ "$DRY_RUN" = 1 ]; then
+    step selfcheck 60 "$PY" -m harness selfcheck --device cuda --list
+    say "selfcheck: $(wc -l < "$LEASE_OUT/logs/selfcheck.txt") checks would run on cuda (the list is in logs/selfcheck.txt)"
+else
+    step selfcheck 100 "$PY" -m harness selfcheck --device cuda --out "$LEASE_OUT/selfcheck"
+    grep -E '^(FAIL|SKIP) ' "$LEASE_OUT/logs/selfcheck.txt" | cut -c1-220 | sed 's/^/    /' || true
+fi
+
+# --------------------------------------------------------------------------- 3-5. suites on CUDA
+# suite NAME WANTED_SECONDS [run options...]: run a suite on CUDA into $RESULTS (a dry run lists its cells).
+suite() {
+    local name="$1" wanted="$2"; shift 2
+    if [ "$DRY_RUN" = 1 ]; then
+        step "$name" 60 "$PY" -m harness run "suites/$name.yaml" --device cuda --dry-run "$@"
+        say "$name: a real lease gives it up to ${wanted}s"
+    else
+        step "$name" "$wanted" "$PY" -m harness run "suites/$name.yaml" --device cuda --out "$RESULTS" "$@"
+    fi
+}
+
+# report NAME: figures and report.md of the suite's latest run under $RESULTS.
+report() {
+    if [ "$DRY_RUN" = 1 ]; then planned "report-$1" "$PY" -m harness report "$RESULTS/$1" --out "$LEASE_OUT/reports/$1"; return 0; fi
+    [ -d "$RESULTS/$1" ] || { say "report-$1: no results to report"; return 0; }
+    step "report-$1" 20 "$PY" -m harness report "$RESULTS/$1" --out "$LEASE_OUT/reports/$1"
+}
+
+suite ci_gpu 70
+SLUG="$("$PY" -c "from harness.environment import device_name, device_slug; print(device_slug(device_name('cuda')))" 2>/dev/null || echo unknown)"
+BASELINE="results/baselines/$SLUG/ci_gpu"
+if [ "$DRY_RUN" = 1 ]; then
+    planned check-ci_gpu "$PY" -m harness check "$RESULTS/ci_gpu" --baseline "results/baselines/<gpu slug>/ci_gpu" "(or, without one: harness baseline ... --root $RESULTS)"
+elif [ -f "$BASELINE/run.json" ]; then
+    step check-ci_gpu 20 "$PY" -m harness check "$RESULTS/ci_gpu" --baseline "$BASELINE"
+    cp "$LEASE_OUT/logs/check-ci_gpu.txt" "$LEASE_OUT/check/check.txt"
+    "$PY" -m harness check "$RESULTS/ci_gpu" --baseline "$BASELINE" --format json > "$LEASE_OUT/check/check.json" 2>/dev/null || true
+    "$PY" -m harness check "$RESULTS/ci_gpu" --baseline "$BASELINE" --format markdown > "$LEASE_OUT/check/check.md" 2>/dev/null || true
+elif [ -d "$RESULTS/ci_gpu" ]; then
+    say "check-ci_gpu: no baseline for this GPU ($BASELINE); promoting this run as a candidate (review, then copy to $BASELINE and commit)"
+    step baseline-ci_gpu 20 "$PY" -m harness baseline "$RESULTS/ci_gpu" --name ci_gpu --root "$RESULTS" --force
+fi
+report ci_gpu
+
+suite seq_length 170
+report seq_length
+
+# peers at one length, 1 and 8 hash rounds (ours, HF's, lucidrains'), SDPA and each of its backends:
+# 10 cells; the full 112-cell suite needs ~9 min alone.
+suite peers 90 --filter "seq_len == 16384 and not n_hashes in [2, 4]"
+report peers
+
+# --------------------------------------------------------------------------- summary
+say "done in $(( $(date +%s) - START ))s -> $LEASE_OUT"
+column -t -s $'\t' "$STEPS" 2>/dev/null | tee -a "$LEASE_OUT/summary.txt" || cat "$STEPS"
+exit "$FAILED"
