@@ -179,7 +179,12 @@ def command_run(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
         except KeyboardInterrupt:
             store.update_run_info(interrupted_at=_now())
-            print(f"\ninterrupted; finished cells are saved. Continue with: {resume_command(args, store.path.name)}", file=sys.stderr)
+            if args.executor == "submitit":  # the jobs go on: a resume now would measure their cells twice
+                print(f"\ninterrupted; the jobs keep running (see above). Once they have ended, continue with: "
+                      f"{resume_command(args, store.path.name)}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted; finished cells are saved. Continue with: {resume_command(args, store.path.name)}",
+                      file=sys.stderr)
             return 130
         store.rebuild()  # also when nothing ran: a missing or unreadable results.parquet is written anew
         store.update_run_info(finished_at=_now())

@@ -8,6 +8,9 @@
 - `submitit`: a Slurm job array through submitit (`cluster="local"` runs the same code without
   Slurm); each array task runs one group of cells and writes their rows itself; a task that is
   preempted or times out is requeued (`checkpoint`) and resumes its group from the stored rows.
+  The submitting command follows the jobs through their result files and Slurm's own view
+  (harness.slurm: scontrol, then sacct), so a job that ends without a result (scancel, node lost,
+  out of requeues) is noticed also on clusters without accounting storage.
 
 Skip-after-OOM needs a group's cells (same configuration, increasing seq_len) in order, so the
 unit handed out is a group: its cells run one after another in one slot / job, groups in parallel.
@@ -18,18 +21,21 @@ from __future__ import annotations
 import json
 import os
 import queue
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness.results import RunStore, atomic_write_json
-from harness.runner import THREADS_ENV, RunOptions, Sweep, kill_live_cells, run_cells
+from harness.runner import THREADS_ENV, RunOptions, Sweep, interrupt_guard, kill_live_cells, run_cells
+from harness.slurm import SlurmUnavailable, job_states
 from harness.suite import Cell
 
 EXECUTORS = ("local", "pool", "submitit")
 JOBS_FILE = "jobs.json"  # submitted job ids, per submission, for `harness status`
 SUBMITIT_DIR = "submitit"  # submitit's pickles and job logs, inside the run folder
+SLURM_POLL_ENV = "REFORMER_HARNESS_SLURM_POLL_S"  # seconds between questions to Slurm (default 15)
 
 
 class ExecutorError(Exception):
@@ -109,12 +115,19 @@ def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: lis
 class GroupJob:
     """The callable of one array task: run a group's cells (each in its own spawned process) into
     the store. submitit calls `checkpoint` on preemption or timeout and requeues the task, which
-    then skips the cells already stored (`run_cells` resumes)."""
+    then skips the cells already stored (`run_cells` resumes).
+
+    SIGTERM (scancel, the hard time limit, a preemption's grace period) stops the task at once:
+    the running cell's process is killed and nothing is recorded for it, and the task ends
+    without a result, so the submitting command records the group's unfinished cells as `error`
+    with Slurm's final state. (submitit itself ignores SIGTERM; the cell processes would die of
+    it and be recorded as crashed, and the next cells would start until Slurm's SIGKILL.)"""
 
     def __call__(self, root: str, suite: str, run_id: str, cells: list[Cell], code_version: str) -> list[str]:
         store = RunStore(root, suite, run_id)
         options = RunOptions(code_version=code_version, run_id=run_id)
-        return [row["status"] for row in run_cells(cells, store, options)]
+        with interrupt_guard():  # SIGTERM -> KeyboardInterrupt, which submitit does not turn into a result
+            return [row["status"] for row in run_cells(cells, store, options)]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Requeue with the same arguments (the stored rows are the checkpoint)."""
@@ -123,11 +136,27 @@ class GroupJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+def signal_delay_s(time_min: int) -> int:
+    """Seconds before the time limit at which Slurm is asked to warn a job (`--signal=USR2@N`; on
+    the warning submitit checkpoints and requeues the job, which resumes its group).
+
+    Slurm sends the warning at one of its time-limit checks, every 30 s, as soon as at most N + 30 s
+    are left (seen on Slurm 22.05; its manual allows up to 60 s early). With submitit's N = 90, a job
+    of at most two minutes is warned at its first check, 0-30 s after it starts, so it is requeued
+    before doing any work until it runs out of requeues. N = 30 * time_min - 30 (10 to 90) leaves at
+    least half the limit (20 s of a 1-minute limit) before the earliest warning, and 10 s or more
+    after the latest for the requeue (one `scontrol requeue`; the stored rows are the checkpoint).
+    """
+    return min(90, max(10, 30 * time_min - 30))
+
+
 def slurm_parameters(slurm: dict[str, Any], device: str) -> dict[str, Any]:
     """submitit AutoExecutor parameters from a suite's `slurm:` block (with command-line overrides)."""
     gpus = slurm.get("gpus_per_node")
+    time_min = int(slurm.get("time_min") or 60)
     params: dict[str, Any] = {
-        "timeout_min": int(slurm.get("time_min") or 60),
+        "timeout_min": time_min,
+        "slurm_signal_delay_s": signal_delay_s(time_min),
         "gpus_per_node": int(gpus if gpus is not None else (1 if device.startswith("cuda") else 0)),
         "slurm_array_parallelism": int(slurm.get("array_parallelism") or 32),
         "name": "harness",
@@ -179,6 +208,96 @@ def _make_importable_in_jobs() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
+def slurm_poll_s() -> float:
+    """Seconds between questions to Slurm while waiting (REFORMER_HARNESS_SLURM_POLL_S, default 15,
+    at least 0.5): result files are looked for every second, Slurm is asked only this often."""
+    try:
+        return max(0.5, float(os.environ.get(SLURM_POLL_ENV, "15")))
+    except ValueError:
+        return 15.0
+
+
+def _has_result(job: Any) -> bool:
+    """Whether a Slurm job has written its result file (job.result() then returns without waiting)."""
+    folder = job.paths.folder
+    try:
+        folder.chmod(folder.stat().st_mode)  # refreshes a stale NFS attribute cache, as submitit does
+    except OSError:
+        pass
+    return job.paths.result_pickle.exists()
+
+
+def _ended_without_result(jobs: list[Any], seen_ended: dict[str, int]) -> list[tuple[Any, str]]:
+    """Ask Slurm about `jobs` once; return (job, why) for those found ended (or no longer known) at
+    this and the previous question and still without a result file. `seen_ended` (job id ->
+    consecutive answers that found it ended) carries over between questions."""
+    try:
+        states = job_states([str(job.job_id) for job in jobs])
+    except SlurmUnavailable:
+        return []  # nothing can be concluded: keep waiting
+    over = []
+    for job in jobs:
+        job_id = str(job.job_id)
+        info = states.get(job_id)
+        if info is not None and not info.ended:
+            seen_ended.pop(job_id, None)
+            continue
+        seen_ended[job_id] = seen_ended.get(job_id, 0) + 1
+        if seen_ended[job_id] >= 2 and not _has_result(job):
+            over.append((job, f"ended {info.describe()}" if info is not None else "is no longer known to Slurm"))
+    return over
+
+
+def wait_for_jobs(jobs: list[Any], cluster: str, poll_s: float, look_s: float = 1.0) -> Iterator[tuple[Any, str | None]]:
+    """Yield each job once it is over: (job, None) when it left a result (job.result() returns or
+    raises without waiting), or (job, why) when Slurm says it ended without one.
+
+    Result files are looked for every `look_s`, Slurm is asked every `poll_s`. A Slurm job counts as
+    ended without a result when two answers in a row found it ended and its result file is still
+    missing: the second look leaves time for a result written just before the end to show up on a
+    shared file system. Other clusters (submitit's `local`) are left to submitit's own watcher.
+    """
+    remaining = list(jobs)
+    seen_ended: dict[str, int] = {}
+    next_question = time.monotonic() + poll_s
+    while remaining:
+        for job in list(remaining):
+            if (_has_result(job) if cluster == "slurm" else job.done()):
+                remaining.remove(job)
+                yield job, None
+        if cluster == "slurm" and remaining and time.monotonic() >= next_question:
+            next_question = time.monotonic() + poll_s
+            for job, why in _ended_without_result(remaining, seen_ended):
+                remaining.remove(job)
+                yield job, why
+        if remaining:
+            time.sleep(look_s)
+
+
+def _record_unfinished(store: RunStore, options: RunOptions, group: list[Cell], message: str) -> int:
+    """Store an `error` row with `message` for each cell of `group` without a row; return how many."""
+    stored = {r.get("cell_key") for r in store.rows()}
+    missing = [cell for cell in group if cell.key(options.code_version) not in stored]
+    for cell in missing:
+        store.append(_failure_row(cell, options, message))
+    return len(missing)
+
+
+def _collect(job: Any, why: str | None, group: list[Cell], store: RunStore, options: RunOptions) -> str:
+    """Take in one finished job: record its group's unfinished cells if it failed; return the outcome line."""
+    if why is not None:
+        n = _record_unfinished(store, options, group, f"Slurm job {job.job_id} {why} before this cell finished "
+                               f"(no result; `--resume {options.run_id}` runs it again)")
+        return f"FAILED: {why}, no result; {n} unfinished cell(s) recorded as error"
+    try:
+        statuses = job.result()
+        return ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "nothing to run"
+    except Exception as error:  # noqa: BLE001 - a failed job is data about its cells
+        reason = str(error).strip().splitlines()
+        _record_unfinished(store, options, group, f"submitit job {job.job_id} failed: {error}")
+        return f"FAILED: {reason[-1][:200] if reason else type(error).__name__}"
+
+
 def run_submitit(
     cells: list[Cell],
     store: RunStore,
@@ -189,8 +308,10 @@ def run_submitit(
 ) -> list[dict]:
     """Submit one array task per pending group, wait for them and return the new rows.
 
-    A task that fails (killed, node lost, out of requeues) leaves each of its cells without a row
-    recorded as `error` with the job's reason; results.parquet is rebuilt from the cells at the end.
+    A task that fails (killed, cancelled, node lost, out of requeues) leaves each of its cells
+    without a row recorded as `error` with the job's reason; results.parquet is rebuilt from the
+    cells at the end. An interrupt (Ctrl-C) stops the waiting only: the jobs keep running and
+    writing their rows, and `harness status` follows them.
     """
     try:
         import submitit
@@ -214,21 +335,20 @@ def run_submitit(
                        f"follow with: python -m harness status {store.path}")
     by_job = {id(job): group for job, group in zip(jobs, groups)}
     finished = 0
-    poll_s = 1.0 if executor.cluster == "local" else 15.0  # spare sacct on a real cluster
-    for job in submitit.helpers.as_completed(jobs, poll_frequency=poll_s):
-        group = by_job[id(job)]
-        try:
-            statuses = job.result()
-            outcome = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "nothing to run"
-        except Exception as error:  # noqa: BLE001 - a failed job is data about its cells
-            reason = str(error).strip().splitlines()
-            outcome = f"FAILED: {reason[-1][:200] if reason else type(error).__name__}"
-            stored = {r.get("cell_key") for r in store.rows()}
-            for cell in group:
-                if cell.key(options.code_version) not in stored:
-                    store.append(_failure_row(cell, options, f"submitit job {job.job_id} failed: {error}"))
-        finished += 1
-        options.print_line(f"[{finished:>3}/{len(jobs)}] job {job.job_id} ({len(group)} cells): {outcome}")
+    poll_s = 1.0 if executor.cluster == "local" else slurm_poll_s()
+    try:
+        for job, why in wait_for_jobs(jobs, executor.cluster, poll_s):
+            group = by_job[id(job)]
+            outcome = _collect(job, why, group, store, options)
+            finished += 1
+            options.print_line(f"[{finished:>3}/{len(jobs)}] job {job.job_id} ({len(group)} cells): {outcome}")
+    except KeyboardInterrupt:
+        if executor.cluster == "slurm":
+            array_ids = sorted({str(job.job_id).split("_")[0] for job in jobs})
+            options.print_line(f"interrupted: the Slurm job(s) keep running and store their cells in {store.path}; "
+                               f"follow them with `python -m harness status {store.path}`, stop them with "
+                               f"`scancel {' '.join(array_ids)}` (resume only once they have ended)")
+        raise
     store.rebuild()  # the jobs' own rebuilds may have raced
     keys = {c.key(options.code_version) for c in sweep.pending}
     return [row for row in store.rows() if row.get("cell_key") in keys]

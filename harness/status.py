@@ -3,7 +3,8 @@
 Works for every executor while the run goes on or after it stopped: the planned cells come from
 run.json (`cell_keys`, `cell_labels`), finished ones from cells/*.json, running ones from the
 running/*.json notes the runner leaves while a cell is measured, and Slurm jobs still queued from
-jobs.json (their state asked of Slurm through submitit when it is installed).
+jobs.json (their state asked of Slurm itself, harness.slurm: scontrol, then sacct, so it works
+on clusters without accounting storage too).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import psutil
 
 from harness.results import RunStore, load_run_info, read_cells
+from harness.slurm import SlurmUnavailable, job_states
 
 DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
 
@@ -51,8 +53,8 @@ def _alive(note: dict) -> bool:
 
 
 def _slurm_job_states(run_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(job id -> Slurm state, cell key -> job id) from jobs.json; states only for Slurm jobs and
-    only when submitit can ask Slurm (else empty)."""
+    """(job id -> Slurm state, cell key -> job id) from jobs.json; states only for Slurm jobs that
+    Slurm still knows, e.g. "PENDING (JobArrayTaskLimit)" or "COMPLETED" (else empty)."""
     file = run_dir / "jobs.json"
     if not file.exists():
         return {}, {}
@@ -61,19 +63,20 @@ def _slurm_job_states(run_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
     except (OSError, ValueError, AttributeError):
         return {}, {}
     job_of: dict[str, str] = {}
-    states: dict[str, str] = {}
+    slurm_ids: list[str] = []
     for submission in submissions:
         for job in submission.get("jobs", []):
             for key in job.get("cells", []):
                 job_of[key] = str(job["job_id"])
             if submission.get("cluster") == "slurm":
-                try:
-                    import submitit
-
-                    states[str(job["job_id"])] = submitit.SlurmJob(folder=submission["folder"], job_id=str(job["job_id"])).state
-                except Exception:  # noqa: BLE001 - no submitit, no sacct, job forgotten: fall back to rows
-                    pass
-    return states, job_of
+                slurm_ids.append(str(job["job_id"]))
+    if not slurm_ids:
+        return {}, job_of
+    try:
+        infos = job_states(slurm_ids)
+    except SlurmUnavailable:  # not on the cluster's network, controller down: fall back to rows
+        return {}, job_of
+    return {job_id: infos[job_id].describe() for job_id in slurm_ids if job_id in infos}, job_of
 
 
 def run_status(run_dir: str | Path) -> RunStatus:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, executors, runner
+from harness import cli, executors, runner, slurm
 from harness.executors import pool_slots, run_pool, slurm_parameters
 from harness.results import RunStore, load
 from harness.runner import RunOptions, run_cells
@@ -133,3 +133,58 @@ def test_status_of_a_partial_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "4 cells: 1 done, 1 running, 1 failed, 1 pending" in text
     assert "full L=128 B=1: boom" in text and "full L=512 B=1: not started" in text
+
+
+# --------------------------------------------------------------------------- Slurm's view (harness.slurm)
+# The real cluster is in test_slurm.py; these check the parsing and waiting rules on recorded output.
+
+SCONTROL = """\
+JobId=2 ArrayJobId=1 ArrayTaskId=0 ArrayTaskThrottle=1 JobName=harness JobState=RUNNING Reason=None Restarts=0 NumCPUs=1
+JobId=1 ArrayJobId=1 ArrayTaskId=1-2%1 ArrayTaskThrottle=1 JobName=harness JobState=PENDING Reason=JobArrayTaskLimit Restarts=0
+JobId=7 JobName=harness JobState=CANCELLED Reason=None Restarts=1 ExitCode=0:15
+"""
+
+
+def test_scontrol_and_sacct_output_give_each_array_task_its_state():
+    jobs = slurm.parse_scontrol_jobs(SCONTROL)
+    assert jobs == {"1_0": slurm.JobInfo("RUNNING"), "1_1": slurm.JobInfo("PENDING", "JobArrayTaskLimit"),
+                    "1_2": slurm.JobInfo("PENDING", "JobArrayTaskLimit"), "7": slurm.JobInfo("CANCELLED", "", 1)}
+    assert jobs["1_1"].describe() == "PENDING (JobArrayTaskLimit)" and not jobs["1_1"].ended
+    assert jobs["7"].ended and jobs["7"].describe() == "CANCELLED, requeued 1x"
+    assert slurm.expand_task_ids("0,4-8:2%3") == ["0", "4", "6", "8"]
+    sacct = slurm.parse_sacct_jobs("3_0|COMPLETED\n3_[1-2%1]|PENDING\n3_0.batch|COMPLETED\n4|CANCELLED by 0\n")
+    assert {k: v.state for k, v in sacct.items()} == {"3_0": "COMPLETED", "3_1": "PENDING", "3_2": "PENDING", "4": "CANCELLED"}
+
+
+def test_signal_delay_leaves_short_jobs_time_to_work():
+    assert [executors.signal_delay_s(m) for m in (1, 2, 3, 4, 60)] == [10, 30, 60, 90, 90]
+    assert slurm_parameters({"time_min": 1}, "cpu")["slurm_signal_delay_s"] == 10
+
+
+class FakeJob:
+    """A submitit job as wait_for_jobs sees it: an id and the folder of its result file."""
+
+    def __init__(self, folder: Path, job_id: str):
+        self.job_id = job_id
+        self.paths = type("Paths", (), {"folder": folder, "result_pickle": folder / f"{job_id}_result.pkl"})()
+
+
+def test_a_slurm_job_ended_without_a_result_is_given_up_at_the_second_answer(tmp_path, monkeypatch):
+    done, gone, cancelled, queued = (FakeJob(tmp_path, i) for i in ("1_0", "1_1", "1_2", "1_3"))
+    done.paths.result_pickle.touch()
+    answers = iter([slurm.SlurmUnavailable("controller down"), {"1_2": slurm.JobInfo("CANCELLED")},
+                    {"1_2": slurm.JobInfo("CANCELLED"), "1_3": slurm.JobInfo("PENDING")}])
+
+    def job_states(ids):
+        answer = next(answers, {"1_3": slurm.JobInfo("PENDING")})
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(executors, "job_states", job_states)
+    over = executors.wait_for_jobs([done, gone, cancelled, queued], "slurm", poll_s=0, look_s=0)
+    assert next(over) == (done, None)  # its result file
+    assert next(over) == (gone, "is no longer known to Slurm")  # unknown at the 2nd and 3rd answer
+    assert next(over) == (cancelled, "ended CANCELLED")  # the 1st answer (no controller) concluded nothing
+    queued.paths.result_pickle.touch()
+    assert next(over) == (queued, None) and next(over, None) is None
