@@ -27,7 +27,7 @@ import math
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -37,9 +37,9 @@ import pandas as pd
 from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRule, checks_from_suite_text, load_checks_file
 from harness.environment import device_slug
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError, _resolve, file_mode, load, load_run_info, to_json
+from harness.results import ResultsError, StoredRun, file_mode, read_run, to_json
 from harness.stats import mann_whitney_u, median, min_p_value
-from harness.suite import CONFIG_COLUMNS, _model_defaults, config_key_of
+from harness.suite import CONFIG_COLUMNS, config_key_of, model_defaults
 
 BASELINES_DIR = "baselines"
 BASELINE_INFO = "baseline.json"
@@ -53,49 +53,14 @@ class CheckError(ResultsError):
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass
-class RunData:
-    """One side of a comparison: its folder, run.json, rows (one per configuration) and device."""
-
-    path: Path
-    info: dict
-    frame: pd.DataFrame
-    device_name: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.path.parent.name}/{self.path.name}" if self.path.is_dir() else str(self.path)
-
-    @property
-    def code_version(self) -> str:
-        versions = sorted({str(v) for v in self.frame.get("code_version", pd.Series(dtype=object)).dropna()})
-        return ", ".join(versions) or str(self.info.get("code_version", "unknown"))
-
-
-def _device_name(info: dict, frame: pd.DataFrame) -> str:
-    """The run's device name: run.json's environment, else the rows' `device_name` values."""
-    name = (info.get("environment") or {}).get("device_name")
-    if name:
-        return str(name)
-    names = sorted({str(v) for v in frame.get("device_name", pd.Series(dtype=object)).dropna()})
-    return ", ".join(names) or "unknown"
-
-
-def load_run_data(arg: str | Path, root: str | Path = "results") -> RunData:
-    """Load a run (run folder, suite folder = its latest run, run id, or results.parquet) for a check.
-
-    Adds a `config_key` column recomputed from the config columns (so runs stored before the column
-    existed match too); when a configuration occurs twice (a run resumed with another code version)
-    the row written last wins.
-    """
-    path, kind, _, _ = _resolve(arg, Path(root))
-    frame = load(path, root=root)
-    run_dir = path if kind == "run" else path.parent
-    info = load_run_info(run_dir) if (run_dir / "run.json").exists() else {}
-    frame = frame.copy()
-    frame["config_key"] = [config_key_of(row) for row in frame.to_dict("records")]
-    frame = frame.drop_duplicates("config_key", keep="last").reset_index(drop=True)
-    return RunData(path=path, info=info, frame=frame, device_name=_device_name(info, frame))
+def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
+    """`results.read_run` for a check: its rows get a `config_key` recomputed from the config columns
+    (so runs stored before the column existed match too), and when a configuration occurs twice (a
+    run resumed with another code version) the row written last wins."""
+    run = read_run(arg, root)
+    rows = run.rows.copy()
+    rows["config_key"] = [config_key_of(row) for row in rows.to_dict("records")]
+    return replace(run, rows=rows.drop_duplicates("config_key", keep="last").reset_index(drop=True))
 
 
 def resolve_baseline(arg: str | Path, device_name: str, root: str | Path = "results", any_device: bool = False) -> Path:
@@ -116,8 +81,10 @@ def resolve_baseline(arg: str | Path, device_name: str, root: str | Path = "resu
         if len(others) == 1:
             return others[0]
         if len(others) > 1:
-            raise CheckError(f"baseline {str(arg)!r} exists for several devices: {', '.join(map(str, others))}; "
-                             "pass the folder of the one to compare with")
+            raise CheckError(
+                f"baseline {str(arg)!r} exists for several devices: {', '.join(map(str, others))}; "
+                "pass the folder of the one to compare with"
+            )
         looked.append(str(root / BASELINES_DIR / "*" / str(arg)))
     raise CheckError(
         f"no baseline named {str(arg)!r} for device {device_name!r}: looked for {' and '.join(looked)}. "
@@ -125,14 +92,14 @@ def resolve_baseline(arg: str | Path, device_name: str, root: str | Path = "resu
     )
 
 
-def rules_for(run: RunData, checks_file: str | Path | None = None) -> tuple[ChecksSpec, str]:
+def rules_for(run: StoredRun, checks_file: str | Path | None = None) -> tuple[ChecksSpec, str]:
     """(rules, where they came from): `checks_file`, else the run's suite `checks:` block, else defaults."""
     try:
         if checks_file is not None:
             return load_checks_file(checks_file), str(checks_file)
         text = run.info.get("suite_text")
         if text:
-            devices = run.frame.get("device", pd.Series(dtype=object)).dropna()
+            devices = run.rows.get("device", pd.Series(dtype=object)).dropna()
             device = str(devices.iloc[0]) if len(devices) else str((run.info.get("environment") or {}).get("device", "cpu"))
             where = f"{run.info.get('suite_path', 'suite')} (as recorded in {run.label}/run.json)"
             spec = checks_from_suite_text(text, device, where)
@@ -217,7 +184,7 @@ def decide(change: float, now: Sequence[float], base: Sequence[float], threshold
 def _labeller(frames: Iterable[pd.DataFrame]) -> Any:
     """A function row -> short cell label: variant label plus the config columns that vary."""
     combined = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    candidates = [c for c in CONFIG_COLUMNS if c != "variant"] + [name for name, _ in _model_defaults()]
+    candidates = [c for c in CONFIG_COLUMNS if c != "variant"] + [name for name, _ in model_defaults()]
     varying = []
     for column in candidates:
         if column in combined.columns and combined[column].map(lambda v: json.dumps(v, default=str)).nunique() > 1:
@@ -255,8 +222,11 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
     if rules.time.enabled:
         now_samples, base_samples = samples_of(now), samples_of(base)
         ratio, p, verdict, note = compare_samples(now_samples, base_samples, rules.time.threshold, rules.time.p_value)
-        out.append(Comparison(label, "time_ms", _finite(base.get("time_ms_median")), _finite(now.get("time_ms_median")),
-                              ratio, p, verdict, note, key))
+        out.append(
+            Comparison(
+                label, "time_ms", _finite(base.get("time_ms_median")), _finite(now.get("time_ms_median")), ratio, p, verdict, note, key
+            )
+        )
     if rules.memory.enabled:
         b, n = _finite(base.get("peak_mem_mib")), _finite(now.get("peak_mem_mib"))
         if b is None or n is None:
@@ -264,8 +234,9 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
         else:
             allowed = max(rules.memory.threshold * abs(b), rules.memory.floor_mib)
             verdict = REGRESSION if n - b > allowed else IMPROVEMENT if b - n > allowed else SAME
-            out.append(Comparison(label, "peak_mem_mib", b, n, n / b if b > 0 else None, None, verdict,
-                                  f"allowed +/-{allowed:.2f} MiB", key))
+            out.append(
+                Comparison(label, "peak_mem_mib", b, n, n / b if b > 0 else None, None, verdict, f"allowed +/-{allowed:.2f} MiB", key)
+            )
     if rules.bpd.enabled:
         for column in rules.bpd.columns:
             b, n = _finite(base.get(column)), _finite(now.get(column))
@@ -280,6 +251,7 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
 
 def _ratio_pairs(frame: pd.DataFrame, rule: RatioRule, label: Any) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(numerator key, denominator key) -> (numerator row, denominator row) of one run."""
+
     def select(expr: str) -> pd.DataFrame:
         try:
             return select_rows(frame, both(expr, rule.at))
@@ -296,8 +268,10 @@ def _ratio_pairs(frame: pd.DataFrame, rule: RatioRule, label: Any) -> dict[tuple
         for column in rule.match_on:
             same = same[same[column] == num[column]]
         if len(same) > 1:
-            raise CheckError(f"ratio check: {len(same)} denominator cells ({rule.denominator!r}) match {label(num)!r} "
-                             f"on {rule.match_on}; narrow the denominator or add columns to match_on")
+            raise CheckError(
+                f"ratio check: {len(same)} denominator cells ({rule.denominator!r}) match {label(num)!r} "
+                f"on {rule.match_on}; narrow the denominator or add columns to match_on"
+            )
         if len(same) == 1:
             den = same.iloc[0].to_dict()
             pairs[(num["config_key"], den["config_key"])] = (num, den)
@@ -365,8 +339,8 @@ def compare(base: pd.DataFrame, now: pd.DataFrame, rules: ChecksSpec) -> list[Co
 class CheckReport:
     """Everything a check found: both runs, the rules used, every comparison, warnings."""
 
-    run: RunData
-    baseline: RunData
+    run: StoredRun
+    baseline: StoredRun
     rules: ChecksSpec
     rules_source: str
     comparisons: list[Comparison]
@@ -377,7 +351,7 @@ class CheckReport:
 
     @property
     def matched_cells(self) -> int:
-        return len(set(self.run.frame["config_key"]) & set(self.baseline.frame["config_key"]))
+        return len(set(self.run.rows["config_key"]) & set(self.baseline.rows["config_key"]))
 
     @property
     def exit_code(self) -> int:
@@ -385,20 +359,23 @@ class CheckReport:
 
     def summary(self) -> str:
         verdict = "FAIL" if self.exit_code else "PASS"
-        parts = [f"{self.count(REGRESSION)} regression(s)", f"{self.count(IMPROVEMENT)} improvement(s)",
-                 f"{self.count(SAME)} unchanged"]
+        parts = [f"{self.count(REGRESSION)} regression(s)", f"{self.count(IMPROVEMENT)} improvement(s)", f"{self.count(SAME)} unchanged"]
         parts += [f"{self.count(v)} {v}" for v in (UNTESTED, MISSING, NEW) if self.count(v)]
-        return (f"{verdict}: {', '.join(parts)} ({len(self.comparisons)} comparisons over {self.matched_cells} matched cells; "
-                f"run {self.run.label} vs baseline {self.baseline.label})")
+        return (
+            f"{verdict}: {', '.join(parts)} ({len(self.comparisons)} comparisons over {self.matched_cells} matched cells; "
+            f"run {self.run.label} vs baseline {self.baseline.label})"
+        )
 
 
-def _warnings(run: RunData, base: RunData, rules: ChecksSpec) -> list[str]:
+def _warnings(run: StoredRun, base: StoredRun, rules: ChecksSpec) -> list[str]:
     out = []
     if run.device_name != base.device_name:
-        out.append(f"devices differ (run: {run.device_name!r}, baseline: {base.device_name!r})"
-                   + ("; absolute times are compared across devices" if rules.time.enabled else ""))
+        out.append(
+            f"devices differ (run: {run.device_name!r}, baseline: {base.device_name!r})"
+            + ("; absolute times are compared across devices" if rules.time.enabled else "")
+        )
     for column in ("suite", "threads"):
-        ours, theirs = (sorted({str(v) for v in d.frame.get(column, pd.Series(dtype=object)).dropna()}) for d in (run, base))
+        ours, theirs = (sorted({str(v) for v in d.rows.get(column, pd.Series(dtype=object)).dropna()}) for d in (run, base))
         if ours and theirs and ours != theirs:
             out.append(f"{column} differs (run: {', '.join(ours)}; baseline: {', '.join(theirs)})")
     torch_versions = [(d.info.get("environment") or {}).get("torch") for d in (run, base)]
@@ -407,8 +384,13 @@ def _warnings(run: RunData, base: RunData, rules: ChecksSpec) -> list[str]:
     return out
 
 
-def run_check(run_arg: str | Path, baseline_arg: str | Path, root: str | Path = "results", any_device: bool = False,
-              checks_file: str | Path | None = None) -> CheckReport:
+def run_check(
+    run_arg: str | Path,
+    baseline_arg: str | Path,
+    root: str | Path = "results",
+    any_device: bool = False,
+    checks_file: str | Path | None = None,
+) -> CheckReport:
     """Load both runs, refuse mismatched devices (unless `any_device`), compare under the rules."""
     run = load_run_data(run_arg, root)
     baseline_path = resolve_baseline(baseline_arg, run.device_name, root, any_device)
@@ -425,11 +407,13 @@ def run_check(run_arg: str | Path, baseline_arg: str | Path, root: str | Path = 
             "anyway (meant for device-independent checks: memory, time ratios, status)."
         )
     rules, source = rules_for(run, checks_file)
-    comparisons = compare(base.frame, run.frame, rules)
+    comparisons = compare(base.rows, run.rows, rules)
     report = CheckReport(run, base, rules, source, comparisons, _warnings(run, base, rules))
     if report.matched_cells == 0:
-        raise CheckError(f"no cell of run {run.label} matches a cell of baseline {base.label} (different configurations: "
-                         "was the suite changed? promote a new baseline)")
+        raise CheckError(
+            f"no cell of run {run.label} matches a cell of baseline {base.label} (different configurations: "
+            "was the suite changed? promote a new baseline)"
+        )
     return report
 
 
@@ -479,9 +463,11 @@ def _rules_line(rules: ChecksSpec) -> str:
 
 def format_text(report: CheckReport) -> str:
     """A plain aligned table plus header and summary lines."""
-    lines = [f"run:      {report.run.label}  [{report.run.device_name}; code {report.run.code_version}]",
-             f"baseline: {report.baseline.path}  [{report.baseline.device_name}; code {report.baseline.code_version}]",
-             f"rules:    {_rules_line(report.rules)}  (from {report.rules_source})"]
+    lines = [
+        f"run:      {report.run.label}  [{report.run.device_name}; code {report.run.code_version}]",
+        f"baseline: {report.baseline.path}  [{report.baseline.device_name}; code {report.baseline.code_version}]",
+        f"rules:    {_rules_line(report.rules)}  (from {report.rules_source})",
+    ]
     lines += [f"warning:  {w}" for w in report.warnings]
     table = [HEADER] + _rows(report)
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER) - 1)]
@@ -494,13 +480,17 @@ def format_text(report: CheckReport) -> str:
 
 def format_markdown(report: CheckReport) -> str:
     """A markdown section for a CI comment or job summary."""
+
     def escape(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = [f"### harness check: {report.summary()}", "",
-             f"- run: `{report.run.label}` ({report.run.device_name}, code `{report.run.code_version}`)",
-             f"- baseline: `{report.baseline.path}` ({report.baseline.device_name}, code `{report.baseline.code_version}`)",
-             f"- rules: {escape(_rules_line(report.rules))} (from {escape(report.rules_source)})"]
+    lines = [
+        f"### harness check: {report.summary()}",
+        "",
+        f"- run: `{report.run.label}` ({report.run.device_name}, code `{report.run.code_version}`)",
+        f"- baseline: `{report.baseline.path}` ({report.baseline.device_name}, code `{report.baseline.code_version}`)",
+        f"- rules: {escape(_rules_line(report.rules))} (from {escape(report.rules_source)})",
+    ]
     lines += [f"- **warning**: {escape(w)}" for w in report.warnings]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in _rows(report):
@@ -519,8 +509,11 @@ def format_json(report: CheckReport) -> str:
         "summary": report.summary(),
         "counts": {v: report.count(v) for v in (REGRESSION, IMPROVEMENT, SAME, UNTESTED, MISSING, NEW)},
         "run": {"path": str(report.run.path), "device_name": report.run.device_name, "code_version": report.run.code_version},
-        "baseline": {"path": str(report.baseline.path), "device_name": report.baseline.device_name,
-                     "code_version": report.baseline.code_version},
+        "baseline": {
+            "path": str(report.baseline.path),
+            "device_name": report.baseline.device_name,
+            "code_version": report.baseline.code_version,
+        },
         "rules": report.rules.model_dump(),
         "rules_source": report.rules_source,
         "warnings": report.warnings,
@@ -541,7 +534,7 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise CheckError(f"baseline name {name!r}: use only letters, digits, '_', '.', '-'")
     run = load_run_data(run_arg, root)
-    source = run.path if run.path.is_dir() else run.path.parent
+    source = run.path
     if not force and run.info and "finished_at" not in run.info:
         raise CheckError(f"run {source} did not finish (run.json has no finished_at); pass --force to promote it anyway")
     dest = Path(root) / BASELINES_DIR / device_slug(run.device_name) / name
@@ -552,8 +545,14 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
     staging.chmod(file_mode(folder=True))  # mkdtemp's 0700 would make the baseline private
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*.tmp", ".lock", ".*.lock"))
-        info = {"name": name, "promoted_from": str(source), "run_id": source.name, "device_name": run.device_name,
-                "code_version": run.code_version, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        info = {
+            "name": name,
+            "promoted_from": str(source),
+            "run_id": source.name,
+            "device_name": run.device_name,
+            "code_version": run.code_version,
+            "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         (staging / BASELINE_INFO).write_text(to_json(info) + "\n", encoding="utf-8")
         if dest.exists():
             old = dest.with_name(f".{name}.old")

@@ -35,10 +35,14 @@ ENWIK8_BYTES = 100_000_000
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # bytes: train, valid, test (the standard split)
 ENWIK8_ENV = "REFORMER_ENWIK8"
 ENWIK8_DEFAULT = Path("data") / "enwik8"
-ENWIK8_HOWTO = ("get it with: curl -LO http://mattmahoney.net/dc/enwik8.zip && unzip enwik8.zip -d data/  "
-                f"(or set {ENWIK8_ENV}=/path/to/enwik8, or give task.path in the suite)")
-IMAGENET64_HOWTO = ("download the downsampled ImageNet 64x64 .npz batches from https://image-net.org/download-images "
-                    "(Imagenet64_train_npz / Imagenet64_val_npz) and give task.path (and task.valid_path)")
+ENWIK8_HOWTO = (
+    "get it with: curl -LO http://mattmahoney.net/dc/enwik8.zip && unzip enwik8.zip -d data/  "
+    f"(or set {ENWIK8_ENV}=/path/to/enwik8, or give task.path in the suite)"
+)
+IMAGENET64_HOWTO = (
+    "download the downsampled ImageNet 64x64 .npz batches from https://image-net.org/download-images "
+    "(Imagenet64_train_npz / Imagenet64_val_npz) and give task.path (and task.valid_path)"
+)
 
 
 class DataError(Exception):
@@ -52,7 +56,7 @@ class Batch:
     tokens: torch.Tensor
     mask: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.tokens.to(device), None if self.mask is None else self.mask.to(device))
 
 
@@ -98,7 +102,7 @@ class DuplicationData:
     def score_mask(self) -> torch.Tensor:
         """[seq_len] bool: True on the second copy of w (the scored tokens)."""
         mask = torch.zeros(self.seq_len, dtype=torch.bool)
-        mask[self.seq_len // 2 + 1:] = True
+        mask[self.seq_len // 2 + 1 :] = True
         return mask
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
@@ -150,7 +154,7 @@ class ByteStreamData:
         if stop - start < self.seq_len:
             raise DataError(f"{self.name}: the {split} split is empty or shorter than seq_len={self.seq_len}")
         offsets = torch.randint(start, stop - self.seq_len + 1, (batch_size,), generator=generator).tolist()
-        windows = np.stack([np.asarray(self.array[o:o + self.seq_len]) for o in offsets])
+        windows = np.stack([np.asarray(self.array[o : o + self.seq_len]) for o in offsets])
         return Batch(torch.from_numpy(windows.astype(np.int64)))
 
 
@@ -206,8 +210,9 @@ _VOWELS = "aeiou"
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice("nrsl") if rng.random() < 0.3 else "")
-                   for _ in range(syllables))
+    return "".join(
+        rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice("nrsl") if rng.random() < 0.3 else "") for _ in range(syllables)
+    )
 
 
 @lru_cache(maxsize=4)
@@ -227,13 +232,23 @@ def synthetic_corpus(n_bytes: int = 2_000_000, seed: int = 0) -> bytes:
     names = sorted({_word(rng, 2).capitalize() for _ in range(40)})
     cum_zipf = list(itertools.accumulate(1.0 / (i + 1) for i in range(len(nouns))))
     templates = (
-        "the {a} {n} {v} the {n}", "a {n} {v} {p} the {a} {n}", "{N} {v} the {t}",
-        "the {t} {v} {p} {N}", "every {n} {v} a {a} {t}", "{N} and {N} {v} the {n} {p} the {t}",
-        "why does the {t} {v} the {n}", "the {n} of the {t} is {a}",
+        "the {a} {n} {v} the {n}",
+        "a {n} {v} {p} the {a} {n}",
+        "{N} {v} the {t}",
+        "the {t} {v} {p} {N}",
+        "every {n} {v} a {a} {t}",
+        "{N} and {N} {v} the {n} {p} the {t}",
+        "why does the {t} {v} the {n}",
+        "the {n} of the {t} is {a}",
     )
     prepositions = ("in", "on", "with", "under", "near", "for", "from")
-    pick = {"a": lambda: rng.choice(adjectives), "n": lambda: rng.choices(nouns, cum_weights=cum_zipf)[0],
-            "v": lambda: rng.choice(verbs), "p": lambda: rng.choice(prepositions), "N": lambda: rng.choice(names)}
+    pick = {
+        "a": lambda: rng.choice(adjectives),
+        "n": lambda: rng.choices(nouns, cum_weights=cum_zipf)[0],
+        "v": lambda: rng.choice(verbs),
+        "p": lambda: rng.choice(prepositions),
+        "N": lambda: rng.choice(names),
+    }
     parsed = [[(piece[1:-1], None) if piece.startswith("{") else (None, piece) for piece in t.split()] for t in templates]
     out: list[str] = []
     size = 0
@@ -244,8 +259,7 @@ def synthetic_corpus(n_bytes: int = 2_000_000, seed: int = 0) -> bytes:
         paragraph = [f"== {section}. {topic.capitalize()} ==\n"]
         for _ in range(rng.randint(3, 8)):
             template = rng.choice(parsed)
-            sentence = " ".join(word if kind is None else (topic if kind == "t" else pick[kind]())
-                                for kind, word in template)
+            sentence = " ".join(word if kind is None else (topic if kind == "t" else pick[kind]()) for kind, word in template)
             end = "?" if sentence.startswith("why") else ("!" if rng.random() < 0.05 else ".")
             if rng.random() < 0.2:
                 sentence += f", {rng.randint(1, 1999)} times"
@@ -256,8 +270,7 @@ def synthetic_corpus(n_bytes: int = 2_000_000, seed: int = 0) -> bytes:
     return "".join(out).encode("ascii")[:n_bytes]
 
 
-def text_data(seq_len: int, n_bytes: int = 2_000_000, seed: int = 0,
-              split: Sequence[float] = (0.9, 0.05, 0.05)) -> ByteStreamData:
+def text_data(seq_len: int, n_bytes: int = 2_000_000, seed: int = 0, split: Sequence[float] = (0.9, 0.05, 0.05)) -> ByteStreamData:
     """Byte LM on `synthetic_corpus(n_bytes, seed)`: runs offline, identical on every machine."""
     array = np.frombuffer(synthetic_corpus(n_bytes, seed), dtype=np.uint8)
     return ByteStreamData(array, seq_len, fraction_split(len(array), split), name=f"text(n_bytes={n_bytes}, seed={seed})")
@@ -340,8 +353,14 @@ def write_image_fixture(path: str | Path, n_images: int = 32, image_size: int = 
     return path
 
 
-def image_data(path: str | Path | None = None, valid_path: str | Path | None = None, image_size: int | None = None,
-               n_images: int = 256, split: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0) -> ImageData:
+def image_data(
+    path: str | Path | None = None,
+    valid_path: str | Path | None = None,
+    image_size: int | None = None,
+    n_images: int = 256,
+    split: Sequence[float] = (0.9, 0.05, 0.05),
+    seed: int = 0,
+) -> ImageData:
     """Images for bits per dim: from `path` (imagenet64 .npz; `valid_path` gives the valid and test
     images, else `split` fractions of `path`), or `synthetic_images` when no path is given."""
     if path is None:
@@ -355,8 +374,14 @@ def image_data(path: str | Path | None = None, valid_path: str | Path | None = N
         half = len(held_out) // 2
         return ImageData({"train": images, "valid": held_out[:half], "test": held_out[half:]}, name)
     n_train, n_valid, n_test = fraction_split(len(images), split)
-    return ImageData({"train": images[:n_train], "valid": images[n_train:n_train + n_valid],
-                      "test": images[n_train + n_valid:n_train + n_valid + n_test]}, name)
+    return ImageData(
+        {
+            "train": images[:n_train],
+            "valid": images[n_train : n_train + n_valid],
+            "test": images[n_train + n_valid : n_train + n_valid + n_test],
+        },
+        name,
+    )
 
 
 # --------------------------------------------------------------------------- factory
@@ -381,9 +406,16 @@ def build_data(task: dict) -> LMData:
     if name == "bytes":
         return bytes_data(settings.get("path"), settings["seq_len"], settings.get("split", (0.9, 0.05, 0.05)))
     if name == "text":
-        return text_data(settings["seq_len"], settings.get("n_bytes", 2_000_000), settings.get("seed", 0),
-                         settings.get("split", (0.9, 0.05, 0.05)))
+        return text_data(
+            settings["seq_len"], settings.get("n_bytes", 2_000_000), settings.get("seed", 0), settings.get("split", (0.9, 0.05, 0.05))
+        )
     if name == "images":
-        return image_data(settings.get("path"), settings.get("valid_path"), settings.get("image_size"),
-                          settings.get("n_images", 256), settings.get("split", (0.9, 0.05, 0.05)), settings.get("seed", 0))
+        return image_data(
+            settings.get("path"),
+            settings.get("valid_path"),
+            settings.get("image_size"),
+            settings.get("n_images", 256),
+            settings.get("split", (0.9, 0.05, 0.05)),
+            settings.get("seed", 0),
+        )
     raise DataError(f"unknown task {name!r}; tasks: duplication, bytes, text, images")

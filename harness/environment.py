@@ -43,9 +43,7 @@ def _dirty_hash(repo_root: Path, base: str) -> str | None:
     non-ignored files: their names *and* contents, so editing a new file changes it.
     """
     diff = _git(repo_root, "diff", "--binary", "--no-ext-diff", "--no-textconv", "--no-color", base)
-    untracked = [
-        p for p in _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split(b"\0") if p
-    ]
+    untracked = [p for p in _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split(b"\0") if p]
     if not diff and not untracked:
         return None
     h = hashlib.sha256(diff)

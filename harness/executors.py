@@ -45,7 +45,8 @@ class ExecutorError(Exception):
 # --------------------------------------------------------------------------- pool
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask), else os.cpu_count()."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -67,7 +68,7 @@ def pool_slots(device: str, workers: int | None = None) -> list[dict[str, str]]:
             raise ExecutorError("the pool executor found no visible GPU")
         return [{"CUDA_VISIBLE_DEVICES": i} for i in ids[: workers or len(ids)]]
     n = workers or 1
-    threads = str(max(1, _cpu_count() // n))
+    threads = str(max(1, cpu_count() // n))
     return [{THREADS_ENV: threads, "OMP_NUM_THREADS": threads} for _ in range(n)]
 
 
@@ -262,7 +263,7 @@ def wait_for_jobs(jobs: list[Any], cluster: str, poll_s: float, look_s: float = 
     next_question = time.monotonic() + poll_s
     while remaining:
         for job in list(remaining):
-            if (_has_result(job) if cluster == "slurm" else job.done()):
+            if _has_result(job) if cluster == "slurm" else job.done():
                 remaining.remove(job)
                 yield job, None
         if cluster == "slurm" and remaining and time.monotonic() >= next_question:
@@ -286,8 +287,12 @@ def _record_unfinished(store: RunStore, options: RunOptions, group: list[Cell], 
 def _collect(job: Any, why: str | None, group: list[Cell], store: RunStore, options: RunOptions) -> str:
     """Take in one finished job: record its group's unfinished cells if it failed; return the outcome line."""
     if why is not None:
-        n = _record_unfinished(store, options, group, f"Slurm job {job.job_id} {why} before this cell finished "
-                               f"(no result; `--resume {options.run_id}` runs it again)")
+        n = _record_unfinished(
+            store,
+            options,
+            group,
+            f"Slurm job {job.job_id} {why} before this cell finished (no result; `--resume {options.run_id}` runs it again)",
+        )
         return f"FAILED: {why}, no result; {n} unfinished cell(s) recorded as error"
     try:
         statuses = job.result()
@@ -330,9 +335,13 @@ def run_submitit(
     group_job = GroupJob()
     with executor.batch():
         jobs = [executor.submit(group_job, str(store.root), store.suite, store.run_id, group, options.code_version) for group in groups]
-    _record_submission(store, executor.cluster, folder, [(str(j.job_id), [c.key(options.code_version) for c in g]) for j, g in zip(jobs, groups)])
-    options.print_line(f"submitted {len(jobs)} {executor.cluster} job(s) for {len(sweep.pending)} cells; "
-                       f"follow with: python -m harness status {store.path}")
+    _record_submission(
+        store, executor.cluster, folder, [(str(j.job_id), [c.key(options.code_version) for c in g]) for j, g in zip(jobs, groups)]
+    )
+    options.print_line(
+        f"submitted {len(jobs)} {executor.cluster} job(s) for {len(sweep.pending)} cells; "
+        f"follow with: python -m harness status {store.path}"
+    )
     by_job = {id(job): group for job, group in zip(jobs, groups)}
     finished = 0
     poll_s = 1.0 if executor.cluster == "local" else slurm_poll_s()
@@ -345,9 +354,11 @@ def run_submitit(
     except KeyboardInterrupt:
         if executor.cluster == "slurm":
             array_ids = sorted({str(job.job_id).split("_")[0] for job in jobs})
-            options.print_line(f"interrupted: the Slurm job(s) keep running and store their cells in {store.path}; "
-                               f"follow them with `python -m harness status {store.path}`, stop them with "
-                               f"`scancel {' '.join(array_ids)}` (resume only once they have ended)")
+            options.print_line(
+                f"interrupted: the Slurm job(s) keep running and store their cells in {store.path}; "
+                f"follow them with `python -m harness status {store.path}`, stop them with "
+                f"`scancel {' '.join(array_ids)}` (resume only once they have ended)"
+            )
         raise
     store.rebuild()  # the jobs' own rebuilds may have raced
     keys = {c.key(options.code_version) for c in sweep.pending}
@@ -373,4 +384,3 @@ def run_with_executor(
     if executor == "submitit":
         return run_submitit(cells, store, options, slurm or {}, device, cluster)
     raise ExecutorError(f"unknown executor {executor!r}; one of: {', '.join(EXECUTORS)}")
-

@@ -43,24 +43,46 @@ FUNCTIONS: dict[str, tuple[int, int]] = {  # name -> (fewest, most) arguments
     "sqrt": (1, 1),
 }
 
-ALLOWED = ("column names, numbers, strings, True/False/None; comparisons (== != < <= > >=, chained too) "
-           "and `in` / `not in` a [list] of literals; and, or, not, parentheses; arithmetic on numbers "
-           f"(+ - * / // % **); the functions {', '.join(FUNCTIONS)}")
+ALLOWED = (
+    "column names, numbers, strings, True/False/None; comparisons (== != < <= > >=, chained too) "
+    "and `in` / `not in` a [list] of literals; and, or, not, parentheses; arithmetic on numbers "
+    f"(+ - * / // % **); the functions {', '.join(FUNCTIONS)}"
+)
 
 _COMPARE: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
-    ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
 }
 _ARITHMETIC: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 _NAMES_OF_NODES = {
-    ast.Attribute: "attribute access ('.')", ast.Subscript: "subscripts ('[...]' after a value)",
-    ast.Lambda: "lambda", ast.ListComp: "comprehensions", ast.SetComp: "comprehensions",
-    ast.DictComp: "comprehensions", ast.GeneratorExp: "comprehensions", ast.JoinedStr: "f-strings",
-    ast.NamedExpr: "assignment (':=')", ast.Starred: "'*' unpacking", ast.Dict: "dicts", ast.Set: "sets",
-    ast.IfExp: "'x if c else y'", ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield",
+    ast.Attribute: "attribute access ('.')",
+    ast.Subscript: "subscripts ('[...]' after a value)",
+    ast.Lambda: "lambda",
+    ast.ListComp: "comprehensions",
+    ast.SetComp: "comprehensions",
+    ast.DictComp: "comprehensions",
+    ast.GeneratorExp: "comprehensions",
+    ast.JoinedStr: "f-strings",
+    ast.NamedExpr: "assignment (':=')",
+    ast.Starred: "'*' unpacking",
+    ast.Dict: "dicts",
+    ast.Set: "sets",
+    ast.IfExp: "'x if c else y'",
+    ast.Await: "await",
+    ast.Yield: "yield",
+    ast.YieldFrom: "yield",
     ast.Slice: "slices",
 }
 
@@ -88,8 +110,11 @@ class Expression:
 
         missing = sorted(self.columns - set(map(str, frame.columns)))
         if missing:
-            raise self._error(f"unknown column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
-                              f"available columns: {', '.join(map(str, frame.columns))}", allowed=False)
+            raise self._error(
+                f"unknown column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                f"available columns: {', '.join(map(str, frame.columns))}",
+                allowed=False,
+            )
         try:
             value = _Evaluator(frame).visit(self.tree.body)
         except ExpressionError:
@@ -115,7 +140,7 @@ def parse_expression(text: Any) -> Expression:
     if not isinstance(text, str):
         raise ExpressionError(f"an expression must be text, got {text!r}")
     if not text.strip():
-        raise ExpressionError("empty expression; write a condition such as \"seq_len <= 4096\"")
+        raise ExpressionError('empty expression; write a condition such as "seq_len <= 4096"')
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"expression of {len(text)} characters is longer than {MAX_LENGTH}")
     if "@" in text:
@@ -163,10 +188,14 @@ def _reject(node: ast.AST, text: str, what: str) -> ExpressionError:
 
 def _check(node: ast.AST, text: str, columns: set[str], top: bool = False) -> None:
     """Raise ExpressionError at the first node outside the language; collect column names."""
-    if top and isinstance(node, (ast.Constant, ast.BinOp, ast.List, ast.Tuple)) and not (
-            isinstance(node, ast.Constant) and isinstance(node.value, bool)):
-        raise ExpressionError(f"expression {text!r} is not a condition: write a comparison such as "
-                              f"\"seq_len <= 4096\" (got {_piece(node, text)})")
+    if (
+        top
+        and isinstance(node, (ast.Constant, ast.BinOp, ast.List, ast.Tuple))
+        and not (isinstance(node, ast.Constant) and isinstance(node.value, bool))
+    ):
+        raise ExpressionError(
+            f'expression {text!r} is not a condition: write a comparison such as "seq_len <= 4096" (got {_piece(node, text)})'
+        )
     if isinstance(node, ast.Name):
         columns.add(node.id)
     elif isinstance(node, ast.Constant):
@@ -202,8 +231,12 @@ def _check(node: ast.AST, text: str, columns: set[str], top: bool = False) -> No
             raise _reject(node.func, text, "calling anything but the listed functions")
         fewest, most = FUNCTIONS[node.func.id]
         if node.keywords or not fewest <= len(node.args) <= most:
-            raise _reject(node, text, f"{node.func.id}() with these arguments (it takes {fewest}"
-                          f"{'' if fewest == most else f' or {most}'} positional argument{'s' if most > 1 else ''})")
+            raise _reject(
+                node,
+                text,
+                f"{node.func.id}() with these arguments (it takes {fewest}"
+                f"{'' if fewest == most else f' or {most}'} positional argument{'s' if most > 1 else ''})",
+            )
         for argument in node.args:
             _check(argument, text, columns)
     elif isinstance(node, (ast.List, ast.Tuple)):

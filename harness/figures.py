@@ -22,7 +22,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.legend  # noqa: E402
-
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -150,7 +149,7 @@ def format_plain(value: float, _pos: Any = None) -> str:
 def _nice_log_limits(low: float, high: float, subs: Sequence[float], reach: float = 1.4) -> tuple[float, float]:
     """Widen (low, high) to the nearest tick of a log axis with mantissas `subs` outside it when that
     tick is within a factor `reach` (so the ends carry a label), else by 8% only."""
-    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 2) for m in subs]
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 2) for m in subs]
     below = max(t for t in ticks if t <= low * 1.0001)
     above = min(t for t in ticks if t >= high * 0.9999)
     return (below if low / below <= reach else low / 1.08), (above if above / high <= reach else high * 1.08)
@@ -175,7 +174,7 @@ def _x_axis(ax: plt.Axes, values: Sequence[float], log: bool, label: str) -> Non
     values = sorted(set(float(v) for v in values))
     if log:
         ax.set_xscale("log", base=2)
-        pad = 2 ** 0.25
+        pad = 2**0.25
         ax.set_xlim(values[0] / pad, values[-1] * pad)
     else:
         span = (values[-1] - values[0]) or 1.0
@@ -214,7 +213,8 @@ class Metric:
             return q25 * self.scale, q75 * self.scale
         # throughput = work / time: scale each quartile by work = value * median time
         work = pd.to_numeric(rows[self.column], errors="coerce").to_numpy(float) * pd.to_numeric(
-            rows["time_ms_median"], errors="coerce").to_numpy(float)
+            rows["time_ms_median"], errors="coerce"
+        ).to_numpy(float)
         return work / q75 * self.scale, work / q25 * self.scale
 
 
@@ -293,8 +293,7 @@ def plot_metric(
             if part.empty:
                 continue
             colour = palette.get(series, "0.3")
-            (line,) = ax.plot(part[x], values, marker="o", markersize=5, lw=1.8, color=colour,
-                              label=names.get(series, series))
+            (line,) = ax.plot(part[x], values, marker="o", markersize=5, lw=1.8, color=colour, label=names.get(series, series))
             handles.append(line)
             drawn += list(values)
             if metric.band:
@@ -304,8 +303,18 @@ def plot_metric(
         paper_handles = []
         for entry, colour in paper:
             xs, ys = zip(*entry.points)
-            (line,) = ax.plot(xs, ys, ls="--", lw=1.2, marker="o", markersize=7, markerfacecolor="none",
-                              markeredgewidth=1.5, color=colour, label=entry.name)
+            (line,) = ax.plot(
+                xs,
+                ys,
+                ls="--",
+                lw=1.2,
+                marker="o",
+                markersize=7,
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                color=colour,
+                label=entry.name,
+            )
             paper_handles.append(line)
         all_x = list(rows[x].dropna()) + [p for entry, _ in paper for p, _v in entry.points]
         _x_axis(ax, all_x, log, x_label or x)
@@ -319,14 +328,31 @@ def plot_metric(
         failed = _mark_failed(ax, rows, x, palette, names)
         ax.set_ylim(ylim)
         if failed:
-            handles.append(Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35",
-                                  label="did not finish (status at top edge)"))
-        legend = ax.legend(handles=handles, title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                           frameon=False, fontsize=9, title_fontsize=9, alignment="left")
+            handles.append(
+                Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35", label="did not finish (status at top edge)")
+            )
+        legend = ax.legend(
+            handles=handles,
+            title=legend_title,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            frameon=False,
+            fontsize=9,
+            title_fontsize=9,
+            alignment="left",
+        )
         if paper_handles:
             ax.add_artist(legend)
-            ax.legend(handles=paper_handles, title=paper_title, loc="lower left", bbox_to_anchor=(1.02, 0.0),
-                      frameon=False, fontsize=9, title_fontsize=9, alignment="left")
+            ax.legend(
+                handles=paper_handles,
+                title=paper_title,
+                loc="lower left",
+                bbox_to_anchor=(1.02, 0.0),
+                frameon=False,
+                fontsize=9,
+                title_fontsize=9,
+                alignment="left",
+            )
         _title(ax, title, subtitle)
         return fig
 
@@ -344,17 +370,45 @@ def _mark_failed(ax: plt.Axes, rows: pd.DataFrame, x: str, palette: dict[str, An
         y = 1.0 - 0.07 * n
         series, status = row["series"], str(row["status"])
         colour = palette.get(series, "0.3")
-        ax.plot([row[x]], [y], transform=transform, ls="none", marker="x", markersize=9, mew=2.2,
-                color=colour, clip_on=False, zorder=5, gid=f"failed-{_slug(status)}-{_slug(series)}-{_slug(row[x])}",
-                label=f"_failed {series} {status}")
-        ax.annotate(f"{names.get(series, series)}: {status.upper()}", (row[x], y), xycoords=transform,
-                    xytext=(-8, 0), textcoords="offset points", ha="right", va="center", fontsize=8,
-                    color=colour, zorder=5, gid=f"failed-label-{order.get(series, 0)}-{_slug(row[x])}")
+        ax.plot(
+            [row[x]],
+            [y],
+            transform=transform,
+            ls="none",
+            marker="x",
+            markersize=9,
+            mew=2.2,
+            color=colour,
+            clip_on=False,
+            zorder=5,
+            gid=f"failed-{_slug(status)}-{_slug(series)}-{_slug(row[x])}",
+            label=f"_failed {series} {status}",
+        )
+        ax.annotate(
+            f"{names.get(series, series)}: {status.upper()}",
+            (row[x], y),
+            xycoords=transform,
+            xytext=(-8, 0),
+            textcoords="offset points",
+            ha="right",
+            va="center",
+            fontsize=8,
+            color=colour,
+            zorder=5,
+            gid=f"failed-label-{order.get(series, 0)}-{_slug(row[x])}",
+        )
     return len(failed)
 
 
-def plot_bpd_curves(rows: pd.DataFrame, palette: dict[str, Any], *, title: str, subtitle: str | None = None,
-                    legend_title: str | None = None, names: dict[str, str] | None = None) -> Figure:
+def plot_bpd_curves(
+    rows: pd.DataFrame,
+    palette: dict[str, Any],
+    *,
+    title: str,
+    subtitle: str | None = None,
+    legend_title: str | None = None,
+    names: dict[str, str] | None = None,
+) -> Figure:
     """Bits per dim against training step: `train_bpd` solid, `eval_bpd` dashed with markers."""
     names = names or {}
     style, context = _theme()
@@ -366,12 +420,19 @@ def plot_bpd_curves(rows: pd.DataFrame, palette: dict[str, Any], *, title: str, 
             for column, kwargs in (("train_bpd", {"ls": "-"}), ("eval_bpd", {"ls": "--", "marker": "o", "markersize": 4})):
                 if column in part and part[column].notna().any():
                     points = part[part[column].notna()]
-                    ax.plot(points["step"], points[column], color=colour, lw=1.6,
-                            label=f"{names.get(series, series)} ({column.split('_')[0]})", **kwargs)
+                    ax.plot(
+                        points["step"],
+                        points[column],
+                        color=colour,
+                        lw=1.6,
+                        label=f"{names.get(series, series)} ({column.split('_')[0]})",
+                        **kwargs,
+                    )
         ax.set_xlabel("training step")
         ax.set_ylabel("bits per dim (bits/symbol)")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9, title=legend_title,
-                  title_fontsize=9, alignment="left")
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9, title=legend_title, title_fontsize=9, alignment="left"
+        )
         _title(ax, title, subtitle)
         return fig
 
@@ -381,8 +442,7 @@ def plot_accuracy_grid(table: pd.DataFrame, *, title: str, subtitle: str | None 
     style, context = _theme()
     with style, context:
         fig, ax = _new_figure((1.2 * len(table.columns) + 3.0, 0.6 * len(table.index) + 2.0))
-        sns.heatmap(table.astype(float), annot=True, fmt=".1f", cmap="crest", vmin=0, vmax=100, ax=ax,
-                    cbar_kws={"label": "accuracy (%)"})
+        sns.heatmap(table.astype(float), annot=True, fmt=".1f", cmap="crest", vmin=0, vmax=100, ax=ax, cbar_kws={"label": "accuracy (%)"})
         ax.set_xlabel("evaluated with")
         ax.set_ylabel("trained with")
         ax.tick_params(axis="y", labelrotation=0)
@@ -390,9 +450,18 @@ def plot_accuracy_grid(table: pd.DataFrame, *, title: str, subtitle: str | None 
         return fig
 
 
-def plot_ratio(rows: pd.DataFrame, x: str, palette: dict[str, Any], *, title: str, subtitle: str | None = None,
-               y_label: str = "time ratio B / A", x_label: str | None = None, legend_title: str | None = None,
-               names: dict[str, str] | None = None) -> Figure:
+def plot_ratio(
+    rows: pd.DataFrame,
+    x: str,
+    palette: dict[str, Any],
+    *,
+    title: str,
+    subtitle: str | None = None,
+    y_label: str = "time ratio B / A",
+    x_label: str | None = None,
+    legend_title: str | None = None,
+    names: dict[str, str] | None = None,
+) -> Figure:
     """Ratio per matched cell (`ratio` column) against `x`, one line per series; filled markers
     for differences beyond noise, hollow ones for `within_noise` cells; a reference line at 1;
     cells that did not finish in either run (`status` not ok) as 'x' on the top edge."""
@@ -411,8 +480,16 @@ def plot_ratio(rows: pd.DataFrame, x: str, palette: dict[str, Any], *, title: st
             handles.append(line)
             noise = part["within_noise"].fillna(False).astype(bool)
             ax.plot(part.loc[~noise, x], part.loc[~noise, "ratio"], ls="none", marker="o", color=colour, markersize=6)
-            ax.plot(part.loc[noise, x], part.loc[noise, "ratio"], ls="none", marker="o", markersize=6,
-                    markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1.5)
+            ax.plot(
+                part.loc[noise, x],
+                part.loc[noise, "ratio"],
+                ls="none",
+                marker="o",
+                markersize=6,
+                markerfacecolor="white",
+                markeredgecolor=colour,
+                markeredgewidth=1.5,
+            )
         handles += [
             Line2D([], [], ls="none", marker="o", color="0.3", label="difference beyond noise"),
             Line2D([], [], ls="none", marker="o", markerfacecolor="white", markeredgecolor="0.3", label="within noise"),
@@ -432,11 +509,18 @@ def plot_ratio(rows: pd.DataFrame, x: str, palette: dict[str, Any], *, title: st
         ax.set_ylabel(y_label)
         ylim = ax.get_ylim()
         if _mark_failed(ax, rows, x, palette, names):
-            handles.append(Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35",
-                                  label="did not finish in A or B"))
+            handles.append(Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35", label="did not finish in A or B"))
         ax.set_ylim(ylim)
-        ax.legend(handles=handles, title=legend_title, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
-                  fontsize=9, title_fontsize=9, alignment="left")
+        ax.legend(
+            handles=handles,
+            title=legend_title,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            frameon=False,
+            fontsize=9,
+            title_fontsize=9,
+            alignment="left",
+        )
         _title(ax, title, subtitle)
         return fig
 

@@ -124,10 +124,14 @@ class Timing:
             "n_repeats": self.n_repeats,
             "time_noisy": self.noisy,
             "timer": self.timer,
-            **({} if self.cpu_samples_ms is None else {
-                "cpu_time_ms_samples": [float(s) for s in self.cpu_samples_ms],
-                "cpu_time_ms_median": _quantile(sorted(self.cpu_samples_ms), 0.5),
-            }),
+            **(
+                {}
+                if self.cpu_samples_ms is None
+                else {
+                    "cpu_time_ms_samples": [float(s) for s in self.cpu_samples_ms],
+                    "cpu_time_ms_median": _quantile(sorted(self.cpu_samples_ms), 0.5),
+                }
+            ),
         }
 
 
@@ -139,9 +143,7 @@ def _done(n: int, elapsed_s: float, s: TimingSettings) -> bool:
     return n >= s.min_repeats and elapsed_s >= s.min_time_s
 
 
-def time_callable(
-    fn: Callable[[], object], device: torch.device, settings: TimingSettings | None = None
-) -> Timing:
+def time_callable(fn: Callable[[], object], device: torch.device, settings: TimingSettings | None = None) -> Timing:
     """Time ``fn()`` repeatedly on ``device``; returns per-call times in ms.
 
     ``settings.warmup`` untimed calls come first. On CUDA each repeat is bracketed by a
@@ -181,9 +183,7 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingS
         for _ in range(settings.warmup):
             fn()
         torch.cuda.synchronize()
-        flush_buf = (
-            torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if settings.flush_l2 else None
-        )
+        flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if settings.flush_l2 else None
         samples: list[float] = []
         start_wall = time.perf_counter()
         while not _done(len(samples), time.perf_counter() - start_wall, settings):
@@ -268,29 +268,30 @@ def measure_matmul(
     budget_s = MATMUL_BUDGET_S[kind] if budget_s is None else budget_s
     once = TimingSettings(warmup=0, min_repeats=1, min_time_s=0.0, max_repeats=1)
 
-    def operands(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def matmul(size: int) -> Callable[[], torch.Tensor]:
+        """`torch.mm` of two random [size, size] matrices into a third; the operands live in the closure."""
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
-        return a, b, torch.empty(size, size, device=device, dtype=dtype)
+        c = torch.empty(size, size, device=device, dtype=dtype)
+        return lambda: torch.mm(a, b, out=c)
 
     if n is None:
         n = min(MATMUL_START_N, MATMUL_MAX_N[kind])
-        a, b, c = operands(n)
-        seconds = time_callable(lambda: torch.mm(a, b, out=c), device, replace(once, warmup=1)).min_ms / 1e3
+        call = matmul(n)
+        seconds = time_callable(call, device, replace(once, warmup=1)).min_ms / 1e3
         while n < MATMUL_MAX_N[kind] and seconds * 8 * (repeats + 1) <= budget_s:
             n *= 2
-            del a, b, c
-            a, b, c = operands(n)
-            seconds = time_callable(lambda: torch.mm(a, b, out=c), device, once).min_ms / 1e3
+            del call  # the smaller operands are freed before the larger ones are made
+            call = matmul(n)
+            seconds = time_callable(call, device, once).min_ms / 1e3
         warmup = 0  # the last size-finding call warmed this size up
     else:
         if n < 1:
             raise ValueError(f"matrix size must be >= 1, got {n}")
-        a, b, c = operands(n)
-    settings = TimingSettings(warmup=warmup, min_repeats=repeats, min_time_s=0.0, max_repeats=repeats,
-                              max_time_s=max(budget_s, 1e-3))
-    timing = time_callable(lambda: torch.mm(a, b, out=c), device, settings)
-    del a, b, c
+        call = matmul(n)
+    settings = TimingSettings(warmup=warmup, min_repeats=repeats, min_time_s=0.0, max_repeats=repeats, max_time_s=max(budget_s, 1e-3))
+    timing = time_callable(call, device, settings)
+    del call
     best_s = timing.min_ms / 1e3
     gflops = 2 * n**3 / best_s / 1e9 if best_s > 0 else math.nan
     return MatmulReading(gflops=gflops, n=n, best_ms=timing.min_ms, dtype=str(dtype).removeprefix("torch."))
@@ -465,9 +466,7 @@ def _nvml_handle(pynvml, device_index: int):
 
 def _clock_event_reasons(pynvml, handle) -> int:
     # Renamed from ...ThrottleReasons to ...EventReasons in newer NVML bindings.
-    getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-        pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons"
-    )
+    getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
     return int(getter(handle))
 
 

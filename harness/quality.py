@@ -36,38 +36,37 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing as mp
 import string
-import sys
 import time
 import traceback
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harness.measure import is_oom_error
 from harness.results import RunStore
+from harness.runner import default_memory_limit_bytes, run_isolated, start_memory_limit
 from harness.suite import (
     CPU_FLOP_S,
     CUDA_FLOP_S,
     MODEL_ATTENTION_KEYS,
     NOT_MODEL_KEYS,
     PROCESS_START_S,
+    Locator,
     SuiteError,
-    _canonical,
-    _describe,
-    _did_you_mean,
-    _jsonable,
-    _Locator,
-    _merge,
-    _model_fields,
-    _resolve_device,
-    _variant_fields,
-    filter_cells,
+    canonical_json,
+    describe_fields,
+    did_you_mean,
+    jsonable,
+    merge_override,
+    model_fields,
     parse_suite_yaml,
+    resolve_device,
+    variant_fields,
 )
 from variants.model import ReformerLMConfig
 from variants.registry import type_matches, type_name
@@ -134,8 +133,7 @@ class ImagesTask(_Strict):
     split: list[float] = [0.9, 0.05, 0.05]
 
 
-TASK_SCHEMAS: dict[str, type[_Strict]] = {"duplication": DuplicationTask, "bytes": BytesTask, "text": TextTask,
-                                          "images": ImagesTask}
+TASK_SCHEMAS: dict[str, type[_Strict]] = {"duplication": DuplicationTask, "bytes": BytesTask, "text": TextTask, "images": ImagesTask}
 
 
 class TrainSpec(_Strict):
@@ -200,12 +198,17 @@ class QualitySuiteSpec(_Strict):
 
 
 _SCHEMAS: dict[KeyPath, type[BaseModel]] = {
-    (): QualitySuiteSpec, ("train",): TrainSpec, ("eval",): EvalSpec, ("cpu",): OverrideSpec, ("cuda",): OverrideSpec,
+    (): QualitySuiteSpec,
+    ("train",): TrainSpec,
+    ("eval",): EvalSpec,
+    ("cpu",): OverrideSpec,
+    ("cuda",): OverrideSpec,
 }
 
 
-def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath = (),
-                    schemas: dict[KeyPath, type[BaseModel]] = _SCHEMAS) -> SuiteError:
+def _pydantic_error(
+    error: ValidationError, locator: Locator, prefix: KeyPath = (), schemas: dict[KeyPath, type[BaseModel]] = _SCHEMAS
+) -> SuiteError:
     """The first pydantic error as a SuiteError at its key path, with the allowed keys or values."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
@@ -214,7 +217,7 @@ def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath =
         schema = schemas.get(prefix + loc[:-1])
         allowed = list(schema.model_fields) if schema else []
         listing = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        message = f"unknown key {loc[-1]!r}{_did_you_mean(loc[-1], allowed)}{listing}"
+        message = f"unknown key {loc[-1]!r}{did_you_mean(loc[-1], allowed)}{listing}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing"
     else:
@@ -244,7 +247,7 @@ class AttentionChoice:
     label: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": _jsonable(self.params), "label": self.label}
+        return {"name": self.name, "params": jsonable(self.params), "label": self.label}
 
 
 @dataclass(frozen=True)
@@ -266,15 +269,22 @@ class QualityCell:
 
     def config_dict(self) -> dict[str, Any]:
         """The canonical JSON-able configuration (what the key hashes)."""
-        return _jsonable({
-            "suite": self.suite, "device": self.device, "task": self.task, "model": self.model,
-            "variant": self.variant.as_dict(), "train": self.train, "eval": self.eval,
-            "eval_variants": [e.as_dict() for e in self.eval_variants],
-        })
+        return jsonable(
+            {
+                "suite": self.suite,
+                "device": self.device,
+                "task": self.task,
+                "model": self.model,
+                "variant": self.variant.as_dict(),
+                "train": self.train,
+                "eval": self.eval,
+                "eval_variants": [e.as_dict() for e in self.eval_variants],
+            }
+        )
 
     def key(self, code_version: str) -> str:
         """Identity of (configuration, code version): first 16 hex of a sha256 (the `train_key`)."""
-        payload = _canonical({"config": self.config_dict(), "code_version": code_version})
+        payload = canonical_json({"config": self.config_dict(), "code_version": code_version})
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     @property
@@ -288,19 +298,32 @@ class QualityCell:
     def to_row(self) -> dict[str, Any]:
         """Flat configuration columns shared by every row of this cell."""
         row: dict[str, Any] = {
-            "kind": "quality", "task": self.task["name"], "task_params": _canonical(self.task),
-            "device": self.device, "seq_len": self.seq_len,
+            "kind": "quality",
+            "task": self.task["name"],
+            "task_params": canonical_json(self.task),
+            "device": self.device,
+            "seq_len": self.seq_len,
         }
-        row.update(_jsonable(self.model))
-        row.update(variant=self.variant.name, variant_label=self.variant.label, train_variant=self.variant.label,
-                   variant_params=_canonical(self.variant.params))
-        for name, value in _jsonable(self.variant.params).items():
+        row.update(jsonable(self.model))
+        row.update(
+            variant=self.variant.name,
+            variant_label=self.variant.label,
+            train_variant=self.variant.label,
+            variant_params=canonical_json(self.variant.params),
+        )
+        for name, value in jsonable(self.variant.params).items():
             column = name if name not in row else f"variant_{name}"
             row.setdefault(column, value)
         train = {k: v for k, v in self.train.items() if k not in ("timeout_s",)}
-        row.update(train_steps=train["steps"], batch_size=train["batch_size"], grad_accum=train["grad_accum"],
-                   peak_lr=train["lr"], schedule=train["schedule"], seed=train["seed"],
-                   train_config=_canonical(train))
+        row.update(
+            train_steps=train["steps"],
+            batch_size=train["batch_size"],
+            grad_accum=train["grad_accum"],
+            peak_lr=train["lr"],
+            schedule=train["schedule"],
+            seed=train["seed"],
+            train_config=canonical_json(train),
+        )
         return row
 
 
@@ -321,8 +344,9 @@ class QualitySuite:
         return list(self._cells)
 
 
-def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq_len: int | None,
-                      locator: _Locator) -> list[tuple[int, AttentionChoice]]:
+def _expand_attention(
+    entries: list[Any], where: str, model: dict[str, Any], seq_len: int | None, locator: Locator
+) -> list[tuple[int, AttentionChoice]]:
     """Entries of `variants:` / `eval_variants:` -> (entry index, AttentionChoice) per expansion.
 
     List-valued parameters expand (cartesian product within an entry). `label` may be a format
@@ -340,10 +364,11 @@ def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq
             raise locator.error((where, i), f"each entry must be a mapping like {{name: lsh, n_hashes: 2}}, got {entry!r}")
         name = entry.get("name")
         if name not in registered:
-            problem = "missing 'name'" if name is None else f"unknown variant {name!r}{_did_you_mean(name, registered)}"
-            raise locator.error((where, i) + (() if name is None else ("name",)),
-                                f"{problem}; registered attention variants: {', '.join(registered)}")
-        fields = {k: v for k, v in _variant_fields(name).items() if k not in MODEL_ATTENTION_KEYS}
+            problem = "missing 'name'" if name is None else f"unknown variant {name!r}{did_you_mean(name, registered)}"
+            raise locator.error(
+                (where, i) + (() if name is None else ("name",)), f"{problem}; registered attention variants: {', '.join(registered)}"
+            )
+        fields = {k: v for k, v in variant_fields(name).items() if k not in MODEL_ATTENTION_KEYS}
         label = entry.get("label")
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise locator.error((where, i, "label"), f"label must be a non-empty string, got {label!r}")
@@ -354,8 +379,11 @@ def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq
             if key in MODEL_ATTENTION_KEYS:
                 raise locator.error((where, i, key), f"{key!r} comes from `model:`, not from a variant entry")
             if key not in fields:
-                raise locator.error((where, i, key), f"variant {name!r} does not take {key!r}{_did_you_mean(key, fields)}; "
-                                                     f"its parameters: {_describe(fields)}, plus label")
+                raise locator.error(
+                    (where, i, key),
+                    f"variant {name!r} does not take {key!r}{did_you_mean(key, fields)}; "
+                    f"its parameters: {describe_fields(fields)}, plus label",
+                )
             values = value if isinstance(value, list) else [value]
             if not values:
                 raise locator.error((where, i, key), "empty list: give at least one value")
@@ -375,8 +403,10 @@ def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq
             try:
                 text = string.Formatter().vformat(label, (), params)
             except (KeyError, IndexError, ValueError) as error:
-                raise locator.error((where, i, "label"), f"label {label!r} cannot be formatted ({error!r}); "
-                                                         f"it may use the parameters {sorted(params)} as {{name}}") from None
+                raise locator.error(
+                    (where, i, "label"),
+                    f"label {label!r} cannot be formatted ({error!r}); it may use the parameters {sorted(params)} as {{name}}",
+                ) from None
             if text == label and varying:
                 text = " ".join([label] + [f"{k}={params[k]}" for k in varying])
         else:
@@ -392,8 +422,15 @@ def _expand_attention(entries: list[Any], where: str, model: dict[str, Any], seq
     return out
 
 
-def _check_attention(name: str, params: dict[str, Any], model: dict[str, Any], seq_len: int | None,
-                     where: KeyPath, choices: dict[str, list[Any]], locator: _Locator) -> None:
+def _check_attention(
+    name: str,
+    params: dict[str, Any],
+    model: dict[str, Any],
+    seq_len: int | None,
+    where: KeyPath,
+    choices: dict[str, list[Any]],
+    locator: Locator,
+) -> None:
     """The variant's own config validation, plus its length rule (`check_seq_len`: e.g. LSH's
     bucket_size must divide the task's sequence length)."""
     import variants
@@ -425,12 +462,13 @@ def _parameter_shapes(choice: AttentionChoice, model: dict[str, Any]) -> dict[st
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def _check_task(task: Any, locator: _Locator) -> dict[str, Any]:
+def _check_task(task: Any, locator: Locator) -> dict[str, Any]:
     if not isinstance(task, dict) or "name" not in task:
         raise locator.error(("task",), f"task must be a mapping with a `name` ({', '.join(TASKS)}), got {task!r}")
     if task["name"] not in TASK_SCHEMAS:
-        raise locator.error(("task", "name"), f"unknown task {task['name']!r}{_did_you_mean(task['name'], TASKS)}; "
-                                              f"tasks: {', '.join(TASKS)}")
+        raise locator.error(
+            ("task", "name"), f"unknown task {task['name']!r}{did_you_mean(task['name'], TASKS)}; tasks: {', '.join(TASKS)}"
+        )
     schema = TASK_SCHEMAS[task["name"]]
     try:
         spec = schema.model_validate(task)
@@ -446,29 +484,33 @@ def _check_task(task: Any, locator: _Locator) -> dict[str, Any]:
     return out
 
 
-def _check_model(model: Any, fields: dict[str, tuple[Any, Any]], task: dict[str, Any], locator: _Locator) -> dict[str, Any]:
+def _check_model(model: Any, fields: dict[str, tuple[Any, Any]], task: dict[str, Any], locator: Locator) -> dict[str, Any]:
     if not isinstance(model, dict):
         raise locator.error(("model",), f"model must be a mapping of ReformerLM settings, got {model!r}")
     for key, value in model.items():
         if key in NOT_MODEL_KEYS:
             raise locator.error(("model", key), f"{key!r} is set by `variants:`")
         if key not in fields:
-            raise locator.error(("model", key), f"unknown model key {key!r}{_did_you_mean(key, fields)}; allowed: {_describe(fields)}")
+            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
         if not type_matches(value, fields[key][0]):
             raise locator.error(("model", key), f"must be {type_name(fields[key][0])}, got {value!r}")
     task_vocab = task.get("vocab_size", 256)
     if model.get("vocab_size", task_vocab) != task_vocab:
-        raise locator.error(("model", "vocab_size"), f"the {task['name']} task has {task_vocab} symbols, model.vocab_size={model['vocab_size']}")
+        raise locator.error(
+            ("model", "vocab_size"), f"the {task['name']} task has {task_vocab} symbols, model.vocab_size={model['vocab_size']}"
+        )
     return dict(model)
 
 
-def _check_sweep(sweep: Any, fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, list[Any]]:
+def _check_sweep(sweep: Any, fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, list[Any]]:
     if not isinstance(sweep, dict):
         raise locator.error(("sweep",), f"sweep must be a mapping of key: [values], got {sweep!r}")
     for key, values in sweep.items():
         if key != "seed" and key not in fields:
-            raise locator.error(("sweep", key), f"unknown sweep key {key!r}{_did_you_mean(key, [*fields, 'seed'])}; "
-                                                f"allowed: seed and the model keys {', '.join(fields)}")
+            raise locator.error(
+                ("sweep", key),
+                f"unknown sweep key {key!r}{did_you_mean(key, [*fields, 'seed'])}; allowed: seed and the model keys {', '.join(fields)}",
+            )
         if not isinstance(values, list) or not values:
             raise locator.error(("sweep", key), f"must be a non-empty list of values, got {values!r}")
         annotation = int if key == "seed" else fields[key][0]
@@ -487,7 +529,7 @@ def load_quality_suite(path: str | Path, device: str | None = None) -> QualitySu
     """
     path = Path(path)
     data, lines = parse_suite_yaml(path)
-    locator = _Locator(path, lines)
+    locator = Locator(path, lines)
     if not isinstance(data, dict):
         raise locator.error((), "a quality suite must be a mapping; required keys: kind, task, variants")
     for block in ("cpu", "cuda"):
@@ -502,18 +544,21 @@ def load_quality_suite(path: str | Path, device: str | None = None) -> QualitySu
     requested = device or data.get("device", "auto")
     if requested not in devices:
         raise locator.error(("device",), f"{requested!r} is not one of: {', '.join(devices)}")
-    resolved = _resolve_device(requested)
+    resolved = resolve_device(requested)
     merged = {k: v for k, v in data.items() if k not in ("cpu", "cuda")}
     override = data.get(resolved)
     if isinstance(override, dict):
         override = dict(override)
         task_over = override.get("task")
-        if isinstance(task_over, dict) and isinstance(merged.get("task"), dict) \
-                and task_over.get("name", merged["task"].get("name")) != merged["task"].get("name"):
+        if (
+            isinstance(task_over, dict)
+            and isinstance(merged.get("task"), dict)
+            and task_over.get("name", merged["task"].get("name")) != merged["task"].get("name")
+        ):
             merged["task"] = dict(task_over)  # another task: replaced, not merged
             locator.redirects[("task",)] = (resolved, "task")
             del override["task"]
-        _merge(merged, override, (), (resolved,), locator)
+        merge_override(merged, override, (), (resolved,), locator)
     merged["device"] = resolved
     try:
         spec = QualitySuiteSpec.model_validate(merged)
@@ -521,7 +566,7 @@ def load_quality_suite(path: str | Path, device: str | None = None) -> QualitySu
         raise _pydantic_error(error, locator) from None
 
     task = _check_task(spec.task, locator)
-    fields = _model_fields()
+    fields = model_fields()
     model = _check_model(spec.model, fields, task, locator)
     sweep = _check_sweep(spec.sweep, fields, locator)
     if len(spec.train.betas) != 2 or not all(0 <= b < 1 for b in spec.train.betas):
@@ -546,25 +591,32 @@ def load_quality_suite(path: str | Path, device: str | None = None) -> QualitySu
         cell_model = base | {k: v for k, v in chosen.items() if k != "seed"}
         cell_train = train | ({"seed": chosen["seed"]} if "seed" in chosen else {})
         trained = _expand_attention(spec.variants, "variants", cell_model, seq_len, locator)
-        evals = [c for _, c in _expand_attention(spec.eval_variants, "eval_variants", cell_model, seq_len, locator)] \
-            if spec.eval_variants is not None else None
+        evals = (
+            [c for _, c in _expand_attention(spec.eval_variants, "eval_variants", cell_model, seq_len, locator)]
+            if spec.eval_variants is not None
+            else None
+        )
         for i, choice in trained:
             try:
                 ReformerLMConfig(**cell_model, attention=choice.name, attention_params={choice.name: choice.params}).validate()
             except (ValueError, TypeError) as error:
                 key = next((k for k in cell_model if k in str(error)), None)
-                where: KeyPath = ("sweep", key, sweep[key].index(chosen[key])) if key in chosen else (("model", key) if key in model else ("model",))
+                where: KeyPath = (
+                    ("sweep", key, sweep[key].index(chosen[key])) if key in chosen else (("model", key) if key in model else ("model",))
+                )
                 raise locator.error(where, f"invalid model settings: {error}") from None
             cell_evals = tuple(evals) if evals is not None else (choice,)
             shapes = _parameter_shapes(choice, cell_model)
             for j, other in enumerate(cell_evals):
                 other_shapes = _parameter_shapes(other, cell_model)
                 if other_shapes != shapes:
-                    raise locator.error(("eval_variants", j) if evals is not None else ("variants", i),
-                                        f"models trained with {choice.label!r} cannot be evaluated with {other.label!r}: "
-                                        f"attention parameters differ ({shapes} vs {other_shapes}); full attention "
-                                        "needs shared_qk: true to share LSH's weights")
-            cell = QualityCell(name, resolved, task, _jsonable(cell_model), choice, cell_train, evaluation, cell_evals)
+                    raise locator.error(
+                        ("eval_variants", j) if evals is not None else ("variants", i),
+                        f"models trained with {choice.label!r} cannot be evaluated with {other.label!r}: "
+                        f"attention parameters differ ({shapes} vs {other_shapes}); full attention "
+                        "needs shared_qk: true to share LSH's weights",
+                    )
+            cell = QualityCell(name, resolved, task, jsonable(cell_model), choice, cell_train, evaluation, cell_evals)
             key = cell.key("")
             if key in seen:
                 raise locator.error(("variants", i), "duplicates another training cell")
@@ -586,7 +638,7 @@ def estimate_seconds(cell: QualityCell) -> float:
     d, layers = m["d_model"], m["n_layers"]
 
     def forward(choice: AttentionChoice, batch: int) -> float:
-        params = {k: v for k, (_, v) in _variant_fields(choice.name).items()} | choice.params
+        params = {k: v for k, (_, v) in variant_fields(choice.name).items()} | choice.params
         span = min(length, 2 * int(params["bucket_size"])) * int(params["n_hashes"]) if "n_hashes" in params else length
         block = 8 * batch * length * d * d + 4 * batch * length * span * d + 4 * batch * length * d * m["d_ff"]
         return layers * block + 2 * batch * length * d * m["vocab_size"]
@@ -606,7 +658,7 @@ def curve_row_key(train_key: str, step: int) -> str:
 
 
 def eval_row_key(train_key: str, choice: AttentionChoice) -> str:
-    digest = hashlib.sha256(_canonical(choice.as_dict()).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(canonical_json(choice.as_dict()).encode()).hexdigest()[:8]
     return f"{train_key}-eval-{digest}"
 
 
@@ -637,18 +689,36 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     config = TrainConfig(**train_settings)
     eval_config = EvalConfig(**cell.eval)
     model = build_model(model_settings, cell.variant.name, cell.variant.params, seed=config.seed)
-    common = {**cell.to_row(), "seq_len": data.seq_len, "code_version": code_version, "train_key": key,
-              "device_name": device_name(cell.device), "threads": torch.get_num_threads(),
-              "n_params": sum(p.numel() for p in model.parameters())}
+    common = {
+        **cell.to_row(),
+        "seq_len": data.seq_len,
+        "code_version": code_version,
+        "train_key": key,
+        "device_name": device_name(cell.device),
+        "threads": torch.get_num_threads(),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
     label = cell.variant.label
 
     def record(point: dict[str, Any]) -> None:
-        store.append({**common, "row_type": "curve", "cell_key": curve_row_key(key, point["step"]), "status": "ok",
-                      "message": "", "recorded_at": _stamp(), **point})
+        store.append(
+            {
+                **common,
+                "row_type": "curve",
+                "cell_key": curve_row_key(key, point["step"]),
+                "status": "ok",
+                "message": "",
+                "recorded_at": _stamp(),
+                **point,
+            }
+        )
         if verbose:
             accuracy = f" acc {point['eval_accuracy']:5.1f}%" if not math.isnan(point["eval_accuracy"]) else ""
-            print(f"  {label:<16} step {point['step']:>6}  train {point['train_bpd']:6.3f}  eval {point['eval_bpd']:6.3f} bpd"
-                  f"{accuracy}  {point['wall_s']:7.1f} s", flush=True)
+            print(
+                f"  {label:<16} step {point['step']:>6}  train {point['train_bpd']:6.3f}  eval {point['eval_bpd']:6.3f} bpd"
+                f"{accuracy}  {point['wall_s']:7.1f} s",
+                flush=True,
+            )
 
     checkpoint = store.path / "checkpoints" / f"{key}.pt"
     curve = train(model, data, config, eval_config, device=device, checkpoint=checkpoint, record=record)
@@ -658,12 +728,24 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
         started = time.perf_counter()
         evaluated = model if choice == cell.variant else with_attention(model, choice.name, choice.params)
         metrics = evaluate(evaluated, data, eval_config, device)
-        row = {**common, "row_type": "eval", "cell_key": eval_row_key(key, choice), "status": "ok", "message": "",
-               "recorded_at": _stamp(), "step": last["step"], "tokens_seen": last["tokens_seen"],
-               "train_wall_s": last["wall_s"], "eval_variant": choice.label, "eval_variant_name": choice.name,
-               "eval_variant_params": _canonical(choice.params), "eval_bpd": metrics["bpd"],
-               "accuracy": metrics["accuracy"], "eval_symbols": metrics["symbols"],
-               "eval_wall_s": time.perf_counter() - started}
+        row = {
+            **common,
+            "row_type": "eval",
+            "cell_key": eval_row_key(key, choice),
+            "status": "ok",
+            "message": "",
+            "recorded_at": _stamp(),
+            "step": last["step"],
+            "tokens_seen": last["tokens_seen"],
+            "train_wall_s": last["wall_s"],
+            "eval_variant": choice.label,
+            "eval_variant_name": choice.name,
+            "eval_variant_params": canonical_json(choice.params),
+            "eval_bpd": metrics["bpd"],
+            "accuracy": metrics["accuracy"],
+            "eval_symbols": metrics["symbols"],
+            "eval_wall_s": time.perf_counter() - started,
+        }
         store.append(row)
         rows.append(row)
         if verbose:
@@ -673,42 +755,28 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     return rows
 
 
-def _child(cell: QualityCell, root: str, suite: str, run_id: str, code_version: str, connection: Any) -> None:
+def train_in_cell_process(
+    cell: QualityCell, root: str, suite: str, run_id: str, code_version: str, report_baseline: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """The work of a training cell's own process (`runner.run_isolated`): on CPU the memory limit
+    starts (the default budget, `runner.default_memory_limit_bytes`), then `train_cell` writes its
+    rows into the run folder; returns {"status": "ok", "rows": n} or an `oom` / `error` outcome."""
+    if not cell.device.startswith("cuda"):
+        start_memory_limit(default_memory_limit_bytes(), report_baseline)
     try:
         rows = train_cell(cell, RunStore(root, suite, run_id), code_version)
-        connection.send({"status": "ok", "rows": len(rows)})
-    except BaseException as error:  # noqa: BLE001 - every failure becomes a row
+    except Exception as error:  # noqa: BLE001 - every failure becomes a row
         message = f"{type(error).__name__}: {error}\n" + "".join(traceback.format_exception(error)[-3:])
-        connection.send({"status": "error", "message": message[:4000]})
-    finally:
-        connection.close()
+        return {"status": "oom" if is_oom_error(error) else "error", "message": message[:4000]}
+    return {"status": "ok", "rows": len(rows)}
 
 
 def run_cell_isolated(cell: QualityCell, store: RunStore, code_version: str) -> dict[str, Any]:
-    """train_cell in a fresh spawned process within train.timeout_s; {"status", "message"}."""
-    context = mp.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(cell, str(store.root), store.suite, store.run_id, code_version, sender),
-                              daemon=True)
-    process.start()
-    sender.close()
-    timeout = float(cell.train["timeout_s"])
-    try:
-        if receiver.poll(timeout):
-            try:
-                return receiver.recv()
-            except EOFError:
-                pass
-        else:
-            return {"status": "timeout", "message": f"training cell did not finish within timeout_s={timeout:g}"}
-        process.join(30)
-        code = process.exitcode
-        return {"status": "error", "message": f"worker process exited with code {code} without a result"}
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join()
-        receiver.close()
+    """`train_in_cell_process` in a fresh spawned process (`runner.run_isolated`: memory limit,
+    parent-death, signals, `train.timeout_s`, crash -> row); {"status", "message"}."""
+    limit = None if cell.device.startswith("cuda") else default_memory_limit_bytes()
+    work_args = (cell, str(store.root), store.suite, store.run_id, code_version)
+    return run_isolated(train_in_cell_process, work_args, float(cell.train["timeout_s"]), limit, what="training cell")
 
 
 def cell_done(cell: QualityCell, store: RunStore, code_version: str) -> bool:
@@ -718,8 +786,13 @@ def cell_done(cell: QualityCell, store: RunStore, code_version: str) -> bool:
     return all(eval_row_key(key, c) in done for c in cell.eval_variants)
 
 
-def run_quality_cells(cells: list[QualityCell], store: RunStore, code_version: str, in_process: bool = False,
-                      print_line: typing.Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+def run_quality_cells(
+    cells: list[QualityCell],
+    store: RunStore,
+    code_version: str,
+    in_process: bool = False,
+    print_line: typing.Callable[[str], None] = lambda line: print(line, flush=True),
+) -> None:
     """Run the training cells in order, skipping finished ones (resume); failures become rows."""
     total = len(cells)
     started = time.monotonic()
@@ -739,26 +812,41 @@ def run_quality_cells(cells: list[QualityCell], store: RunStore, code_version: s
         else:
             outcome = run_cell_isolated(cell, store, code_version)
         if outcome["status"] != "ok":
-            store.append({**cell.to_row(), "row_type": "error", "cell_key": f"{key}-error", "train_key": key,
-                          "code_version": code_version, "status": outcome["status"], "message": outcome.get("message", ""),
-                          "recorded_at": _stamp()})
-            print_line(f"[{index}/{total}] {cell.variant.label}: {outcome['status'].upper()} "
-                       f"{str(outcome.get('message', '')).splitlines()[0][:200] if outcome.get('message') else ''}")
+            store.append(
+                {
+                    **cell.to_row(),
+                    "row_type": "error",
+                    "cell_key": f"{key}-error",
+                    "train_key": key,
+                    "code_version": code_version,
+                    "status": outcome["status"],
+                    "message": outcome.get("message", ""),
+                    "recorded_at": _stamp(),
+                }
+            )
+            print_line(
+                f"[{index}/{total}] {cell.variant.label}: {outcome['status'].upper()} "
+                f"{str(outcome.get('message', '')).splitlines()[0][:200] if outcome.get('message') else ''}"
+            )
         else:
-            print_line(f"[{index}/{total}] {cell.variant.label}: done in {time.monotonic() - begin:.0f} s "
-                       f"(total {time.monotonic() - started:.0f} s)")
+            print_line(
+                f"[{index}/{total}] {cell.variant.label}: done in {time.monotonic() - begin:.0f} s "
+                f"(total {time.monotonic() - started:.0f} s)"
+            )
 
 
 def _sweep_text(cell: QualityCell) -> str:
     m = cell.model
-    return (f"{cell.task['name']} L={cell.seq_len} d_model={m['d_model']} layers={m['n_layers']} {m['residual']}, "
-            f"{cell.train['steps']} steps x {cell.train['batch_size']}")
+    return (
+        f"{cell.task['name']} L={cell.seq_len} d_model={m['d_model']} layers={m['n_layers']} {m['residual']}, "
+        f"{cell.train['steps']} steps x {cell.train['batch_size']}"
+    )
 
 
 # --------------------------------------------------------------------------- summaries
 
 
-def accuracy_table(rows: "typing.Any") -> "typing.Any":
+def accuracy_table(rows: typing.Any) -> typing.Any:
     """Train variant x eval variant table of `accuracy` (percent) from eval rows (a DataFrame),
     rows and columns in first-seen order."""
     import pandas as pd
@@ -783,17 +871,24 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     group = [c for c in ("n_layers", "residual", "seed") if c in evals and evals[c].nunique() > 1]
     if not evals.empty:
         if evals["accuracy"].notna().any() and not (evals["eval_variant"] == evals["train_variant"]).all():
-            out.append(("accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
-                        if evals["task"].iloc[0] == "duplication" else "accuracy (%), train x eval",
-                        evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="accuracy",
-                                          sort=False).round(1)))
+            out.append(
+                (
+                    "accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
+                    if evals["task"].iloc[0] == "duplication"
+                    else "accuracy (%), train x eval",
+                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="accuracy", sort=False).round(1),
+                )
+            )
         if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
             columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if evals["accuracy"].notna().any() else [])
             out.append(("final eval bits per dim", evals[columns].round(3).to_string(index=False)))
         else:
-            out.append(("eval bits per dim, train x eval",
-                        evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd",
-                                          sort=False).round(3)))
+            out.append(
+                (
+                    "eval bits per dim, train x eval",
+                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd", sort=False).round(3),
+                )
+            )
     curve = frame[frame["row_type"] == "curve"]
     if not curve.empty:
         last = curve.loc[curve.groupby("train_key", sort=False)["step"].idxmax()]
@@ -803,67 +898,3 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def command_run_quality(args: Any) -> int:
-    """`python -m harness run <quality suite>`: the same options as for benchmark suites
-    (--device, --dry-run, --filter, --resume, --out, --in-process)."""
-    import pandas as pd
-
-    from harness.cli import UsageError, open_store, record_start, resume_command
-    from harness.environment import capture_environment, code_version
-
-    suite = load_quality_suite(args.suite, device=getattr(args, "device", None))
-    cells = suite.cells()
-    if getattr(args, "filter", None):
-        cells = filter_cells(cells, args.filter)  # type: ignore[arg-type]
-    if not cells:
-        raise UsageError(f"{args.suite}: no training cells" + (f" after --filter {args.filter!r}" if args.filter else ""))
-    from harness.data import DataError, check_files
-
-    for task in {_canonical(c.task): c.task for c in cells}.values():
-        try:
-            check_files(task)
-        except DataError as error:
-            if not getattr(args, "dry_run", False):
-                raise UsageError(f"{args.suite}: task {task['name']!r}: {error}") from None
-            print(f"warning: {error}", file=sys.stderr)
-    repo = Path(__file__).resolve().parent.parent
-    version = code_version(repo)
-    if getattr(args, "dry_run", False):
-        frame = pd.DataFrame([{**c.to_row(), "eval_variants": len(c.eval_variants), "estimate_s": estimate_seconds(c),
-                               "key": c.key(version)} for c in cells])
-        columns = [c for c in ("train_variant", "task", "seq_len", "n_layers", "residual", "d_model", "seed", "train_steps",
-                               "batch_size", "eval_variants", "estimate_s", "key") if c in frame]
-        print(frame[columns].to_string(index=False))
-        print(f"{len(cells)} training cells on {suite.device}; rough estimate {frame['estimate_s'].sum() / 60:.1f} min")
-        return 0
-    from harness.runner import interrupt_guard
-
-    store = open_store(args, suite.name, suite.device)
-    with store.lock("harness run"), interrupt_guard():
-        record_start(args, store, {"kind": "quality", "description": suite.description, "code_version": version,
-                                   "n_cells": len(cells)}, environment=lambda: capture_environment(suite.device))
-        began = time.monotonic()
-        try:
-            if args.resume:
-                print(f"resuming {store.path}")
-            print(f"training {len(cells)} cells of quality suite {suite.name!r} on {suite.device} -> {store.path}", flush=True)
-            run_quality_cells(cells, store, version, in_process=getattr(args, "in_process", False))
-        except KeyboardInterrupt:
-            store.update_run_info(interrupted_at=_stamp())
-            print(f"\ninterrupted; finished rows and checkpoints are saved. Continue with: "
-                  f"{resume_command(args, store.path.name)}", file=sys.stderr)
-            return 130
-        wall = time.monotonic() - began
-        store.rebuild()  # also when nothing ran: a missing or unreadable results.parquet is written anew
-        store.update_run_info(finished_at=_stamp(), wall_s=round(wall, 1))
-    rows = store.rows()
-    for title, table in summary_tables(rows):
-        print(f"\n{title}:\n{table if isinstance(table, str) else table.to_string()}")
-    statuses = pd.Series([r.get("status") for r in rows if r.get("row_type") in ("eval", "error")]).value_counts().to_dict()
-    print(f"\n{len(cells)} training cells in {wall / 60:.1f} min; eval rows: "
-          + ", ".join(f"{n} {s}" for s, n in statuses.items()) + f"\nresults: {store.path}")
-    if getattr(args, "report", False):
-        print("(--report renders benchmark suites; quality rows are in the results folder above)")
-    return 0

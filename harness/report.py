@@ -24,7 +24,6 @@ import json
 import math
 import re
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from harness import figures, paper, stats
-from harness.results import ResultsError, _resolve, latest_run, load, load_run_info, read_cells
-from harness.tables import series_label, pivot_metric
+from harness.results import ResultsError, StoredRun, latest_run, load_run_info, read_run
+from harness.tables import pivot_metric, series_label
 
 RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives
 
@@ -42,12 +41,15 @@ def reports_root(results_root: str | Path) -> Path:
     """Where reports go by default: `reports/` beside the results root (results/ -> reports/)."""
     return Path(results_root).parent / "reports"
 
+
 # Numeric sweep columns that can be an x axis, in order of preference for the summary tables.
 X_CANDIDATES = ("seq_len", "n_layers", "ffn_chunks", "d_ff")
-AXIS_TEXT = {"seq_len": ("sequence length", "sequence length (tokens)"),
-             "n_layers": ("number of layers", "number of layers"),
-             "ffn_chunks": ("feed-forward chunks", "feed-forward chunks (along the sequence)"),
-             "d_ff": ("feed-forward width", "d_ff (feed-forward width)")}
+AXIS_TEXT = {
+    "seq_len": ("sequence length", "sequence length (tokens)"),
+    "n_layers": ("number of layers", "number of layers"),
+    "ffn_chunks": ("feed-forward chunks", "feed-forward chunks (along the sequence)"),
+    "d_ff": ("feed-forward width", "d_ff (feed-forward width)"),
+}
 WORKLOAD_TEXT = {"attention": "one attention layer", "block": "Reformer block", "model": "Reformer LM"}
 MODE_TEXT = {"forward": "forward", "forward_backward": "forward + backward", "train_step": "training step"}
 # Configuration columns worth naming in a subtitle, per workload (others are unused defaults).
@@ -65,38 +67,15 @@ ALPHA = 0.01  # significance level of the noise check in `compare`
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass
-class Run:
-    """One stored run: its folder, run.json, rows, and the cell files that could not be read."""
-
-    path: Path
-    info: dict
-    rows: pd.DataFrame
-    corrupt: list[Path] = field(default_factory=list)
-
-    @property
-    def suite(self) -> str:
-        return str(self.info.get("suite") or self.path.parent.name)
-
-    @property
-    def run_id(self) -> str:
-        return self.path.name
-
-
-def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> Run:
-    """Load a run from a run folder, suite folder (its latest run), run id or results.parquet.
-
-    Raises ResultsError with a one-line message when run.json or the rows are missing or unreadable.
-    """
-    path, kind, _suite, _run_id = _resolve(arg, Path(root))
-    folder = path.parent if kind == "parquet" else path
-    info = load_run_info(folder)
-    rows = load(path, root=root)
-    missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
+def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> StoredRun:
+    """`results.read_run`, checked to have a run.json and to be a harness results table (REQUIRED_COLUMNS)."""
+    run = read_run(arg, root)
+    if not run.info:
+        load_run_info(run.path)  # raises the clear "run.json: file not found"
+    missing = [c for c in REQUIRED_COLUMNS if c not in run.rows.columns]
     if missing:
-        raise ResultsError(f"{folder}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
-    loaded = set(rows["cell_key"].astype(str)) if "cell_key" in rows else set()
-    return Run(folder, info, rows, [f for f in read_cells(folder)[1] if f.stem not in loaded])
+        raise ResultsError(f"{run.path}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
+    return run
 
 
 def default_runs(root: str | Path = RESULTS_ROOT) -> list[Path]:
@@ -183,8 +162,9 @@ def constant_variant_params(rows: pd.DataFrame) -> dict[str, dict]:
     for variant, part in rows.groupby("variant", sort=False):
         dicts = [_params(v) for v in part["variant_params"]] if "variant_params" in part else [{}]
         keys = set().union(*dicts)
-        out[str(variant)] = {k: dicts[0].get(k) for k in sorted(keys)
-                             if all(k in d for d in dicts) and len({json.dumps(d[k]) for d in dicts}) == 1}
+        out[str(variant)] = {
+            k: dicts[0].get(k) for k in sorted(keys) if all(k in d for d in dicts) and len({json.dumps(d[k]) for d in dicts}) == 1
+        }
     return out
 
 
@@ -197,14 +177,14 @@ def legend_names(rows: pd.DataFrame) -> tuple[str, dict[str, str]]:
         variant = str(rows["variant"].iloc[0])
         params = ", ".join(f"{k}={v}" for k, v in constant.get(variant, {}).items() if f"{k}=" not in labels[0])
         title = f"{labels[0]} ({params})" if params else labels[0]
-        names = {s: (s[len(labels[0]):].strip() or s) for s in rows["series"].unique()}
+        names = {s: (s[len(labels[0]) :].strip() or s) for s in rows["series"].unique()}
         return title, names
     fixed = "; ".join(f"{v}: " + ", ".join(f"{k}={p}" for k, p in ps.items()) for v, ps in constant.items() if ps)
     return (f"variant ({fixed})" if fixed else "variant"), {}
 
 
 def fixed_settings(rows: pd.DataFrame, exclude: Iterable[str] = ()) -> list[str]:
-    """"key=value" of the configuration columns that are constant and matter for the workload."""
+    """ "key=value" of the configuration columns that are constant and matter for the workload."""
     workload = _first(rows, "workload")
     columns = ["seq_len", "batch"] + list(SHOWN_CONFIG.get(workload, SHOWN_CONFIG["model"]))
     out = []
@@ -288,15 +268,27 @@ def paper_fig5(rows: pd.DataFrame, palette: dict[str, Any]) -> tuple[list[tuple[
                 seconds[x_value] = float(cell["time_ms_median"].iloc[0]) / 1000
                 mine[x_value] = f"{seconds[x_value]:.4g}"
         ratio = f"{seconds[x1] / seconds[x0]:.3g}" if len(seconds) == 2 else "-"
-        table.append({"paper line": entry.name, f"paper at {x0} (s)": y0, f"paper at {x1} (s)": y1,
-                      f"paper {x1}/{x0}": f"{y1 / y0:.3g}", "matched series here": series or "-",
-                      f"here at {x0} (s)": mine[x0], f"here at {x1} (s)": mine[x1], f"here {x1}/{x0}": ratio})
-    note = (f"Endpoints read off the paper's Figure 5 (right) by eye, {paper.FIG5_TOKENS_PER_STEP} tokens per step, "
-            f"hardware not stated ({paper.CITATION}). Only the two read-off points per line are drawn (hollow "
-            "markers, dashed line); nothing between them is the paper's.")
+        table.append(
+            {
+                "paper line": entry.name,
+                f"paper at {x0} (s)": y0,
+                f"paper at {x1} (s)": y1,
+                f"paper {x1}/{x0}": f"{y1 / y0:.3g}",
+                "matched series here": series or "-",
+                f"here at {x0} (s)": mine[x0],
+                f"here at {x1} (s)": mine[x1],
+                f"here {x1}/{x0}": ratio,
+            }
+        )
+    note = (
+        f"Endpoints read off the paper's Figure 5 (right) by eye, {paper.FIG5_TOKENS_PER_STEP} tokens per step, "
+        f"hardware not stated ({paper.CITATION}). Only the two read-off points per line are drawn (hollow "
+        "markers, dashed line); nothing between them is the paper's."
+    )
     if tokens != paper.FIG5_TOKENS_PER_STEP:
-        note += (f" This run used {tokens} tokens per step, so the paper's lines are not drawn; compare the "
-                 "32K/1K ratios, not absolute times.")
+        note += (
+            f" This run used {tokens} tokens per step, so the paper's lines are not drawn; compare the 32K/1K ratios, not absolute times."
+        )
         lines = []
     return lines, pd.DataFrame(table), note
 
@@ -305,8 +297,7 @@ def paper_fig5(rows: pd.DataFrame, palette: dict[str, Any]) -> tuple[list[tuple[
 
 
 def _quartiles(row: pd.Series, suffix: str) -> tuple[float, float]:
-    return figures.time_quartiles(row.get(f"time_ms_samples{suffix}"), row.get(f"time_ms_median{suffix}"),
-                                  row.get(f"time_ms_iqr{suffix}"))
+    return figures.time_quartiles(row.get(f"time_ms_samples{suffix}"), row.get(f"time_ms_median{suffix}"), row.get(f"time_ms_iqr{suffix}"))
 
 
 def noise_check(row: pd.Series) -> tuple[bool, float, bool]:
@@ -327,12 +318,24 @@ def noise_check(row: pd.Series) -> tuple[bool, float, bool]:
 
 def _match_columns(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
     try:
-        from harness.suite import _model_fields
+        from harness.suite import model_fields
 
-        model = list(_model_fields())
+        model = list(model_fields())
     except Exception:  # the schema needs torch; without it, the model columns a row can carry
-        model = ["vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len", "residual",
-                 "ffn_chunks", "activation", "axial_shape", "causal", "dropout"]
+        model = [
+            "vocab_size",
+            "d_model",
+            "n_heads",
+            "d_ff",
+            "n_layers",
+            "max_seq_len",
+            "residual",
+            "ffn_chunks",
+            "activation",
+            "axial_shape",
+            "causal",
+            "dropout",
+        ]
     return [c for c in (*MATCH_CORE, *model) if c in a.columns or c in b.columns]
 
 
@@ -365,10 +368,10 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     keep = ["_key", "status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib"]
     merged = a.merge(b[[c for c in keep if c in b]], on="_key", suffixes=("", "_b"), how="inner")
     if merged.empty:
-        differing = [c for c in columns if c in a and c in b
-                     and set(a[c].astype(str)) != set(b[c].astype(str))]
-        raise ResultsError("the two runs have no cells with the same configuration"
-                           + (f" (they differ in: {', '.join(differing)})" if differing else ""))
+        differing = [c for c in columns if c in a and c in b and set(a[c].astype(str)) != set(b[c].astype(str))]
+        raise ResultsError(
+            "the two runs have no cells with the same configuration" + (f" (they differ in: {', '.join(differing)})" if differing else "")
+        )
     merged = merged.rename(columns={c: f"{c}_a" for c in keep[1:] if c in merged})
     for column in keep[1:]:
         for side in ("_a", "_b"):
@@ -453,8 +456,10 @@ def _td(text: str) -> str:
 
 def to_html(blocks: list[Block], folder: Path, title: str) -> str:
     """The blocks as one HTML page; PNGs from `folder` embedded as base64, SVGs linked relatively."""
-    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
-           f"<style>{CSS}</style></head><body>"]
+    out = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f"<style>{CSS}</style></head><body>",
+    ]
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
@@ -466,15 +471,20 @@ def to_html(blocks: list[Block], folder: Path, title: str) -> str:
         elif kind == "figure":
             stem, caption = block[1], block[2]
             data = base64.b64encode((folder / f"{stem}.png").read_bytes()).decode("ascii")
-            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-                       f'<figcaption>{_inline(caption)} (<a href="{stem}.svg">SVG</a>, '
-                       f'<a href="{stem}.png">PNG</a>)</figcaption></figure>')
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                f'<figcaption>{_inline(caption)} (<a href="{stem}.svg">SVG</a>, '
+                f'<a href="{stem}.png">PNG</a>)</figcaption></figure>'
+            )
         elif kind == "table":
             header, body = _table_rows(block[1])
             rows = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in body)
             css = ' class="left"' if block[2:] == ("left",) else ""
-            out.append(f"<table{css}><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-                       + f"</tr></thead><tbody>{rows}</tbody></table>")
+            out.append(
+                f"<table{css}><thead><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                + f"</tr></thead><tbody>{rows}</tbody></table>"
+            )
     out.append("</body></html>\n")
     return "\n".join(out)
 
@@ -496,7 +506,7 @@ def _subtitle(rows: pd.DataFrame, x: str) -> str:
 
 
 def _what(rows: pd.DataFrame) -> str:
-    """"one attention layer, forward + backward"; "training on duplication" for quality rows."""
+    """ "one attention layer, forward + backward"; "training on duplication" for quality rows."""
     workload, mode, task = _first(rows, "workload"), _first(rows, "mode"), _first(rows, "task")
     if workload is None and task is not None:
         return f"training on {task}"
@@ -542,14 +552,28 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
             if table is not None:
                 paper_blocks = [("h2", "Paper reference (Fig. 5)"), ("p", note), ("table", table)]
         mem_kind = "training memory" if _first(rows, "mode") != "forward" else "memory"
-        title = {"time_ms_median": f"Time per step vs {short}", "peak_mem_mib": f"Peak {mem_kind} vs {short}",
-                 "tokens_per_s": f"Throughput vs {short}"}[metric.column] + f" ({_what(rows)})"
-        fig = figures.plot_metric(frame, x, metric, palette, title=title, subtitle=_subtitle(rows, x), x_label=x_label,
-                                  legend_title=title_name, names=names, paper=lines,
-                                  paper_title="paper, Fig. 5 (endpoints read off)")
+        title = {
+            "time_ms_median": f"Time per step vs {short}",
+            "peak_mem_mib": f"Peak {mem_kind} vs {short}",
+            "tokens_per_s": f"Throughput vs {short}",
+        }[metric.column] + f" ({_what(rows)})"
+        fig = figures.plot_metric(
+            frame,
+            x,
+            metric,
+            palette,
+            title=title,
+            subtitle=_subtitle(rows, x),
+            x_label=x_label,
+            legend_title=title_name,
+            names=names,
+            paper=lines,
+            paper_title="paper, Fig. 5 (endpoints read off)",
+        )
         figures.save(fig, folder, stem)
-        caption = f"{title}. " + ("Median of the timed repeats per cell; band: their interquartile range"
-                                  if metric.band else "One measurement per cell")
+        caption = f"{title}. " + (
+            "Median of the timed repeats per cell; band: their interquartile range" if metric.band else "One measurement per cell"
+        )
         caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
         caption += "; hollow markers and dashed lines: the paper's read-off endpoints" if lines else ""
         blocks.append(("figure", stem, caption + "."))
@@ -557,7 +581,7 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
 
 
 def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> list[Block]:
-    """"Time over compute floor" (`floor_ratio`, series x primary axis, and its figure) when the run
+    """ "Time over compute floor" (`floor_ratio`, series x primary axis, and its figure) when the run
     measured the matmul rate (the suite's `measure.matmul_rate`); [] otherwise."""
     if "floor_ratio" not in rows or pd.to_numeric(rows["floor_ratio"], errors="coerce").notna().sum() == 0:
         return []
@@ -567,17 +591,22 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
     sizes = sorted({int(n) for n in pd.to_numeric(rows.get("matmul_n", pd.Series(dtype=float)), errors="coerce").dropna()})
     low, high = rates.min(), rates.max()
     gflops = lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"  # noqa: E731 (plain numbers, never 4e+05)
-    rate = f"{gflops(low)} GFLOP/s" if math.isclose(low, high, rel_tol=5e-3) else \
-        f"{gflops(low)} to {gflops(high)} GFLOP/s (median {gflops(rates.median())})"
+    rate = (
+        f"{gflops(low)} GFLOP/s"
+        if math.isclose(low, high, rel_tol=5e-3)
+        else f"{gflops(low)} to {gflops(high)} GFLOP/s (median {gflops(rates.median())})"
+    )
     size = f", n = {', '.join(map(str, sizes))}" if sizes else ""
     forward = _first(rows, "mode") == "forward"
-    text = ("Median time per step over the compute floor, `floor_ratio` = (`time_ms_median` / 1000) / `floor_s`, "
-            "where `floor_s` = `flops` / (`matmul_gflops` * 1e9) is the time the cell's analytic FLOPs "
-            + ("(forward only) " if forward else "(forward, plus backward counted as 2x forward, LSH hashing once) ")
-            + "take at the matrix-multiply rate measured in the cell's own process right after its timing "
-            f"(the fastest of a few square matmuls in the cell's dtype{size}). 1 means the step runs at the "
-            "matmul rate; \"within 1.5x of the compute floor\" means at most 1.5. "
-            f"Matmul rate measured in this run: {rate}. Cells that did not finish show their status.")
+    text = (
+        "Median time per step over the compute floor, `floor_ratio` = (`time_ms_median` / 1000) / `floor_s`, "
+        "where `floor_s` = `flops` / (`matmul_gflops` * 1e9) is the time the cell's analytic FLOPs "
+        + ("(forward only) " if forward else "(forward, plus backward counted as 2x forward, LSH hashing once) ")
+        + "take at the matrix-multiply rate measured in the cell's own process right after its timing "
+        f"(the fastest of a few square matmuls in the cell's dtype{size}). 1 means the step runs at the "
+        'matmul rate; "within 1.5x of the compute floor" means at most 1.5. '
+        f"Matmul rate measured in this run: {rate}. Cells that did not finish show their status."
+    )
     blocks: list[Block] = [("h2", "Time over compute floor"), ("p", text)]
     if axes:
         frame = with_series(rows, x)
@@ -585,8 +614,9 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
         short, x_label = AXIS_TEXT[x]
         title = f"Time over compute floor vs {short} ({_what(rows)})"
         subtitle = "\n".join(p for p in (_subtitle(rows, x), f"floor: the FLOPs at the measured matmul rate, {rate}") if p)
-        fig = figures.plot_metric(frame, x, figures.FLOOR_RATIO, palette, title=title, subtitle=subtitle,
-                                  x_label=x_label, legend_title=title_name, names=names)
+        fig = figures.plot_metric(
+            frame, x, figures.FLOOR_RATIO, palette, title=title, subtitle=subtitle, x_label=x_label, legend_title=title_name, names=names
+        )
         stem = f"floor_ratio_vs_{x}"
         figures.save(fig, folder, stem)
         caption = f"{title}. Median time per step over the compute floor of each cell (1 = the matmul rate)"
@@ -605,12 +635,14 @@ def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
             continue
         if figures.is_log_axis(rows[x]):
             fits = fits.rename(columns={"time": f"k time (time ~ {x}^k)", "memory": f"k memory (memory ~ {x}^k)"})
-            text = (f"Least-squares fit of log(metric) on log({x}) per series over the cells that finished (status ok).")
+            text = f"Least-squares fit of log(metric) on log({x}) per series over the cells that finished (status ok)."
             if x == "seq_len":
                 if tokens:
-                    fits[f"per-sequence time exponent (k + 1)"] = fits[f"k time (time ~ {x}^k)"] + 1
-                    text += (f" At constant tokens per step ({tokens:,}): batch = {tokens:,}/L, so k = 0 means a flat "
-                             "cost per step (linear per sequence) and k = 1 a cost per sequence growing as L^2.")
+                    fits["per-sequence time exponent (k + 1)"] = fits[f"k time (time ~ {x}^k)"] + 1
+                    text += (
+                        f" At constant tokens per step ({tokens:,}): batch = {tokens:,}/L, so k = 0 means a flat "
+                        "cost per step (linear per sequence) and k = 1 a cost per sequence growing as L^2."
+                    )
                 else:
                     text += " At a constant batch, k is the exponent per sequence."
         else:
@@ -630,14 +662,23 @@ def _curve_blocks(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette
         frame = with_series(curve, "step")
         title_name, names = legend_names(frame)
         means = frame.groupby(["series", "step"], sort=False)[measured].mean().reset_index()
-        fig = figures.plot_bpd_curves(means, palette, title=f"Bits per dim during training ({_what(frame)})",
-                                      subtitle=_subtitle(frame, "step"), legend_title=title_name, names=names)
+        fig = figures.plot_bpd_curves(
+            means,
+            palette,
+            title=f"Bits per dim during training ({_what(frame)})",
+            subtitle=_subtitle(frame, "step"),
+            legend_title=title_name,
+            names=names,
+        )
         figures.save(fig, folder, "bpd_curves")
         last = means.sort_values("step").groupby("series", sort=False).tail(1).set_index("series")
         last = last.reindex([s for s in dict.fromkeys(frame["series"]) if s in last.index])
-        blocks += [("h2", "Learning curves"),
-                   ("figure", "bpd_curves", "Bits per dim (bits per byte/symbol) against training step: train solid, eval dashed."),
-                   ("p", "Last logged step per series:"), ("table", last[["step", *measured]])]
+        blocks += [
+            ("h2", "Learning curves"),
+            ("figure", "bpd_curves", "Bits per dim (bits per byte/symbol) against training step: train solid, eval dashed."),
+            ("p", "Last logged step per series:"),
+            ("table", last[["step", *measured]]),
+        ]
     if not grid.empty and "eval_variant" in grid:
         frame = with_series(grid, "step")
         scored = "accuracy" in frame and frame["accuracy"].notna().any()
@@ -657,8 +698,10 @@ def _curve_blocks(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette
         if scored:
             reference = pd.DataFrame(paper.TABLE2, index=paper.TABLE2_EVAL).T
             reference.index.name, reference.columns.name = "trained with", "evaluated with"
-            blocks += [("p", f"For reference, the paper's Table 2 (duplication task, 1 layer, accuracy %; {paper.CITATION}):"),
-                       ("table", reference)]
+            blocks += [
+                ("p", f"For reference, the paper's Table 2 (duplication task, 1 layer, accuracy %; {paper.CITATION}):"),
+                ("table", reference),
+            ]
     return blocks
 
 
@@ -685,7 +728,10 @@ def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("code_version of the rows", ", ".join(versions)),
         ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
         ("started", info.get("started_at") or env.get("started_at_utc")),
-        ("finished", info.get("finished_at") or ("interrupted " + str(info["interrupted_at"]) if info.get("interrupted_at") else "not recorded")),
+        (
+            "finished",
+            info.get("finished_at") or ("interrupted " + str(info["interrupted_at"]) if info.get("interrupted_at") else "not recorded"),
+        ),
     ]
     frame = pd.DataFrame([(k, "-" if v is None or v == "" else str(v)) for k, v in items], columns=["", "value"])
     return frame.set_index("")
@@ -697,7 +743,7 @@ def _failed_table(rows: pd.DataFrame, x: str) -> pd.DataFrame:
     return pd.DataFrame({"series": failed["series"], x: failed[x], "status": failed["status"].str.upper(), "message": message})
 
 
-def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block]:
+def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list[Block]:
     """Draw the figures of one run into `folder` and return the report's blocks."""
     rows = run.rows
     bench, curve, grid, other = _split(rows)
@@ -707,21 +753,32 @@ def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block
     if run.info.get("description"):
         blocks.append(("p", " ".join(str(run.info["description"]).split())))
     what = _what(bench if not bench.empty else rows)
-    blocks.append(("p", f"{len(rows)} rows ({status_text}); {what}; results: `{run.path}`. "
-                        "Rendered from the stored results (nothing re-run)."))
+    blocks.append(
+        ("p", f"{len(rows)} rows ({status_text}); {what}; results: `{run.path}`. Rendered from the stored results (nothing re-run).")
+    )
     if run.corrupt:
         names = ", ".join(f"`{f.name}`" for f in run.corrupt[:10]) + (" ..." if len(run.corrupt) > 10 else "")
-        blocks.append(("p", f"**Warning: {len(run.corrupt)} cell file(s) could not be read and are missing from this "
-                            f"report:** {names} in `{run.path / 'cells'}`. `python -m harness run SUITE --resume "
-                            f"{run.run_id}` measures them again."))
+        blocks.append(
+            (
+                "p",
+                f"**Warning: {len(run.corrupt)} cell file(s) could not be read and are missing from this "
+                f"report:** {names} in `{run.path / 'cells'}`. `python -m harness run SUITE --resume "
+                f"{run.run_id}` measures them again.",
+            )
+        )
     if not bench.empty:
         figure_blocks, paper_blocks = _figure_blocks(bench, folder, palette)
         if figure_blocks:
             blocks += [("h2", "Figures")] + figure_blocks
         axes = sweep_axes(bench)
         blocks.append(("h2", "Summary tables"))
-        blocks.append(("p", "Median time per step (ms) and peak memory (MiB) per cell; rows: series, columns: "
-                            f"{axes[0] if axes else 'seq_len'}. Cells that did not finish show their status."))
+        blocks.append(
+            (
+                "p",
+                "Median time per step (ms) and peak memory (MiB) per cell; rows: series, columns: "
+                f"{axes[0] if axes else 'seq_len'}. Cells that did not finish show their status.",
+            )
+        )
         for title, table in summary_tables(bench).items():
             blocks += [("h3", title), ("table", table)]
         blocks += _floor_blocks(bench, folder, palette)
@@ -731,8 +788,11 @@ def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block
             blocks += [("h2", "Cells that did not finish"), ("table", _failed_table(bench, axes[0] if axes else "seq_len"))]
         notes = []
         if "mem_method" in bench and bench["mem_method"].notna().any():
-            notes.append("peak memory measured with " + ", ".join(f"`{m}`" for m in bench["mem_method"].dropna().unique())
-                         + " (peak above what was allocated before the measured call)")
+            notes.append(
+                "peak memory measured with "
+                + ", ".join(f"`{m}`" for m in bench["mem_method"].dropna().unique())
+                + " (peak above what was allocated before the measured call)"
+            )
         if "timer" in bench and bench["timer"].notna().any():
             notes.append("timer " + ", ".join(f"`{t}`" for t in bench["timer"].dropna().unique()))
         if "n_repeats" in bench and bench["n_repeats"].notna().any():
@@ -747,12 +807,22 @@ def report_blocks(run: Run, folder: Path, palette: dict[str, Any]) -> list[Block
     if not other.empty:
         failed = with_series(other, "step")
         message = failed["message"].fillna("").astype(str).map(lambda m: textwrap.shorten(m, 140)) if "message" in failed else ""
-        blocks += [("h2", "Rows that did not finish"),
-                   ("table", pd.DataFrame({"series": failed["series"], "status": failed["status"].astype(str).str.upper(),
-                                           "message": message}).set_index("series"))]
-    blocks += [("h2", "Environment"), ("table", _environment_table(run.info, rows), "left"),
-               ("h2", "Command"), ("p", "The command that produced these results (run.json):"),
-               ("code", str(run.info.get("command") or "not recorded"))]
+        blocks += [
+            ("h2", "Rows that did not finish"),
+            (
+                "table",
+                pd.DataFrame(
+                    {"series": failed["series"], "status": failed["status"].astype(str).str.upper(), "message": message}
+                ).set_index("series"),
+            ),
+        ]
+    blocks += [
+        ("h2", "Environment"),
+        ("table", _environment_table(run.info, rows), "left"),
+        ("h2", "Command"),
+        ("p", "The command that produced these results (run.json):"),
+        ("code", str(run.info.get("command") or "not recorded")),
+    ]
     return blocks
 
 
@@ -807,35 +877,55 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
     frame = with_series(merged, x)
     palette = figures.series_palette(frame["series"])
     title_name, names = legend_names(frame)
-    fig = figures.plot_ratio(frame, x, palette, title=f"Median time per step, B / A ({_what(merged)})",
-                             subtitle=f"A = {a.suite}/{a.run_id}\nB = {b.suite}/{b.run_id}", names=names,
-                             x_label=AXIS_TEXT.get(x, (x, x))[1], legend_title=title_name)
+    fig = figures.plot_ratio(
+        frame,
+        x,
+        palette,
+        title=f"Median time per step, B / A ({_what(merged)})",
+        subtitle=f"A = {a.suite}/{a.run_id}\nB = {b.suite}/{b.run_id}",
+        names=names,
+        x_label=AXIS_TEXT.get(x, (x, x))[1],
+        legend_title=title_name,
+    )
     figures.save(fig, folder, "time_ratio")
-    table = pd.DataFrame({
-        "series": frame["series"], x: frame[x],
-        "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == "ok", frame["status_a"].str.upper()),
-        "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == "ok", frame["status_b"].str.upper()),
-        "B/A time": frame["ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
-        "within noise": frame["within_noise"].map(lambda v: "" if v is None or pd.isna(v) else ("yes" if v else "NO")),
-        "IQRs overlap": frame["iqr_overlap"].map(lambda v: "" if v is None else ("yes" if v else "no")),
-        "Mann-Whitney p": frame["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.2g}"),
-        "B/A memory": frame["memory_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
-    }).set_index("series")
+    table = pd.DataFrame(
+        {
+            "series": frame["series"],
+            x: frame[x],
+            "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == "ok", frame["status_a"].str.upper()),
+            "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == "ok", frame["status_b"].str.upper()),
+            "B/A time": frame["ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+            "within noise": frame["within_noise"].map(lambda v: "" if v is None or pd.isna(v) else ("yes" if v else "NO")),
+            "IQRs overlap": frame["iqr_overlap"].map(lambda v: "" if v is None else ("yes" if v else "no")),
+            "Mann-Whitney p": frame["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.2g}"),
+            "B/A memory": frame["memory_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
+        }
+    ).set_index("series")
     significant = int((frame["within_noise"] == False).sum())  # noqa: E712 (None = not comparable)
     compared = int(frame["within_noise"].notna().sum())
     blocks: list[Block] = [
         ("h1", f"Compare: {b.run_id} / {a.run_id}"),
-        ("p", f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
-              f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')})."),
-        ("p", f"{len(frame)} cells matched on their configuration ({', '.join(_match_columns(bench_a, bench_b))}); "
-              f"{compared} finished in both, {significant} of them differ beyond noise. A ratio below 1 means B is faster."),
-        ("p", "Noise check: a difference is beyond noise only when the interquartile ranges of the repeats do "
-              f"not overlap and a two-sided Mann-Whitney U test on the timing samples (`harness.stats`) gives "
-              f"p < {ALPHA}; where the repeats are too few for the test to reach p < {ALPHA} at all (e.g. 3 and 3), "
-              "the IQRs alone decide. Peak memory is one measurement per cell: its ratio has no noise estimate."),
+        (
+            "p",
+            f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
+            f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
+        ),
+        (
+            "p",
+            f"{len(frame)} cells matched on their configuration ({', '.join(_match_columns(bench_a, bench_b))}); "
+            f"{compared} finished in both, {significant} of them differ beyond noise. A ratio below 1 means B is faster.",
+        ),
+        (
+            "p",
+            "Noise check: a difference is beyond noise only when the interquartile ranges of the repeats do "
+            f"not overlap and a two-sided Mann-Whitney U test on the timing samples (`harness.stats`) gives "
+            f"p < {ALPHA}; where the repeats are too few for the test to reach p < {ALPHA} at all (e.g. 3 and 3), "
+            "the IQRs alone decide. Peak memory is one measurement per cell: its ratio has no noise estimate.",
+        ),
         ("figure", "time_ratio", "Median time B / A per matched cell; hollow markers: within noise."),
         ("table", table),
-        ("h2", "Commands"), ("code", f"A: {a.info.get('command', '?')}\nB: {b.info.get('command', '?')}"),
+        ("h2", "Commands"),
+        ("code", f"A: {a.info.get('command', '?')}\nB: {b.info.get('command', '?')}"),
     ]
     _write_document(blocks, folder, f"compare {a.run_id} {b.run_id}")
     return folder

@@ -28,6 +28,7 @@ import socket
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -156,12 +157,14 @@ def check_run_id(run_id: str, option: str = "run id") -> str:
     """`run_id` if it is a plain folder name (letters, digits, '_', '.', '-'; no '/', no '..');
     ResultsError naming `option` otherwise. Every command that takes a run id to write into uses it."""
     if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
-        raise ResultsError(f"{option} {run_id!r}: a run id is a folder name of letters, digits, '_', '.' and '-' "
-                           "(e.g. 20261123T121443Z-amd-epyc), not a path")
+        raise ResultsError(
+            f"{option} {run_id!r}: a run id is a folder name of letters, digits, '_', '.' and '-' "
+            "(e.g. 20261123T121443Z-amd-epyc), not a path"
+        )
     return run_id
 
 
-def open_run(root: str | Path, suite: str, run_id: str, option: str = "--resume") -> "RunStore":
+def resume_store(root: str | Path, suite: str, run_id: str, option: str = "--resume") -> RunStore:
     """The existing run `run_id` of `suite` under `root`, to continue it: the id must be a plain
     folder name, the folder must hold a run.json, and that run must belong to `suite`."""
     check_run_id(run_id, option)
@@ -213,8 +216,10 @@ def read_cells(run_dir: Path) -> tuple[list[dict], list[Path]]:
 def warn_corrupt(files: Iterable[Path]) -> None:
     """One CorruptCellWarning per unreadable cell file (the CLI prints them as `warning:` lines)."""
     for file in files:
-        warnings.warn(CorruptCellWarning(f"{file}: unreadable cell file, not loaded; "
-                                         "`harness run SUITE --resume RUN_ID` measures that cell again"), stacklevel=3)
+        warnings.warn(
+            CorruptCellWarning(f"{file}: unreadable cell file, not loaded; `harness run SUITE --resume RUN_ID` measures that cell again"),
+            stacklevel=3,
+        )
 
 
 def rows_to_parquet_bytes(rows: list[dict]) -> bytes:
@@ -279,7 +284,7 @@ class RunStore:
             self.write_run_info(info)
 
     @contextmanager
-    def lock(self, purpose: str = "run") -> Iterator["RunStore"]:
+    def lock(self, purpose: str = "run") -> Iterator[RunStore]:
         """Hold this run's exclusive lock (an flock on `.lock`, released when the process ends, so
         it is never stale) while running or resuming it. RunLockedError, naming the holder's host,
         pid and start, when another process holds it; nothing is touched then."""
@@ -287,8 +292,17 @@ class RunStore:
             with _flocked(self.path / LOCK_FILE, blocking=False) as handle:
                 handle.seek(0)
                 handle.truncate()
-                handle.write(to_json({"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
-                                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=None))
+                handle.write(
+                    to_json(
+                        {
+                            "host": socket.gethostname(),
+                            "pid": os.getpid(),
+                            "purpose": purpose,
+                            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        },
+                        indent=None,
+                    )
+                )
                 handle.flush()
                 yield self
         except BlockingIOError:
@@ -297,8 +311,10 @@ class RunStore:
                 who = f"pid {holder['pid']} on {holder['host']} ({holder['purpose']} since {holder['since']})"
             except (OSError, ValueError, KeyError, TypeError):
                 who = "another process"
-            raise RunLockedError(f"run {self.path} is in use by {who}; wait for it to finish or stop it, "
-                                 "then run again (two processes must not measure one run at once)") from None
+            raise RunLockedError(
+                f"run {self.path} is in use by {who}; wait for it to finish or stop it, "
+                "then run again (two processes must not measure one run at once)"
+            ) from None
 
     def corrupt_cells(self) -> list[Path]:
         """The cell files that cannot be read as rows (see `read_cells`)."""
@@ -327,9 +343,14 @@ class RunStore:
         """Note that cell `key` is being measured now, by this host and process (`harness status`)."""
         import socket
 
-        info = {"cell_key": key, "host": socket.gethostname(), "pid": os.getpid(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
+        info = {
+            "cell_key": key,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **info,
+        }
         atomic_write_json(self.path / RUNNING_DIR / f"{key}.json", info)
 
     def running(self) -> dict[str, dict]:
@@ -437,14 +458,16 @@ def _load_run_dir(run_dir: Path) -> pd.DataFrame:
     if frame is not None:
         return frame
     if corrupt:
-        raise ResultsError(f"{run_dir}: every cell file is unreadable ({', '.join(f.name for f in corrupt[:5])}"
-                           f"{', ...' if len(corrupt) > 5 else ''})" + (f" and {problem}" if problem else ""))
+        raise ResultsError(
+            f"{run_dir}: every cell file is unreadable ({', '.join(f.name for f in corrupt[:5])}"
+            f"{', ...' if len(corrupt) > 5 else ''})" + (f" and {problem}" if problem else "")
+        )
     if problem:
         raise ResultsError(f"{problem}, and {run_dir / CELLS_DIR} holds no cell files to fall back on")
     raise ResultsError(f"{run_dir}: no results yet (neither {PARQUET} nor {CELLS_DIR}/*.json)")
 
 
-def _resolve(arg: str | Path, root: Path) -> tuple[Path, str, str, str]:
+def resolve_run(arg: str | Path, root: Path) -> tuple[Path, str, str, str]:
     """(path, kind, suite, run_id) for a run folder, suite folder, run id or parquet file."""
     path = Path(arg)
     if path.is_file():
@@ -469,9 +492,7 @@ def _resolve(arg: str | Path, root: Path) -> tuple[Path, str, str, str]:
             return matches[0], "run", matches[0].parent.name, matches[0].name
     suites = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     known = f"suites under {root}: {', '.join(suites)}" if suites else f"{root} holds no suites"
-    raise ResultsError(
-        f"{str(arg)!r} is not a run folder, suite folder, run id or results.parquet ({known})"
-    )
+    raise ResultsError(f"{str(arg)!r} is not a run folder, suite folder, run id or results.parquet ({known})")
 
 
 def load(*paths_or_run_ids: str | Path, root: str | Path = "results") -> pd.DataFrame:
@@ -490,7 +511,7 @@ def load(*paths_or_run_ids: str | Path, root: str | Path = "results") -> pd.Data
             raise ResultsError(f"{root}: no runs found")
     frames = []
     for arg in paths_or_run_ids:
-        path, kind, suite, run_id = _resolve(arg, root)
+        path, kind, suite, run_id = resolve_run(arg, root)
         frame = _read_parquet(path) if kind == "parquet" else _load_run_dir(path)
         for column, value in (("run_id", run_id), ("suite", suite)):
             if column not in frame.columns:
@@ -499,3 +520,64 @@ def load(*paths_or_run_ids: str | Path, root: str | Path = "results") -> pd.Data
                 frame[column] = frame[column].where(frame[column].notna(), value)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+# --------------------------------------------------------------------------- one stored run
+
+
+@dataclass
+class StoredRun:
+    """A stored run as every reader sees it (report, compare, check, status).
+
+    path: the run folder; source: what was named (the run folder, or a results.parquet in it);
+    info: run.json ({} when there is none); rows: its rows (empty unless loaded); corrupt: cell
+    files that could not be read and whose rows are therefore missing from `rows`.
+    """
+
+    path: Path
+    source: Path
+    info: dict
+    rows: pd.DataFrame
+    corrupt: list[Path] = field(default_factory=list)
+
+    @property
+    def suite(self) -> str:
+        return str(self.info.get("suite") or self.path.parent.name)
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        """`<suite>/<run_id>` for a run folder, else the parquet file's path."""
+        return f"{self.path.parent.name}/{self.path.name}" if self.source.is_dir() else str(self.source)
+
+    @property
+    def device_name(self) -> str:
+        """run.json's device name, else the rows' `device_name` values, else "unknown"."""
+        name = (self.info.get("environment") or {}).get("device_name")
+        if name:
+            return str(name)
+        names = sorted({str(v) for v in self.rows.get("device_name", pd.Series(dtype=object)).dropna()})
+        return ", ".join(names) or "unknown"
+
+    @property
+    def code_version(self) -> str:
+        """The rows' code versions (comma-separated), else run.json's."""
+        versions = sorted({str(v) for v in self.rows.get("code_version", pd.Series(dtype=object)).dropna()})
+        return ", ".join(versions) or str(self.info.get("code_version", "unknown"))
+
+
+def read_run(arg: str | Path, root: str | Path = "results", load_rows: bool = True) -> StoredRun:
+    """Open a run by run folder, suite folder (its latest run), run id (under `root`) or
+    results.parquet: its run.json, and (with `load_rows`) its rows as `load` gives them, with the
+    unreadable cell files named in `corrupt`. ResultsError for anything missing or unreadable."""
+    source, kind, _, _ = resolve_run(arg, Path(root))
+    folder = source.parent if kind == "parquet" else source
+    info = load_run_info(folder) if (folder / RUN_INFO).is_file() else {}
+    if not load_rows:
+        return StoredRun(folder, source, info, pd.DataFrame())
+    rows = load(source, root=root)
+    loaded = set(rows["cell_key"].astype(str)) if "cell_key" in rows else set()
+    return StoredRun(folder, source, info, rows, [f for f in read_cells(folder)[1] if f.stem not in loaded])

@@ -62,15 +62,26 @@ class RunOptions:
 # --------------------------------------------------------------------------- inside a cell
 
 
-def memory_limit_bytes(cell: Cell) -> int:
-    """The per-cell budget of resident memory in bytes, above the cell process's baseline: the
-    suite's `memory_limit_gib`, else 75% of RAM, but never more than 90% of the memory available
-    now (so a cell cannot wake the OOM killer)."""
-    gib = cell.measure.get("memory_limit_gib")
-    if gib:
-        return int(gib * GIB)
+def default_memory_limit_bytes() -> int:
+    """75% of RAM, but never more than 90% of the memory available now (so a cell cannot wake the
+    OOM killer): the budget of a cell whose suite sets no `memory_limit_gib` (and of training cells)."""
     memory = psutil.virtual_memory()
     return int(min(memory.total * DEFAULT_MEMORY_FRACTION, memory.available * AVAILABLE_MEMORY_FRACTION))
+
+
+def memory_limit_bytes(cell: Cell) -> int:
+    """The per-cell budget of resident memory in bytes, above the cell process's baseline: the
+    suite's `memory_limit_gib`, else `default_memory_limit_bytes()`."""
+    gib = cell.measure.get("memory_limit_gib")
+    return int(gib * GIB) if gib else default_memory_limit_bytes()
+
+
+def start_memory_limit(limit: int, report_baseline: Callable[[int], None] | None) -> None:
+    """In a CPU cell's process: set the address-space backstop for `limit` bytes, then report the
+    resident memory now (bytes) through `report_baseline`, the point the parent's watch counts from."""
+    _limit_address_space(limit)
+    if report_baseline is not None:
+        report_baseline(measure.read_proc_status_kib("VmRSS") * 1024)
 
 
 def _limit_address_space(limit: int) -> None:
@@ -108,9 +119,13 @@ class ResidentMemoryWatch:
 
     def oom_row(self) -> dict[str, Any]:
         """The row of a cell killed at the limit."""
-        return {"status": "oom", "memory_limit_mib": self.limit / MIB, "rss_peak_mib": self.peak / MIB,
-                "message": f"resident memory {self.peak / MIB:.0f} MiB above the cell's start passed its memory limit "
-                           f"{self.limit / GIB:.3g} GiB (measure.memory_limit_gib); the cell process was killed"}
+        return {
+            "status": "oom",
+            "memory_limit_mib": self.limit / MIB,
+            "rss_peak_mib": self.peak / MIB,
+            "message": f"resident memory {self.peak / MIB:.0f} MiB above the cell's start passed its memory limit "
+            f"{self.limit / GIB:.3g} GiB (measure.memory_limit_gib); the cell process was killed",
+        }
 
 
 def _limit_cuda_memory(cell: Cell, device: torch.device) -> int | None:
@@ -126,8 +141,7 @@ def _limit_cuda_memory(cell: Cell, device: torch.device) -> int | None:
     return int(min(gib * GIB, total))
 
 
-def measure_cell(cell: Cell, limit_memory: bool = True,
-                 report_baseline: Callable[[int], None] | None = None) -> dict[str, Any]:
+def measure_cell(cell: Cell, limit_memory: bool = True, report_baseline: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Build and measure one cell in this process; return its metric columns (status included).
 
     With `limit_memory` on CPU, `report_baseline(rss_bytes)` is called once the address-space
@@ -150,9 +164,7 @@ def measure_cell(cell: Cell, limit_memory: bool = True,
                 limit = _limit_cuda_memory(cell, device)
         elif limit_memory:
             limit = memory_limit_bytes(cell)
-            _limit_address_space(limit)
-            if report_baseline is not None:  # the parent's RSS watch counts from here
-                report_baseline(measure.read_proc_status_kib("VmRSS") * 1024)
+            start_memory_limit(limit, report_baseline)
         if limit is not None:
             row["memory_limit_mib"] = limit / MIB
         workload = build_workload(cell, device)
@@ -204,8 +216,7 @@ def _probe_matmul(cell: Cell, device: torch.device) -> dict[str, Any]:
     try:
         return measure.measure_matmul(device, cell.dtype).as_row()
     except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
-        return {"matmul_gflops": math.nan, "matmul_n": None,
-                "message": f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}
+        return {"matmul_gflops": math.nan, "matmul_n": None, "message": f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}
 
 
 def floor_columns(row: Mapping[str, Any]) -> dict[str, float]:
@@ -266,13 +277,13 @@ def _apply_env(env: dict[str, str] | None) -> None:
         torch.set_num_threads(int(env[THREADS_ENV]))  # a suite's measure.threads still wins in measure_cell
 
 
-def _child(cell: Cell, connection: Any, parent_pid: int, env: dict[str, str] | None = None) -> None:
+def _child(work: Callable[..., dict], args: tuple, connection: Any, parent_pid: int, env: dict[str, str] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent handles it
     _die_with_parent(parent_pid)
     _apply_env(env)
     try:
         try:
-            row = measure_cell(cell, report_baseline=lambda rss: connection.send({BASELINE_MESSAGE: rss}))
+            row = work(*args, report_baseline=lambda rss: connection.send({BASELINE_MESSAGE: rss}))
         except BaseException as error:  # noqa: BLE001 - report rather than die with a traceback
             row = {"status": "error", "message": f"{type(error).__name__}: {error}"}
         connection.send(row)
@@ -304,29 +315,56 @@ def kill_live_cells() -> None:
 
 
 def run_cell_isolated(cell: Cell, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Measure `cell` in a fresh spawned process; timeouts and crashes become rows too.
+    """Measure `cell` (`measure_cell`) in a fresh spawned process (`run_isolated`): its metric
+    columns, or a row for a timeout, an `oom` at the memory limit (CPU) or a crash.
 
     `env` is set in the child before it measures (e.g. CUDA_VISIBLE_DEVICES of a worker slot, or
     THREADS_ENV). `timeout_s` counts from the process start (interpreter and torch import included).
-    On CPU the cell's resident memory is watched (`ResidentMemoryWatch`) and the cell is killed
-    and recorded `oom` at its limit.
+    """
+    limit = None if cell.device.startswith("cuda") else memory_limit_bytes(cell)
+    return run_isolated(measure_in_cell_process, (cell,), float(cell.measure.get("timeout_s") or 900), limit, env)
+
+
+def measure_in_cell_process(cell: Cell, report_baseline: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The work of a benchmark cell's own process: `measure_cell` with the memory limit on (looked
+    up in the child, so a parent that replaced `measure_cell` cannot leak into the cell)."""
+    return measure_cell(cell, report_baseline=report_baseline)
+
+
+def run_isolated(
+    work: Callable[..., dict],
+    args: tuple,
+    timeout_s: float,
+    memory_limit: int | None,
+    env: dict[str, str] | None = None,
+    what: str = "cell",
+) -> dict[str, Any]:
+    """`work(*args, report_baseline=...) -> row` in a fresh spawned process: the one isolation of
+    every kind of cell (benchmark cells here, training cells in harness.quality).
+
+    The child ignores SIGINT (the parent handles Ctrl-C and SIGTERM, then kills it), dies with the
+    parent (PR_SET_PDEATHSIG), sets `env` first, and calls `report_baseline(rss_bytes)` once it
+    has set its address-space backstop (`start_memory_limit`). With `memory_limit` (bytes, CPU) the
+    parent watches its resident memory above that baseline and kills it at the limit (an `oom`
+    row). A child that runs past `timeout_s`, or dies without a row, becomes a `timeout` / `error`
+    row; `work`'s own exceptions become `error` rows (work should turn its expected failures into
+    rows itself). `what` names the cell in messages.
     """
     context = mp.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(cell, sender, os.getpid(), env), daemon=True)
+    process = context.Process(target=_child, args=(work, args, sender, os.getpid(), env), daemon=True)
     process.start()
     with _LIVE_LOCK:
         _LIVE.add(process)
     sender.close()
-    timeout = float(cell.measure.get("timeout_s") or 900)
-    deadline = time.monotonic() + timeout
-    watch = ResidentMemoryWatch(process.pid, memory_limit_bytes(cell)) if not cell.device.startswith("cuda") else None
+    deadline = time.monotonic() + timeout_s
+    watch = ResidentMemoryWatch(process.pid, memory_limit) if memory_limit is not None else None
     received = False
     try:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return {"status": "timeout", "message": f"cell did not finish within timeout_s={timeout:g}"}
+                return {"status": "timeout", "message": f"{what} did not finish within timeout_s={timeout_s:g}"}
             if receiver.poll(min(WATCH_INTERVAL_S, remaining)):
                 try:
                     message = receiver.recv()

@@ -41,7 +41,8 @@ import yaml
 import variants
 from harness import measure
 from harness.environment import capture_environment, code_version, device_name
-from variants.registry import VariantUnavailable, backends as variant_backends
+from variants.registry import VariantUnavailable
+from variants.registry import backends as variant_backends
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_FILE = "selfcheck.json"
@@ -105,8 +106,7 @@ class CheckResult:
         return f"{self.status}  {self.name.ljust(name_width)}  {self.detail}  {self.seconds:.2f}s"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail,
-                "seconds": round(self.seconds, 4), "data": self.data}
+        return {"name": self.name, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 4), "data": self.data}
 
 
 @dataclass
@@ -153,11 +153,19 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "device": self.device, "device_name": device_name(self.device), "quick": self.quick,
-            "started_at": self.started_at, "wall_s": round(self.wall_s, 3), "finished": self.finished,
-            "ok": self.finished and self.exit_code == 0, "counts": self.counts, "planned": self.planned,
-            "code_version": self.code_version, "command": list(sys.argv),
-            "checks": [r.as_dict() for r in self.results], "environment": self.environment,
+            "device": self.device,
+            "device_name": device_name(self.device),
+            "quick": self.quick,
+            "started_at": self.started_at,
+            "wall_s": round(self.wall_s, 3),
+            "finished": self.finished,
+            "ok": self.finished and self.exit_code == 0,
+            "counts": self.counts,
+            "planned": self.planned,
+            "code_version": self.code_version,
+            "command": list(sys.argv),
+            "checks": [r.as_dict() for r in self.results],
+            "environment": self.environment,
         }
 
 
@@ -200,8 +208,10 @@ def judge(errors: dict[str, float], tolerance: Tolerance) -> Outcome:
     worst_grad = max(grads, key=lambda k: nan_last(grads[k]), default=None)
     fwd = outputs[worst_output] if worst_output else 0.0
     grad = grads[worst_grad] if worst_grad else 0.0
-    data = {"errors": {k: v if math.isfinite(v) else str(v) for k, v in errors.items()},  # JSON has no NaN
-            "tolerance": {"forward": tolerance.forward, "grad": tolerance.grad}}
+    data = {
+        "errors": {k: v if math.isfinite(v) else str(v) for k, v in errors.items()},  # JSON has no NaN
+        "tolerance": {"forward": tolerance.forward, "grad": tolerance.grad},
+    }
     summary = f"fwd {fwd:.1e} grad {grad:.1e} (tol {tolerance.forward:.2g}/{tolerance.grad:.2g})"
     if not fwd <= tolerance.forward:  # also catches NaN
         return Outcome("FAIL", f"{worst_output} off by {fwd:.2e} > tol {tolerance.forward:.2g}; {summary}", data)
@@ -227,8 +237,16 @@ VARIANT_BATCH, VARIANT_SEQ_LEN = 2, 32
 # hash round an LSH layer has two chunks that see each other, so its output does not depend on its
 # (device-drawn) rotations and a CPU reference can reproduce it; `lsh/*` checks the hashing itself.
 SMALL_SETTINGS: dict[str, Any] = {
-    "d_model": 32, "n_heads": 2, "d_ff": 64, "n_layers": 2, "vocab_size": 61, "max_seq_len": 64,
-    "bucket_size": VARIANT_SEQ_LEN // 2, "n_hashes": 1, "n_chunks": 2, "ffn_chunks": 2,
+    "d_model": 32,
+    "n_heads": 2,
+    "d_ff": 64,
+    "n_layers": 2,
+    "vocab_size": 61,
+    "max_seq_len": 64,
+    "bucket_size": VARIANT_SEQ_LEN // 2,
+    "n_hashes": 1,
+    "n_chunks": 2,
+    "ffn_chunks": 2,
 }
 
 
@@ -329,7 +347,7 @@ def reference_run(name: str, master: nn.Module, inputs: torch.Tensor, dtype: tor
                 return forward_backward(rounded_reference(master, dtype, cls), reference_inputs), ancestor
             except VariantUnavailable:
                 continue
-        raise Skip(f"no float64 CPU reference: {name} cannot run there and derives from no registered variant that can")
+        raise Skip(f"no float64 CPU reference: {name} cannot run there and derives from no registered variant that can") from None
 
 
 def check_variant(name: str, dtype_name: str, context: Context) -> Outcome:
@@ -424,8 +442,16 @@ def lsh_run(case: LshCase, qk: torch.Tensor, v: torch.Tensor, rotations: torch.T
     from variants.attention.lsh import lsh_attention  # the LSH core itself, not a registered layer
 
     qk, v = qk.detach().requires_grad_(True), v.detach().requires_grad_(True)
-    out = lsh_attention(qk, v, n_hashes=case.n_hashes, bucket_size=case.bucket_size, causal=case.causal,
-                        rotations=rotations, save_probs=case.save_probs, dup_correction=case.dup_correction)
+    out = lsh_attention(
+        qk,
+        v,
+        n_hashes=case.n_hashes,
+        bucket_size=case.bucket_size,
+        causal=case.causal,
+        rotations=rotations,
+        save_probs=case.save_probs,
+        dup_correction=case.dup_correction,
+    )
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 3), dtype=torch.float64)
     (out * probe.to(out.device, out.dtype)).sum().backward()
     return {"output": out.detach(), "qk": qk.grad, "v": v.grad}
@@ -455,13 +481,16 @@ def check_device(context: Context) -> Outcome:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-        detail = (f"{properties.name} sm_{properties.major}{properties.minor} {properties.total_memory / 2**30:.1f} GiB, "
-                  f"{torch.cuda.device_count()} visible (CUDA_VISIBLE_DEVICES={visible}), "
-                  f"torch {torch.__version__} CUDA {torch.version.cuda}")
+        detail = (
+            f"{properties.name} sm_{properties.major}{properties.minor} {properties.total_memory / 2**30:.1f} GiB, "
+            f"{torch.cuda.device_count()} visible (CUDA_VISIBLE_DEVICES={visible}), "
+            f"torch {torch.__version__} CUDA {torch.version.cuda}"
+        )
         return Outcome("PASS", detail, {"name": properties.name, "visible": visible, "count": torch.cuda.device_count()})
     backends = variant_backends()
     detail = f"{device_name('cpu')}, {torch.get_num_threads()} threads, torch {torch.__version__}; " + "; ".join(
-        f"{k}: {v}" for k, v in backends.items())
+        f"{k}: {v}" for k, v in backends.items()
+    )
     return Outcome("PASS", detail[:300], {"backends": backends})
 
 
@@ -510,10 +539,18 @@ def cuda_timer(device: torch.device, settings: measure.TimingSettings) -> Outcom
     wall_ms = sorted(walls)[len(walls) // 2]
     ratio = double.median_ms / single.median_ms
     tflops = 2 * 2048**3 * count / (single.median_ms / 1e3) / 1e12
-    data = {"timer": single.timer, "matmuls": count, "event_ms": single.median_ms, "wall_ms": wall_ms,
-            "double_ratio": ratio, "tflops": tflops}
-    detail = (f"{single.timer}: {count} matmuls 2048^2 {single.median_ms:.2f} ms (wall {wall_ms:.2f} ms, "
-              f"{tflops:.1f} TFLOP/s), twice as many x{ratio:.2f}")
+    data = {
+        "timer": single.timer,
+        "matmuls": count,
+        "event_ms": single.median_ms,
+        "wall_ms": wall_ms,
+        "double_ratio": ratio,
+        "tflops": tflops,
+    }
+    detail = (
+        f"{single.timer}: {count} matmuls 2048^2 {single.median_ms:.2f} ms (wall {wall_ms:.2f} ms, "
+        f"{tflops:.1f} TFLOP/s), twice as many x{ratio:.2f}"
+    )
     ok = single.timer == "cuda_event" and 0.7 * wall_ms <= single.median_ms <= 1.02 * wall_ms + 0.05 and 1.8 <= ratio <= 2.2
     return Outcome("PASS" if ok else "FAIL", detail + ("" if ok else "; expected events within 70-102% of wall, x1.8-2.2"), data)
 
@@ -523,6 +560,7 @@ def check_peak_memory(context: Context) -> Outcome:
     exactly; CPU VmHWM of 64 MiB written (within +24 MiB of overhead)."""
     device = context.device
     if device.type == "cuda":
+
         def allocate() -> torch.Tensor:
             transient = torch.empty(32 * MIB, dtype=torch.uint8, device=device)
             kept = torch.empty(64 * MIB, dtype=torch.uint8, device=device)
@@ -545,8 +583,7 @@ def check_nvml(context: Context) -> Outcome:
     """NVML answers for the device: driver version, SM clock and temperature (as every CUDA run records)."""
     if context.device.type != "cuda":
         snapshot = measure.nvml_snapshot(0)  # must not raise on a machine without a GPU
-        raise Skip(f"device {context.device.type}: no GPU to query (nvml_snapshot gave {snapshot or '{}'}); "
-                   "runs with --device cuda")
+        raise Skip(f"device {context.device.type}: no GPU to query (nvml_snapshot gave {snapshot or '{}'}); runs with --device cuda")
     try:
         import pynvml
 
@@ -558,8 +595,10 @@ def check_nvml(context: Context) -> Outcome:
     snapshot = environment.get("nvml") or {}
     driver = environment.get("gpu_driver")
     missing = [k for k in ("sm_clock_mhz", "temperature_c") if k not in snapshot] + ([] if driver else ["driver"])
-    detail = (f"driver {driver}, SM {snapshot.get('sm_clock_mhz')}/{snapshot.get('sm_clock_max_mhz')} MHz, "
-              f"{snapshot.get('temperature_c')} C, {snapshot.get('power_w')} W")
+    detail = (
+        f"driver {driver}, SM {snapshot.get('sm_clock_mhz')}/{snapshot.get('sm_clock_max_mhz')} MHz, "
+        f"{snapshot.get('temperature_c')} C, {snapshot.get('power_w')} W"
+    )
     data = {"driver": driver, "nvml": snapshot}
     return Outcome("FAIL" if missing else "PASS", detail + (f"; missing {', '.join(missing)}" if missing else ""), data)
 
@@ -585,12 +624,18 @@ def probe_attention_variant() -> str:
     raise Skip("no registered attention variant runs a small forward on the CPU")
 
 
-def write_suite(folder: Path, name: str, device: torch.device, sweep: dict, model: dict | None = None,
-                mode: str = "forward", **measure_settings: Any) -> Path:
+def write_suite(
+    folder: Path, name: str, device: torch.device, sweep: dict, model: dict | None = None, mode: str = "forward", **measure_settings: Any
+) -> Path:
     """A one-variant attention suite file `folder/name.yaml` for `device` (fast measure settings)."""
     suite = {
-        "name": name, "device": device.type, "mode": mode, "workload": "attention",
-        "model": model or SMALL_MODEL, "sweep": sweep, "variants": [{"name": probe_attention_variant()}],
+        "name": name,
+        "device": device.type,
+        "mode": mode,
+        "workload": "attention",
+        "model": model or SMALL_MODEL,
+        "sweep": sweep,
+        "variants": [{"name": probe_attention_variant()}],
         "measure": {**FAST_MEASURE, **measure_settings},
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -606,15 +651,25 @@ def check_oom(context: Context) -> Outcome:
     from harness.runner import run_cell_isolated
     from harness.suite import load_suite
 
-    path = write_suite(context.workdir / "oom", "selfcheck_oom", context.device, {"seq_len": [2**20], "batch": [1]},
-                       model={"d_model": 1024, "n_heads": 4}, memory_limit_gib=0.25, timeout_s=120.0)
+    path = write_suite(
+        context.workdir / "oom",
+        "selfcheck_oom",
+        context.device,
+        {"seq_len": [2**20], "batch": [1]},
+        model={"d_model": 1024, "n_heads": 4},
+        memory_limit_gib=0.25,
+        timeout_s=120.0,
+    )
     row = run_cell_isolated(load_suite(path).cells()[0])
     message = re.sub(r"\[enforce fail at [^\]]*\] (err == 0\. )?", "", " ".join(str(row.get("message") or "").split()))
     limit = f"limit {row['memory_limit_mib'] / 1024:.3g} GiB" if row.get("memory_limit_mib") else "no memory limit set"
     detail = f"{row['status']} row ({limit}, 4 GiB of inputs): {message[:140]}"
     ok = row["status"] == "oom" and "memory limit" in message
-    return Outcome("PASS" if ok else "FAIL", detail + ("" if ok else "; expected an oom row naming the memory limit"),
-                   {"row": {k: row.get(k) for k in ("status", "message", "memory_limit_mib")}})
+    return Outcome(
+        "PASS" if ok else "FAIL",
+        detail + ("" if ok else "; expected an oom row naming the memory limit"),
+        {"row": {k: row.get(k) for k in ("status", "message", "memory_limit_mib")}},
+    )
 
 
 def visible_gpus() -> list[str]:
@@ -636,14 +691,18 @@ def check_pool(context: Context) -> Outcome:
 
     on_cuda = context.device.type == "cuda"
     slots = pool_slots(context.device.type, None if on_cuda else 2)
-    cells = load_suite(write_suite(context.workdir / "pool", "selfcheck_pool", context.device,
-                                   {"seq_len": [64], "batch": [1, 2]})).cells()
+    cells = load_suite(write_suite(context.workdir / "pool", "selfcheck_pool", context.device, {"seq_len": [64], "batch": [1, 2]})).cells()
     store = RunStore(context.workdir / "pool" / "results", "selfcheck_pool", "pool")
     lines: list[str] = []
     rows = run_pool(cells, store, RunOptions(code_version="selfcheck", run_id="pool", print_line=lines.append), slots)
     statuses = [row["status"] for row in rows]
-    problems = [] if statuses == ["ok", "ok"] else [f"statuses {statuses}: " + "; ".join(
-        first_line(Exception(row.get("message") or "")) for row in rows if row["status"] != "ok")]
+    problems = (
+        []
+        if statuses == ["ok", "ok"]
+        else [
+            f"statuses {statuses}: " + "; ".join(first_line(Exception(row.get("message") or "")) for row in rows if row["status"] != "ok")
+        ]
+    )
     if on_cuda:
         pinned = [slot.get("CUDA_VISIBLE_DEVICES") for slot in slots]
         if pinned != visible_gpus():
@@ -653,8 +712,11 @@ def check_pool(context: Context) -> Outcome:
         detail = f"{statuses.count('ok')}/2 cells ok on {len(slots)} slot(s) pinned to CUDA_VISIBLE_DEVICES={','.join(pinned)}"
     else:
         threads = [int(slot[THREADS_ENV]) for slot in slots]
-        problems += [f"a cell ran with {row.get('threads')} threads, its slot gives {threads[0]}"
-                     for row in rows if row.get("status") == "ok" and row.get("threads") != threads[0]]
+        problems += [
+            f"a cell ran with {row.get('threads')} threads, its slot gives {threads[0]}"
+            for row in rows
+            if row.get("status") == "ok" and row.get("threads") != threads[0]
+        ]
         if len(slots) != 2:
             problems.append(f"{len(slots)} slots for --workers 2")
         detail = f"{statuses.count('ok')}/2 cells ok on {len(slots)} slots of {threads[0]} thread(s)"
@@ -669,15 +731,17 @@ def check_suite(context: Context) -> Outcome:
     from harness.results import load
 
     folder = context.workdir / "suite"
-    path = write_suite(folder, "selfcheck_suite", context.device, {"seq_len": [64, 128], "batch": [1]},
-                       mode="forward_backward")
+    path = write_suite(folder, "selfcheck_suite", context.device, {"seq_len": [64, 128], "batch": [1]}, mode="forward_backward")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "harness", "run", str(path), "--out", str(folder / "results")]
     completed = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:
         tail = (completed.stderr.strip() or completed.stdout.strip()).splitlines()[-1:] or [""]
-        return Outcome("FAIL", f"harness run exited {completed.returncode}: {tail[0][:200]}",
-                       {"stdout": completed.stdout[-4000:], "stderr": completed.stderr[-4000:]})
+        return Outcome(
+            "FAIL",
+            f"harness run exited {completed.returncode}: {tail[0][:200]}",
+            {"stdout": completed.stdout[-4000:], "stderr": completed.stderr[-4000:]},
+        )
     runs = sorted((folder / "results" / "selfcheck_suite").iterdir())
     rows = load(runs[-1])
     report = render_report([runs[-1]], out=folder / "report")
@@ -703,8 +767,12 @@ def plan_checks(quick: bool = False) -> list[Check]:
         names = variants.available()
     except ImportError as error:  # a plugin named in REFORMER_HARNESS_PLUGINS that does not import
         raise SelfcheckError(str(error)) from None
-    checks = [Check("device", check_device), Check("timer", check_timer), Check("peak_memory", check_peak_memory),
-              Check("nvml", check_nvml)]
+    checks = [
+        Check("device", check_device),
+        Check("timer", check_timer),
+        Check("peak_memory", check_peak_memory),
+        Check("nvml", check_nvml),
+    ]
     checks += [Check(f"variant/{name}/{dtype}", partial(check_variant, name, dtype)) for name in names for dtype in DTYPES]
     for dtype in DTYPES:
         for n_hashes in LSH_ROUNDS:
@@ -718,8 +786,11 @@ def plan_checks(quick: bool = False) -> list[Check]:
         for dtype in DTYPES:
             recompute = LshCase(4, True, save_probs=False)
             checks.append(Check(f"lsh/recompute/rounds=4/causal/{dtype}", partial(check_lsh, recompute, dtype)))
-        checks.append(Check("lsh/dup_correction/rounds=4/bidirectional/float32",
-                            partial(check_lsh, LshCase(4, False, dup_correction=True), "float32")))
+        checks.append(
+            Check(
+                "lsh/dup_correction/rounds=4/bidirectional/float32", partial(check_lsh, LshCase(4, False, dup_correction=True), "float32")
+            )
+        )
     checks += [Check("oom", check_oom), Check("pool", check_pool), Check("suite", check_suite)]
     return checks
 
@@ -730,8 +801,10 @@ def select_checks(checks: list[Check], only: list[str] | None) -> list[Check]:
         return checks
     selected = [c for c in checks if any(fnmatch.fnmatchcase(c.name, pattern) for pattern in only)]
     if not selected:
-        raise SelfcheckError(f"--only {' '.join(only)}: no check matches; checks are named like "
-                             f"{', '.join(c.name for c in checks[:6])}, ... (--list shows all)")
+        raise SelfcheckError(
+            f"--only {' '.join(only)}: no check matches; checks are named like "
+            f"{', '.join(c.name for c in checks[:6])}, ... (--list shows all)"
+        )
     return selected
 
 
@@ -745,9 +818,11 @@ def resolve_device(device: str) -> torch.device:
         raise SelfcheckError(f"--device {device}: not a device (cpu, cuda or cuda:N)") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise SelfcheckError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                                 f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
-                                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu")
+            raise SelfcheckError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device cpu"
+            )
         if (resolved.index or 0) >= torch.cuda.device_count():
             raise SelfcheckError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif resolved.type != "cpu":
@@ -763,8 +838,9 @@ def run_check(check: Check, context: Context) -> CheckResult:
     except Skip as skip:
         outcome = Outcome("SKIP", str(skip))
     except Exception as error:  # noqa: BLE001 - a broken path is what the selfcheck reports
-        outcome = Outcome("FAIL", f"{type(error).__name__}: {first_line(error)}",
-                          {"traceback": "".join(traceback.format_exception(error))[-4000:]})
+        outcome = Outcome(
+            "FAIL", f"{type(error).__name__}: {first_line(error)}", {"traceback": "".join(traceback.format_exception(error))[-4000:]}
+        )
     finally:
         if context.device.type == "cuda":
             torch.cuda.synchronize(context.device)
@@ -772,8 +848,13 @@ def run_check(check: Check, context: Context) -> CheckResult:
     return CheckResult(check.name, outcome.status, " ".join(outcome.detail.split()), time.perf_counter() - start, outcome.data)
 
 
-def run_selfcheck(device: str = "auto", quick: bool = False, only: list[str] | None = None,
-                  out: Path | str | None = None, print_line: Callable[[str], None] = print) -> Summary:
+def run_selfcheck(
+    device: str = "auto",
+    quick: bool = False,
+    only: list[str] | None = None,
+    out: Path | str | None = None,
+    print_line: Callable[[str], None] = print,
+) -> Summary:
     """Run the selected checks on `device` (auto | cpu | cuda[:N]), printing one line per check as it ends
     and a final count. With `out`, `out/selfcheck.json` (results, seconds, environment) is rewritten after
     every check, so a run cut short still leaves what it found. SelfcheckError for unusable input, before
@@ -789,8 +870,14 @@ def run_selfcheck(device: str = "auto", quick: bool = False, only: list[str] | N
     width = max(len(c.name) for c in checks)
     print_line(f"selfcheck on {resolved} ({device_name(str(resolved))}), {'quick' if quick else 'full'}: {len(checks)} checks")
     start = time.perf_counter()
-    summary = Summary(str(resolved), quick, [c.name for c in checks], datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      code_version(REPO_ROOT), capture_environment(str(resolved)))
+    summary = Summary(
+        str(resolved),
+        quick,
+        [c.name for c in checks],
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version(REPO_ROOT),
+        capture_environment(str(resolved)),
+    )
     with tempfile.TemporaryDirectory(prefix="harness-selfcheck-") as workdir:
         context = Context(resolved, quick, Path(workdir))
         for check in checks:
@@ -803,8 +890,10 @@ def run_selfcheck(device: str = "auto", quick: bool = False, only: list[str] | N
     if out_path is not None:
         write_summary(summary, out_path)
     counts = summary.counts
-    print_line(f"selfcheck {'FAILED' if counts['FAIL'] else 'passed'}: {counts['PASS']} PASS, {counts['FAIL']} FAIL, "
-               f"{counts['SKIP']} SKIP in {summary.wall_s:.1f} s" + (f" -> {summary.path}" if summary.path else ""))
+    print_line(
+        f"selfcheck {'FAILED' if counts['FAIL'] else 'passed'}: {counts['PASS']} PASS, {counts['FAIL']} FAIL, "
+        f"{counts['SKIP']} SKIP in {summary.wall_s:.1f} s" + (f" -> {summary.path}" if summary.path else "")
+    )
     return summary
 
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 # States after which a job does not run again by itself (a requeued job is PENDING or REQUEUED).
-ENDED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                          "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED"})
+ENDED_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED"}
+)
 
 
 class SlurmUnavailable(Exception):
@@ -68,8 +69,7 @@ def parse_scontrol_jobs(text: str) -> dict[str, JobInfo]:
             continue
         reason = fields.get("Reason", "")
         restarts = fields.get("Restarts", "0")
-        info = JobInfo(fields["JobState"], "" if reason in ("None", "(null)") else reason,
-                       int(restarts) if restarts.isdigit() else 0)
+        info = JobInfo(fields["JobState"], "" if reason in ("None", "(null)") else reason, int(restarts) if restarts.isdigit() else 0)
         array_id, task_spec = fields.get("ArrayJobId"), fields.get("ArrayTaskId")
         if array_id and task_spec:
             for task in expand_task_ids(task_spec):

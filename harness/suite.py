@@ -148,7 +148,7 @@ def format_path(path: KeyPath) -> str:
     return out
 
 
-class _Locator:
+class Locator:
     """Maps key paths of the (merged) suite data to display paths and line numbers in the file."""
 
     def __init__(self, file: Path, lines: dict[KeyPath, int]):
@@ -200,7 +200,7 @@ def parse_suite_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _model_fields() -> dict[str, tuple[Any, Any]]:
+def model_fields() -> dict[str, tuple[Any, Any]]:
     """ReformerLMConfig field -> (annotation, default or MISSING), without attention/attention_params."""
     from variants.model import ReformerLMConfig
 
@@ -216,7 +216,9 @@ def _model_fields() -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def _describe(fields: dict[str, tuple[Any, Any]]) -> str:
+def describe_fields(fields: dict[str, tuple[Any, Any]]) -> str:
+    """ "name (type, default value)" of each field, comma-separated: what an error message allows."""
+
     def one(name: str, annotation: Any, default: Any) -> str:
         if default is dataclasses.MISSING:
             return f"{name} ({type_name(annotation)}, required)"
@@ -225,7 +227,8 @@ def _describe(fields: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(one(n, a, d) for n, (a, d) in fields.items())
 
 
-def _variant_fields(name: str) -> dict[str, tuple[Any, Any]]:
+def variant_fields(name: str) -> dict[str, tuple[Any, Any]]:
+    """Registered variant `name`'s config field -> (annotation, default)."""
     import variants
 
     spec = variants.spec(name)
@@ -234,35 +237,37 @@ def _variant_fields(name: str) -> dict[str, tuple[Any, Any]]:
     return {n: (hints[n], defaults[n][1]) for n in spec.parameters()}
 
 
-def _did_you_mean(key: Any, allowed: typing.Iterable[str]) -> str:
+def did_you_mean(key: Any, allowed: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `allowed`, or ''."""
     close = difflib.get_close_matches(str(key), list(allowed), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Tuples -> lists recursively, so configs compare and hash the same after a JSON round trip."""
     return json.loads(json.dumps(value))
 
 
-def _canonical(data: Any) -> str:
+def canonical_json(data: Any) -> str:
+    """Compact JSON with sorted keys: the text that cell keys are hashed from."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _fmt(value: Any) -> str:
-    return _canonical(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return canonical_json(value) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
-def _merge(base: dict, over: dict, path: KeyPath, origin: KeyPath, locator: _Locator) -> None:
+def merge_override(base: dict, over: dict, path: KeyPath, origin: KeyPath, locator: Locator) -> None:
     """Deep-merge `over` into `base` (dicts merge, everything else replaces), recording origins."""
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, path + (key,), origin + (key,), locator)
+            merge_override(base[key], value, path + (key,), origin + (key,), locator)
         else:
             base[key] = value
             locator.redirects[path + (key,)] = origin + (key,)
 
 
-def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath = ()) -> SuiteError:
+def _pydantic_error(error: ValidationError, locator: Locator, prefix: KeyPath = ()) -> SuiteError:
     """The first pydantic error as a SuiteError; `prefix` is where the validated data sits in the file."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
@@ -270,7 +275,7 @@ def _pydantic_error(error: ValidationError, locator: _Locator, prefix: KeyPath =
     if kind == "extra_forbidden":
         schema = _SCHEMAS.get(prefix + loc[:-1])
         allowed = f"; allowed keys: {', '.join(schema.model_fields)}" if schema else ""
-        message = f"unknown key {loc[-1]!r}{_did_you_mean(loc[-1], schema.model_fields if schema else ())}{allowed}"
+        message = f"unknown key {loc[-1]!r}{did_you_mean(loc[-1], schema.model_fields if schema else ())}{allowed}"
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing"
     elif kind == "value_error":  # a validator's own message (e.g. an expression outside the language)
@@ -291,8 +296,9 @@ CONFIG_COLUMNS = ("workload", "mode", "device", "dtype", "seq_len", "batch", "to
 
 
 @functools.lru_cache(maxsize=1)
-def _model_defaults() -> tuple[tuple[str, Any], ...]:
-    return tuple((name, _plain(default)) for name, (_, default) in _model_fields().items())
+def model_defaults() -> tuple[tuple[str, Any], ...]:
+    """(name, default) of every model field, as plain JSON-able values (cached)."""
+    return tuple((name, _plain(default)) for name, (_, default) in model_fields().items())
 
 
 def _plain(value: Any) -> Any:
@@ -322,10 +328,10 @@ def config_key_of(row: typing.Mapping[str, Any]) -> str:
     not part of it. Works on `Cell.to_row()` and on stored result rows alike."""
     identity = {column: _plain(row.get(column)) for column in CONFIG_COLUMNS}
     identity["variant_params"] = _plain(row.get("variant_params")) or {}
-    for name, default in _model_defaults():
+    for name, default in model_defaults():
         if name in row and _plain(row[name]) != default:
             identity[f"model.{name}"] = _plain(row[name])
-    return hashlib.sha256(_canonical(identity).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -351,11 +357,11 @@ class Cell:
 
     def config_dict(self) -> dict[str, Any]:
         """The canonical JSON-able configuration of this cell."""
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def key(self, code_version: str) -> str:
         """Identity of (configuration, code version): first 16 hex of a sha256."""
-        payload = _canonical({"config": self.config_dict(), "code_version": code_version})
+        payload = canonical_json({"config": self.config_dict(), "code_version": code_version})
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def group_key(self) -> str:
@@ -365,7 +371,7 @@ class Cell:
         config.pop("seq_len")
         if self.tokens_per_batch is not None:
             config.pop("batch")
-        return hashlib.sha256(_canonical(config).encode()).hexdigest()[:16]
+        return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
 
     def config_key(self) -> str:
         """`config_key_of(self.to_row())`: the configuration identity without the code version."""
@@ -386,9 +392,9 @@ class Cell:
             "batch": self.batch,
             "tokens_per_batch": self.tokens_per_batch,
         }
-        row.update(_jsonable(self.model))
-        row.update(variant=self.variant, variant_label=self.label, variant_params=_canonical(self.variant_params))
-        for name, value in _jsonable(self.variant_params).items():
+        row.update(jsonable(self.model))
+        row.update(variant=self.variant, variant_label=self.label, variant_params=canonical_json(self.variant_params))
+        for name, value in jsonable(self.variant_params).items():
             # A variant parameter named like a model column (e.g. dropout) gets a prefix.
             column = name if name not in row else f"variant_{name}"
             if column not in row:
@@ -421,7 +427,8 @@ class Suite:
         return list(self._cells)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when available, else "cpu"; other names unchanged."""
     if device != "auto":
         return device
     import torch
@@ -436,7 +443,7 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
     """
     path = Path(path)
     data, lines = parse_suite_yaml(path)
-    locator = _Locator(path, lines)
+    locator = Locator(path, lines)
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise locator.error((), f"a suite must be a mapping of keys, got {got}; required keys: sweep, variants")
@@ -454,12 +461,12 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
     requested = device or data.get("device", "auto")
     if requested not in typing.get_args(Device):
         raise locator.error(("device",), f"{requested!r} is not one of: {', '.join(typing.get_args(Device))}")
-    resolved = _resolve_device(requested)
+    resolved = resolve_device(requested)
 
     merged = {k: v for k, v in data.items() if k not in ("cpu", "cuda")}
     override = data.get(resolved)
     if isinstance(override, dict):
-        _merge(merged, {k: v for k, v in override.items() if v is not None}, (), (resolved,), locator)
+        merge_override(merged, {k: v for k, v in override.items() if v is not None}, (), (resolved,), locator)
     try:
         spec = SuiteSpec.model_validate(merged)
     except ValidationError as error:
@@ -470,22 +477,35 @@ def load_suite(path: str | Path, device: str | None = None) -> Suite:
         raise locator.error(("name",), f"{name!r}: use only letters, digits, '_', '.', '-' (it names the results folder)")
     measure = spec.measure.model_dump()
     if measure["min_repeats"] > measure["max_repeats"]:
-        raise locator.error(("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}")
+        raise locator.error(
+            ("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}"
+        )
 
-    model_fields = _model_fields()
-    model = _check_model(spec.model, model_fields, locator)
-    sweep = _check_sweep(spec.sweep, model_fields, locator)
+    fields = model_fields()
+    model = _check_model(spec.model, fields, locator)
+    sweep = _check_sweep(spec.sweep, fields, locator)
     entries = _expand_variants(spec.variants, locator)
-    suite = Suite(name, spec.description, path, resolved, spec.dtype, spec.mode, spec.workload,
-                  model, sweep, [dict(v) for v in spec.variants], measure)
-    suite._cells = _build_cells(suite, entries, model_fields, locator)
+    suite = Suite(
+        name,
+        spec.description,
+        path,
+        resolved,
+        spec.dtype,
+        spec.mode,
+        spec.workload,
+        model,
+        sweep,
+        [dict(v) for v in spec.variants],
+        measure,
+    )
+    suite._cells = _build_cells(suite, entries, fields, locator)
     suite.checks = spec.checks
     suite.slurm = (spec.slurm or SlurmSpec()).model_dump()
     _check_ratio_filters(suite, locator)
     return suite
 
 
-def _check_ratio_filters(suite: Suite, locator: _Locator) -> None:
+def _check_ratio_filters(suite: Suite, locator: Locator) -> None:
     """Each ratio check's numerator and denominator (with its `at`) must select cells of the suite."""
     for i, ratio in enumerate(suite.checks.ratios if suite.checks else []):
         for side in ("numerator", "denominator"):
@@ -498,25 +518,25 @@ def _check_ratio_filters(suite: Suite, locator: _Locator) -> None:
                 raise locator.error(("checks", "ratios", i, side), f"{expr!r} selects no cell of this suite")
 
 
-def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, Any]:
+def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, Any]:
     for key, value in model.items():
         if key in NOT_MODEL_KEYS:
             raise locator.error(("model", key), f"{key!r} is set by the `variants:` list, not by `model:`")
         if key not in fields:
-            raise locator.error(("model", key), f"unknown model key {key!r}{_did_you_mean(key, fields)}; allowed: {_describe(fields)}")
+            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
         annotation = fields[key][0]
         if not type_matches(value, annotation):
             raise locator.error(("model", key), f"must be {type_name(annotation)}, got {value!r}")
     return dict(model)
 
 
-def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: _Locator) -> dict[str, list]:
+def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, list]:
     allowed = f"allowed keys: {', '.join(SHAPE_KEYS)} and the model keys {', '.join(fields)}"
     for key, values in sweep.items():
         if key in NOT_MODEL_KEYS:
             raise locator.error(("sweep", key), f"{key!r} is set by the `variants:` list, not swept")
         if key not in SHAPE_KEYS and key not in fields:
-            raise locator.error(("sweep", key), f"unknown sweep key {key!r}{_did_you_mean(key, [*SHAPE_KEYS, *fields])}; {allowed}")
+            raise locator.error(("sweep", key), f"unknown sweep key {key!r}{did_you_mean(key, [*SHAPE_KEYS, *fields])}; {allowed}")
         if not isinstance(values, list):
             raise locator.error(("sweep", key), f"must be a list of values (e.g. {key}: [{values!r}]), got {values!r}")
         if not values:
@@ -547,7 +567,7 @@ class _Expansion:
     seq_lens: list[int] | None = None  # the entry's own `seq_len:` list, replacing sweep.seq_len
 
 
-def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_Expansion]:
+def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_Expansion]:
     import variants
 
     registered = variants.available("attention")
@@ -559,15 +579,21 @@ def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_
         if name is None:
             raise locator.error(("variants", i), f"missing 'name'; registered attention variants: {', '.join(registered)}")
         if name not in registered:
-            raise locator.error(("variants", i, "name"), f"unknown variant {name!r}{_did_you_mean(name, registered)}; registered attention variants: {', '.join(registered)}")
-        fields = _variant_fields(name)
+            raise locator.error(
+                ("variants", i, "name"),
+                f"unknown variant {name!r}{did_you_mean(name, registered)}; registered attention variants: {', '.join(registered)}",
+            )
+        fields = variant_fields(name)
         label = entry.get("label")
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
         seq_lens = entry.get("seq_len")
         if seq_lens is not None:
             if not isinstance(seq_lens, list) or not seq_lens:
-                raise locator.error(("variants", i, "seq_len"), f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}")
+                raise locator.error(
+                    ("variants", i, "seq_len"),
+                    f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}",
+                )
             for j, value in enumerate(seq_lens):
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
                     raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
@@ -580,11 +606,14 @@ def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_
             if key in MODEL_ATTENTION_KEYS:
                 raise locator.error(where, f"{key!r} comes from `model:` (set model.{key} or sweep it), not from a variant entry")
             if key not in fields:
-                allowed = _describe({k: v for k, v in fields.items() if k not in MODEL_ATTENTION_KEYS})
-                raise locator.error(where, f"variant {name!r} does not take {key!r}{_did_you_mean(key, fields)}; its parameters: {allowed}, plus label")
+                allowed = describe_fields({k: v for k, v in fields.items() if k not in MODEL_ATTENTION_KEYS})
+                raise locator.error(
+                    where, f"variant {name!r} does not take {key!r}{did_you_mean(key, fields)}; its parameters: {allowed}, plus label"
+                )
             annotation = fields[key][0]
             takes_sequence = typing.get_origin(annotation) in (list, tuple) or any(
-                typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation))
+                typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation)
+            )
             # A list expands into one variant per value, except a flat list for a sequence-typed parameter.
             expands = isinstance(value, list) and (not takes_sequence or all(isinstance(v, list) for v in value))
             if expands and not value:
@@ -600,13 +629,13 @@ def _expand_variants(entries: list[dict[str, Any]], locator: _Locator) -> list[_
     return out
 
 
-def _labels(expansions: list[_Expansion], locator: _Locator) -> list[str]:
+def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
     """Entry label (plus what varies within the entry) or auto: name + params that vary across
     all expansions of that variant name."""
     effective = []
     for e in expansions:
-        defaults = {k: d for k, (_, d) in _variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
-        effective.append(_jsonable(defaults | e.params))
+        defaults = {k: d for k, (_, d) in variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        effective.append(jsonable(defaults | e.params))
     labels = []
     for e, eff in zip(expansions, effective):
         if e.label is not None:
@@ -618,8 +647,9 @@ def _labels(expansions: list[_Expansion], locator: _Locator) -> list[str]:
     first: dict[str, tuple[int, dict]] = {}
     for e, label in zip(expansions, labels):
         if label in first and first[label][1] != e.params | {"name": e.name}:
-            raise locator.error(("variants", e.index),
-                                f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`")
+            raise locator.error(
+                ("variants", e.index), f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`"
+            )
         first.setdefault(label, (e.index, e.params | {"name": e.name}))
     return labels
 
@@ -636,12 +666,13 @@ def _model_path(key: str | None, swept_at: dict[str, int], suite: Suite) -> KeyP
     return ("model", key) if key in suite.model else ("model",)
 
 
-def _check_model_config(model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: Suite,
-                        cache: dict[str, Any], locator: _Locator) -> None:
+def _check_model_config(
+    model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: Suite, cache: dict[str, Any], locator: Locator
+) -> None:
     """ReformerLMConfig's own consistency check (residual/activation names, divisibility, ...)."""
     from variants.model import ReformerLMConfig
 
-    signature = _canonical(["model", e.name, model])
+    signature = canonical_json(["model", e.name, model])
     if signature in cache:
         return
     try:
@@ -652,14 +683,15 @@ def _check_model_config(model: dict[str, Any], e: _Expansion, swept_at: dict[str
     cache[signature] = True
 
 
-def _check_variant(e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: Suite,
-                   cache: dict[str, Any], locator: _Locator) -> Any:
+def _check_variant(
+    e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: Suite, cache: dict[str, Any], locator: Locator
+) -> Any:
     """The expanded parameters through `variants.make_config`, errors mapped to their key path;
     returns the config (cached by its parameters)."""
     import variants
 
     attention = {k: model[k] for k in MODEL_ATTENTION_KEYS}
-    signature = _canonical([e.name, attention, e.params])
+    signature = canonical_json([e.name, attention, e.params])
     if signature in cache:
         return cache[signature]
     try:
@@ -674,14 +706,14 @@ def _check_variant(e: _Expansion, model: dict[str, Any], swept_at: dict[str, int
             where = _model_path(key, swept_at, suite)
         else:
             where = ("variants", e.index)
-        fields = {k: v for k, v in _variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        fields = {k: v for k, v in variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
         context = ", ".join(f"{k}={v!r}" for k, v in attention.items())
-        raise locator.error(where, f"{message} (with model {context}); parameters of {e.name!r}: {_describe(fields)}") from None
+        raise locator.error(where, f"{message} (with model {context}); parameters of {e.name!r}: {describe_fields(fields)}") from None
     cache[signature] = config
     return config
 
 
-def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, locator: _Locator) -> None:
+def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, locator: Locator) -> None:
     """The variant's own length rule (`check_seq_len`, e.g. LSH's bucket_size must divide seq_len)."""
     check = getattr(config, "check_seq_len", None)
     if check is None:
@@ -698,8 +730,7 @@ def _max_len(model: dict[str, Any]) -> int:
     return model["max_seq_len"] if axial is None else min(model["max_seq_len"], math.prod(axial))
 
 
-def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, tuple[Any, Any]],
-                 locator: _Locator) -> list[Cell]:
+def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, tuple[Any, Any]], locator: Locator) -> list[Cell]:
     missing = [k for k, (_, d) in fields.items() if d is dataclasses.MISSING and k not in suite.model and k not in suite.sweep]
     if missing:
         raise locator.error(("model",), f"required model key(s) missing: {', '.join(missing)}")
@@ -723,21 +754,38 @@ def _build_cells(suite: Suite, expansions: list[_Expansion], fields: dict[str, t
                 tokens = chosen.get("tokens_per_batch")
                 if tokens is not None:
                     if tokens % seq_len:
-                        raise locator.error(("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
-                                            f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
-                                            f"({format_path(locator.source(seq_len_at + (j,)))}); "
-                                            "use a multiple of every seq_len")
+                        raise locator.error(
+                            ("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
+                            f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
+                            f"({format_path(locator.source(seq_len_at + (j,)))}); "
+                            "use a multiple of every seq_len",
+                        )
                     batch = tokens // seq_len
                 else:
                     batch = chosen.get("batch", 1)
                 _check_seq_len(config, e, seq_len, seq_len_at + (j,), locator)
                 if suite.workload == "model" and seq_len > _max_len(model):
-                    raise locator.error(seq_len_at + (j,),
-                                        f"seq_len={seq_len} exceeds what the model's positional embedding covers "
-                                        f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
-                                        f"axial_shape={model.get('axial_shape')})")
-                cell = Cell(suite.name, suite.workload, suite.mode, suite.device, suite.dtype, seq_len, batch,
-                            tokens, _jsonable(model), e.name, _jsonable(e.params), label, dict(suite.measure))
+                    raise locator.error(
+                        seq_len_at + (j,),
+                        f"seq_len={seq_len} exceeds what the model's positional embedding covers "
+                        f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
+                        f"axial_shape={model.get('axial_shape')})",
+                    )
+                cell = Cell(
+                    suite.name,
+                    suite.workload,
+                    suite.mode,
+                    suite.device,
+                    suite.dtype,
+                    seq_len,
+                    batch,
+                    tokens,
+                    jsonable(model),
+                    e.name,
+                    jsonable(e.params),
+                    label,
+                    dict(suite.measure),
+                )
                 key = cell.key("")
                 if key in seen:
                     raise locator.error(("variants", e.index), f"duplicates the cells of variants[{seen[key]}]")
@@ -774,7 +822,7 @@ MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s),
 def _forward_flops(cell: Cell) -> float:
     m = cell.model
     b, length, d = cell.batch, cell.seq_len, m["d_model"]
-    params = {k: default for k, (_, default) in _variant_fields(cell.variant).items()} | cell.variant_params
+    params = {k: default for k, (_, default) in variant_fields(cell.variant).items()} | cell.variant_params
     if "n_hashes" in params and "bucket_size" in params:  # LSH: each query sees ~2 buckets per hash round
         span = min(length, 2 * int(params["bucket_size"])) * int(params["n_hashes"])
     else:

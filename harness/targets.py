@@ -20,6 +20,7 @@ from harness.results import ResultsError
 
 def metric_value(row: dict[str, Any], metric: str) -> float:
     """The rule metric of one result row: time (s), peak_mem (MiB), floor_ratio, time_per_token (s)."""
+
     def number(key: str) -> float:
         value = row.get(key)
         try:
@@ -57,8 +58,17 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
         # the denominator may sit at another length (e.g. time per token at 64K over 4K): `at` filters numerators only
         denominators = _select(frame, rule.denominator, None, rule) if rule.denominator is not None else None
         if numerators.empty:
-            rows.append({"target": name, "cell": "", "value": math.nan, "denominator": "", "met": False,
-                         "note": "no numerator cell in this run", "bound": _bound(rule)})
+            rows.append(
+                {
+                    "target": name,
+                    "cell": "",
+                    "value": math.nan,
+                    "denominator": "",
+                    "met": False,
+                    "note": "no numerator cell in this run",
+                    "bound": _bound(rule),
+                }
+            )
         for num in numerators.to_dict("records"):
             cell = f"{num.get('variant_label')} L={num.get('seq_len')} B={num.get('batch')}"
             value, den_label, note = metric_value(num, rule.metric), "", ""
@@ -75,8 +85,9 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                     den_label = f"{den.get('variant_label')} L={den.get('seq_len')}"
                     value = value / metric_value(den, rule.metric)
             met = math.isfinite(value) and (rule.max is None or value <= rule.max) and (rule.min is None or value >= rule.min)
-            rows.append({"target": name, "cell": cell, "value": value, "denominator": den_label, "bound": _bound(rule),
-                         "met": met, "note": note})
+            rows.append(
+                {"target": name, "cell": cell, "value": value, "denominator": den_label, "bound": _bound(rule), "met": met, "note": note}
+            )
     return pd.DataFrame(rows, columns=["target", "cell", "value", "denominator", "bound", "met", "note"])
 
 
@@ -89,8 +100,9 @@ def format_targets(table: pd.DataFrame, source: str) -> str:
     """Plain-text table of evaluate_targets' rows and a one-line verdict."""
     if table.empty:
         return f"no targets in {source}"
-    shown = table.assign(value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"),
-                         met=table["met"].map({True: "MET", False: "MISSED"}))
+    shown = table.assign(
+        value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"), met=table["met"].map({True: "MET", False: "MISSED"})
+    )
     missed = int((~table["met"]).sum())
     verdict = f"{len(table) - missed} of {len(table)} met" + (f"; {missed} missed" if missed else "")
     return f"targets from {source}:\n{shown.to_string(index=False)}\n{verdict}"

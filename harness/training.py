@@ -116,8 +116,7 @@ def model_config(model: dict[str, Any], attention: str, attention_params: dict[s
     return config
 
 
-def build_model(model: dict[str, Any], attention: str, attention_params: dict[str, Any],
-                seed: int | None = None) -> ReformerLM:
+def build_model(model: dict[str, Any], attention: str, attention_params: dict[str, Any], seed: int | None = None) -> ReformerLM:
     """ReformerLM with every layer using `attention` (a registered attention variant) and its params;
     with `seed`, its initial weights are drawn under torch.manual_seed(seed) (same seed, same weights)."""
     config = model_config(model, attention, attention_params)
@@ -136,8 +135,11 @@ def with_attention(trained: ReformerLM, attention: str, attention_params: dict[s
     [2 * d_model, d_model] (qk and v) and an `out_proj`, so their weights are interchangeable;
     full attention with separate QK ([3 * d_model, d_model]) is not, and raises ValueError.
     """
-    settings = {f.name: getattr(trained.config, f.name) for f in dataclasses.fields(trained.config)
-                if f.name not in ("attention", "attention_params")}
+    settings = {
+        f.name: getattr(trained.config, f.name)
+        for f in dataclasses.fields(trained.config)
+        if f.name not in ("attention", "attention_params")
+    }
     model = build_model(settings, attention, attention_params)
     try:
         model.load_state_dict(trained.state_dict(), strict=True)
@@ -233,7 +235,7 @@ def train(
     model: ReformerLM,
     data: LMData,
     config: TrainConfig,
-    eval_config: EvalConfig = EvalConfig(),
+    eval_config: EvalConfig | None = None,
     *,
     device: torch.device | str = "cpu",
     checkpoint: str | Path | None = None,
@@ -253,14 +255,15 @@ def train(
     checkpoint: a file; when it exists and was written for the same model and train settings,
     training resumes from it (same numbers as an uninterrupted run); it is rewritten every
     checkpoint_every steps and at the end. stop_after: return after that many steps (in total),
-    as if interrupted, after checkpointing (for tests and time-boxed runs).
+    as if interrupted, after checkpointing (for tests and time-boxed runs). eval_config: None ->
+    EvalConfig()'s defaults.
     """
     config.validate()
+    eval_config = eval_config if eval_config is not None else EvalConfig()
     device = torch.device(device)
     torch.manual_seed(config.seed + 2)  # LSH rotations and dropout; the weights come from build_model's seed
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + 1)
     progress = _Progress()
     curve: list[dict[str, Any]] = []
@@ -281,12 +284,19 @@ def train(
     def save() -> None:
         if checkpoint is None:
             return
-        save_checkpoint(checkpoint, {
-            "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_rng": generator.get_state(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "progress": dataclasses.asdict(progress), "curve": curve,
-        })
+        save_checkpoint(
+            checkpoint,
+            {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "data_rng": generator.get_state(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "progress": dataclasses.asdict(progress),
+                "curve": curve,
+            },
+        )
 
     def point(lr: float) -> None:
         metrics = evaluate(model, data, eval_config, device)
@@ -337,4 +347,3 @@ def train(
         if progress.step == last or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
             save()
     return curve
-

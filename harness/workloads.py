@@ -81,10 +81,12 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
             return (module(inputs) * probe).sum()
 
     if cell.mode == "forward":
+
         def step() -> Any:
             with torch.no_grad():
                 return module(inputs)
     elif cell.mode == "forward_backward":
+
         def step() -> Any:
             module.zero_grad(set_to_none=True)
             inputs.grad = None

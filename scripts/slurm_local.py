@@ -191,9 +191,17 @@ def _commands(folder: Path, node: str) -> dict[str, list[str]]:
     conf = str(folder / "slurm.conf")
     return {
         # --force: accept a socket path with a non-searchable parent (e.g. pytest's 0700 basetemp)
-        "munged": [find_program("munged") or "munged", "--foreground", "--force", "--num-threads=10", f"--socket={munge}/munge.socket",
-                   f"--key-file={munge}/munge.key", f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
-                   f"--log-file={folder}/log/munged.file.log"],
+        "munged": [
+            find_program("munged") or "munged",
+            "--foreground",
+            "--force",
+            "--num-threads=10",
+            f"--socket={munge}/munge.socket",
+            f"--key-file={munge}/munge.key",
+            f"--pid-file={munge}/munged.pid",
+            f"--seed-file={munge}/munged.seed",
+            f"--log-file={folder}/log/munged.file.log",
+        ],
         "slurmctld": [find_program("slurmctld") or "slurmctld", "-D", "-i", "-f", conf],
         "slurmd": [find_program("slurmd") or "slurmd", "-D", "-N", node, "-f", conf],
     }
@@ -213,8 +221,7 @@ def _spawn(name: str, command: list[str], folder: Path) -> subprocess.Popen:
     env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
     with open(folder / "log" / f"{name}.log", "ab") as log:  # the child keeps its own copy of the file
         # A session of its own: a Ctrl-C meant for the caller does not reach the daemons.
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _wait_for_munge(folder: Path, process: subprocess.Popen, timeout_s: float) -> None:

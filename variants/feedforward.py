@@ -45,8 +45,14 @@ class FeedForwardConfig:
 
 
 def _hidden_to_output(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    activation: str, dropout: float, training: bool,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: str,
+    dropout: float,
+    training: bool,
 ) -> torch.Tensor:
     """Linear -> activation -> dropout -> Linear on x [..., d_model] -> [..., d_model]."""
     hidden = F.dropout(ACTIVATIONS[activation](F.linear(x, w1, b1)), dropout, training)
@@ -61,13 +67,22 @@ class _ChunkedFeedForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                b2: torch.Tensor, n_chunks: int, activation: str, dropout: float, training: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        n_chunks: int,
+        activation: str,
+        dropout: float,
+        training: bool,
+    ) -> torch.Tensor:
         use_rng = dropout > 0.0 and training
         ctx.rng = capture_rng(x.device) if use_rng else None
         ctx.autocast = autocast_state(x.device)
-        chunks = [_hidden_to_output(c, w1, b1, w2, b2, activation, dropout, training)
-                  for c in x.tensor_split(n_chunks, dim=1)]
+        chunks = [_hidden_to_output(c, w1, b1, w2, b2, activation, dropout, training) for c in x.tensor_split(n_chunks, dim=1)]
         ctx.save_for_backward(x, w1, b1, w2, b2)
         ctx.settings = (n_chunks, activation, dropout, training)
         return torch.cat(chunks, dim=1)
@@ -110,8 +125,10 @@ class FeedForward(nn.Module):
             out = _hidden_to_output(x, *args, c.activation, c.dropout, self.training)
         elif not torch.is_grad_enabled():
             # Without autograd nothing is saved: chunking alone bounds the intermediate.
-            out = torch.cat([_hidden_to_output(chunk, *args, c.activation, c.dropout, self.training)
-                             for chunk in x.tensor_split(c.n_chunks, dim=1)], dim=1)
+            out = torch.cat(
+                [_hidden_to_output(chunk, *args, c.activation, c.dropout, self.training) for chunk in x.tensor_split(c.n_chunks, dim=1)],
+                dim=1,
+            )
         else:
             out = _ChunkedFeedForward.apply(x, *args, c.n_chunks, c.activation, c.dropout, self.training)
         return self.dropout(out)

@@ -71,8 +71,9 @@ class ReformerLMConfig:
         pattern = self.attention_pattern
         unknown = [a for a in pattern + tuple(self.attention_params) if a not in attention_names]
         if not pattern or unknown:
-            raise ValueError(f"unknown attention variant(s) {unknown or pattern!r}; "
-                             f"registered attention variants: {', '.join(attention_names)}")
+            raise ValueError(
+                f"unknown attention variant(s) {unknown or pattern!r}; registered attention variants: {', '.join(attention_names)}"
+            )
         for name, params in self.attention_params.items():
             if not isinstance(params, dict):
                 raise ValueError(f"attention_params[{name!r}] must be a dict, got {params!r}")
@@ -80,8 +81,9 @@ class ReformerLMConfig:
             if fixed:
                 raise ValueError(f"attention_params[{name!r}] may not set {fixed}: they come from the model config")
         if self.residual not in available("residual"):
-            raise ValueError(f"unknown residual variant {self.residual!r}; "
-                             f"registered residual variants: {', '.join(available('residual'))}")
+            raise ValueError(
+                f"unknown residual variant {self.residual!r}; registered residual variants: {', '.join(available('residual'))}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.axial_shape is not None:
@@ -136,13 +138,12 @@ class AxialPositions(nn.Module):
         widths[-1] += d_model - sum(widths)
         self.tables = nn.ParameterList(nn.Parameter(torch.randn(n, w) * 0.02) for n, w in zip(shape, widths))
         # stride of axis i: how many positions one step along it spans
-        self.strides = [math.prod(self.shape[i + 1:]) for i in range(len(self.shape))]
+        self.strides = [math.prod(self.shape[i + 1 :]) for i in range(len(self.shape))]
 
     def forward(self, seq_len: int) -> torch.Tensor:
         """Embeddings of positions 0..seq_len-1: [seq_len, d_model]."""
         positions = torch.arange(seq_len, device=self.tables[0].device)
-        return torch.cat([table[(positions // stride) % n]
-                          for table, stride, n in zip(self.tables, self.strides, self.shape)], dim=-1)
+        return torch.cat([table[(positions // stride) % n] for table, stride, n in zip(self.tables, self.strides, self.shape)], dim=-1)
 
 
 def _build_layers(config: ReformerLMConfig) -> list[tuple[nn.Module, nn.Module]]:
@@ -152,8 +153,14 @@ def _build_layers(config: ReformerLMConfig) -> list[tuple[nn.Module, nn.Module]]
         name = config.attention_for_layer(i)
         params = {"dropout": config.dropout, **config.attention_params.get(name, {})}
         attention = build(name, d_model=config.d_model, n_heads=config.n_heads, causal=config.causal, **params)
-        ffn = build("ffn", d_model=config.d_model, d_ff=config.d_ff, n_chunks=config.ffn_chunks,
-                    activation=config.activation, dropout=config.dropout)
+        ffn = build(
+            "ffn",
+            d_model=config.d_model,
+            d_ff=config.d_ff,
+            n_chunks=config.ffn_chunks,
+            activation=config.activation,
+            dropout=config.dropout,
+        )
         layers.append((PreNorm(config.d_model, attention), PreNorm(config.d_model, ffn)))
     return layers
 
@@ -215,8 +222,7 @@ class ReformerLM(nn.Module):
         x = self.dropout(self.token_embedding(tokens) + self.positions(seq_len))
         return self.head(self.norm(self.stack(x)))
 
-    def loss_bpd(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss_bpd(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar bits per dim of predicting `targets` from `tokens` [batch, seq_len].
 
         targets: [batch, seq_len] aligned with the logits; default None = next-token prediction

@@ -165,9 +165,7 @@ def make_config(name: str, **params: Any) -> Any:
         raise ValueError(f"variant {name!r} does not take {', '.join(map(repr, unknown))}; allowed: {allowed}")
     for key, value in params.items():
         if not type_matches(value, hints[key]):
-            raise ValueError(
-                f"variant {name!r}: parameter {key!r} must be {type_name(hints[key])}, got {value!r}"
-            )
+            raise ValueError(f"variant {name!r}: parameter {key!r} must be {type_name(hints[key])}, got {value!r}")
     tuple_fields = {k for k, h in hints.items() if typing.get_origin(h) is tuple or tuple in typing.get_args(h)}
     params = {k: tuple(v) if k in tuple_fields and isinstance(v, list) else v for k, v in params.items()}
     config = variant.config_cls(**params)

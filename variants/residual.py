@@ -67,8 +67,7 @@ def autocast_state(device: torch.device) -> dict[str, Any]:
     themselves in this so they run in the same precision as the forward they replay.
     """
     kind = device.type
-    return {"device_type": kind, "enabled": torch.is_autocast_enabled(kind),
-            "dtype": torch.get_autocast_dtype(kind)}
+    return {"device_type": kind, "enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
 
 
 @dataclass
@@ -126,8 +125,9 @@ class _ReversibleStackFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x1: torch.Tensor, x2: torch.Tensor, layers: nn.ModuleList,
-                *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any, x1: torch.Tensor, x2: torch.Tensor, layers: nn.ModuleList, *params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.autocast = autocast_state(x1.device)
         ctx.layers, ctx.params, ctx.rng = layers, params, []
         for f, g in layers:
@@ -147,8 +147,7 @@ class _ReversibleStackFunction(torch.autograd.Function):
         index = {id(p): i for i, p in enumerate(ctx.params)}
         grad_params: list[torch.Tensor | None] = [None] * len(ctx.params)
 
-        def local_grads(module: nn.Module, out: torch.Tensor, inp: torch.Tensor,
-                        grad_out: torch.Tensor) -> torch.Tensor:
+        def local_grads(module: nn.Module, out: torch.Tensor, inp: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
             """VJP of `out = module(inp)` with `grad_out`: adds to the parameter grads, returns d/d inp."""
             params = [p for p in module.parameters() if id(p) in index]
             grads = torch.autograd.grad(out, [inp, *params], grad_out, allow_unused=True)

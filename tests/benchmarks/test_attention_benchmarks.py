@@ -62,9 +62,16 @@ def test_lsh_attention(benchmark, device, seq_len, n_hashes):
 @pytest.mark.parametrize("residual", ["standard", "reversible"])
 def test_residual_block(benchmark, device, seq_len, residual):
     torch.manual_seed(0)
-    config = ReformerLMConfig(d_model=HEADS * HEAD_DIM, n_heads=HEADS, d_ff=4 * HEADS * HEAD_DIM, n_layers=2,
-                              attention="lsh", attention_params={"lsh": {"n_hashes": 2, "bucket_size": BUCKET, "seed": 0}},
-                              residual=residual, causal=False)
+    config = ReformerLMConfig(
+        d_model=HEADS * HEAD_DIM,
+        n_heads=HEADS,
+        d_ff=4 * HEADS * HEAD_DIM,
+        n_layers=2,
+        attention="lsh",
+        attention_params={"lsh": {"n_hashes": 2, "bucket_size": BUCKET, "seed": 0}},
+        residual=residual,
+        causal=False,
+    )
     stack = build_layer_stack(config).to(device)
     x = torch.randn(1, seq_len, config.d_model, device=device, requires_grad=True)
     benchmark.group = f"block L={seq_len}"

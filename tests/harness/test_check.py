@@ -11,8 +11,17 @@ import pytest
 
 from harness import cli
 from harness.check import (
-    IMPROVEMENT, MISSING, NEW, REGRESSION, SAME, CheckError, compare_samples, format_markdown, format_text,
-    promote_baseline, run_check,
+    IMPROVEMENT,
+    MISSING,
+    NEW,
+    REGRESSION,
+    SAME,
+    CheckError,
+    compare_samples,
+    format_markdown,
+    format_text,
+    promote_baseline,
+    run_check,
 )
 from harness.check_rules import ChecksSpec, parse_checks
 from harness.results import RunStore
@@ -34,8 +43,14 @@ variants:
 measure: {warmup: 1, min_repeats: 20, max_repeats: 20, min_time_s: 0.0}
 """
 # Typical medians (ms) of the synthetic cells; only their relations matter.
-BASE_MS = {("full", 512): 20.0, ("full", 1024): 80.0, ("lsh n_hashes=2", 512): 15.0, ("lsh n_hashes=2", 1024): 30.0,
-           ("lsh n_hashes=8", 512): 50.0, ("lsh n_hashes=8", 1024): 100.0}
+BASE_MS = {
+    ("full", 512): 20.0,
+    ("full", 1024): 80.0,
+    ("lsh n_hashes=2", 512): 15.0,
+    ("lsh n_hashes=2", 1024): 30.0,
+    ("lsh n_hashes=8", 512): 50.0,
+    ("lsh n_hashes=8", 1024): 100.0,
+}
 NO_TIME = {"time": {"enabled": False}}
 
 
@@ -52,28 +67,54 @@ def samples(median_ms: float, rng: np.random.Generator, n: int = 20, iqr: float 
     return (median_ms * np.exp(rng.normal(0.0, sigma, n))).tolist()
 
 
-def make_run(root: Path, run_id: str, cells, *, seed: int = 0, scale: dict | None = None, iqr: float = 0.02,
-             memory: dict | None = None, status: dict | None = None, extra: dict | None = None,
-             device_name: str = "Test CPU 9000", suite_text: str = SUITE, code_version: str = "abc",
-             cpu_scale: dict | None = None) -> Path:
+def make_run(
+    root: Path,
+    run_id: str,
+    cells,
+    *,
+    seed: int = 0,
+    scale: dict | None = None,
+    iqr: float = 0.02,
+    memory: dict | None = None,
+    status: dict | None = None,
+    extra: dict | None = None,
+    device_name: str = "Test CPU 9000",
+    suite_text: str = SUITE,
+    code_version: str = "abc",
+    cpu_scale: dict | None = None,
+) -> Path:
     """A run folder of the synthetic cells: wall times from BASE_MS x scale[label] (or scale["*"]),
     CPU times from BASE_MS x cpu_scale[label], memory 100 MiB unless overridden, per-label status
     and extra columns."""
     rng = np.random.default_rng(seed)
     scale, memory, status, extra, cpu_scale = scale or {}, memory or {}, status or {}, extra or {}, cpu_scale or {}
     store = RunStore(root, "synthetic", run_id)
-    store.write_run_info({"suite": "synthetic", "suite_text": suite_text, "code_version": code_version,
-                          "environment": {"device_name": device_name, "device": "cpu", "torch": "2.13.0"},
-                          "finished_at": "2026-01-01T00:00:00+00:00"})
+    store.write_run_info(
+        {
+            "suite": "synthetic",
+            "suite_text": suite_text,
+            "code_version": code_version,
+            "environment": {"device_name": device_name, "device": "cpu", "torch": "2.13.0"},
+            "finished_at": "2026-01-01T00:00:00+00:00",
+        }
+    )
     for cell in cells:
         label = cell.label
         times = samples(BASE_MS[(label, cell.seq_len)] * scale.get(label, scale.get("*", 1.0)), rng, iqr=iqr)
-        row = {**cell.to_row(), "cell_key": cell.key(code_version), "code_version": code_version,
-               "device_name": device_name, "status": status.get((label, cell.seq_len), "ok"), "message": "",
-               "time_ms_samples": times, "time_ms_median": float(np.median(times)), "n_repeats": len(times),
-               "peak_mem_mib": memory.get((label, cell.seq_len), 100.0),
-               "cpu_time_ms_samples": samples(BASE_MS[(label, cell.seq_len)] * cpu_scale.get(label, cpu_scale.get("*", 1.0)), rng),
-               **extra.get((label, cell.seq_len), {})}
+        row = {
+            **cell.to_row(),
+            "cell_key": cell.key(code_version),
+            "code_version": code_version,
+            "device_name": device_name,
+            "status": status.get((label, cell.seq_len), "ok"),
+            "message": "",
+            "time_ms_samples": times,
+            "time_ms_median": float(np.median(times)),
+            "n_repeats": len(times),
+            "peak_mem_mib": memory.get((label, cell.seq_len), 100.0),
+            "cpu_time_ms_samples": samples(BASE_MS[(label, cell.seq_len)] * cpu_scale.get(label, cpu_scale.get("*", 1.0)), rng),
+            **extra.get((label, cell.seq_len), {}),
+        }
         if row["status"] != "ok":
             row.update(time_ms_samples=None, time_ms_median=None, peak_mem_mib=None, message="OutOfMemoryError: boom")
         store.append(row)
@@ -182,16 +223,23 @@ def test_bpd_rule_applies_to_the_column_when_present(tmp_path, cells):
 
 # --------------------------------------------------------------------------- ratios
 
-RATIO = {"time": {"enabled": False},
-         "ratios": [{"numerator": "variant_label == 'lsh n_hashes=8'", "denominator": "variant_label == 'full'",
-                     "at": "seq_len == 1024", "threshold": 0.25}]}
+RATIO = {
+    "time": {"enabled": False},
+    "ratios": [
+        {
+            "numerator": "variant_label == 'lsh n_hashes=8'",
+            "denominator": "variant_label == 'full'",
+            "at": "seq_len == 1024",
+            "threshold": 0.25,
+        }
+    ],
+}
 
 
 def test_ratio_check_catches_a_2x_change_of_one_variant(tmp_path, cells):
     base = make_run(tmp_path, "base", cells, seed=1, iqr=0.05)
     slower_machine = make_run(tmp_path, "other", cells, seed=2, iqr=0.05, scale={"*": 1.5}, device_name="Other CPU")
-    lsh_2x = make_run(tmp_path, "lsh2x", cells, seed=3, iqr=0.05, scale={"*": 1.5, "lsh n_hashes=8": 3.0},
-                      device_name="Other CPU")
+    lsh_2x = make_run(tmp_path, "lsh2x", cells, seed=3, iqr=0.05, scale={"*": 1.5, "lsh n_hashes=8": 3.0}, device_name="Other CPU")
     rules = checks_file(tmp_path, RATIO)
     fine = run_check(slower_machine, base, root=tmp_path, any_device=True, checks_file=rules)
     ratios = [c for c in fine.comparisons if c.metric == "time ratio"]
@@ -334,11 +382,14 @@ def test_checks_block_is_validated_in_the_suite(tmp_path):
     with pytest.raises(SuiteError) as error:
         load_suite(path)
     assert "checks.memory" in str(error.value) and "floor_mib" in str(error.value) and "bad.yaml:14:" in str(error.value)
-    path.write_text(SUITE + textwrap.dedent("""\
+    path.write_text(
+        SUITE
+        + textwrap.dedent("""\
         checks:
           ratios:
             - {numerator: "variant_label == 'lsh n_hashes=4'", denominator: "variant == 'full'"}
-        """))
+        """)
+    )
     with pytest.raises(SuiteError, match="selects no cell"):
         load_suite(path)
     with pytest.raises(Exception, match="threshold"):

@@ -9,21 +9,20 @@ import signal
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 import torch
 import yaml
+from test_quality import BASE as QUALITY_SUITE
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli
 from harness.report import render_report
 from harness.results import PARQUET, CorruptCellWarning, RunStore, load, load_run_info
 from harness.status import format_status, run_status
-
-from test_quality import BASE as QUALITY_SUITE
-from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -60,8 +59,9 @@ def test_unusable_input_exits_2_with_a_message(tmp_path, capsys):
 
 
 def test_missing_suite_through_the_real_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "harness", "run", str(tmp_path / "missing.yaml")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(tmp_path / "missing.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert "missing.yaml" in result.stderr and "not found" in result.stderr and "Traceback" not in result.stderr
 
@@ -166,8 +166,11 @@ def test_filter_payload_runs_no_code_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     suite = write_suite(tmp_path, "ok", [{"name": "full"}], [64])
     payload = "@pd.io.common.os.system('touch pwned') == 0 or seq_len > 0"
-    for expression, problem in ((payload, "'@'"), ("1", "not a condition"),
-                                ("__import__('os').system('touch pwned') == 0", "calling anything")):
+    for expression, problem in (
+        (payload, "'@'"),
+        ("1", "not a condition"),
+        ("__import__('os').system('touch pwned') == 0", "calling anything"),
+    ):
         code, _, err = run_cli(capsys, "run", str(suite), "--dry-run", "--filter", expression)
         assert code == 2 and problem in err and "Traceback" not in err, err
     assert not (tmp_path / "pwned").exists()
@@ -182,12 +185,12 @@ def test_targets_payload_in_a_stored_run_or_checks_file_runs_no_code(tmp_path, c
     (run_dir,) = (out_root / "tgt").iterdir()
     info = load_run_info(run_dir)
     payload = "@pd.io.common.os.system('touch pwned') == 0"
-    info["suite_text"] += f"checks:\n  targets:\n    - {{name: evil, numerator: \"{payload}\", max: 1.0}}\n"
+    info["suite_text"] += f'checks:\n  targets:\n    - {{name: evil, numerator: "{payload}", max: 1.0}}\n'
     (run_dir / "run.json").write_text(json.dumps(info))
     code, _, err = run_cli(capsys, "check", str(run_dir), "--targets")
     assert code == 2 and "checks.targets.0.numerator" in err and "'@'" in err and "Traceback" not in err, err
     checks = tmp_path / "checks.yaml"
-    checks.write_text(f"ratios:\n  - {{numerator: \"seq_len.__class__ == 1\", denominator: \"{payload}\"}}\n")
+    checks.write_text(f'ratios:\n  - {{numerator: "seq_len.__class__ == 1", denominator: "{payload}"}}\n')
     code, _, err = run_cli(capsys, "check", str(run_dir), "--baseline", str(run_dir), "--checks", str(checks))
     assert code == 2 and "checks.ratios.0.numerator" in err and "attribute access" in err, err
     assert not (tmp_path / "pwned").exists()
@@ -195,16 +198,13 @@ def test_targets_payload_in_a_stored_run_or_checks_file_runs_no_code(tmp_path, c
 
 def test_suite_with_a_payload_in_its_checks_is_rejected_before_anything_runs(tmp_path, capsys):
     suite = write_suite(tmp_path, "evil", [{"name": "full"}], [64])
-    suite.write_text(suite.read_text() + "checks:\n  ratios:\n    - {numerator: \"variant == 'full'\", "
-                     "denominator: \"open('x') == 1\"}\n")
+    suite.write_text(suite.read_text() + "checks:\n  ratios:\n    - {numerator: \"variant == 'full'\", denominator: \"open('x') == 1\"}\n")
     code, _, err = run_cli(capsys, "run", str(suite), "--out", str(tmp_path / "out"))
     assert code == 2 and "checks.ratios[0].denominator" in err and "calling anything" in err, err
     assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- hardening: run folders
-
-
 
 
 def test_resume_cannot_reach_outside_its_suite(tmp_path, capsys):

@@ -25,9 +25,10 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(
-        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c",
-         "commit.gpgsign=false", *args],
-        check=True, capture_output=True, text=True,
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
 
 
@@ -144,9 +145,26 @@ def test_device_name_cuda() -> None:
 
 
 EXPECTED_KEYS = {
-    "started_at_utc", "git_sha", "git_dirty", "code_version", "python", "torch", "torch_cuda",
-    "cudnn", "device", "device_name", "gpu_driver", "nvml", "cpu_model", "cpu_cores_physical",
-    "cpu_cores_logical", "ram_total_gib", "torch_threads", "command", "hostname", "platform",
+    "started_at_utc",
+    "git_sha",
+    "git_dirty",
+    "code_version",
+    "python",
+    "torch",
+    "torch_cuda",
+    "cudnn",
+    "device",
+    "device_name",
+    "gpu_driver",
+    "nvml",
+    "cpu_model",
+    "cpu_cores_physical",
+    "cpu_cores_logical",
+    "ram_total_gib",
+    "torch_threads",
+    "command",
+    "hostname",
+    "platform",
 }
 
 

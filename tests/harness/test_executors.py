@@ -13,14 +13,15 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_runner import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli, executors, runner, slurm
+from harness.commands.run import planned_cells
 from harness.executors import pool_slots, run_pool, slurm_parameters
 from harness.results import RunStore, load
 from harness.runner import RunOptions, run_cells
 from harness.status import run_status
 from harness.suite import SuiteError, load_suite
-from test_runner import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
 
 
 def options(lines: list[str] | None = None) -> RunOptions:
@@ -55,10 +56,11 @@ def test_pool_runs_groups_in_parallel_and_keeps_skip_after_oom(tmp_path, monkeyp
     monkeypatch.setattr(runner, "run_cell_isolated", isolated)
     cells = load_suite(write_suite(tmp_path, "groups", [{"name": "full"}, {"name": "sdpa"}], [64, 128, 256])).cells()
     rows = run_pool(cells, RunStore(tmp_path / "out", "groups", "run"), options(), pool_slots("cpu", 2))
-    assert sorted(statuses(rows)) == sorted([("full", 64, "ok"), ("full", 128, "oom"), ("full", 256, "skipped"),
-                                             ("sdpa", 64, "ok"), ("sdpa", 128, "ok"), ("sdpa", 256, "ok")])
+    assert sorted(statuses(rows)) == sorted(
+        [("full", 64, "ok"), ("full", 128, "oom"), ("full", 256, "skipped"), ("sdpa", 64, "ok"), ("sdpa", 128, "ok"), ("sdpa", 256, "ok")]
+    )
     assert [n for label, n, _ in seen if label == "full"] == [64, 128]  # in order, 256 never started
-    assert all(env[runner.THREADS_ENV] == str(max(1, executors._cpu_count() // 2)) for _, _, env in seen)
+    assert all(env[runner.THREADS_ENV] == str(max(1, executors.cpu_count() // 2)) for _, _, env in seen)
 
 
 def test_pool_slots_pin_one_worker_per_visible_gpu(monkeypatch):
@@ -122,7 +124,7 @@ def test_status_of_a_partial_run(tmp_path, capsys):
     cells = load_suite(write_suite(tmp_path, "partial", [{"name": "full"}], [64, 128, 256, 512])).cells()
     keys = [c.key("v1") for c in cells]
     store = RunStore(tmp_path / "out", "partial", "run")
-    store.write_run_info({"suite": "partial", **cli._planned_cells(cells, "v1")})
+    store.write_run_info({"suite": "partial", **planned_cells(cells, "v1")})
     for cell, status in zip(cells[:2], ["ok", "error"]):
         store.append({**cell.to_row(), "cell_key": cell.key("v1"), "status": status, "message": "boom" if status == "error" else ""})
     store.mark_running(keys[2])  # this process: alive
@@ -147,8 +149,12 @@ JobId=7 JobName=harness JobState=CANCELLED Reason=None Restarts=1 ExitCode=0:15
 
 def test_scontrol_and_sacct_output_give_each_array_task_its_state():
     jobs = slurm.parse_scontrol_jobs(SCONTROL)
-    assert jobs == {"1_0": slurm.JobInfo("RUNNING"), "1_1": slurm.JobInfo("PENDING", "JobArrayTaskLimit"),
-                    "1_2": slurm.JobInfo("PENDING", "JobArrayTaskLimit"), "7": slurm.JobInfo("CANCELLED", "", 1)}
+    assert jobs == {
+        "1_0": slurm.JobInfo("RUNNING"),
+        "1_1": slurm.JobInfo("PENDING", "JobArrayTaskLimit"),
+        "1_2": slurm.JobInfo("PENDING", "JobArrayTaskLimit"),
+        "7": slurm.JobInfo("CANCELLED", "", 1),
+    }
     assert jobs["1_1"].describe() == "PENDING (JobArrayTaskLimit)" and not jobs["1_1"].ended
     assert jobs["7"].ended and jobs["7"].describe() == "CANCELLED, requeued 1x"
     assert slurm.expand_task_ids("0,4-8:2%3") == ["0", "4", "6", "8"]
@@ -172,8 +178,13 @@ class FakeJob:
 def test_a_slurm_job_ended_without_a_result_is_given_up_at_the_second_answer(tmp_path, monkeypatch):
     done, gone, cancelled, queued = (FakeJob(tmp_path, i) for i in ("1_0", "1_1", "1_2", "1_3"))
     done.paths.result_pickle.touch()
-    answers = iter([slurm.SlurmUnavailable("controller down"), {"1_2": slurm.JobInfo("CANCELLED")},
-                    {"1_2": slurm.JobInfo("CANCELLED"), "1_3": slurm.JobInfo("PENDING")}])
+    answers = iter(
+        [
+            slurm.SlurmUnavailable("controller down"),
+            {"1_2": slurm.JobInfo("CANCELLED")},
+            {"1_2": slurm.JobInfo("CANCELLED"), "1_3": slurm.JobInfo("PENDING")},
+        ]
+    )
 
     def job_states(ids):
         answer = next(answers, {"1_3": slurm.JobInfo("PENDING")})

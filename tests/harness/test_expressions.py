@@ -32,8 +32,9 @@ VALID = {
     "time_ms_median / seq_len * 1000 < 20": lambda r: r["time_ms_median"] / r["seq_len"] * 1000 < 20,
     "seq_len % 2048 == 0 and -seq_len < -3000": lambda r: r["seq_len"] % 2048 == 0 and -r["seq_len"] < -3000,
     "max(seq_len, 4096) == 4096": lambda r: max(r["seq_len"], 4096) == 4096,
-    "abs(time_ms_median - 40) < 1 or round(sqrt(seq_len)) == 128": lambda r: abs(r["time_ms_median"] - 40) < 1
-    or round(math.sqrt(r["seq_len"])) == 128,
+    "abs(time_ms_median - 40) < 1 or round(sqrt(seq_len)) == 128": lambda r: (
+        abs(r["time_ms_median"] - 40) < 1 or round(math.sqrt(r["seq_len"])) == 128
+    ),
     "True": lambda r: True,
 }
 
@@ -81,13 +82,16 @@ def test_rejects_everything_outside_the_language_when_parsed(text, tmp_path, mon
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("no_such_column == 1", "unknown column 'no_such_column'; available columns: variant, seq_len"),
-    ("variant < 3", "cannot be evaluated on these rows"),
-    ("'a' * 10**9 == variant", "arithmetic needs numbers"),
-    ("10**10**10 > seq_len", "exponent"),
-    ("seq_len", "is not a condition"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("no_such_column == 1", "unknown column 'no_such_column'; available columns: variant, seq_len"),
+        ("variant < 3", "cannot be evaluated on these rows"),
+        ("'a' * 10**9 == variant", "arithmetic needs numbers"),
+        ("10**10**10 > seq_len", "exponent"),
+        ("seq_len", "is not a condition"),
+    ],
+)
 def test_evaluation_errors_are_clean_and_bounded(text, problem):
     with pytest.raises(ExpressionError) as error:
         select_rows(pd.DataFrame(ROWS), text)

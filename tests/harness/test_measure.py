@@ -67,8 +67,15 @@ def test_noisy_flag_threshold() -> None:
 def test_as_row_keys_and_types() -> None:
     row = Timing([1.0, 2.0, 3.0], timer="cuda_event").as_row()
     assert set(row) == {
-        "time_ms_median", "time_ms_iqr", "time_ms_min", "time_ms_max", "time_ms_mean",
-        "time_ms_samples", "n_repeats", "time_noisy", "timer",
+        "time_ms_median",
+        "time_ms_iqr",
+        "time_ms_min",
+        "time_ms_max",
+        "time_ms_mean",
+        "time_ms_samples",
+        "n_repeats",
+        "time_noisy",
+        "timer",
     }
     assert row["time_ms_samples"] == [1.0, 2.0, 3.0]
     assert row["n_repeats"] == 3 and row["timer"] == "cuda_event"
@@ -106,23 +113,19 @@ def test_min_time_keeps_repeating_past_min_repeats() -> None:
 
 
 def test_max_repeats_caps_min_time() -> None:
-    t = time_callable(CountingSleep(0.001), CPU,
-                      TimingSettings(warmup=0, min_repeats=2, min_time_s=60.0, max_repeats=4))
+    t = time_callable(CountingSleep(0.001), CPU, TimingSettings(warmup=0, min_repeats=2, min_time_s=60.0, max_repeats=4))
     assert t.n_repeats == 4
 
 
 def test_max_time_caps_min_repeats_but_keeps_one() -> None:
-    t = time_callable(CountingSleep(0.010), CPU,
-                      TimingSettings(warmup=0, min_repeats=1000, min_time_s=0.0, max_time_s=0.05))
+    t = time_callable(CountingSleep(0.010), CPU, TimingSettings(warmup=0, min_repeats=1000, min_time_s=0.0, max_time_s=0.05))
     assert 1 <= t.n_repeats < 20
-    t = time_callable(CountingSleep(0.001), CPU,
-                      TimingSettings(warmup=0, min_repeats=5, min_time_s=0.0, max_time_s=0.0))
+    t = time_callable(CountingSleep(0.001), CPU, TimingSettings(warmup=0, min_repeats=5, min_time_s=0.0, max_time_s=0.0))
     assert t.n_repeats == 1
 
 
 def test_bimodal_durations_flagged_noisy() -> None:
-    t = time_callable(CountingSleep(0.002, 0.020), CPU,
-                      TimingSettings(warmup=0, min_repeats=10, min_time_s=0.0))
+    t = time_callable(CountingSleep(0.002, 0.020), CPU, TimingSettings(warmup=0, min_repeats=10, min_time_s=0.0))
     assert t.n_repeats == 10
     assert t.noisy and t.as_row()["time_noisy"] is True
 
@@ -241,8 +244,9 @@ def test_ru_maxrss_fallback() -> None:
         print(n_mib, big.method, big.peak_mib, small.method, small.peak_mib)
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True,
-                         capture_output=True, text=True, timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=120
+    ).stdout.split()
     n_mib = float(out[0])
     assert out[1] == "ru_maxrss" and float(out[2]) == pytest.approx(n_mib, rel=0.10)
     # Below the lifetime peak the fallback cannot see anything: NaN, not a fake zero.
@@ -251,7 +255,9 @@ def test_ru_maxrss_fallback() -> None:
 
 def test_memory_reading_as_row() -> None:
     assert MemoryReading(12.5, 64.0, "cuda_max_memory_allocated").as_row() == {
-        "peak_mem_mib": 12.5, "peak_reserved_mib": 64.0, "mem_method": "cuda_max_memory_allocated",
+        "peak_mem_mib": 12.5,
+        "peak_reserved_mib": 64.0,
+        "mem_method": "cuda_max_memory_allocated",
     }
 
 
@@ -301,8 +307,13 @@ def test_set_cpu_threads_sets_and_reports() -> None:
     [
         (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
         (MemoryError(), True),
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
-                      "not enough memory: you tried to allocate 1099511627776 bytes."), True),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                "not enough memory: you tried to allocate 1099511627776 bytes."
+            ),
+            True,
+        ),
         (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
         (RuntimeError("CUDA error: out of memory"), True),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), False),
@@ -348,4 +359,3 @@ def test_nvml_snapshot_on_gpu_has_clocks() -> None:
         pytest.skip("NVML not usable here")
     assert snap["sm_clock_mhz"] > 0 and snap["temperature_c"] > 0
     assert snap["power_limit_w"] > 0
-

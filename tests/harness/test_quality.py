@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness.cli import main
@@ -82,13 +88,20 @@ def test_shipped_quality_suites_are_valid():
         ("name: duplication", "name: duplicatoin", "task.name", "did you mean 'duplication'"),
         ("vocab_size: 16}", "vocab_size: 16, length: 3}", "task.length", "unknown key 'length'"),
         ("d_ff: 32,", "d_ff: 32, dff: 3,", "model.dff", "unknown model key 'dff'"),
-        ("n_hashes: [1, 2], bucket_size: 8", "n_hashes: [1, 2], bucket_size: 12", "variants[1].bucket_size",
-         "seq_len=32 is not a multiple of bucket_size=12"),
+        (
+            "n_hashes: [1, 2], bucket_size: 8",
+            "n_hashes: [1, 2], bucket_size: 12",
+            "variants[1].bucket_size",
+            "seq_len=32 is not a multiple of bucket_size=12",
+        ),
         ("n_hashes: [1, 2], bucket", "n_hashes: [1, two], bucket", "variants[1].n_hashes[1]", "must be int"),
         ("{name: lsh, n_hashes: [4, 1]", "{name: lhs, n_hashes: [4, 1]", "eval_variants[1].name", "unknown variant 'lhs'"),
-        ("  - {name: full, shared_qk: true, label: full}\n  - {name: lsh, n_hashes: [4",
-         "  - {name: full, shared_qk: false, label: full}\n  - {name: lsh, n_hashes: [4", "eval_variants[0]",
-         "cannot be evaluated with 'full'"),
+        (
+            "  - {name: full, shared_qk: true, label: full}\n  - {name: lsh, n_hashes: [4",
+            "  - {name: full, shared_qk: false, label: full}\n  - {name: lsh, n_hashes: [4",
+            "eval_variants[0]",
+            "cannot be evaluated with 'full'",
+        ),
         ("kind: quality", "kind: qualty", "kind", "Input should be 'quality'"),
         ("cpu:\n  train: {steps: 4}", "cpu:\n  train: {stepz: 4}", "cpu.train.stepz", "unknown key 'stepz'"),
         ("cpu:\n  train: {steps: 4}", "cpu:\n  trian: {steps: 4}", "cpu.trian", "unknown key 'trian'"),
@@ -127,8 +140,7 @@ def test_run_stores_curves_and_the_train_by_eval_grid(tmp_path, capsys):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["kind"] == "quality" and info["environment"]["torch"] and "finished_at" in info
     curve = frame[frame["row_type"] == "curve"]
-    assert sorted(curve.groupby("train_variant")["step"].apply(list).to_dict().items()) == \
-           [("LSH-1", [0, 3, 4]), ("full", [0, 3, 4])]
+    assert sorted(curve.groupby("train_variant")["step"].apply(list).to_dict().items()) == [("LSH-1", [0, 3, 4]), ("full", [0, 3, 4])]
     assert {"train_bpd", "eval_bpd", "eval_accuracy", "wall_s", "tokens_seen"} <= set(curve.columns)
     evals = frame[frame["row_type"] == "eval"]
     assert len(evals) == 2 * 3 and evals["accuracy"].between(0, 100).all()
@@ -150,8 +162,14 @@ def test_run_stores_curves_and_the_train_by_eval_grid(tmp_path, capsys):
 
 def test_missing_data_file_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("REFORMER_ENWIK8", raising=False)
-    file = write(tmp_path, replace(BASE, "task: {name: duplication, seq_len: 32, vocab_size: 16}",
-                                   f"task: {{name: bytes, seq_len: 32, path: {tmp_path / 'enwik8'}}}"))
+    file = write(
+        tmp_path,
+        replace(
+            BASE,
+            "task: {name: duplication, seq_len: 32, vocab_size: 16}",
+            f"task: {{name: bytes, seq_len: 32, path: {tmp_path / 'enwik8'}}}",
+        ),
+    )
     file.write_text(file.read_text().replace("model: {", "model: {vocab_size: 256, "))
     out = tmp_path / "results"
     assert main(["run", str(file), "--device", "cpu", "--out", str(out)]) == 2
@@ -167,3 +185,74 @@ def test_a_cell_past_its_timeout_becomes_an_error_row(tmp_path, capsys):
     errors = frame[frame["row_type"] == "error"]
     assert len(errors) == 1 and errors["status"].iloc[0] == "timeout" and "timeout_s=0.2" in errors["message"].iloc[0]
     assert "TIMEOUT" in capsys.readouterr().out
+
+
+LONG = """\
+name: long
+kind: quality
+task: {name: duplication, seq_len: 32, vocab_size: 16}
+model: {d_model: 32, d_ff: 32, n_heads: 2, n_layers: 1, residual: reversible, causal: true}
+train: {steps: 400, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 40, checkpoint_every: 40, threads: 1, timeout_s: 300}
+eval: {batches: 1, batch_size: 4}
+variants:
+  - {name: lsh, n_hashes: 2, bucket_size: 8, label: LSH-2}
+"""
+
+
+def _training_numbers(run_dir: Path) -> dict:
+    """cell_key -> the numbers of each curve and eval row (what an exact resume must reproduce)."""
+    columns = ("step", "train_bpd", "eval_bpd", "eval_accuracy", "accuracy")
+
+    def plain(value):  # NaN (no accuracy for this row type) compares equal to itself as None
+        return None if isinstance(value, float) and value != value else value
+
+    return {r["cell_key"]: tuple(plain(r.get(c)) for c in columns) for r in load(run_dir).to_dict("records")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long_run(tmp_path_factory) -> Path:
+    """The run folder of LONG trained without interruption (the reference of an exact resume)."""
+    folder = tmp_path_factory.mktemp("reference")
+    suite = write(folder, LONG, "long.yaml")
+    command = [sys.executable, "-m", "harness", "run", str(suite), "--device", "cpu", "--out", str(folder / "out")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (folder / "out" / "long").iterdir()
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_a_training_run_cleanly_and_resume_is_exact(tmp_path, how, uninterrupted_long_run):
+    suite = write(tmp_path, LONG, "long.yaml")
+    command = [sys.executable, "-m", "harness", "run", str(suite), "--device", "cpu"]
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [*command, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        for line in process.stdout:
+            if " step " in line and int(line.split(" step ")[1].split()[0]) >= 120:  # trained past a checkpoint
+                break
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert children, "the training cell runs in a process of its own"
+        began = time.monotonic()
+        if how == "SIGTERM":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130 and time.monotonic() - began < 15, err
+    assert "Traceback" not in err and "--resume" in err
+    psutil.wait_procs(children, timeout=5)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # no orphan
+    (run_dir,) = (out / "long").iterdir()
+    assert "interrupted_at" in json.loads((run_dir / "run.json").read_text())
+    resume = err.split("Continue with: ")[1].strip().split()[3:]  # python -m harness <run ... --resume ID>
+    resumed = subprocess.run([sys.executable, "-m", "harness", *resume], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _training_numbers(run_dir) == _training_numbers(uninterrupted_long_run)  # the same curve and final numbers

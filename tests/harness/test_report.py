@@ -257,8 +257,9 @@ def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(tmp_pa
     slower = rows.copy()
     lsh = slower["variant"] == "lsh"
     slower.loc[lsh, "time_ms_median"] *= 1.5
-    slower["time_ms_samples"] = [list(np.asarray(s) * (1.5 if is_lsh else 1.0)) if s is not None else None
-                                 for s, is_lsh in zip(slower["time_ms_samples"], lsh)]
+    slower["time_ms_samples"] = [
+        list(np.asarray(s) * (1.5 if is_lsh else 1.0)) if s is not None else None for s, is_lsh in zip(slower["time_ms_samples"], lsh)
+    ]
     slower["cell_key"] = slower["cell_key"] + "x"  # another code version: other keys, same configs
     slower["code_version"] = "other"
     merged = compare_runs(rows, slower)
@@ -278,16 +279,43 @@ def _quality_rows(row_type: bool) -> list[dict]:
     base = {"kind": "quality", "task": "duplication", "device": "cpu", "seq_len": 128, "status": "ok", "message": ""}
     rows = []
     for label, n in (("LSH-1", 1), ("LSH-4", 4)):
-        common = {**base, "variant": "lsh", "variant_label": label, "train_variant": label,
-                  "variant_params": json.dumps({"n_hashes": n})}
+        common = {**base, "variant": "lsh", "variant_label": label, "train_variant": label, "variant_params": json.dumps({"n_hashes": n})}
         for step in (0, 100, 200, 300):
-            rows.append({**common, "row_type": "curve", "cell_key": f"c{n}{step}", "step": step,
-                         "train_bpd": 8 - step / 100 - n / 10, "eval_bpd": 8.2 - step / 100 - n / 10, "eval_accuracy": step / 4})
+            rows.append(
+                {
+                    **common,
+                    "row_type": "curve",
+                    "cell_key": f"c{n}{step}",
+                    "step": step,
+                    "train_bpd": 8 - step / 100 - n / 10,
+                    "eval_bpd": 8.2 - step / 100 - n / 10,
+                    "eval_accuracy": step / 4,
+                }
+            )
         for evaluate, accuracy in (("full", 40.0 + n), ("LSH-1", 50.0 + n), ("LSH-4", 60.0 + n)):
-            rows.append({**common, "row_type": "eval", "cell_key": f"e{n}{evaluate}", "step": 300, "eval_variant": evaluate,
-                         "eval_bpd": 1.5, "accuracy": accuracy})
-    rows.append({**base, "variant": "lsh", "variant_label": "LSH-8", "train_variant": "LSH-8", "row_type": "error",
-                 "cell_key": "err", "status": "error", "message": "RuntimeError: boom"})
+            rows.append(
+                {
+                    **common,
+                    "row_type": "eval",
+                    "cell_key": f"e{n}{evaluate}",
+                    "step": 300,
+                    "eval_variant": evaluate,
+                    "eval_bpd": 1.5,
+                    "accuracy": accuracy,
+                }
+            )
+    rows.append(
+        {
+            **base,
+            "variant": "lsh",
+            "variant_label": "LSH-8",
+            "train_variant": "LSH-8",
+            "row_type": "error",
+            "cell_key": "err",
+            "status": "error",
+            "message": "RuntimeError: boom",
+        }
+    )
     if not row_type:
         rows = [{k: v for k, v in r.items() if k != "row_type"} for r in rows if r.get("row_type") != "error"]
     return rows
@@ -306,8 +334,11 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
     assert not any((folder / f"{s}.png").exists() for s in SEQ_FIGURES)  # no benchmark rows, no speed figures
     text = (folder / "report.md").read_text()
     grid = _md_table_rows(text.split("## Train-by-eval accuracy (%)")[1].split("Table 2")[0])
-    assert grid == [["trained with \\ evaluated with", "full", "LSH-1", "LSH-4"],
-                    ["LSH-1", "41.0", "51.0", "61.0"], ["LSH-4", "44.0", "54.0", "64.0"]]
+    assert grid == [
+        ["trained with \\ evaluated with", "full", "LSH-1", "LSH-4"],
+        ["LSH-1", "41.0", "51.0", "61.0"],
+        ["LSH-4", "44.0", "54.0", "64.0"],
+    ]
     last = _md_table_rows(text.split("## Learning curves")[1].split("##")[0])
     assert last[1][:4] == ["LSH-1", "300", "4.9", "5.1"]  # the curve's last step, not the eval rows
     assert "Table 2" in text and "python -m harness run x.yaml" in text and "training on duplication" in text
@@ -319,15 +350,29 @@ def test_index_html_opens_in_headless_chromium_with_every_image(rendered, tmp_pa
     page = rendered / "seq_length" / SEQ.name / "index.html"
     copy = tmp_path / "page" / "index.html"
     shutil.copytree(page.parent, copy.parent)
-    probe = ("<img src=\"does-not-exist.png\" alt=\"control\"><script>window.addEventListener('load', function () {"
-             "var all = [].slice.call(document.images);"
-             "var ok = all.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;"
-             "document.body.setAttribute('data-images', ok + '/' + all.length); });</script></body>")
+    probe = (
+        '<img src="does-not-exist.png" alt="control"><script>window.addEventListener(\'load\', function () {'
+        "var all = [].slice.call(document.images);"
+        "var ok = all.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;"
+        "document.body.setAttribute('data-images', ok + '/' + all.length); });</script></body>"
+    )
     copy.write_text(copy.read_text().replace("</body>", probe))
     result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            copy.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     match = re.search(r'data-images="(\d+)/(\d+)"', result.stdout)
     assert match, result.stderr[-2000:]

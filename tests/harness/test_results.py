@@ -21,13 +21,20 @@ from harness.results import (
     load,
     load_run_info,
     new_run_id,
-    open_run,
+    resume_store,
 )
 
 
 def row(key: str, status: str = "ok", **extra) -> dict:
-    return {"cell_key": key, "status": status, "seq_len": 1024, "variant": "lsh",
-            "time_ms_median": 1.5, "time_ms_samples": [1.0, 1.5, 2.0], **extra}
+    return {
+        "cell_key": key,
+        "status": status,
+        "seq_len": 1024,
+        "variant": "lsh",
+        "time_ms_median": 1.5,
+        "time_ms_samples": [1.0, 1.5, 2.0],
+        **extra,
+    }
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -204,15 +211,15 @@ def test_run_ids_taken_from_users_are_plain_folder_names(bad):
     assert check_run_id("20261123T121443Z-amd-epyc-2") == "20261123T121443Z-amd-epyc-2"
 
 
-def test_open_run_needs_a_run_of_that_suite(tmp_path):
+def test_resume_store_needs_a_run_of_that_suite(tmp_path):
     store = RunStore(tmp_path, "demo", "r1")
     store.write_run_info({"suite": "other"})
     with pytest.raises(ResultsError, match="is a run of suite 'other', not 'demo'"):
-        open_run(tmp_path, "demo", "r1")
+        resume_store(tmp_path, "demo", "r1")
     with pytest.raises(ResultsError, match="no run of suite 'demo'"):
-        open_run(tmp_path, "demo", "r2")
+        resume_store(tmp_path, "demo", "r2")
     store.update_run_info(suite="demo")
-    assert open_run(tmp_path, "demo", "r1").path == store.path
+    assert resume_store(tmp_path, "demo", "r1").path == store.path
 
 
 def test_the_run_lock_is_exclusive_and_released(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from harness import cli, runner
+from harness.commands import run as run_command
 from harness.results import PARQUET, RunStore, load
 from harness.runner import RunOptions, run_cells
 from harness.suite import load_suite
@@ -109,8 +110,9 @@ def test_oom_under_memory_limit_then_longer_lengths_are_skipped(tmp_path):
 def test_the_memory_limit_is_resident_memory_not_address_space(tmp_path):
     """An LSH cell whose measured peak is ~50-120 MiB fits a 0.25 GiB limit (with an address-space
     limit it was `oom`: threads and arenas reserve far more address space than they touch)."""
-    suite = write_suite(tmp_path, "lsh", [{"name": "lsh", "n_hashes": 2, "bucket_size": 64}], [4096],
-                        mode="forward_backward", memory_limit_gib=0.25)
+    suite = write_suite(
+        tmp_path, "lsh", [{"name": "lsh", "n_hashes": 2, "bucket_size": 64}], [4096], mode="forward_backward", memory_limit_gib=0.25
+    )
     _, rows, _ = run(suite, tmp_path)
     assert statuses(rows) == [("lsh", 4096, "ok")], rows[0].get("message")
     assert 0 < rows[0]["peak_mem_mib"] < 256
@@ -211,7 +213,7 @@ def test_killed_run_leaves_readable_results_and_resume_runs_only_the_rest(tmp_pa
     assert not list(run_dir.rglob("*.tmp"))
 
     # Resume with the same code version (other edits to the tree must not change it mid-test).
-    monkeypatch.setattr(cli, "code_version", lambda root: finished[0]["code_version"])
+    monkeypatch.setattr(run_command, "code_version", lambda root: finished[0]["code_version"])
     assert cli.main(["run", str(suite), "--out", str(out), "--resume", run_dir.name, "--in-process"]) == 0
     assert "1 of 2 cells already done" in capsys.readouterr().out
     rows = load(run_dir)
@@ -256,4 +258,6 @@ def test_without_matmul_rate_no_floor_columns_and_a_failed_probe_keeps_the_cell(
     assert "matmul_rate probe failed: RuntimeError: no matmul today" in row["message"]
     assert all(pd.isna(row[c]) for c in ("matmul_gflops", "floor_s", "floor_ratio"))
     assert runner.floor_columns({"flops": 2e9, "time_ms_median": 30.0, "matmul_gflops": 100.0}) == {
-        "floor_s": pytest.approx(0.02), "floor_ratio": pytest.approx(1.5)}
+        "floor_s": pytest.approx(0.02),
+        "floor_ratio": pytest.approx(1.5),
+    }

@@ -185,8 +185,9 @@ def test_suite_check_runs_a_suite_end_to_end_and_renders_its_report(tmp_path):
 
 def test_summary_lines_and_json(tmp_path):
     lines: list[str] = []
-    summary = selfcheck.run_selfcheck("cpu", quick=True, only=["device", "nvml", "variant/standard/*"], out=tmp_path,
-                                      print_line=lines.append)
+    summary = selfcheck.run_selfcheck(
+        "cpu", quick=True, only=["device", "nvml", "variant/standard/*"], out=tmp_path, print_line=lines.append
+    )
     assert summary.exit_code == 0 and summary.counts == {"PASS": 4, "FAIL": 0, "SKIP": 1}
     header, *checks, last = lines
     assert header.startswith("selfcheck on cpu") and last.startswith("selfcheck passed: 4 PASS, 0 FAIL, 1 SKIP")
@@ -216,10 +217,23 @@ def test_the_json_is_rewritten_after_every_check_so_an_interrupted_run_leaves_it
 
 
 def test_a_broken_plugin_variant_fails_with_a_clear_line(tmp_path):
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(ROOT)]),
-                   "REFORMER_HARNESS_PLUGINS": "harness_selfcheck_variants"}
-    command = [sys.executable, "-m", "harness", "selfcheck", "--device", "cpu", "--only", "variant/selfcheck_*/float32",
-               "--out", str(tmp_path)]
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(ROOT)]),
+        "REFORMER_HARNESS_PLUGINS": "harness_selfcheck_variants",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "harness",
+        "selfcheck",
+        "--device",
+        "cpu",
+        "--only",
+        "variant/selfcheck_*/float32",
+        "--out",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = {m.group(2): m for m in map(LINE.match, result.stdout.splitlines()) if m}

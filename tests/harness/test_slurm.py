@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from slurm_cluster import slurm_cluster, slurm_local  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli, executors
 from harness.environment import CODE_VERSION_ENV
 from harness.results import load
 from harness.status import RUNNING, run_status
 from harness.suite import load_suite
-from slurm_cluster import slurm_cluster, slurm_local  # noqa: F401 - a fixture, used by name
-from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 pytest.importorskip("submitit")
@@ -84,12 +84,25 @@ class Submission:
     def __init__(self, suite: Path, out: Path, log: Path, args: list[str], cluster):
         self.out, self.log, self.cluster = out, log, cluster
         self.name = load_suite(suite).name
-        command = [sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), "--executor", "submitit",
-                   "--slurm-partition", cluster.partition, *args]
+        command = [
+            sys.executable,
+            "-m",
+            "harness",
+            "run",
+            str(suite),
+            "--out",
+            str(out),
+            "--executor",
+            "submitit",
+            "--slurm-partition",
+            cluster.partition,
+            *args,
+        ]
         env = {**os.environ, executors.SLURM_POLL_ENV: "1"}
         with open(log, "ab") as handle:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.started = time.monotonic()
 
     @property
@@ -197,8 +210,10 @@ def test_a_suite_runs_as_a_job_array_within_its_parallelism_and_gives_the_rows_o
     assert seen_queued and seen_queued <= keys and seen_running and seen_running <= keys
     text = status_text(run.run_dir, capsys)
     assert "3 cells: 2 done, 0 running, 1 failed, 0 pending" in text and "slurm jobs: 3 COMPLETED" in text
-    print(f"array {array_id}: 3 tasks, at most {most_at_once} running, {elapsed:.0f} s; "
-          + ", ".join(f"{r['ArrayTaskId']}: {r['StartTime'][11:]}-{r['EndTime'][11:]}" for r in tasks))
+    print(
+        f"array {array_id}: 3 tasks, at most {most_at_once} running, {elapsed:.0f} s; "
+        + ", ".join(f"{r['ArrayTaskId']}: {r['StartTime'][11:]}-{r['EndTime'][11:]}" for r in tasks)
+    )
 
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes_its_group(harness_run, slurm_cluster, tmp_path):
@@ -227,9 +242,11 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_its_group(harness_run
     assert "Caught signal SIGUSR2" in text and "timed-out" in text  # Slurm's time-limit warning
     script = next((run.run_dir / "submitit").glob("*_submission.sh")).read_text()
     assert "#SBATCH --signal=USR2@10" in script and "#SBATCH --time=1" in script
-    print(f"job {task}: first run {runs[0]['StartTime'][11:]}-{runs[0]['EndTime'][11:]} (requeue seen "
-          f"{requeued_after:.0f} s after submission; limit 1 min, --signal=USR2@10), second run "
-          f"{runs[1]['StartTime'][11:]}-{runs[1]['EndTime'][11:]}, done {time.monotonic() - run.started:.0f} s after submission")
+    print(
+        f"job {task}: first run {runs[0]['StartTime'][11:]}-{runs[0]['EndTime'][11:]} (requeue seen "
+        f"{requeued_after:.0f} s after submission; limit 1 min, --signal=USR2@10), second run "
+        f"{runs[1]['StartTime'][11:]}-{runs[1]['EndTime'][11:]}, done {time.monotonic() - run.started:.0f} s after submission"
+    )
 
 
 def test_a_cancelled_job_leaves_error_rows_and_resume_finishes_them(harness_run, slurm_cluster, tmp_path, capsys):
@@ -237,8 +254,9 @@ def test_a_cancelled_job_leaves_error_rows_and_resume_finishes_them(harness_run,
     run = harness_run(suite, "--slurm-time-min", "10")
     task = run.jobs()[0]["jobs"][0]["job_id"]
     array_id = task.split("_")[0]
-    wait_until(lambda: rows_by_seq_len(run.run_dir).get(64) and run_status(run.run_dir).keys(RUNNING), 90,
-               "L=64 done and L=128 running", run.log)
+    wait_until(
+        lambda: rows_by_seq_len(run.run_dir).get(64) and run_status(run.run_dir).keys(RUNNING), 90, "L=64 done and L=128 running", run.log
+    )
     assert squeue(slurm_cluster, array_id) == {task: "RUNNING"}
     first = cell_file(run.run_dir, 64).read_bytes()
     cancelled_at = time.monotonic()
@@ -266,8 +284,10 @@ def test_a_cancelled_job_leaves_error_rows_and_resume_finishes_them(harness_run,
     assert len(submissions) == 2 and sorted(submissions[1]["jobs"][0]["cells"]) == sorted(rows[n]["cell_key"] for n in (128, 256))
     second = resume.array_id(1)
     assert [r["JobState"] for r in jobcomp(slurm_cluster, second)] == ["COMPLETED"]
-    print(f"job {task} cancelled; the submitter noticed in {noticed_s:.1f} s; resumed as job {submissions[1]['jobs'][0]['job_id']}, "
-          f"{time.monotonic() - run.started:.0f} s in all")
+    print(
+        f"job {task} cancelled; the submitter noticed in {noticed_s:.1f} s; resumed as job {submissions[1]['jobs'][0]['job_id']}, "
+        f"{time.monotonic() - run.started:.0f} s in all"
+    )
 
 
 def test_ctrl_c_of_the_submitting_command_leaves_the_jobs_running_and_status_follows_them(harness_run, slurm_cluster, tmp_path, capsys):

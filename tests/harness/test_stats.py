@@ -39,7 +39,8 @@ def test_matches_scipy_without_continuity_correction():
 
 def test_all_values_tied_gives_no_evidence():
     assert mann_whitney_u([1.0] * 10, [1.0] * 10).pvalue == pytest.approx(
-        scipy_stats.mannwhitneyu([1.0] * 10, [1.0] * 10, alternative="greater").pvalue)
+        scipy_stats.mannwhitneyu([1.0] * 10, [1.0] * 10, alternative="greater").pvalue
+    )
 
 
 def test_exact_distribution_counts_orderings():

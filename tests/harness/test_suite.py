@@ -85,8 +85,14 @@ def test_auto_labels_list_only_what_varies(tmp_path):
     cells = load_suite(write(tmp_path, text), device="cuda").cells()
     labels = list(dict.fromkeys(c.label for c in cells))
     # the labelled entry counts too: the plain `full` differs from it in shared_qk
-    assert labels == ["full shared_qk=False", "sdpa", "lsh bucket_size=64", "lsh bucket_size=32",
-                      "mine shared_qk=False", "mine shared_qk=True"]
+    assert labels == [
+        "full shared_qk=False",
+        "sdpa",
+        "lsh bucket_size=64",
+        "lsh bucket_size=32",
+        "mine shared_qk=False",
+        "mine shared_qk=True",
+    ]
     single = BASE.replace("  - {name: lsh, n_hashes: [1, 2, 4, 8], bucket_size: 64}", "  - {name: lsh, n_hashes: 2}")
     assert {c.label for c in load_suite(write(tmp_path, single), device="cuda").cells()} == {"full", "sdpa", "lsh"}
 
@@ -140,9 +146,7 @@ def test_row_and_attention_params(tmp_path):
 def test_filter_cells(tmp_path):
     cells = load_suite(write(tmp_path, BASE), device="cuda").cells()
     picked = filter_cells(cells, "variant == 'lsh' and seq_len <= 2048 and n_hashes > 1")
-    assert [(c.label, c.seq_len) for c in picked] == [
-        (f"lsh n_hashes={n}", length) for n in (2, 4, 8) for length in (1024, 2048)
-    ]
+    assert [(c.label, c.seq_len) for c in picked] == [(f"lsh n_hashes={n}", length) for n in (2, 4, 8) for length in (1024, 2048)]
     with pytest.raises(SuiteError) as error:
         filter_cells(cells, "no_such_column > 3")
     assert "no_such_column" in str(error.value) and "seq_len" in str(error.value)
@@ -159,14 +163,16 @@ def test_estimate_is_positive_and_grows_with_length(tmp_path):
 def test_matmul_rate_is_an_opt_in_measure_setting(tmp_path):
     off = load_suite(write(tmp_path, BASE), device="cpu").cells()
     assert all(c.measure["matmul_rate"] is False for c in off)
-    on = load_suite(write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: true}"),
-                          name="on.yaml"), device="cpu").cells()
+    on = load_suite(
+        write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: true}"), name="on.yaml"), device="cpu"
+    ).cells()
     assert all(c.measure["matmul_rate"] is True for c in on)  # set in the cpu: block, used on CPU
     assert [c.key("v") for c in on] != [c.key("v") for c in off] and [c.config_key() for c in on] == [c.config_key() for c in off]
     assert estimate_seconds(on[0]) > estimate_seconds(off[0])  # the probe's time budget is counted
     with pytest.raises(SuiteError) as error:
-        load_suite(write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: 1}"),
-                         name="int.yaml"), device="cpu")
+        load_suite(
+            write(tmp_path, BASE.replace("measure: {warmup: 0}", "measure: {warmup: 0, matmul_rate: 1}"), name="int.yaml"), device="cpu"
+        )
     assert ": cpu.measure.matmul_rate: " in str(error.value) and "valid boolean" in str(error.value)
 
 
@@ -177,46 +183,72 @@ ERRORS = {
     "unknown top-level key": (lambda s: s + "colour: red\n", "colour", "allowed keys: name, description"),
     "unknown measure key": (lambda s: s.replace("warmup: 1", "warmups: 1"), "measure.warmups", "min_repeats"),
     "unknown override key": (lambda s: s + "  swep: {}\n", "cuda.swep", "allowed keys: dtype"),
-    "unknown variant": (lambda s: s.replace("{name: sdpa}", "{name: spda}"), "variants[1].name", "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa"),
-    "unknown variant param": (lambda s: s.replace("bucket_size: 64", "bucket_sise: 64"), "variants[2].bucket_sise",
-                              "bucket_size (int"),
-    "wrong param type in list": (lambda s: s.replace("[1, 2, 4, 8]", "[1, two, 4]"), "variants[2].n_hashes[1]",
-                                 "n_hashes (int"),
-    "wrong param type": (lambda s: s.replace("bucket_size: 64", "bucket_size: 1.5"), "variants[2].bucket_size",
-                         "must be int"),
-    "inconsistent param": (lambda s: s.replace("bucket_size: 64", "bucket_size: 0"), "variants[2].bucket_size",
-                           "must be positive"),
-    "model key in variant": (lambda s: s.replace("{name: full}", "{name: full, d_model: 32}"), "variants[0].d_model",
-                             "model.d_model"),
+    "unknown variant": (
+        lambda s: s.replace("{name: sdpa}", "{name: spda}"),
+        "variants[1].name",
+        "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa",
+    ),
+    "unknown variant param": (lambda s: s.replace("bucket_size: 64", "bucket_sise: 64"), "variants[2].bucket_sise", "bucket_size (int"),
+    "wrong param type in list": (lambda s: s.replace("[1, 2, 4, 8]", "[1, two, 4]"), "variants[2].n_hashes[1]", "n_hashes (int"),
+    "wrong param type": (lambda s: s.replace("bucket_size: 64", "bucket_size: 1.5"), "variants[2].bucket_size", "must be int"),
+    "inconsistent param": (lambda s: s.replace("bucket_size: 64", "bucket_size: 0"), "variants[2].bucket_size", "must be positive"),
+    "model key in variant": (lambda s: s.replace("{name: full}", "{name: full, d_model: 32}"), "variants[0].d_model", "model.d_model"),
     "empty sweep list": (lambda s: s.replace("[2048, 1024, 4096]", "[]"), "sweep.seq_len", "at least one"),
     "empty variants": (lambda s: s.split("variants:")[0] + "variants: []\n", "variants", "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa"),
     "seq_len missing": (lambda s: s.replace("  seq_len: [2048, 1024, 4096]\n", ""), "sweep.seq_len", "seq_len: ["),
-    "batch and tokens": (lambda s: s.replace("  tokens_per_batch", "  batch: [1]\n  tokens_per_batch"),
-                         "sweep.tokens_per_batch", "either batch or tokens_per_batch"),
+    "batch and tokens": (
+        lambda s: s.replace("  tokens_per_batch", "  batch: [1]\n  tokens_per_batch"),
+        "sweep.tokens_per_batch",
+        "either batch or tokens_per_batch",
+    ),
     "not divisible": (lambda s: s.replace("[8192]", "[10000]"), "sweep.tokens_per_batch[0]", "multiple of every seq_len"),
-    "unknown sweep key": (lambda s: s.replace("  tokens_per_batch", "  seqlen: [1]\n  tokens_per_batch"),
-                          "sweep.seqlen", "seq_len, batch, tokens_per_batch"),
-    "unknown model key": (lambda s: s.replace("causal: false}", "causal: false, depth: 2}"), "model.depth",
-                          "n_layers (int"),
+    "unknown sweep key": (
+        lambda s: s.replace("  tokens_per_batch", "  seqlen: [1]\n  tokens_per_batch"),
+        "sweep.seqlen",
+        "seq_len, batch, tokens_per_batch",
+    ),
+    "unknown model key": (lambda s: s.replace("causal: false}", "causal: false, depth: 2}"), "model.depth", "n_layers (int"),
     "wrong model type": (lambda s: s.replace("n_heads: 2,", "n_heads: '2',"), "model.n_heads", "int"),
-    "wrong swept model value": (lambda s: s.replace("  tokens_per_batch", "  residual: [standard, revers]\n  tokens_per_batch"),
-                                "sweep.residual[1]", "reversible, standard"),
+    "wrong swept model value": (
+        lambda s: s.replace("  tokens_per_batch", "  residual: [standard, revers]\n  tokens_per_batch"),
+        "sweep.residual[1]",
+        "reversible, standard",
+    ),
     "bad enum": (lambda s: s.replace("mode: forward_backward", "mode: backward"), "mode", "'forward', 'forward_backward'"),
     "bad dtype": (lambda s: s.replace("dtype: float32", "dtype: fp8"), "dtype", "'bfloat16'"),
     "sweep not a list": (lambda s: s.replace("[8192]", "8192"), "sweep.tokens_per_batch", "list of values"),
-    "entry seq_len not a list": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: 4096}"),
-                                 "variants[2].seq_len", "replacing sweep.seq_len"),
-    "entry seq_len bad value": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 0]}"),
-                                "variants[2].seq_len[1]", "distinct positive integers"),
-    "entry seq_len not divisible": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 3000]}"),
-                                    "sweep.tokens_per_batch[0]", "variants[2].seq_len[1]"),
-    "bucket_size does not divide seq_len": (lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 1000]}")
-                                            .replace("tokens_per_batch: [8192]", "batch: [1]"),
-                                            "variants[2].seq_len[1]", "seq_len=1000 is not a multiple of bucket_size=64"),
-    "matmul_rate not a bool": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rate: 'true'}"),
-                               "measure.matmul_rate", "valid boolean"),
-    "matmul_rate misspelt": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rates: true}"),
-                             "measure.matmul_rates", "did you mean 'matmul_rate'"),
+    "entry seq_len not a list": (
+        lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: 4096}"),
+        "variants[2].seq_len",
+        "replacing sweep.seq_len",
+    ),
+    "entry seq_len bad value": (
+        lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 0]}"),
+        "variants[2].seq_len[1]",
+        "distinct positive integers",
+    ),
+    "entry seq_len not divisible": (
+        lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 3000]}"),
+        "sweep.tokens_per_batch[0]",
+        "variants[2].seq_len[1]",
+    ),
+    "bucket_size does not divide seq_len": (
+        lambda s: s.replace("bucket_size: 64}", "bucket_size: 64, seq_len: [1024, 1000]}").replace(
+            "tokens_per_batch: [8192]", "batch: [1]"
+        ),
+        "variants[2].seq_len[1]",
+        "seq_len=1000 is not a multiple of bucket_size=64",
+    ),
+    "matmul_rate not a bool": (
+        lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rate: 'true'}"),
+        "measure.matmul_rate",
+        "valid boolean",
+    ),
+    "matmul_rate misspelt": (
+        lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, matmul_rates: true}"),
+        "measure.matmul_rates",
+        "did you mean 'matmul_rate'",
+    ),
 }
 
 

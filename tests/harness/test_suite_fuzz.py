@@ -25,25 +25,102 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "suites").glob("*.yaml"))
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 RANDOM = os.environ.get("FUZZ_RANDOM") == "1"  # a fresh campaign instead of CI's fixed one
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not RANDOM,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Keys and values a suite uses, so random documents get past the first check often enough.
-KEYS = ["name", "kind", "description", "device", "dtype", "mode", "workload", "model", "sweep", "variants",
-        "measure", "cpu", "cuda", "checks", "slurm", "seq_len", "batch", "tokens_per_batch", "d_model", "n_heads",
-        "causal", "n_layers", "n_hashes", "bucket_size", "warmup", "min_repeats", "timeout_s", "memory_limit_gib",
-        "ratios", "targets", "numerator", "denominator", "at", "max", "task", "train", "eval", "eval_variants",
-        "label", "steps", "partition", "threads", "residual", "d_ff", "vocab_size"]
-WORDS = ["full", "sdpa", "lsh", "cpu", "cuda", "auto", "float32", "bfloat16", "forward", "forward_backward",
-         "train_step", "attention", "block", "model", "quality", "benchmark", "duplication", "reversible",
-         "variant == 'lsh'", "seq_len <= 1024", "@x.y == 1", "__import__('os')", "*alias", "&anchor"]
+KEYS = [
+    "name",
+    "kind",
+    "description",
+    "device",
+    "dtype",
+    "mode",
+    "workload",
+    "model",
+    "sweep",
+    "variants",
+    "measure",
+    "cpu",
+    "cuda",
+    "checks",
+    "slurm",
+    "seq_len",
+    "batch",
+    "tokens_per_batch",
+    "d_model",
+    "n_heads",
+    "causal",
+    "n_layers",
+    "n_hashes",
+    "bucket_size",
+    "warmup",
+    "min_repeats",
+    "timeout_s",
+    "memory_limit_gib",
+    "ratios",
+    "targets",
+    "numerator",
+    "denominator",
+    "at",
+    "max",
+    "task",
+    "train",
+    "eval",
+    "eval_variants",
+    "label",
+    "steps",
+    "partition",
+    "threads",
+    "residual",
+    "d_ff",
+    "vocab_size",
+]
+WORDS = [
+    "full",
+    "sdpa",
+    "lsh",
+    "cpu",
+    "cuda",
+    "auto",
+    "float32",
+    "bfloat16",
+    "forward",
+    "forward_backward",
+    "train_step",
+    "attention",
+    "block",
+    "model",
+    "quality",
+    "benchmark",
+    "duplication",
+    "reversible",
+    "variant == 'lsh'",
+    "seq_len <= 1024",
+    "@x.y == 1",
+    "__import__('os')",
+    "*alias",
+    "&anchor",
+]
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                    st.sampled_from(WORDS), st.text(string.printable, max_size=12))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.sampled_from(WORDS),
+    st.text(string.printable, max_size=12),
+)
 documents = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=5),
-                            st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6)), inner, max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6)), inner, max_size=6)
+    ),
     max_leaves=40,
 )
 
@@ -83,8 +160,13 @@ def _mutate(text: str, data: st.DataObject) -> str:
         elif edit == "token":
             tokens = lines[i].split(" ")
             k = data.draw(st.integers(0, len(tokens) - 1))
-            tokens[k] = data.draw(st.one_of(st.sampled_from(WORDS + KEYS), st.integers(-5, 10**6).map(str),
-                                            st.sampled_from(["[]", "{}", "[1, 2]", "null", "-1", "0", "1e9", "'", ":", "]"])))
+            tokens[k] = data.draw(
+                st.one_of(
+                    st.sampled_from(WORDS + KEYS),
+                    st.integers(-5, 10**6).map(str),
+                    st.sampled_from(["[]", "{}", "[1, 2]", "null", "-1", "0", "1e9", "'", ":", "]"]),
+                )
+            )
             lines[i] = " ".join(tokens)
         elif edit == "insert":
             lines.insert(i, data.draw(st.text(string.printable, max_size=20)))

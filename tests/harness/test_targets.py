@@ -13,21 +13,31 @@ from harness.targets import evaluate_targets, format_targets
 
 
 def row(variant, n_hashes, seq_len, time_ms, mem, status="ok", floor_ratio=math.nan):
-    return {"variant": variant, "variant_label": f"{variant} n_hashes={n_hashes}", "n_hashes": n_hashes,
-            "seq_len": seq_len, "batch": 1, "time_ms_median": time_ms, "peak_mem_mib": mem, "status": status,
-            "floor_ratio": floor_ratio}
+    return {
+        "variant": variant,
+        "variant_label": f"{variant} n_hashes={n_hashes}",
+        "n_hashes": n_hashes,
+        "seq_len": seq_len,
+        "batch": 1,
+        "time_ms_median": time_ms,
+        "peak_mem_mib": mem,
+        "status": status,
+        "floor_ratio": floor_ratio,
+    }
 
 
-FRAME = pd.DataFrame([
-    row("lsh", 8, 4096, 400.0, 100.0, floor_ratio=1.2),
-    row("lsh", 8, 16384, 2000.0, 300.0, floor_ratio=1.6),
-    row("lsh", 8, 65536, 9000.0, 1200.0),
-    row("hf", 8, 16384, 6000.0, 900.0),
-    row("slow_peer", 8, 16384, 12000.0, 200.0),  # less memory, but not the fastest peer
-    row("lsh", 1, 16384, 500.0, 100.0),
-    row("hf", 1, 16384, 700.0, 150.0),
-    row("oom_peer", 1, 16384, math.nan, math.nan, status="oom"),
-])
+FRAME = pd.DataFrame(
+    [
+        row("lsh", 8, 4096, 400.0, 100.0, floor_ratio=1.2),
+        row("lsh", 8, 16384, 2000.0, 300.0, floor_ratio=1.6),
+        row("lsh", 8, 65536, 9000.0, 1200.0),
+        row("hf", 8, 16384, 6000.0, 900.0),
+        row("slow_peer", 8, 16384, 12000.0, 200.0),  # less memory, but not the fastest peer
+        row("lsh", 1, 16384, 500.0, 100.0),
+        row("hf", 1, 16384, 700.0, 150.0),
+        row("oom_peer", 1, 16384, math.nan, math.nan, status="oom"),
+    ]
+)
 PEERS = "variant in ['hf', 'slow_peer', 'oom_peer']"
 
 
@@ -36,8 +46,9 @@ def evaluate(**rule):
 
 
 def test_speedup_against_the_fastest_ok_peer():
-    table = evaluate(numerator="variant == 'lsh'", denominator=PEERS, at="seq_len == 16384",
-                     match_on=["seq_len", "batch", "n_hashes"], max=0.5)
+    table = evaluate(
+        numerator="variant == 'lsh'", denominator=PEERS, at="seq_len == 16384", match_on=["seq_len", "batch", "n_hashes"], max=0.5
+    )
     values = dict(zip(table["cell"], table["value"]))
     assert values["lsh n_hashes=8 L=16384 B=1"] == pytest.approx(2000 / 6000)  # hf, not slow_peer
     assert values["lsh n_hashes=1 L=16384 B=1"] == pytest.approx(500 / 700)  # the OOM peer is ignored
@@ -46,14 +57,26 @@ def test_speedup_against_the_fastest_ok_peer():
 
 
 def test_memory_is_compared_with_the_fastest_peer_not_the_leanest():
-    table = evaluate(numerator="variant == 'lsh' and n_hashes == 8", denominator=PEERS, at="seq_len == 16384",
-                     match_on=["seq_len", "batch", "n_hashes"], metric="peak_mem", max=1.0)
+    table = evaluate(
+        numerator="variant == 'lsh' and n_hashes == 8",
+        denominator=PEERS,
+        at="seq_len == 16384",
+        match_on=["seq_len", "batch", "n_hashes"],
+        metric="peak_mem",
+        max=1.0,
+    )
     assert table["value"].tolist() == [pytest.approx(300 / 900)] and table["met"].all()
 
 
 def test_time_per_token_against_another_length_and_floor_ratio_alone():
-    table = evaluate(numerator="variant == 'lsh' and n_hashes == 8", denominator="variant == 'lsh' and seq_len == 4096",
-                     at="seq_len == 65536", match_on=["batch", "n_hashes"], metric="time_per_token", max=1.3)
+    table = evaluate(
+        numerator="variant == 'lsh' and n_hashes == 8",
+        denominator="variant == 'lsh' and seq_len == 4096",
+        at="seq_len == 65536",
+        match_on=["batch", "n_hashes"],
+        metric="time_per_token",
+        max=1.3,
+    )
     assert table["value"].tolist() == [pytest.approx((9000 / 65536) / (400 / 4096))]
     assert not table["met"].any()  # 1.41 > 1.3
     floors = evaluate(numerator="variant == 'lsh' and n_hashes == 8 and seq_len <= 16384", metric="floor_ratio", max=1.5)
@@ -61,8 +84,9 @@ def test_time_per_token_against_another_length_and_floor_ratio_alone():
 
 
 def test_unmeasurable_targets_are_missed_not_passed():
-    no_peer = evaluate(numerator="variant == 'lsh' and seq_len == 4096", denominator=PEERS,
-                       match_on=["seq_len", "batch", "n_hashes"], max=10.0)
+    no_peer = evaluate(
+        numerator="variant == 'lsh' and seq_len == 4096", denominator=PEERS, match_on=["seq_len", "batch", "n_hashes"], max=10.0
+    )
     assert no_peer["note"].tolist() == ["no ok denominator cell"] and not no_peer["met"].any()
     failed = evaluate(numerator="variant == 'oom_peer'", max=10.0)
     assert failed["note"].tolist() == ["numerator oom"] and not failed["met"].any()

@@ -39,8 +39,7 @@ class OneBatch:
 
 def _comparable(curve):
     """Curve points without wall time, NaN replaced by a marker (NaN != NaN), for exact comparison."""
-    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in p.items() if k != "wall_s"}
-            for p in curve]
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in p.items() if k != "wall_s"} for p in curve]
 
 
 def test_schedules():
@@ -68,8 +67,7 @@ def test_untrained_model_is_near_uniform_and_evaluation_is_repeatable():
 def test_tiny_model_overfits_a_tiny_batch():
     torch.set_num_threads(1)
     model = build_model(MODEL, "full", {"shared_qk": True}, seed=0)
-    curve = train(model, OneBatch(), TrainConfig(steps=60, lr=1e-2, warmup_steps=5, eval_every=60),
-                  EvalConfig(batches=1, batch_size=4))
+    curve = train(model, OneBatch(), TrainConfig(steps=60, lr=1e-2, warmup_steps=5, eval_every=60), EvalConfig(batches=1, batch_size=4))
     assert curve[0]["eval_bpd"] > 3.5
     assert curve[-1]["eval_bpd"] < 0.5 and curve[-1]["step"] == 60
     assert curve[-1]["tokens_seen"] == 60 * 4 * 32
@@ -107,10 +105,10 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     data = DuplicationData(32, 16)
     evaluation = EvalConfig(batches=1, batch_size=4)
     checkpoint = tmp_path / "ckpt.pt"
-    train(build_model(MODEL, "lsh", LSH, seed=0), data, TrainConfig(steps=2, eval_every=1, batch_size=2), evaluation,
-          checkpoint=checkpoint)
-    curve = train(build_model(MODEL, "lsh", LSH, seed=0), data, TrainConfig(steps=3, eval_every=1, batch_size=2),
-                  evaluation, checkpoint=checkpoint)
+    train(build_model(MODEL, "lsh", LSH, seed=0), data, TrainConfig(steps=2, eval_every=1, batch_size=2), evaluation, checkpoint=checkpoint)
+    curve = train(
+        build_model(MODEL, "lsh", LSH, seed=0), data, TrainConfig(steps=3, eval_every=1, batch_size=2), evaluation, checkpoint=checkpoint
+    )
     assert [p["step"] for p in curve] == [0, 1, 2, 3]
 
 

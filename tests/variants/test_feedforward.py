@@ -16,8 +16,7 @@ B, L, D, D_FF = 2, 10, 8, 32
 
 def make_ffn(n_chunks: int, activation: str = "gelu", dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    return variants.build("ffn", d_model=D, d_ff=D_FF, n_chunks=n_chunks, activation=activation,
-                          dropout=dropout).double()
+    return variants.build("ffn", d_model=D, d_ff=D_FF, n_chunks=n_chunks, activation=activation, dropout=dropout).double()
 
 
 def reference(x: torch.Tensor, w1, b1, w2, b2, activation: str) -> torch.Tensor:
@@ -27,8 +26,7 @@ def reference(x: torch.Tensor, w1, b1, w2, b2, activation: str) -> torch.Tensor:
 
 
 def leaf_copies(ffn: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone().requires_grad_(True)
-            for p in (ffn.fc_in.weight, ffn.fc_in.bias, ffn.fc_out.weight, ffn.fc_out.bias)]
+    return [p.detach().clone().requires_grad_(True) for p in (ffn.fc_in.weight, ffn.fc_in.bias, ffn.fc_out.weight, ffn.fc_out.bias)]
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])

@@ -55,7 +55,7 @@ def reference_lsh(qk, v, rotations, bucket_size, causal, dup_correction):
                             logit -= math.log(sum(window[s, i].count(j) for s in range(n_hashes)))
                         logits.append(logit)
                     top = max(logits)
-                    weights = [math.exp(l - top) for l in logits]
+                    weights = [math.exp(logit - top) for logit in logits]
                     outs.append(sum(w * v[b, h, j] for w, j in zip(weights, window[r, i])) / sum(weights))
                     lses.append(top + math.log(sum(weights)))
                 top = max(lses)
@@ -71,9 +71,7 @@ def grads(fn, qk, v, upstream):
 
 # (a) windows that see the whole sequence: LSH == shared-QK full attention, values and gradients.
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize(
-    "n_hashes, bucket_size, n_buckets", [(1, 8, 2), (1, 16, None), (2, 16, None), (3, 16, None), (4, 16, None)]
-)
+@pytest.mark.parametrize("n_hashes, bucket_size, n_buckets", [(1, 8, 2), (1, 16, None), (2, 16, None), (3, 16, None), (4, 16, None)])
 def test_whole_sequence_windows_equal_full_attention(causal, n_hashes, bucket_size, n_buckets):
     qk, v, upstream = randn(2, 2, 16, 8, seed=0), randn(2, 2, 16, 8, seed=1), randn(2, 2, 16, 8, seed=2)
 
@@ -117,9 +115,7 @@ def test_matches_loop_reference(n_hashes, n_buckets, causal, dup_correction):
     qk, v = randn(2, 2, 16, 4, seed=10), randn(2, 2, 16, 4, seed=11)
     rotations = randn(2, 4, n_hashes, n_buckets // 2, seed=12)
     expected, _ = reference_lsh(qk, v, rotations, 4, causal, dup_correction)
-    got = lsh_attention(
-        qk, v, n_hashes=n_hashes, bucket_size=4, causal=causal, rotations=rotations, dup_correction=dup_correction
-    )
+    got = lsh_attention(qk, v, n_hashes=n_hashes, bucket_size=4, causal=causal, rotations=rotations, dup_correction=dup_correction)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -165,10 +161,7 @@ def test_error_falls_with_more_hash_rounds_on_clustered_inputs(causal):
     qk = qk + 0.3 * torch.randn(qk.shape, generator=gen, dtype=torch.float64)
     v = torch.randn(qk.shape, generator=gen, dtype=torch.float64)
     full = full_attention(qk, qk, v, causal=causal, shared_qk=True)
-    errors = [
-        (lsh_attention(qk, v, n_hashes=n, bucket_size=16, causal=causal, seed=0) - full).abs().mean().item()
-        for n in (1, 2, 4, 8)
-    ]
+    errors = [(lsh_attention(qk, v, n_hashes=n, bucket_size=16, causal=causal, seed=0) - full).abs().mean().item() for n in (1, 2, 4, 8)]
     assert errors[3] < 0.6 * errors[0], errors
     assert all(later < 1.05 * earlier for earlier, later in zip(errors, errors[1:])), errors
 
@@ -181,9 +174,7 @@ def test_gradcheck(causal, dup_correction):
     rotations = randn(2, 4, 2, 2, seed=42)
 
     def fn(qk, v):
-        return lsh_attention(
-            qk, v, n_hashes=2, bucket_size=2, causal=causal, rotations=rotations, dup_correction=dup_correction
-        )
+        return lsh_attention(qk, v, n_hashes=2, bucket_size=2, causal=causal, rotations=rotations, dup_correction=dup_correction)
 
     assert torch.autograd.gradcheck(fn, (qk, v))
 
@@ -203,8 +194,14 @@ def test_blocked_and_recomputing_paths(monkeypatch, causal, dup_correction, save
 
     def fn(qk, v):
         return lsh_attention(
-            qk, v, n_hashes=2, bucket_size=bucket_size, causal=causal, rotations=rotations,
-            dup_correction=dup_correction, save_probs=save_probs,
+            qk,
+            v,
+            n_hashes=2,
+            bucket_size=bucket_size,
+            causal=causal,
+            rotations=rotations,
+            dup_correction=dup_correction,
+            save_probs=save_probs,
         )
 
     expected, _ = reference_lsh(qk.detach(), v.detach(), rotations, bucket_size, causal, dup_correction)
@@ -305,9 +302,7 @@ def test_hash_buckets_in_slices_of_positions(monkeypatch):
 @pytest.mark.parametrize("save_probs", [True, False])
 def test_module_gradcheck_with_hashing(save_probs):
     """The module's own path (one packed projection, several chunks and rounds, batch 2) by finite differences."""
-    module = variants.build(
-        "lsh", d_model=8, n_heads=2, n_hashes=2, bucket_size=4, seed=3, causal=True, save_probs=save_probs
-    ).double()
+    module = variants.build("lsh", d_model=8, n_heads=2, n_hashes=2, bucket_size=4, seed=3, causal=True, save_probs=save_probs).double()
     x = randn(2, 16, 8, seed=65).requires_grad_()
     assert torch.autograd.gradcheck(module, (x,))
 
@@ -356,8 +351,14 @@ def test_matches_huggingface_lsh_self_attention(n_hashes, hash_seed, causal, dty
     torch.manual_seed(0)
     hf = reformer.LSHSelfAttention(config).to(dtype).eval()
     ours = variants.build(
-        "lsh", d_model=heads * head_dim, n_heads=heads, n_hashes=n_hashes, bucket_size=4, n_buckets=n_buckets,
-        seed=hash_seed, causal=causal,
+        "lsh",
+        d_model=heads * head_dim,
+        n_heads=heads,
+        n_hashes=n_hashes,
+        bucket_size=4,
+        n_buckets=n_buckets,
+        seed=hash_seed,
+        causal=causal,
     ).to(dtype)
     with torch.no_grad():
         ours.in_proj.weight.copy_(torch.cat([hf.query_key.weight, hf.value.weight]))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import variants
+from tests.variants.test_lsh import pack, reference_lsh
 from variants.attention import lsh_cpu
 from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention_packed
-from tests.variants.test_lsh import pack, reference_lsh
 
 HAS_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
 
@@ -91,10 +91,11 @@ def threads(request):
     # The chunk matmuls' 4 x 16 register blocks: bucket 16 / head_dim 16 in whole blocks only;
     # bucket 8 / head_dim 20 with 4 edge columns where a product is d wide; bucket 10 / head_dim 20
     # with edge rows (c = 10) beside whole blocks and 4 edge columns of the 2c = 20 logits too.
-    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6), (1, 2, 2, 16, 16), (1, 2, 2, 8, 20),
-     (1, 2, 2, 10, 20)],
+    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6), (1, 2, 2, 16, 16), (1, 2, 2, 8, 20), (1, 2, 2, 10, 20)],
 )
-def test_fused_matches_loop_reference_and_ops_gradients(kernel_calls, threads, causal, save_probs, batch, heads, n_hashes, bucket, head_dim):
+def test_fused_matches_loop_reference_and_ops_gradients(
+    kernel_calls, threads, causal, save_probs, batch, heads, n_hashes, bucket, head_dim
+):
     _fused_against_references(batch, heads, 8 * bucket, head_dim, n_hashes, bucket, causal, save_probs, seed=10 * n_hashes + heads)
     assert kernel_calls == {"forward": 1, "backward": 1}
 

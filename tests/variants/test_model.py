@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import variants
-from variants.model import PreNorm, ReformerLM, bits_per_dim, build_layer_stack
+from variants.model import ReformerLM, bits_per_dim, build_layer_stack
 from variants.registry import make_config, spec
 
 VOCAB, L = 16, 16
@@ -19,8 +19,7 @@ LSH_WHOLE_WINDOW = {"n_hashes": 1, "bucket_size": L // 2, "n_buckets": 2, "seed"
 
 
 def tiny(**overrides) -> ReformerLM:
-    params = dict(vocab_size=VOCAB, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=L,
-                  attention="full", residual="reversible")
+    params = dict(vocab_size=VOCAB, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=L, attention="full", residual="reversible")
     params.update(overrides)
     torch.manual_seed(0)
     return variants.build("reformer_lm", **params)
@@ -65,15 +64,14 @@ def test_attention_pattern_alternates_layers() -> None:
 @pytest.mark.parametrize("residual", ["standard", "reversible"])
 @pytest.mark.parametrize("attention", ["full", "sdpa", "lsh"])
 def test_later_tokens_never_change_earlier_logits(attention: str, residual: str) -> None:
-    model = tiny(attention=attention, residual=residual, attention_params={"lsh": LSH_WHOLE_WINDOW},
-                 ffn_chunks=3).double().eval()
+    model = tiny(attention=attention, residual=residual, attention_params={"lsh": LSH_WHOLE_WINDOW}, ffn_chunks=3).double().eval()
     x = tokens()
     for t in (0, 6, L - 2):
         changed = x.clone()
-        changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(L - t - 1)) % VOCAB
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + torch.arange(L - t - 1)) % VOCAB
         logits, logits_changed = model(x), model(changed)
-        torch.testing.assert_close(logits_changed[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-12)
-        assert not torch.allclose(logits_changed[:, t + 1:], logits[:, t + 1:])
+        torch.testing.assert_close(logits_changed[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-12)
+        assert not torch.allclose(logits_changed[:, t + 1 :], logits[:, t + 1 :])
 
 
 def test_bits_per_dim_of_uniform_logits_is_log2_vocab() -> None:
@@ -104,7 +102,7 @@ def test_loss_bpd_scores_next_tokens() -> None:
     logits = model(x)
     log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None])[..., 0]
     expected_all = -log_probs.mean() / math.log(2)
-    expected_half = -log_probs[:, L // 2 - 1:].mean() / math.log(2)
+    expected_half = -log_probs[:, L // 2 - 1 :].mean() / math.log(2)
     torch.testing.assert_close(model.loss_bpd(x), expected_all, rtol=1e-12, atol=0)
     torch.testing.assert_close(model.loss_bpd(x, mask=mask), expected_half, rtol=1e-12, atol=0)
     targets = x.roll(-1, dims=1)
@@ -113,8 +111,7 @@ def test_loss_bpd_scores_next_tokens() -> None:
 
 @pytest.mark.parametrize("residual", ["standard", "reversible"])
 def test_tiny_model_overfits_tiny_batch(residual: str) -> None:
-    model = tiny(residual=residual, attention=("lsh", "full"), ffn_chunks=2,
-                 attention_params={"lsh": {"n_hashes": 2, "bucket_size": 4}})
+    model = tiny(residual=residual, attention=("lsh", "full"), ffn_chunks=2, attention_params={"lsh": {"n_hashes": 2, "bucket_size": 4}})
     x = tokens(4, L)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
@@ -173,19 +170,36 @@ def test_unknown_residual_lists_registered(name: str) -> None:
         assert registered in str(error.value)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"attention": "nope"}, {"attention": ("lsh", "nope")}, {"attention_params": {"nope": {}}},
-    {"attention_params": {"lsh": {"d_model": 8}}}, {"d_model": 15}, {"activation": "tanh"},
-    {"axial_shape": (4, 0)}, {"n_layers": 0}, {"dropout": 1.0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention": "nope"},
+        {"attention": ("lsh", "nope")},
+        {"attention_params": {"nope": {}}},
+        {"attention_params": {"lsh": {"d_model": 8}}},
+        {"d_model": 15},
+        {"activation": "tanh"},
+        {"axial_shape": (4, 0)},
+        {"n_layers": 0},
+        {"dropout": 1.0},
+    ],
+)
 def test_invalid_config_raises(overrides: dict) -> None:
     with pytest.raises(ValueError):
         tiny(**overrides)
 
 
 def test_build_layer_stack_and_flops() -> None:
-    config = make_config("reformer_lm", vocab_size=VOCAB, d_model=16, n_heads=2, d_ff=32, n_layers=2,
-                         attention=("lsh", "full"), attention_params={"lsh": {"bucket_size": 4}})
+    config = make_config(
+        "reformer_lm",
+        vocab_size=VOCAB,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_layers=2,
+        attention=("lsh", "full"),
+        attention_params={"lsh": {"bucket_size": 4}},
+    )
     stack = build_layer_stack(config)
     assert type(stack) is spec("reversible").module_cls
     x = torch.randn(2, L, 16, requires_grad=True)

@@ -263,9 +263,7 @@ def without_peer_packages(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
 
 
-@pytest.mark.parametrize(
-    "name, package", [("hf_lsh", "'transformers'"), ("reformer_pytorch_lsh", "'reformer-pytorch'")]
-)
+@pytest.mark.parametrize("name, package", [("hf_lsh", "'transformers'"), ("reformer_pytorch_lsh", "'reformer-pytorch'")])
 def test_missing_package_names_package_and_extra(without_peer_packages, name, package):
     with pytest.raises(variants.VariantUnavailable) as error:
         variants.build(name, d_model=D_MODEL, n_heads=HEADS)
@@ -275,9 +273,18 @@ def test_missing_package_names_package_and_extra(without_peer_packages, name, pa
 
 def cell(variant, **params):
     return Cell(
-        suite="peers_test", workload="attention", mode="forward_backward", device="cpu", dtype="float32",
-        seq_len=64, batch=1, tokens_per_batch=None, model={"d_model": D_MODEL, "n_heads": HEADS, "causal": False},
-        variant=variant, variant_params=params, label=variant,
+        suite="peers_test",
+        workload="attention",
+        mode="forward_backward",
+        device="cpu",
+        dtype="float32",
+        seq_len=64,
+        batch=1,
+        tokens_per_batch=None,
+        model={"d_model": D_MODEL, "n_heads": HEADS, "causal": False},
+        variant=variant,
+        variant_params=params,
+        label=variant,
         measure=MeasureSpec(warmup=1, min_repeats=1, min_time_s=0.0).model_dump(),
     )
 

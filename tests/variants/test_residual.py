@@ -14,14 +14,20 @@ B, L, D, HEADS = 2, 16, 8, 2
 LSH = {"n_hashes": 2, "bucket_size": 4}
 
 
-def make_layers(n_layers: int, attention: str = "full", dropout: float = 0.0, ffn_chunks: int = 1,
-                d_model: int = D, n_heads: int = HEADS, **attention_params) -> list[tuple[nn.Module, nn.Module]]:
+def make_layers(
+    n_layers: int,
+    attention: str = "full",
+    dropout: float = 0.0,
+    ffn_chunks: int = 1,
+    d_model: int = D,
+    n_heads: int = HEADS,
+    **attention_params,
+) -> list[tuple[nn.Module, nn.Module]]:
     """n_layers float64 (PreNorm(attention), PreNorm(ffn)) pairs with fixed initial weights."""
     torch.manual_seed(0)
     layers = []
     for _ in range(n_layers):
-        attention_layer = variants.build(attention, d_model=d_model, n_heads=n_heads, causal=True, dropout=dropout,
-                                         **attention_params)
+        attention_layer = variants.build(attention, d_model=d_model, n_heads=n_heads, causal=True, dropout=dropout, **attention_params)
         ffn = variants.build("ffn", d_model=d_model, d_ff=2 * d_model, n_chunks=ffn_chunks, dropout=dropout)
         layers.append((PreNorm(d_model, attention_layer).double(), PreNorm(d_model, ffn).double()))
     return layers

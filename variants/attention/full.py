@@ -59,9 +59,7 @@ def shared_qk_keys_backward(
     return torch.mul(grad_keys, scale, out=out).addcmul_(qk, dot, value=-1)
 
 
-def full_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False
-) -> torch.Tensor:
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False) -> torch.Tensor:
     """Materialised softmax(logits) @ v on [batch, heads, seq_len, head_dim] tensors.
 
     Without shared_qk: logits = q . k / sqrt(head_dim). With shared_qk the `k` argument is ignored

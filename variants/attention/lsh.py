@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
-from variants.attention import lsh_cpu
+import variants.attention.lsh_cpu as lsh_cpu
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import full_attention, mask_values, shared_qk_key_scale, shared_qk_keys_backward
 from variants.registry import register, register_backend
@@ -98,9 +98,7 @@ def bucket_factors(n_buckets: int | Sequence[int] | None, seq_len: int, bucket_s
 HASH_SLICE_ELEMENTS = 2**23
 
 
-def hash_buckets(
-    qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor
-) -> torch.Tensor:
+def hash_buckets(qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor) -> torch.Tensor:
     """Angular-LSH buckets of qk [batch, heads, seq_len, head_dim] -> [batch, heads, n_hashes, seq_len].
 
     n_buckets: buckets per round, or factors (a, b, ...) whose product it is (factorised hashing:
@@ -206,11 +204,7 @@ class _SortedItems:
         if heads * self.n_chunks * per_chunk <= self.block_elements:
             return [(slice(0, heads), 0, self.n_chunks)]
         step = max(1, self.block_elements // per_chunk)
-        return [
-            (slice(h, h + 1), first, min(step, self.n_chunks - first))
-            for h in range(heads)
-            for first in range(0, self.n_chunks, step)
-        ]
+        return [(slice(h, h + 1), first, min(step, self.n_chunks - first)) for h in range(heads) for first in range(0, self.n_chunks, step)]
 
     def span(self, x: torch.Tensor, block: Block) -> torch.Tensor:
         """x [BH, c + N, ...] (padded sorted order) -> [h, (count + 1) * c, ...]: the block's windows' rows."""
@@ -281,7 +275,9 @@ def _fill_constant(items: _SortedItems, block: Block, x: torch.Tensor, self_valu
         x[index, :, :c] = x[index, :, :c].masked_fill(repeats, self_value)
 
 
-def _masked_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _masked_logits(
+    items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits of a block [h * count, c, 2c]: q . k, causal then self masks, minus log N_ij (dup_correction).
 
     query [h * count, c, d], keys (windows) [h * count, 2c, d]; written into `out` when given.
@@ -383,8 +379,12 @@ def _mask_arguments(dtype: torch.dtype) -> dict[str, float]:
 
 
 def _fused_forward_combining(
-    table: torch.Tensor, key_scale: torch.Tensor, items: _SortedItems, probs: torch.Tensor | None,
-    row_max: torch.Tensor, row_sum: torch.Tensor,
+    table: torch.Tensor,
+    key_scale: torch.Tensor,
+    items: _SortedItems,
+    probs: torch.Tensor | None,
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel's forward with the rounds combined per position inside it.
 
@@ -398,9 +398,21 @@ def _fused_forward_combining(
     lse_max, lse_sum = table.new_full((rows,), -math.inf), table.new_zeros(rows)
     scale = torch.empty_like(row_max)
     lsh_cpu.forward(
-        table, key_scale, items.rows, chunk=items.chunk, causal=items.causal, **_mask_arguments(table.dtype),
-        probs=probs, row_max=row_max, row_sum=row_sum, out=None, combined=combined, lse_max=lse_max, lse_sum=lse_sum,
-        item_scale=scale, seq_len=items.seq_len,
+        table,
+        key_scale,
+        items.rows,
+        chunk=items.chunk,
+        causal=items.causal,
+        **_mask_arguments(table.dtype),
+        probs=probs,
+        row_max=row_max,
+        row_sum=row_sum,
+        out=None,
+        combined=combined,
+        lse_max=lse_max,
+        lse_sum=lse_sum,
+        item_scale=scale,
+        seq_len=items.seq_len,
     )
     return combined, scale
 
@@ -445,8 +457,16 @@ class _LSHCore(torch.autograd.Function):
             out = torch.empty(bh, n_items, d, **new)
             if ctx.fused:
                 lsh_cpu.forward(
-                    table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
-                    probs=probs, row_max=row_max, row_sum=row_sum, out=out,
+                    table,
+                    key_scale,
+                    items.rows,
+                    chunk=c,
+                    causal=items.causal,
+                    **_mask_arguments(table.dtype),
+                    probs=probs,
+                    row_max=row_max,
+                    row_sum=row_sum,
+                    out=out,
                 )
             else:
                 gather = _BlockRows(items, table, key_scale)
@@ -497,8 +517,17 @@ class _LSHCore(torch.autograd.Function):
         grad_table = torch.zeros_like(table)
         if ctx.fused:
             lsh_cpu.backward(
-                table, key_scale, items.rows, chunk=c, causal=items.causal, **_mask_arguments(table.dtype),
-                probs=probs, row_max=row_max, scale=scale, grad_out=grad_combined, grad_dot=grad_dot_out,
+                table,
+                key_scale,
+                items.rows,
+                chunk=c,
+                causal=items.causal,
+                **_mask_arguments(table.dtype),
+                probs=probs,
+                row_max=row_max,
+                scale=scale,
+                grad_out=grad_combined,
+                grad_dot=grad_dot_out,
                 grad_table=grad_table,
             )
             return grad_table, None
@@ -566,8 +595,15 @@ def lsh_attention(
         raise ValueError(f"qk and v must have the same shape, got {tuple(qk.shape)} and {tuple(v.shape)}")
     packed = torch.cat([qk.transpose(1, 2), v.transpose(1, 2)], dim=-1)
     out = lsh_attention_packed(
-        packed, n_hashes=n_hashes, bucket_size=bucket_size, n_buckets=n_buckets, causal=causal,
-        rotations=rotations, seed=seed, dup_correction=dup_correction, save_probs=save_probs,
+        packed,
+        n_hashes=n_hashes,
+        bucket_size=bucket_size,
+        n_buckets=n_buckets,
+        causal=causal,
+        rotations=rotations,
+        seed=seed,
+        dup_correction=dup_correction,
+        save_probs=save_probs,
     )
     return out.transpose(1, 2)
 

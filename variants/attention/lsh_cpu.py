@@ -30,8 +30,14 @@ import torch
 SOURCE = Path(__file__).with_name("lsh_cpu.c")
 # Full fast-math is avoided: linked into a shared library it sets flush-to-zero for the process.
 CFLAGS = [
-    "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-    "-fPIC", "-shared",
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fPIC",
+    "-shared",
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):
     CFLAGS.append("-mprefer-vector-width=256")  # GCC's Zen tuning picks 128-bit vectors (expf 4 at a time)
@@ -71,7 +77,9 @@ def _build(compiler: str) -> Path:
         built = Path(scratch) / target.name
         result = subprocess.run(
             [compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
@@ -134,9 +142,7 @@ def status() -> str:
             try:
                 _state["lib"] = _load()
                 one = "" if _state["threads_ok"] else "; one thread (this BLAS has no per-thread control)"
-                _state["status"] = (
-                    f"fused C kernel, used for float32 CPU tensors without dup_correction ({_state['lib']._name}{one})"
-                )
+                _state["status"] = f"fused C kernel, used for float32 CPU tensors without dup_correction ({_state['lib']._name}{one})"
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 _state["lib"], _state["status"] = None, f"PyTorch ops: {error}"
     return _state["status"]
@@ -164,8 +170,18 @@ def _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     return [
-        _ptr(table), _ptr(key_scale), _ptr(rows), bh, n_items, chunk, table.shape[1] // 2, int(causal),
-        mask_value, self_value, STRETCH_CHUNKS, threads(),
+        _ptr(table),
+        _ptr(key_scale),
+        _ptr(rows),
+        bh,
+        n_items,
+        chunk,
+        table.shape[1] // 2,
+        int(causal),
+        mask_value,
+        self_value,
+        STRETCH_CHUNKS,
+        threads(),
     ]
 
 
@@ -176,13 +192,26 @@ def threads() -> int:
 
 
 def forward(
-    table: torch.Tensor, key_scale: torch.Tensor, rows: torch.Tensor, *, chunk: int, causal: bool,
-    mask_value: float, self_value: float,
-    probs: torch.Tensor | None, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor | None,
-    combined: torch.Tensor | None = None, lse_max: torch.Tensor | None = None, lse_sum: torch.Tensor | None = None,
-    item_scale: torch.Tensor | None = None, seq_len: int = 0,
+    table: torch.Tensor,
+    key_scale: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    chunk: int,
+    causal: bool,
+    mask_value: float,
+    self_value: float,
+    probs: torch.Tensor | None,
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+    out: torch.Tensor | None,
+    combined: torch.Tensor | None = None,
+    lse_max: torch.Tensor | None = None,
+    lse_sum: torch.Tensor | None = None,
+    item_scale: torch.Tensor | None = None,
+    seq_len: int = 0,
 ) -> None:
-    """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and row_sum [BH, N, 1], and out [BH, N, d].
+    """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and
+    row_sum [BH, N, 1], and out [BH, N, d].
 
     table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`_SortedItems.rows`).
     out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it. With combined
@@ -202,18 +231,36 @@ def forward(
             raise ValueError(f"{name} must be contiguous")
     args = _common(table, key_scale, rows, bh, n_items, chunk, causal, mask_value, self_value)
     code = _state["lib"].lsh_cpu_forward(
-        *args, _ptr(probs), _ptr(row_max), _ptr(row_sum), _ptr(out), _ptr(combined), _ptr(lse_max), _ptr(lse_sum),
-        _ptr(item_scale), seq_len,
+        *args,
+        _ptr(probs),
+        _ptr(row_max),
+        _ptr(row_sum),
+        _ptr(out),
+        _ptr(combined),
+        _ptr(lse_max),
+        _ptr(lse_sum),
+        _ptr(item_scale),
+        seq_len,
     )
     if code != 0:
         raise MemoryError("lsh_cpu_forward: out of memory for its scratch buffers (or no thread could start)")
 
 
 def backward(
-    table: torch.Tensor, key_scale: torch.Tensor, rows: torch.Tensor, *, chunk: int, causal: bool,
-    mask_value: float, self_value: float,
-    probs: torch.Tensor | None, row_max: torch.Tensor, scale: torch.Tensor,
-    grad_out: torch.Tensor, grad_dot: torch.Tensor, grad_table: torch.Tensor,
+    table: torch.Tensor,
+    key_scale: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    chunk: int,
+    causal: bool,
+    mask_value: float,
+    self_value: float,
+    probs: torch.Tensor | None,
+    row_max: torch.Tensor,
+    scale: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_dot: torch.Tensor,
+    grad_table: torch.Tensor,
 ) -> None:
     """Adds the chunked attention's gradient w.r.t. the table into grad_table [R, 2d].
 
@@ -233,7 +280,6 @@ def backward(
         raise MemoryError("lsh_cpu_backward: out of memory for its scratch buffers (or no thread could start)")
 
 
-
 def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     """Angular-LSH buckets of qk [batch, heads, seq_len, d] (any strides, last one 1) -> [batch, heads, n_hashes, seq_len].
 
@@ -251,8 +297,20 @@ def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, 
     out = torch.empty(batch, heads, n_hashes, seq_len, dtype=torch.int64)
     stride_b, stride_h, stride_l, _ = qk.stride()
     code = _state["lib"].lsh_cpu_hash(
-        _ptr(qk), stride_b, stride_h, stride_l, batch, heads, seq_len, d, _ptr(rotations), n_hashes, halves,
-        len(factors), threads(), _ptr(out),
+        _ptr(qk),
+        stride_b,
+        stride_h,
+        stride_l,
+        batch,
+        heads,
+        seq_len,
+        d,
+        _ptr(rotations),
+        n_hashes,
+        halves,
+        len(factors),
+        threads(),
+        _ptr(out),
     )
     if code != 0:
         raise MemoryError("lsh_cpu_hash: out of memory for its scratch buffers")
@@ -271,13 +329,13 @@ def combine(out: torch.Tensor, scale: torch.Tensor, undo: torch.Tensor, *, batch
             raise ValueError(f"{name} must be contiguous")
     n_hashes, d = undo.shape[1] // seq_len, out.shape[-1]
     combined = out.new_empty(batch * seq_len * heads, d)
-    _state["lib"].lsh_cpu_combine(
-        _ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, threads(), _ptr(combined)
-    )
+    _state["lib"].lsh_cpu_combine(_ptr(out), _ptr(scale), _ptr(undo), batch, heads, seq_len, n_hashes, d, threads(), _ptr(combined))
     return combined
 
 
-def sort_items(buckets: torch.Tensor, *, n_buckets: int, heads: int, seq_len: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_items(
+    buckets: torch.Tensor, *, n_buckets: int, heads: int, seq_len: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stable counting sort per head of buckets [BH, N] (values in [0, n_buckets), item id r * L + position).
 
     Returns sort_idx [BH, N] (the item id at each sorted index), undo [BH, N] (its inverse) and rows

@@ -83,9 +83,7 @@ def _hf_reformer() -> types.ModuleType:
     return require("transformers.models.reformer.modeling_reformer", "transformers", "hf_lsh")
 
 
-def hf_auto_num_buckets(
-    seq_len: int, chunk_length: int, max_position_embeddings: int = HF_MAX_POSITION_EMBEDDINGS
-) -> int | list[int]:
+def hf_auto_num_buckets(seq_len: int, chunk_length: int, max_position_embeddings: int = HF_MAX_POSITION_EMBEDDINGS) -> int | list[int]:
     """HF's automatic bucket count for a sequence of seq_len tokens, computed by HF's own code.
 
     Runs `LSHSelfAttention._set_num_buckets` on a stand-in object, so the result is whatever the
@@ -246,8 +244,7 @@ class ReformerPytorchLSHConfig(AttentionConfig):
     def check_seq_len(self, seq_len: int) -> None:
         """Up to bucket_size: full attention (any length); beyond it, a multiple of 2 * bucket_size."""
         if seq_len > self.bucket_size and seq_len % (2 * self.bucket_size):
-            raise ValueError(f"reformer_pytorch_lsh: seq_len={seq_len} must be a multiple of "
-                             f"2 * bucket_size={2 * self.bucket_size}")
+            raise ValueError(f"reformer_pytorch_lsh: seq_len={seq_len} must be a multiple of 2 * bucket_size={2 * self.bucket_size}")
 
 
 @register("reformer_pytorch_lsh", config=ReformerPytorchLSHConfig)

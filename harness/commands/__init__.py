@@ -1,0 +1,15 @@
+"""The subcommands of `python -m harness`, one module each (the parser is harness.cli):
+
+run (benchmark and quality suites), status, list, env, report, compare, check, baseline, profile,
+selfcheck. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suite,
+harness.runner, harness.executors, harness.results, harness.report, harness.check, ...) and raises
+`UsageError` for bad command-line input (exit status 2).
+"""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # this package's repository (its code version), never a data root
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one clear message, exit status 2."""
