@@ -355,7 +355,7 @@ def check_variant(name: str, dtype_name: str, context: Context) -> Outcome:
     variant = variants.spec(name)
     if variant.kind not in ("attention", "feedforward", "residual", "model"):
         raise Skip(f"kind {variant.kind!r}: no recipe to build and feed it")
-    dtype = getattr(torch, dtype_name)
+    dtype = measure.DTYPES[dtype_name]
     causal_settings = (False, True) if "causal" in variant.parameters() else (None,)
     errors: dict[str, float] = {}
     references = set()
@@ -419,7 +419,7 @@ def weak_hashes(qk: torch.Tensor, rotations: torch.Tensor, margin: float) -> tor
 def lsh_inputs(case: LshCase, dtype_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 qk, v and rotations holding values exact in `dtype_name`; qk rows are redrawn until every
     hash clears HASH_MARGINS[dtype_name], so the device's rounding cannot move an item to another bucket."""
-    dtype = getattr(torch, dtype_name)
+    dtype = measure.DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(SEED + 7 * case.n_hashes + case.causal)
 
     def draw(*shape: int) -> torch.Tensor:
@@ -460,7 +460,7 @@ def lsh_run(case: LshCase, qk: torch.Tensor, v: torch.Tensor, rotations: torch.T
 def check_lsh(case: LshCase, dtype_name: str, context: Context) -> Outcome:
     """The LSH core with `case.n_hashes` rounds on the device in `dtype_name` against float64 on the CPU,
     same rotations and inputs: output and the qk / v gradients."""
-    dtype = getattr(torch, dtype_name)
+    dtype = measure.DTYPES[dtype_name]
     qk, v, rotations = lsh_inputs(case, dtype_name)
     device_run = lsh_run(case, *(t.to(context.device, dtype) for t in (qk, v, rotations)))
     reference = lsh_run(case, qk, v, rotations)
