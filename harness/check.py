@@ -3,7 +3,7 @@
     python -m harness check RUN --baseline BASELINE [--any-device] [--format text|json|markdown] [--checks FILE]
     python -m harness baseline RUN --name NAME
 
-Cells are matched by `harness.suite.config_key_of` (the configuration without the code version),
+Cells are matched by `harness.cells.benchmark.config_key_of` (the configuration without the code version),
 only between runs measured on the same device name unless `any_device`. The rules come from
 `--checks FILE`, else from the `checks:` block of the suite the run was made with (run.json keeps
 its text), else the defaults of `harness.check_rules`:
@@ -34,12 +34,12 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from harness.cells.benchmark import CONFIG_COLUMNS, config_key_of, model_defaults
 from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRule, checks_from_suite_text, load_checks_file
 from harness.environment import device_slug
 from harness.expressions import ExpressionError, both, select_rows
 from harness.results import ResultsError, StoredRun, file_mode, read_run, to_json
 from harness.stats import mann_whitney_u, median, min_p_value
-from harness.suite import CONFIG_COLUMNS, config_key_of, model_defaults
 
 BASELINES_DIR = "baselines"
 BASELINE_INFO = "baseline.json"

@@ -24,7 +24,7 @@ Every rule has `enabled` and defaults that follow shared/reference/measurement.m
 A ratio pairs each numerator cell with the one denominator cell that agrees on `match_on`
 (default seq_len and batch) and compares median(numerator) / median(denominator) with the same
 ratio in the baseline. Expressions are those of harness.expressions, checked when the block is read.
-This module has no torch/pandas imports: harness.suite validates with it.
+This module has no torch/pandas imports: harness.suites validates with it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
 from harness.results import CorruptCellWarning, ResultsError
 from harness.safe_yaml import YAMLInputError
-from harness.suite import SuiteError
+from harness.suites import SuiteError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -398,7 +398,7 @@ def check_files(task: dict) -> None:
 
 
 def build_data(task: dict) -> LMData:
-    """A dataset from a suite's `task:` mapping (`name` plus that task's settings, see harness.quality)."""
+    """A dataset from a suite's `task:` mapping (`name` plus that task's settings, see harness.suites.quality)."""
     settings = {k: v for k, v in task.items() if k != "name"}
     name = task["name"]
     if name == "duplication":

@@ -27,10 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.cells import Cell
+from harness.isolation import THREADS_ENV, interrupt_guard, kill_live_cells
 from harness.results import RunStore, atomic_write_json
-from harness.runner import THREADS_ENV, RunOptions, Sweep, interrupt_guard, kill_live_cells, run_cells
 from harness.slurm import SlurmUnavailable, job_states
-from harness.suite import Cell
+from harness.sweep import RunOptions, Sweep, run_cells
 
 EXECUTORS = ("local", "pool", "submitit")
 JOBS_FILE = "jobs.json"  # submitted job ids, per submission, for `harness status`

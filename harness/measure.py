@@ -227,7 +227,7 @@ class MatmulReading:
         return {"matmul_gflops": self.gflops, "matmul_n": self.n}
 
 
-# Suite dtype names -> torch dtypes (harness.suite's DType); a table, so no name reaches getattr.
+# Suite dtype names -> torch dtypes (harness.suites.benchmark's DType); a table, so no name reaches getattr.
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

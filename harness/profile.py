@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from harness.suite import Cell
+from harness.cells.benchmark import BenchmarkCell
 from harness.workloads import build_workload
 
 
-def profile_cell(cell: Cell, device: torch.device, steps: int = 1, warmup: int = 2, top: int = 25) -> str:
+def profile_cell(cell: BenchmarkCell, device: torch.device, steps: int = 1, warmup: int = 2, top: int = 25) -> str:
     """torch.profiler table of `steps` calls of the cell's step (after `warmup` calls), top rows by self time.
 
     Times in the table are per profiled region, summed over the `steps` calls.

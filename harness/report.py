@@ -93,9 +93,9 @@ def default_runs(root: str | Path = RESULTS_ROOT) -> list[Path]:
 
 
 def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(benchmark rows, learning-curve rows, train-by-eval rows, other rows such as failed trainings).
+    """(benchmark rows, learning-curve rows, train-by-eval rows, failed training cells).
 
-    Quality runs (harness.quality) mark their rows with `row_type` "curve" / "eval" / "error";
+    Quality runs (harness.cells.quality) mark their rows with `row_type` "curve" / "eval" / "train";
     without that column, rows with an `eval_variant` are evaluations and rows with a `step` curves.
     Benchmark rows have neither."""
     if "row_type" in rows:
@@ -106,7 +106,7 @@ def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
             kind = kind.mask(rows["step"].notna(), "curve")
         if "eval_variant" in rows:
             kind = kind.mask(rows["eval_variant"].notna(), "eval")
-    other = kind.notna() & ~kind.isin(["curve", "eval"])
+    other = kind.notna() & ~kind.isin(["curve", "eval"]) & (rows["status"] != "ok")  # failed `train` rows
     return rows[kind.isna()], rows[kind == "curve"], rows[kind == "eval"], rows[other]
 
 
@@ -318,7 +318,7 @@ def noise_check(row: pd.Series) -> tuple[bool, float, bool]:
 
 def _match_columns(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
     try:
-        from harness.suite import model_fields
+        from harness.cells import model_fields
 
         model = list(model_fields())
     except Exception:  # the schema needs torch; without it, the model columns a row can carry

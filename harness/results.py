@@ -3,15 +3,18 @@
 Layout::
 
     <root>/<suite>/<run_id>/run.json            environment + suite + command
-    <root>/<suite>/<run_id>/cells/<key>.json    one row per finished cell
-    <root>/<suite>/<run_id>/results.parquet     all rows, rewritten after every cell
+    <root>/<suite>/<run_id>/results.parquet     the rows (rewritten after every row)
+    <root>/<suite>/<run_id>/cells/<key>.json    the journal: rows written since the run last finished
     <root>/<suite>/<run_id>/.lock               held (flock) by the one process running the run
 
-Every file is written to a temporary file in the same folder and renamed over the target, so a
-run killed at any moment leaves readable files; `cells/` always holds every finished cell, and
-`results.parquet` lags it by at most the cell being written (`load` notices and uses the cells).
-A cell file that cannot be read (foreign junk, a disk error) is never dropped silently: `load`
-warns (`CorruptCellWarning`), `corrupt_cells` lists it, and a resume measures that cell again.
+While a run goes on, every row is first written to its own journal file `cells/<key>.json`, then
+results.parquet is rewritten from the parquet's rows and the journal's (a journal row replaces a
+parquet row of its key). When the run finishes, `fold` empties the journal into the parquet, so a
+finished run stores each row once; a run killed at any moment keeps its journal, and a resume goes
+on from parquet + journal. Every file is written to a temporary file in the same folder and renamed
+over the target, so readers never see a torn file. A journal file that cannot be read (foreign
+junk, a disk error) is never dropped silently: `load` warns (`CorruptCellWarning`),
+`corrupt_cells` lists it, and a resume measures that cell again.
 Run ids are checked by `check_run_id` wherever one is taken from a user; new ids are reserved
 atomically (`new_run_id` creates the folder); a run being run or resumed is locked (`RunStore.lock`).
 """
@@ -41,6 +44,7 @@ CELLS_DIR = "cells"
 RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
 PARQUET = "results.parquet"
 LOCK_FILE = ".lock"
+ROWS_LOCK = ".rows.lock"  # held while results.parquet is read, merged with the journal and rewritten
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
 
@@ -222,9 +226,10 @@ def warn_corrupt(files: Iterable[Path]) -> None:
         )
 
 
-def rows_to_parquet_bytes(rows: list[dict]) -> bytes:
-    """Parquet bytes of `rows`; object columns pyarrow cannot type (mixed kinds) become JSON text."""
-    frame = pd.DataFrame(rows)
+def rows_to_parquet_bytes(rows: list[dict] | pd.DataFrame) -> bytes:
+    """Parquet bytes of `rows` (dicts or a DataFrame); object columns pyarrow cannot type (mixed
+    kinds) become JSON text."""
+    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     buffer = io.BytesIO()
     try:
         frame.to_parquet(buffer, index=False)
@@ -321,8 +326,8 @@ class RunStore:
         return read_cells(self.path)[1]
 
     def append(self, row: dict) -> None:
-        """Store one finished cell (by `row["cell_key"]`, replacing an earlier row of that key),
-        then rewrite results.parquet from all cells."""
+        """Store one row (by `row["cell_key"]`, replacing an earlier row of that key): its journal
+        file first, then results.parquet rewritten with it."""
         key = row.get("cell_key")
         if not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
             raise ValueError(f"row needs a file-name-safe 'cell_key', got {key!r}")
@@ -335,9 +340,30 @@ class RunStore:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Rewrite results.parquet from all cells/*.json. Other processes may append meanwhile (each
-        rebuild re-reads every cell), so the parquet can lag; `load` then falls back to the cells."""
-        atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
+        """Rewrite results.parquet from its rows and the journal's, under the rows lock (so writers in
+        other processes, a pool's training cells say, never lose each other's rows)."""
+        with _flocked(self.path / ROWS_LOCK, blocking=True):
+            self._write_parquet(read_rows(self.path, warn=False))
+
+    def _write_parquet(self, frame: pd.DataFrame | None) -> None:
+        atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(frame if frame is not None else []))
+
+    def fold(self) -> None:
+        """A finished run: rewrite results.parquet with every row, then empty the journal (the
+        readable files; an unreadable one stays, named by `corrupt_cells`, for a resume to redo)."""
+        with _flocked(self.path / ROWS_LOCK, blocking=True):
+            journal, _ = read_cells(self.path)
+            self._write_parquet(read_rows(self.path, warn=False))
+            self._drop_journal(row["cell_key"] for row in journal)
+
+    def _drop_journal(self, keys: Iterable[str]) -> None:
+        """Delete the journal files of `keys` (those that exist), durably."""
+        for key in keys:
+            try:
+                (self.path / CELLS_DIR / f"{key}.json").unlink()
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.path / CELLS_DIR)
 
     def mark_running(self, key: str, **info: Any) -> None:
         """Note that cell `key` is being measured now, by this host and process (`harness status`)."""
@@ -366,24 +392,27 @@ class RunStore:
         return notes
 
     def remove(self, keys: Iterable[str]) -> None:
-        """Delete the rows of `keys` (e.g. a cell's row from an older code version), then rewrite
-        results.parquet from the remaining cells. Keys not stored are ignored."""
-        removed = False
+        """Delete the rows of `keys` (e.g. a cell's row from an older code version) from the parquet
+        and the journal. Keys not stored are ignored."""
+        keys = set(keys)
         for key in keys:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
                 raise ValueError(f"not a cell_key: {key!r}")
-            try:
-                (self.path / CELLS_DIR / f"{key}.json").unlink()
-                removed = True
-            except FileNotFoundError:
-                pass
-        if removed:
-            _fsync_dir(self.path / CELLS_DIR)
-            atomic_write_bytes(self.path / PARQUET, rows_to_parquet_bytes(self.rows()))
+        with _flocked(self.path / ROWS_LOCK, blocking=True):
+            frame = read_rows(self.path, warn=False)
+            if frame is None or "cell_key" not in frame or not frame["cell_key"].isin(keys).any():
+                return
+            self._write_parquet(frame[~frame["cell_key"].isin(keys)])
+            self._drop_journal(keys)
 
     def rows(self) -> list[dict]:
-        """All stored rows, in the order they were written (unreadable cell files: `corrupt_cells`)."""
-        return read_cells(self.path)[0]
+        """All stored rows (parquet, then the journal's newer ones), each a dict of its non-missing
+        columns; unreadable journal files: `corrupt_cells`. An unreadable results.parquet is a
+        ResultsError: a run is never continued over rows it cannot read."""
+        frame = read_rows(self.path, warn=False)
+        if frame is None:
+            return []
+        return [{k: v for k, v in record.items() if not _is_missing(v)} for record in frame.to_dict("records")]
 
     def finished_keys(self) -> set[str]:
         """cell_keys of stored rows whose status is not "error" (what a resume skips)."""
@@ -436,34 +465,51 @@ def _read_parquet(file: Path) -> pd.DataFrame:
         raise ResultsError(f"{file}: unreadable parquet ({type(error).__name__}: {error})") from None
 
 
-def _load_run_dir(run_dir: Path) -> pd.DataFrame:
+def read_rows(run_dir: Path, strict: bool = True, warn: bool = True) -> pd.DataFrame | None:
+    """The rows of a run folder: results.parquet with the journal's rows (cells/*.json) over it (a
+    journal row replaces the parquet's row of its key), in the order they were first written; None
+    when there are none. Unreadable journal files are warned about (unless the parquet still holds
+    their key) with `warn`. An unreadable parquet: ResultsError with `strict`, else the journal."""
     parquet = run_dir / PARQUET
-    rows, corrupt = read_cells(run_dir)
-    cell_keys = {row["cell_key"] for row in rows}
-    problem, frame = None, None
+    journal, corrupt = read_cells(run_dir)
+    stored, problem = None, None
     if parquet.exists():
         try:
-            stored_frame = _read_parquet(parquet)
+            stored = _read_parquet(parquet)
         except ResultsError as error:
             problem = str(error)
+    if problem is not None and (strict or not journal):
+        raise ResultsError(
+            f"{problem}; move it away to run this run's cells again"
+            + (f" ({len(journal)} rows are in the journal {run_dir / CELLS_DIR})" if journal else "")
+        )
+    if problem is not None and warn:
+        warnings.warn(CorruptCellWarning(f"{problem}; only the journal's rows are loaded"), stacklevel=2)
+    frame = stored
+    if journal:
+        newer = _lists_back(pd.DataFrame(journal))
+        if stored is not None and "cell_key" in stored.columns:
+            kept = stored[~stored["cell_key"].astype(str).isin(set(newer["cell_key"]))]
+            frame = pd.concat([kept, newer], ignore_index=True) if len(kept) else newer
         else:
-            stored = set(stored_frame["cell_key"].astype(str)) if "cell_key" in stored_frame.columns else set()
-            if cell_keys <= stored:
-                frame = stored_frame
-            # else killed between writing a cell and rewriting the parquet: the cells are the truth.
-    if frame is None and cell_keys:
-        frame = _lists_back(pd.DataFrame(rows))
+            frame = newer
     loaded = set(frame["cell_key"].astype(str)) if frame is not None and "cell_key" in frame.columns else set()
-    warn_corrupt(file for file in corrupt if file.stem not in loaded)  # a row the parquet still holds is not lost
+    if warn:
+        warn_corrupt(file for file in corrupt if file.stem not in loaded)  # a row the parquet still holds is not lost
+    if frame is None or frame.empty:
+        return None
+    return frame.reset_index(drop=True)
+
+
+def _load_run_dir(run_dir: Path) -> pd.DataFrame:
+    frame = read_rows(run_dir, strict=False)
     if frame is not None:
         return frame
+    corrupt = read_cells(run_dir)[1]
     if corrupt:
         raise ResultsError(
-            f"{run_dir}: every cell file is unreadable ({', '.join(f.name for f in corrupt[:5])}"
-            f"{', ...' if len(corrupt) > 5 else ''})" + (f" and {problem}" if problem else "")
+            f"{run_dir}: every cell file is unreadable ({', '.join(f.name for f in corrupt[:5])}{', ...' if len(corrupt) > 5 else ''})"
         )
-    if problem:
-        raise ResultsError(f"{problem}, and {run_dir / CELLS_DIR} holds no cell files to fall back on")
     raise ResultsError(f"{run_dir}: no results yet (neither {PARQUET} nor {CELLS_DIR}/*.json)")
 
 

@@ -274,6 +274,15 @@ def small_settings(name: str, causal: bool | None) -> dict[str, Any]:
     return settings
 
 
+def takes_settings(name: str, causal: bool | None) -> bool:
+    """Whether variant `name`'s config accepts `small_settings(name, causal)` (linformer has no causal form)."""
+    try:
+        variants.make_config(name, **small_settings(name, causal))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def build_small(name: str, causal: bool | None) -> nn.Module:
     """Variant `name` at small sizes in float64 on the CPU, seeded (residual stacks get two ProbeLayer pairs)."""
     torch.manual_seed(SEED)
@@ -356,7 +365,9 @@ def check_variant(name: str, dtype_name: str, context: Context) -> Outcome:
     if variant.kind not in ("attention", "feedforward", "residual", "model"):
         raise Skip(f"kind {variant.kind!r}: no recipe to build and feed it")
     dtype = measure.DTYPES[dtype_name]
-    causal_settings = (False, True) if "causal" in variant.parameters() else (None,)
+    causal_settings = tuple(c for c in ((False, True) if "causal" in variant.parameters() else (None,)) if takes_settings(name, c))
+    if not causal_settings:
+        raise Skip("its config rejects the small settings in both masking modes")
     errors: dict[str, float] = {}
     references = set()
     for causal in causal_settings:
@@ -648,8 +659,8 @@ def check_oom(context: Context) -> Outcome:
     """A cell whose inputs (4 GiB) exceed its 0.25 GiB memory limit comes back from its own process as an
     `oom` row, not a crash: on CPU the allocation passes the address-space backstop (RLIMIT_AS) of the
     limit, on CUDA the caching allocator's per-process memory fraction."""
-    from harness.runner import run_cell_isolated
-    from harness.suite import load_suite
+    from harness.suites import load_suite
+    from harness.sweep import execute_isolated
 
     path = write_suite(
         context.workdir / "oom",
@@ -660,7 +671,7 @@ def check_oom(context: Context) -> Outcome:
         memory_limit_gib=0.25,
         timeout_s=120.0,
     )
-    row = run_cell_isolated(load_suite(path).cells()[0])
+    row = execute_isolated(load_suite(path).cells()[0], str(context.workdir / "oom"), "oom", "selfcheck")
     message = re.sub(r"\[enforce fail at [^\]]*\] (err == 0\. )?", "", " ".join(str(row.get("message") or "").split()))
     limit = f"limit {row['memory_limit_mib'] / 1024:.3g} GiB" if row.get("memory_limit_mib") else "no memory limit set"
     detail = f"{row['status']} row ({limit}, 4 GiB of inputs): {message[:140]}"
@@ -685,9 +696,10 @@ def check_pool(context: Context) -> Outcome:
     slot's thread share; on CUDA one slot per visible GPU (CUDA_VISIBLE_DEVICES honoured), each cell on
     the GPU its slot pins."""
     from harness.executors import pool_slots, run_pool
+    from harness.isolation import THREADS_ENV
     from harness.results import RunStore
-    from harness.runner import THREADS_ENV, RunOptions
-    from harness.suite import load_suite
+    from harness.suites import load_suite
+    from harness.sweep import RunOptions
 
     on_cuda = context.device.type == "cuda"
     slots = pool_slots(context.device.type, None if on_cuda else 2)

@@ -1,7 +1,7 @@
 """`python -m harness status RUN`: which cells of a run are done, running, failed or pending.
 
 Works for every executor while the run goes on or after it stopped: the planned cells come from
-run.json (`cell_keys`, `cell_labels`), finished ones from cells/*.json, running ones from the
+run.json (`cell_keys`, `cell_labels`), finished ones from the stored rows (harness.results), running ones from the
 running/*.json notes the runner leaves while a cell is measured, and Slurm jobs still queued from
 jobs.json (their state asked of Slurm itself, harness.slurm: scontrol, then sacct, so it works
 on clusters without accounting storage too).
@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from harness.results import RunStore, load_run_info, read_cells
+from harness.results import RunStore, load_run_info
 from harness.slurm import SlurmUnavailable, job_states
 
 DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
@@ -90,7 +90,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
     store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name)
-    stored_rows, unreadable = read_cells(run_dir)
+    stored_rows, unreadable = store.rows(), store.corrupt_cells()
     rows = {r["cell_key"]: r for r in stored_rows}
     corrupt = {file.stem for file in unreadable}
     planned = list(info.get("cell_keys") or rows) + sorted(corrupt - set(info.get("cell_keys") or rows))

@@ -1,6 +1,9 @@
-"""Pivoted summary tables of result rows: variants as rows, sequence lengths as columns."""
+"""Summary tables of result rows: benchmark metrics pivoted (variants as rows, sequence lengths as
+columns) and a quality run's accuracy and bits-per-dim grids."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pandas as pd
 
@@ -34,3 +37,53 @@ def pivot_metric(rows: pd.DataFrame, metric: str, columns: str = "seq_len", fmt:
     order = list(dict.fromkeys(frame["series"]))
     table = frame.pivot_table(index="series", columns=columns, values="shown", aggfunc="last")
     return table.reindex(order).fillna("")
+
+
+# --------------------------------------------------------------------------- quality runs
+
+
+def accuracy_table(rows: Any) -> pd.DataFrame:
+    """Train variant x eval variant table of `accuracy` (percent) from eval rows (a DataFrame),
+    rows and columns in first-seen order."""
+    frame = pd.DataFrame(rows)
+    evals = frame[(frame.get("row_type") == "eval") & (frame["status"] == "ok")] if "row_type" in frame else frame.iloc[0:0]
+    if evals.empty:
+        return pd.DataFrame()
+    table = evals.pivot_table(index="train_variant", columns="eval_variant", values="accuracy", aggfunc="mean", sort=False)
+    return table.reindex(index=list(dict.fromkeys(evals["train_variant"])), columns=list(dict.fromkeys(evals["eval_variant"])))
+
+
+def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """(title, DataFrame) pairs to print after a run: accuracy grid, final eval bpd, last curve point."""
+    frame = pd.DataFrame(rows)
+    if frame.empty or "row_type" not in frame:
+        return []
+    out = []
+    evals = frame[(frame["row_type"] == "eval") & (frame["status"] == "ok")]
+    group = [c for c in ("n_layers", "residual", "seed") if c in evals and evals[c].nunique() > 1]
+    if not evals.empty:
+        if evals["accuracy"].notna().any() and not (evals["eval_variant"] == evals["train_variant"]).all():
+            out.append(
+                (
+                    "accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
+                    if evals["task"].iloc[0] == "duplication"
+                    else "accuracy (%), train x eval",
+                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="accuracy", sort=False).round(1),
+                )
+            )
+        if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
+            columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if evals["accuracy"].notna().any() else [])
+            out.append(("final eval bits per dim", evals[columns].round(3).to_string(index=False)))
+        else:
+            out.append(
+                (
+                    "eval bits per dim, train x eval",
+                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd", sort=False).round(3),
+                )
+            )
+    curve = frame[frame["row_type"] == "curve"]
+    if not curve.empty:
+        last = curve.loc[curve.groupby("train_key", sort=False)["step"].idxmax()]
+        columns = [c for c in ("train_variant", *group, "step", "train_bpd", "eval_bpd", "eval_accuracy", "wall_s") if c in last]
+        out.append(("last learning-curve point per training cell", last[columns].round(3).to_string(index=False)))
+    return out

@@ -1,8 +1,8 @@
 """The subcommands of `python -m harness`, one module each (the parser is harness.cli):
 
 run (benchmark and quality suites), status, list, env, report, compare, check, baseline, profile,
-selfcheck. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suite,
-harness.runner, harness.executors, harness.results, harness.report, harness.check, ...) and raises
+selfcheck. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suites,
+harness.sweep, harness.executors, harness.results, harness.report, harness.check, ...) and raises
 `UsageError` for bad command-line input (exit status 2).
 """
 

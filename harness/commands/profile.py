@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from harness.commands import UsageError
-from harness.suite import filter_cells, load_suite
+from harness.suites import filter_cells, load_suite
 
 
 def main(args: argparse.Namespace) -> int:
@@ -15,6 +15,8 @@ def main(args: argparse.Namespace) -> int:
     from harness.profile import profile_cell
 
     suite = load_suite(args.suite, device=args.device)
+    if suite.kind != "benchmark":
+        raise UsageError(f"{args.suite}: profile runs the cells of benchmark suites; this is a {suite.kind} suite")
     cells = filter_cells(suite.cells(), args.filter) if args.filter else suite.cells()
     if not cells:
         raise UsageError(f"no cell of {args.suite} matches --filter {args.filter!r}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from harness import cli
+from harness.cells.benchmark import config_key_of
 from harness.check import (
     IMPROVEMENT,
     MISSING,
@@ -25,7 +26,7 @@ from harness.check import (
 )
 from harness.check_rules import ChecksSpec, parse_checks
 from harness.results import RunStore
-from harness.suite import SuiteError, config_key_of, load_suite
+from harness.suites import SuiteError, load_suite
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = """\

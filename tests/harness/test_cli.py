@@ -16,13 +16,13 @@ import pytest
 import tomllib
 import torch
 import yaml
-from test_quality import BASE as QUALITY_SUITE
-from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli
 from harness.report import render_report
 from harness.results import PARQUET, CorruptCellWarning, RunStore, load, load_run_info
 from harness.status import format_status, run_status
+from tests.harness.suites.test_quality_suite import BASE as QUALITY_SUITE
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -75,7 +75,7 @@ def test_dry_run_lists_cells_and_varying_columns_and_writes_nothing(tmp_path, ca
     assert code == 0
     header, *lines = out.splitlines()
     assert header.split() == ["variant_label", "seq_len", "batch", "causal", "estimate_s", "key"]
-    assert len(lines) == 12 + 1 and lines[-1].startswith("12 cells on cpu")
+    assert len(lines) == 12 + 1 and lines[-1].startswith("12 benchmark cells on cpu")
     assert "lsh n_hashes=2" in out
     assert not (tmp_path / "out").exists()
 
@@ -287,9 +287,12 @@ def test_an_unreadable_cell_file_is_reported_everywhere_and_measured_again(tmp_p
     suite = write_suite(tmp_path, "junk", [{"name": "full"}], [64, 128])
     assert cli.main(["run", str(suite), "--out", str(out)]) == 0
     (run_dir,) = (out / "junk").iterdir()
-    broken = sorted((run_dir / "cells").iterdir())[0]
+    assert not list((run_dir / "cells").iterdir())  # a finished run keeps its rows once, in the parquet
+    # A journal file damaged on disk before the run could fold it: its row is only there.
+    key = load(run_dir)["cell_key"].iloc[0]
+    RunStore(out, "junk", run_dir.name).remove([key])
+    broken = run_dir / "cells" / f"{key}.json"
     broken.write_text("{not json")
-    (run_dir / PARQUET).unlink()
     with pytest.warns(CorruptCellWarning, match=broken.name):
         assert len(load(run_dir)) == 1
     status = run_status(run_dir)
@@ -301,20 +304,24 @@ def test_an_unreadable_cell_file_is_reported_everywhere_and_measured_again(tmp_p
     assert code == 0 and f"warning: {broken}" in err
     code, out_text, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_dir.name)
     assert code == 0 and "running 1 of 2 cells" in out_text and "unreadable cell file" in err, out_text + err
-    assert len(load(run_dir)) == 2 and (run_dir / PARQUET).is_file()
+    assert len(load(run_dir)) == 2 and (run_dir / PARQUET).is_file() and not list((run_dir / "cells").iterdir())
     assert run_status(run_dir).counts()["done"] == 2
 
 
-def test_a_resume_with_nothing_to_run_rebuilds_a_missing_or_garbage_parquet(tmp_path, capsys):
+def test_a_resume_never_writes_over_an_unreadable_parquet_and_remeasures_a_lost_one(tmp_path, capsys):
     out = tmp_path / "out"
     suite = write_suite(tmp_path, "pq", [{"name": "full"}], [64])
     assert cli.main(["run", str(suite), "--out", str(out)]) == 0
     (run_dir,) = (out / "pq").iterdir()
-    for damage in (lambda p: p.unlink(), lambda p: p.write_bytes(b"garbage")):
-        damage(run_dir / PARQUET)
-        assert cli.main(["run", str(suite), "--out", str(out), "--resume", run_dir.name]) == 0
-        assert len(pd.read_parquet(run_dir / PARQUET)) == 1
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume", run_dir.name]) == 0
     assert "nothing to run" in capsys.readouterr().out
+    (run_dir / PARQUET).write_bytes(b"garbage")
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_dir.name)
+    assert code == 2 and "unreadable parquet" in err and "move it away" in err and "Traceback" not in err
+    assert (run_dir / PARQUET).read_bytes() == b"garbage"  # left for the user to look at
+    (run_dir / PARQUET).unlink()
+    code, out_text, _ = run_cli(capsys, "run", str(suite), "--out", str(out), "--resume", run_dir.name)
+    assert code == 0 and "running 1 of 1 cells" in out_text and len(pd.read_parquet(run_dir / PARQUET)) == 1
 
 
 def test_an_installed_package_writes_results_and_reports_where_the_user_is(tmp_path):

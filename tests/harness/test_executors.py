@@ -13,15 +13,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_runner import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
+from test_sweep import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
 
-from harness import cli, executors, runner, slurm
+from harness import cli, executors, isolation, slurm, sweep
 from harness.commands.run import planned_cells
 from harness.executors import pool_slots, run_pool, slurm_parameters
 from harness.results import RunStore, load
-from harness.runner import RunOptions, run_cells
 from harness.status import run_status
-from harness.suite import SuiteError, load_suite
+from harness.suites import SuiteError, load_suite
+from harness.sweep import RunOptions, run_cells
 
 
 def options(lines: list[str] | None = None) -> RunOptions:
@@ -48,19 +48,19 @@ def test_pool_runs_groups_in_parallel_and_keeps_skip_after_oom(tmp_path, monkeyp
     seen: list[tuple[str, int, dict]] = []
     lock = threading.Lock()
 
-    def isolated(cell, env=None):
+    def isolated(cell, root, run_id, version, env=None):
         with lock:
             seen.append((cell.label, cell.seq_len, env))
         return {"status": outcomes[cell.seq_len] if cell.variant == "full" else "ok", "message": "stub"}
 
-    monkeypatch.setattr(runner, "run_cell_isolated", isolated)
+    monkeypatch.setattr(sweep, "execute_isolated", isolated)
     cells = load_suite(write_suite(tmp_path, "groups", [{"name": "full"}, {"name": "sdpa"}], [64, 128, 256])).cells()
     rows = run_pool(cells, RunStore(tmp_path / "out", "groups", "run"), options(), pool_slots("cpu", 2))
     assert sorted(statuses(rows)) == sorted(
         [("full", 64, "ok"), ("full", 128, "oom"), ("full", 256, "skipped"), ("sdpa", 64, "ok"), ("sdpa", 128, "ok"), ("sdpa", 256, "ok")]
     )
     assert [n for label, n, _ in seen if label == "full"] == [64, 128]  # in order, 256 never started
-    assert all(env[runner.THREADS_ENV] == str(max(1, executors.cpu_count() // 2)) for _, _, env in seen)
+    assert all(env[isolation.THREADS_ENV] == str(max(1, executors.cpu_count() // 2)) for _, _, env in seen)
 
 
 def test_pool_slots_pin_one_worker_per_visible_gpu(monkeypatch):

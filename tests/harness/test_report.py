@@ -1,8 +1,11 @@
 """harness.report / harness.figures: reports and comparisons rendered from stored results.
 
-The data are two real H100 runs copied into tests/data/results (run.json + results.parquet):
-seq_length (one attention layer at 32K tokens/step; full attention OOMs at 32K) and
-layers_memory (Reformer LM training memory against depth, standard vs reversible).
+The runs are synthetic, built per module by tests/harness/report_fixtures.py the way `harness run`
+stores them (run.json, rows appended through the journal, folded into results.parquet): seq_length
+(one attention layer at 32,768 tokens/step; full attention quadratic per sequence and out of memory
+at 32K, LSH linear) and layers_memory (Reformer LM training memory against depth, standard against
+reversible residuals). Their metrics follow the fixtures' formulas, and the tests check the
+report's tables, fits and figures against those formulas.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli, figures, runner
+from harness import cli, figures
 from harness.report import (
     compare_runs,
     open_run,
@@ -29,21 +32,38 @@ from harness.report import (
     sweep_axes,
     with_series,
 )
-from harness.results import PARQUET, ResultsError, load, rows_to_parquet_bytes
+from harness.results import ResultsError, load
 from harness.tables import pivot_metric
+from tests.harness import report_fixtures as fx
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "results"
-SEQ = DATA / "seq_length" / "20261122T234611Z-nvidia-h100-80gb-hbm3"
-LAYERS = DATA / "layers_memory" / "20261122T234954Z-nvidia-h100-80gb-hbm3"
 SEQ_FIGURES = ("time_vs_seq_len", "memory_vs_seq_len", "tokens_per_s_vs_seq_len")
 LAYERS_FIGURES = ("memory_vs_n_layers", "time_vs_n_layers")
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> Path:
+def results_root(tmp_path_factory) -> Path:
+    """A results root holding one seq_length and one layers_memory run (see report_fixtures)."""
+    root = tmp_path_factory.mktemp("results")
+    fx.seq_length_run(root)
+    fx.layers_memory_run(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def seq(results_root) -> Path:
+    return results_root / fx.SEQ_SUITE / fx.SEQ_RUN_ID
+
+
+@pytest.fixture(scope="module")
+def layers(results_root) -> Path:
+    return results_root / fx.LAYERS_SUITE / fx.LAYERS_RUN_ID
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, seq, layers) -> Path:
     """Both runs rendered once into a temporary folder; returns that folder."""
     out = tmp_path_factory.mktemp("reports")
-    index = render_report([SEQ, LAYERS], out=out)
+    index = render_report([seq, layers], out=out)
     assert index == out / "index.html"
     return out
 
@@ -52,8 +72,19 @@ def _md_table_rows(markdown: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in markdown.splitlines() if line.startswith("| ")]
 
 
-def test_report_writes_every_figure_and_document(rendered):
-    for run, stems, absent in ((SEQ, SEQ_FIGURES, LAYERS_FIGURES), (LAYERS, LAYERS_FIGURES, SEQ_FIGURES)):
+def _seq_expected(formula, fmt: str) -> pd.DataFrame:
+    """The seq_length table a report should show: `formula(series, L)` formatted, OOM where it runs out."""
+    return pd.DataFrame(
+        {
+            seq_len: [("OOM" if fx.seq_oom(s, seq_len) else fmt.format(formula(s, seq_len))) for s in fx.SEQ_VARIANTS]
+            for seq_len in fx.SEQ_LENS
+        },
+        index=list(fx.SEQ_VARIANTS),
+    )
+
+
+def test_report_writes_every_figure_and_document(rendered, seq, layers):
+    for run, stems, absent in ((seq, SEQ_FIGURES, LAYERS_FIGURES), (layers, LAYERS_FIGURES, SEQ_FIGURES)):
         folder = rendered / run.parent.name / run.name
         for stem in stems:
             for suffix in (".png", ".svg"):
@@ -63,94 +94,117 @@ def test_report_writes_every_figure_and_document(rendered):
             assert not (folder / f"{stem}.png").exists()
         assert (folder / "index.html").stat().st_size > 10_000
     index = (rendered / "index.html").read_text()
-    assert f"seq_length/{SEQ.name}/index.html" in index and f"layers_memory/{LAYERS.name}/index.html" in index
+    assert f"seq_length/{seq.name}/index.html" in index and f"layers_memory/{layers.name}/index.html" in index
 
 
-def test_report_states_environment_command_and_units(rendered):
-    text = (rendered / "seq_length" / SEQ.name / "report.md").read_text()
-    info = json.loads((SEQ / "run.json").read_text())
-    assert info["command"] in text
-    for fact in ("NVIDIA H100 80GB HBM3", "580.159.04", "2.11.0+cu130", "nocommit+dirty.173260f8", "threads (torch) | 16"):
+def test_report_states_environment_command_and_units(rendered, seq):
+    text = (rendered / "seq_length" / seq.name / "report.md").read_text()
+    assert json.loads((seq / "run.json").read_text())["command"] == fx.SEQ_COMMAND
+    assert fx.SEQ_COMMAND in text
+    for fact in (fx.DEVICE_NAME, fx.GPU_DRIVER, fx.TORCH_VERSION, fx.CODE_VERSION, f"threads (torch) | {fx.THREADS}"):
         assert fact in text
     assert "median time per step (ms)" in text and "peak memory (MiB)" in text
     assert "32,768" in text  # constant tokens per step stated with the exponents
+    n_cells = len(fx.SEQ_VARIANTS) * len(fx.SEQ_LENS)
+    assert f"{n_cells} rows ({n_cells - 1} ok, 1 oom)" in text
+    assert f"{fx.SEQ_REPEATS} timed repeats per cell" in text and "0 cell(s) noisy" in text
 
 
-def test_summary_tables_hold_the_parquet_values(rendered):
-    rows = load(SEQ)
-    tables = summary_tables(rows)
+def test_summary_tables_follow_the_formulas(rendered, seq):
+    tables = summary_tables(load(seq))
     time = tables["median time per step (ms), by seq_len"]
     memory = tables["peak memory (MiB), by seq_len"]
-    labelled = with_series(rows, "seq_len")
-    for _, row in labelled.iterrows():
-        if row["status"] == "ok":
-            assert time.loc[row["series"], row["seq_len"]] == f"{row['time_ms_median']:.4g}"
-            assert memory.loc[row["series"], row["seq_len"]] == f"{row['peak_mem_mib']:.1f}"
-        else:
-            assert time.loc[row["series"], row["seq_len"]] == row["status"].upper()
-    assert time.loc["full", 32768] == "OOM"
+    expected_time = _seq_expected(fx.seq_time_ms, "{:.4g}")
+    expected_memory = _seq_expected(fx.seq_peak_mib, "{:.1f}")
+    assert time.to_dict("index") == expected_time.to_dict("index")
+    assert memory.to_dict("index") == expected_memory.to_dict("index")
+    assert list(time.index) == list(fx.SEQ_VARIANTS) and list(time.columns) == list(fx.SEQ_LENS)
+    assert time.loc["full", 32768] == "OOM" and [fx.seq_oom("full", n) for n in fx.SEQ_LENS] == [False] * 5 + [True]
+    assert time.loc["full", 1024] == f"{fx.FULL_MS * 1024**2 * 32:.4g}" == "6.711"  # 32 sequences of 1K
+    assert memory.loc["lsh n_hashes=4", 2048] == f"{fx.BASE_MIB + 16 * fx.LSH_MIB * 4 * 2048:.1f}" == "2304.0"
     # and report.md shows exactly these tables
-    md_rows = _md_table_rows((rendered / "seq_length" / SEQ.name / "report.md").read_text())
-    for table in (time, memory):
+    md_rows = _md_table_rows((rendered / "seq_length" / seq.name / "report.md").read_text())
+    for table in (expected_time, expected_memory):
         for series, values in table.iterrows():
             assert [series, *values] in md_rows
 
 
-def test_layers_tables_and_fits(rendered):
-    rows = load(LAYERS)
+def test_layers_tables_and_fits(rendered, layers):
+    rows = load(layers)
     assert sweep_axes(rows) == ["n_layers"]
     memory = summary_tables(rows)["peak memory (MiB), by n_layers"]
-    value = rows[(rows["residual"] == "standard") & (rows["n_layers"] == 12)]["peak_mem_mib"].iloc[0]
-    assert memory.loc["lsh residual=standard", 12] == f"{value:.1f}"
+    for residual in fx.RESIDUALS:
+        shown = memory.loc[f"lsh residual={residual}"]
+        assert list(shown) == [f"{fx.layers_peak_mib(residual, n):.1f}" for n in fx.N_LAYERS]
+    assert memory.loc["lsh residual=standard", 12] == f"{fx.STANDARD_BASE_MIB + 12 * fx.STANDARD_MIB_PER_LAYER:.1f}" == "7040.0"
     fits = scaling_fits(rows, "n_layers").set_index("series")
     # standard residuals keep every layer's activations; reversible ones do not
-    assert fits.loc["lsh residual=standard", "memory"] > 500
-    assert abs(fits.loc["lsh residual=reversible", "memory"]) < 10
+    assert fits.loc["lsh residual=standard", "memory"] == pytest.approx(fx.STANDARD_MIB_PER_LAYER, abs=1e-3)
+    assert fits.loc["lsh residual=reversible", "memory"] == pytest.approx(fx.REVERSIBLE_MIB_PER_LAYER, abs=1e-3)
+    assert fits.loc["lsh residual=standard", "time"] == pytest.approx(fx.STANDARD_MS_PER_LAYER, abs=1e-3)
+    assert fits.loc["lsh residual=reversible", "time"] == pytest.approx(fx.REVERSIBLE_MS_PER_LAYER, abs=1e-3)
+    assert fits["cells"].tolist() == [len(fx.N_LAYERS)] * 2 and fits["range"].tolist() == ["1..12"] * 2
+    # the report's fit table: slopes per layer
+    text = (rendered / "layers_memory" / layers.name / "report.md").read_text()
+    md = {r[0]: r for r in _md_table_rows(text.split("### Scaling with n_layers")[1].split("\n## ")[0])}
+    assert md["series"][3:] == ["ms per layer", "MiB per layer"]
+    assert md["lsh residual=standard"][3:] == ["6.5", "576"] and md["lsh residual=reversible"][3:] == ["8.5", "0.25"]
 
 
-def test_time_over_compute_floor_table_and_figure(rendered, tmp_path):
-    # The H100 seq_length run as if its suite had `matmul_rate: true`: a matmul rate per cell, and
-    # the floor columns the runner derives from it.
-    rows = load(SEQ)
-    rows["matmul_gflops"] = np.linspace(380_000.0, 420_000.0, len(rows))
-    rows["matmul_n"] = 8192
-    floors = pd.DataFrame([runner.floor_columns(r) for r in rows.to_dict("records")], index=rows.index)
-    rows = rows.join(floors)
-    run = tmp_path / "results" / "seq_length" / SEQ.name
-    run.mkdir(parents=True)
-    shutil.copy(SEQ / "run.json", run / "run.json")
-    (run / PARQUET).write_bytes(rows_to_parquet_bytes(rows.to_dict("records")))
+def test_time_over_compute_floor_table_and_figure(rendered, seq, tmp_path):
+    # The seq_length run as if its suite had `matmul_rate: true`: a matmul rate per cell, and the
+    # floor columns the runner derives from it.
+    run = fx.seq_length_run(tmp_path / "results", matmul_rate=True)
     folder = render_report([run], out=tmp_path / "report")
     text = (folder / "report.md").read_text()
     assert "## Time over compute floor" in text and "380,000 to 420,000 GFLOP/s" in text and "n = 8192" in text
     for suffix in (".png", ".svg"):
         assert (folder / f"floor_ratio_vs_seq_len{suffix}").stat().st_size > 1000
     table = pivot_metric(load(run), "floor_ratio", fmt="{:.3g}")
+    rates = iter(np.linspace(*fx.MATMUL_GFLOPS, len(fx.SEQ_VARIANTS) * len(fx.SEQ_LENS)))
+    for series in fx.SEQ_VARIANTS:  # cells in suite order, one rate each
+        for seq_len in fx.SEQ_LENS:
+            rate = next(rates)
+            if fx.seq_oom(series, seq_len):
+                assert table.loc[series, seq_len] == "OOM"
+                continue
+            floor_s = fx.seq_flops(series, seq_len) / (rate * 1e9)
+            assert table.loc[series, seq_len] == f"{fx.seq_time_ms(series, seq_len) / 1e3 / floor_s:.3g}"
     assert table.loc["full", 32768] == "OOM"
-    ok = rows[rows["status"] == "ok"].iloc[0]
-    expected = ok["time_ms_median"] / 1e3 / (ok["flops"] / (ok["matmul_gflops"] * 1e9))
-    assert table.loc[ok["variant_label"], ok["seq_len"]] == f"{expected:.3g}"
     md_rows = _md_table_rows(text.split("## Time over compute floor")[1].split("\n## ")[0])
     assert [[series, *values] for series, values in table.iterrows()] == md_rows[1:]  # after the header
     # without the matmul rate, no such section
-    assert "Time over compute floor" not in (rendered / "seq_length" / SEQ.name / "report.md").read_text()
+    assert "Time over compute floor" not in (rendered / "seq_length" / seq.name / "report.md").read_text()
 
 
-def test_scaling_exponents_at_constant_tokens():
-    fits = scaling_fits(load(SEQ), "seq_len").set_index("series")
-    assert 0.8 < fits.loc["full", "time"] < 1.0  # linear per step = quadratic per sequence
-    assert fits.loc["full", "cells"] == 5  # the OOM cell is not fitted
-    assert fits.loc["lsh n_hashes=1", "time"] < 0.15  # about flat per step
+def test_scaling_exponents_at_constant_tokens(rendered, seq):
+    fits = scaling_fits(load(seq), "seq_len").set_index("series")
+    # per step at constant tokens: full and sdpa ~ L^1 (L^2 per sequence), lsh flat (L per sequence)
+    for series in ("full", "sdpa"):
+        assert fits.loc[series, "time"] == pytest.approx(1.0, abs=1e-3)
+    for n in (1, 2, 4, 8):
+        assert fits.loc[f"lsh n_hashes={n}", "time"] == pytest.approx(0.0, abs=1e-3)
+        assert fits.loc[f"lsh n_hashes={n}", "memory"] == pytest.approx(0.0, abs=1e-3)
+    assert fits.loc["full", "cells"] == 5 and fits.loc["full", "range"] == "1024..16384"  # the OOM cell is not fitted
+    assert fits.loc["sdpa", "cells"] == 6
+    # full's memory (BASE_MIB + 3 MiB * L at these tokens): the least-squares slope of the formula's logs
+    lengths = np.array(fx.SEQ_LENS[:5], dtype=float)
+    reference = np.polyfit(np.log(lengths), np.log([fx.seq_peak_mib("full", int(n)) for n in lengths]), 1)[0]
+    assert fits.loc["full", "memory"] == pytest.approx(reference, abs=1e-3)
+    text = (rendered / "seq_length" / seq.name / "report.md").read_text()
+    md = {r[0]: r for r in _md_table_rows(text.split("### Scaling with seq_len")[1].split("\n## ")[0])}
+    assert md["full"][3] == "1" and md["full"][5] == "2"  # k time, per-sequence exponent k + 1
+    assert md["lsh n_hashes=8"][3] == "0" and md["lsh n_hashes=8"][5] == "1"
 
 
-def _seq_time_figure():
-    rows = with_series(load(SEQ), "seq_len")
+def _seq_time_figure(seq: Path):
+    rows = with_series(load(seq), "seq_len")
     palette = figures.series_palette(rows["series"])
     return figures.plot_metric(rows, "seq_len", figures.TIME, palette, title="t"), palette
 
 
-def test_oom_cell_is_an_x_on_the_top_edge(rendered):
-    fig, palette = _seq_time_figure()
+def test_oom_cell_is_an_x_on_the_top_edge(rendered, seq):
+    fig, palette = _seq_time_figure(seq)
     ax = fig.axes[0]
     failed = [line for line in ax.get_lines() if (line.get_gid() or "").startswith("failed-")]
     assert [line.get_gid() for line in failed] == ["failed-oom-full-32768"]
@@ -160,26 +214,31 @@ def test_oom_cell_is_an_x_on_the_top_edge(rendered):
     assert line.get_transform().transform((32768, 1.0))[1] == pytest.approx(top)  # on the top edge, whatever the data
     assert matplotlib.colors.to_rgb(line.get_color()) == pytest.approx(palette["full"])
     assert any(t.get_text() == "full: OOM" for t in ax.texts)
-    # the full line itself stops at 16K
+    # the full line itself stops at 16K, at the formula's times (seconds)
     full = [ln for ln in ax.get_lines() if ln.get_label() == "full"][0]
     assert list(full.get_xdata()) == [1024, 2048, 4096, 8192, 16384]
-    svg = (rendered / "seq_length" / SEQ.name / "time_vs_seq_len.svg").read_text()
+    assert list(full.get_ydata()) == pytest.approx([fx.seq_time_ms("full", n) / 1e3 for n in fx.SEQ_LENS[:5]])
+    svg = (rendered / "seq_length" / seq.name / "time_vs_seq_len.svg").read_text()
     assert 'id="failed-oom-full-32768"' in svg and "full: OOM" in svg
 
 
-def test_paper_endpoints_are_drawn_and_tabled(rendered):
-    folder = rendered / "seq_length" / SEQ.name
+def test_paper_endpoints_are_drawn_and_tabled(rendered, seq):
+    folder = rendered / "seq_length" / seq.name
     svg = (folder / "time_vs_seq_len.svg").read_text()
     assert "paper, Fig. 5 (endpoints read off)" in svg and "LSH-8" in svg
     text = (folder / "report.md").read_text()
     rows = {r[0]: r for r in _md_table_rows(text)}
     assert rows["full attention"][1:4] == ["0.17", "3.5", "20.6"]
     assert rows["LSH-4"][1:3] == ["0.2", "0.23"]
-    assert rows["full attention"][6] == "OOM"  # ours at 32K
+    # ours, in seconds per step: the formulas at 1K and 32K, and their ratio
+    assert rows["full attention"][4:6] == ["full", f"{fx.seq_time_ms('full', 1024) / 1000:.4g}"]
+    assert rows["full attention"][6:8] == ["OOM", "-"]  # ours at 32K
+    lsh4 = fx.seq_time_ms("lsh n_hashes=4", 1024) / 1000
+    assert rows["LSH-4"][4:8] == ["lsh n_hashes=4", f"{lsh4:.4g}", f"{lsh4:.4g}", "1"]  # flat per step
 
 
-def test_no_paper_lines_without_the_papers_setting(rendered):
-    svg = (rendered / "layers_memory" / LAYERS.name / "time_vs_n_layers.svg").read_text()
+def test_no_paper_lines_without_the_papers_setting(rendered, layers):
+    svg = (rendered / "layers_memory" / layers.name / "time_vs_n_layers.svg").read_text()
     assert "paper" not in svg
 
 
@@ -199,16 +258,16 @@ def test_palette_is_derived_from_labels_and_stable():
     assert len(set(words.values())) == 2
 
 
-def test_missing_or_corrupt_results_give_a_clear_error(tmp_path, capsys):
-    run = tmp_path / "seq_length" / SEQ.name
-    shutil.copytree(SEQ, run)
+def test_missing_or_corrupt_results_give_a_clear_error(seq, tmp_path, capsys):
+    run = tmp_path / "seq_length" / seq.name
+    shutil.copytree(seq, run)
     (run / "run.json").unlink()
     with pytest.raises(ResultsError, match=r"run\.json: file not found"):
         render_report([run], out=tmp_path / "out")
     (run / "run.json").write_text("{not json")
     with pytest.raises(ResultsError, match=r"run\.json: unreadable JSON"):
         render_report([run], out=tmp_path / "out")
-    shutil.copy(SEQ / "run.json", run / "run.json")
+    shutil.copy(seq / "run.json", run / "run.json")
     (run / "results.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ResultsError, match="unreadable parquet"):
         render_report([run], out=tmp_path / "out")
@@ -216,27 +275,27 @@ def test_missing_or_corrupt_results_give_a_clear_error(tmp_path, capsys):
     assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unreadable parquet" in err and "Traceback" not in err
-    assert cli.main(["compare", str(run), str(SEQ), "--out", str(tmp_path / "cmp")]) == 2
+    assert cli.main(["compare", str(run), str(seq), "--out", str(tmp_path / "cmp")]) == 2
     assert cli.main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_report_command_defaults_to_the_latest_run_of_each_suite(tmp_path, capsys):
+def test_report_command_defaults_to_the_latest_run_of_each_suite(results_root, seq, layers, tmp_path, capsys):
     root = tmp_path / "results"
-    shutil.copytree(DATA, root)
+    shutil.copytree(results_root, root)
     older = root / "seq_length" / "20200101T000000Z-old"
-    shutil.copytree(SEQ, older)
+    shutil.copytree(seq, older)
     assert cli.main(["report", "--root", str(root), "--out", str(tmp_path / "reports")]) == 0
     assert "report: " in capsys.readouterr().out
-    assert (tmp_path / "reports" / "seq_length" / SEQ.name / "report.md").exists()
-    assert (tmp_path / "reports" / "layers_memory" / LAYERS.name / "report.md").exists()
+    assert (tmp_path / "reports" / "seq_length" / seq.name / "report.md").exists()
+    assert (tmp_path / "reports" / "layers_memory" / layers.name / "report.md").exists()
     assert not (tmp_path / "reports" / "seq_length" / older.name).exists()
     # one run and --out: the report goes straight into --out
-    assert render_report([SEQ], out=tmp_path / "one") == tmp_path / "one"
+    assert render_report([seq], out=tmp_path / "one") == tmp_path / "one"
     assert (tmp_path / "one" / "time_vs_seq_len.png").exists()
 
 
-def test_compare_with_itself_is_one_and_within_noise(tmp_path):
-    for run in (SEQ, LAYERS):  # 10+ repeats (Mann-Whitney) and 3 repeats (IQRs only)
+def test_compare_with_itself_is_one_and_within_noise(seq, layers, tmp_path):
+    for run in (seq, layers):  # 11 repeats (Mann-Whitney) and 3 repeats (IQRs only)
         rows = open_run(run).rows
         merged = compare_runs(rows, rows)
         assert len(merged) == len(rows)
@@ -248,12 +307,13 @@ def test_compare_with_itself_is_one_and_within_noise(tmp_path):
         assert (folder / "time_ratio.png").stat().st_size > 1000 and (folder / "time_ratio.svg").exists()
         assert "| NO |" not in text and "0 of them differ beyond noise" in text
     assert merged.loc[merged["status_a"] != "ok"].empty  # layers: all finished
-    seq = compare_runs(open_run(SEQ).rows, open_run(SEQ).rows)
-    assert seq.loc[seq["status_a"] == "oom", "within_noise"].isna().all()
+    same = compare_runs(open_run(seq).rows, open_run(seq).rows)
+    assert same.loc[same["status_a"] == "oom", "within_noise"].isna().all()
+    assert (same["status_a"] == "oom").sum() == 1
 
 
-def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(tmp_path):
-    rows = open_run(SEQ).rows
+def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(seq):
+    rows = open_run(seq).rows
     slower = rows.copy()
     lsh = slower["variant"] == "lsh"
     slower.loc[lsh, "time_ms_median"] *= 1.5
@@ -346,8 +406,8 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
-def test_index_html_opens_in_headless_chromium_with_every_image(rendered, tmp_path):
-    page = rendered / "seq_length" / SEQ.name / "index.html"
+def test_index_html_opens_in_headless_chromium_with_every_image(rendered, seq, tmp_path):
+    page = rendered / "seq_length" / seq.name / "index.html"
     copy = tmp_path / "page" / "index.html"
     shutil.copytree(page.parent, copy.parent)
     probe = (

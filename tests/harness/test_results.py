@@ -230,3 +230,45 @@ def test_the_run_lock_is_exclusive_and_released(tmp_path):
                 pass
     with RunStore(tmp_path, "demo", "r1").lock("third"):  # released on exit
         pass
+
+
+# --------------------------------------------------------------------------- the journal and the fold
+
+
+def test_a_finished_run_stores_each_row_once_and_a_resume_goes_on_from_parquet_and_journal(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa"))
+    store.append(row("bbb", status="error"))
+    assert sorted(p.name for p in (store.path / "cells").iterdir()) == ["aaa.json", "bbb.json"]
+    store.fold()
+    assert not list((store.path / "cells").iterdir())  # the journal is empty ...
+    assert pd.read_parquet(store.path / "results.parquet")["cell_key"].tolist() == ["aaa", "bbb"]  # ... the parquet holds all
+    assert store.finished_keys() == {"aaa"}
+    # resumed: a journal row replaces the parquet's row of its key, new keys come after
+    store.append(row("bbb", time_ms_median=2.5))
+    store.append(row("ccc"))
+    assert [(r["cell_key"], r["status"]) for r in store.rows()] == [("aaa", "ok"), ("bbb", "ok"), ("ccc", "ok")]
+    assert load(store.path).set_index("cell_key")["time_ms_median"].to_dict() == {"aaa": 1.5, "bbb": 2.5, "ccc": 1.5}
+    store.remove(["aaa"])  # from the parquet, not only from the journal
+    store.fold()
+    assert load(store.path)["cell_key"].tolist() == ["bbb", "ccc"] and not list((store.path / "cells").iterdir())
+
+
+def test_rows_of_a_folded_run_are_its_stored_values_without_missing_columns(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa", extra_metric=3))
+    store.append(row("bbb"))
+    store.fold()
+    first, second = store.rows()
+    assert first["extra_metric"] == 3 and "extra_metric" not in second  # NaN padding is not a value
+    assert list(first["time_ms_samples"]) == [1.0, 1.5, 2.0]
+
+
+def test_an_unreadable_parquet_stops_a_run_but_load_falls_back_to_the_journal(tmp_path):
+    store = RunStore(tmp_path, "demo", "r1")
+    store.append(row("aaa"))
+    (store.path / "results.parquet").write_bytes(b"garbage")
+    with pytest.raises(ResultsError, match="move it away"):
+        store.rows()
+    with pytest.warns(results.CorruptCellWarning, match="only the journal's rows"):
+        assert load(store.path)["cell_key"].tolist() == ["aaa"]

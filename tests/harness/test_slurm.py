@@ -24,13 +24,13 @@ from typing import Callable, Iterator
 
 import pytest
 from slurm_cluster import slurm_cluster, slurm_local  # noqa: F401 - a fixture, used by name
-from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli, executors
 from harness.environment import CODE_VERSION_ENV
-from harness.results import load
+from harness.results import RunStore, load
 from harness.status import RUNNING, run_status
-from harness.suite import load_suite
+from harness.suites import load_suite
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 pytest.importorskip("submitit")
@@ -146,13 +146,15 @@ def harness_run(slurm_cluster, tmp_path, monkeypatch, misbehaving_variants) -> I
 
 
 def rows_by_seq_len(run_dir: Path) -> dict[int, dict]:
-    """The stored rows of a run (cells/*.json) by sequence length."""
-    rows = [json.loads(file.read_text()) for file in (run_dir / "cells").glob("*.json")]
+    """The stored rows of a run (parquet and journal, as a resume sees them) by sequence length."""
+    rows = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name).rows()
     return {row["seq_len"]: row for row in rows}
 
 
-def cell_file(run_dir: Path, seq_len: int) -> Path:
-    return run_dir / "cells" / f"{rows_by_seq_len(run_dir)[seq_len]['cell_key']}.json"
+def measured(run_dir: Path, seq_len: int) -> tuple:
+    """When and how long the stored row of `seq_len` was measured: unchanged unless it ran again."""
+    row = rows_by_seq_len(run_dir)[seq_len]
+    return row["started_at"], row["cell_wall_s"], row["time_ms_median"]
 
 
 def status_text(run_dir: Path, capsys) -> str:
@@ -221,7 +223,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_its_group(harness_run
     run = harness_run(suite, "--slurm-time-min", "1")
     task = run.jobs()[0]["jobs"][0]["job_id"]
     wait_until(lambda: rows_by_seq_len(run.run_dir).get(64), 90, "the L=64 cell", run.log)
-    first = cell_file(run.run_dir, 64).read_bytes()
+    first = measured(run.run_dir, 64)
     assert scontrol_job(slurm_cluster, task)["Restarts"] == "0"  # stored by the job's first run
     requeued = wait_until(lambda: int(scontrol_job(slurm_cluster, task)["Restarts"]) >= 1, 100, "the requeue", run.log)
     requeued_after = time.monotonic() - run.started
@@ -231,7 +233,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_its_group(harness_run
 
     rows = rows_by_seq_len(run.run_dir)
     assert {n: r["status"] for n, r in rows.items()} == {64: "ok", 128: "ok"}
-    assert cell_file(run.run_dir, 64).read_bytes() == first  # not run again after the requeue
+    assert measured(run.run_dir, 64) == first  # not run again after the requeue
     job = scontrol_job(slurm_cluster, task)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["TimeLimit"] == "00:01:00"
     runs = jobcomp(slurm_cluster, task)  # jobcomp/filetxt logs a requeued run as PENDING
@@ -258,7 +260,7 @@ def test_a_cancelled_job_leaves_error_rows_and_resume_finishes_them(harness_run,
         lambda: rows_by_seq_len(run.run_dir).get(64) and run_status(run.run_dir).keys(RUNNING), 90, "L=64 done and L=128 running", run.log
     )
     assert squeue(slurm_cluster, array_id) == {task: "RUNNING"}
-    first = cell_file(run.run_dir, 64).read_bytes()
+    first = measured(run.run_dir, 64)
     cancelled_at = time.monotonic()
     assert slurm_local.client(slurm_cluster, "scancel", array_id).returncode == 0
     assert run.wait(60) == 0, run.output()  # one cell measured: not a run of errors only
@@ -279,7 +281,7 @@ def test_a_cancelled_job_leaves_error_rows_and_resume_finishes_them(harness_run,
     assert resume.wait(90) == 0, resume.output()
     rows = rows_by_seq_len(run.run_dir)
     assert {n: r["status"] for n, r in rows.items()} == {64: "ok", 128: "ok", 256: "ok"}
-    assert cell_file(run.run_dir, 64).read_bytes() == first
+    assert measured(run.run_dir, 64) == first
     submissions = resume.jobs()
     assert len(submissions) == 2 and sorted(submissions[1]["jobs"][0]["cells"]) == sorted(rows[n]["cell_key"] for n in (128, 256))
     second = resume.array_id(1)

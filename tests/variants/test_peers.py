@@ -14,8 +14,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
-from harness.runner import measure_cell
-from harness.suite import Cell, MeasureSpec
+from harness.cells.benchmark import BenchmarkCell, measure_cell
+from harness.suites.benchmark import MeasureSpec
 from variants.attention.full import full_attention
 
 D_MODEL, HEADS = 32, 4
@@ -272,7 +272,7 @@ def test_missing_package_names_package_and_extra(without_peer_packages, name, pa
 
 
 def cell(variant, **params):
-    return Cell(
+    return BenchmarkCell(
         suite="peers_test",
         workload="attention",
         mode="forward_backward",

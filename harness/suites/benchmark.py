@@ -1,0 +1,478 @@
+"""Benchmark suites: the schema of a `kind: benchmark` suite file (the default kind) and its
+expansion into benchmark cells (harness.cells.benchmark).
+
+A suite names a workload and mode, a model, a sweep (cartesian product of lists) and a list of
+attention variants whose list-valued parameters expand too. `load_benchmark_suite` validates
+everything up front, so a bad suite fails with a `SuiteError` pointing at the offending key
+instead of a traceback halfway through a run. Use `harness.suites.load_suite`, which dispatches
+on the suite's kind::
+
+    suite = load_suite("suites/seq_length.yaml", device="cpu")
+    for cell in suite.cells():
+        cell.key(code_version), cell.attention_params(), cell.to_row()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field, ValidationError
+
+from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, canonical_json, jsonable, model_fields, variant_fields
+from harness.cells.benchmark import BenchmarkCell
+from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
+from harness.expressions import both
+from harness.suites.common import (
+    Device,
+    KeyPath,
+    Locator,
+    SlurmSpec,
+    Strict,
+    SuiteError,
+    check_suite_name,
+    describe_fields,
+    did_you_mean,
+    filter_cells,
+    format_path,
+    merged_for_device,
+    pydantic_error,
+    values_text,
+)
+from variants.registry import type_matches, type_name
+
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+Mode = Literal["forward", "forward_backward", "train_step"]
+Workload = Literal["attention", "block", "model"]
+
+SHAPE_KEYS = ("seq_len", "batch", "tokens_per_batch")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class MeasureSpec(Strict):
+    """How each cell is timed (see harness.measure) and guarded (see harness.isolation)."""
+
+    warmup: int = Field(2, ge=0)
+    min_repeats: int = Field(5, ge=1)
+    min_time_s: float = Field(1.0, ge=0)
+    max_repeats: int = Field(200, ge=1)
+    max_time_s: float = Field(120.0, gt=0)
+    flush_l2: bool = False
+    threads: Optional[int] = Field(None, ge=1)
+    timeout_s: float = Field(900.0, gt=0)
+    memory_limit_gib: Optional[float] = Field(None, gt=0)
+    skip_after_oom: bool = True
+    # Measure the matmul rate (harness.measure.matmul_rate) in each cell's process after its timing:
+    # result columns matmul_gflops, matmul_n, floor_s, floor_ratio (the time over the compute floor).
+    matmul_rate: bool = False
+
+
+class OverrideSpec(Strict):
+    """A `cpu:` / `cuda:` block: deep-merged over the suite when that device is used."""
+
+    dtype: Optional[DType] = None
+    mode: Optional[Mode] = None
+    workload: Optional[Workload] = None
+    model: Optional[dict[str, Any]] = None
+    sweep: Optional[dict[str, Any]] = None
+    variants: Optional[list[Any]] = None
+    measure: Optional[dict[str, Any]] = None
+    checks: Optional[dict[str, Any]] = None
+
+
+class SuiteSpec(Strict):
+    """The top level of a suite file."""
+
+    name: Optional[str] = None  # defaults to the file name without extension
+    kind: Literal["benchmark"] = "benchmark"
+    description: str = ""
+    device: Device = "auto"
+    dtype: DType = "float32"
+    mode: Mode = "forward_backward"
+    workload: Workload = "attention"
+    model: dict[str, Any] = {}
+    sweep: dict[str, Any]
+    variants: list[dict[str, Any]]
+    measure: MeasureSpec = MeasureSpec()
+    cpu: Optional[OverrideSpec] = None
+    cuda: Optional[OverrideSpec] = None
+    checks: Optional[ChecksSpec] = None  # regression-check rules (harness.check_rules)
+    slurm: Optional[SlurmSpec] = None  # Slurm resources for --executor submitit (harness.executors)
+
+
+SCHEMAS: dict[KeyPath, type[BaseModel]] = {
+    (): SuiteSpec,
+    ("measure",): MeasureSpec,
+    ("slurm",): SlurmSpec,
+    ("cpu",): OverrideSpec,
+    ("cuda",): OverrideSpec,
+    **CHECK_SCHEMAS,
+}
+
+
+@dataclass
+class BenchmarkSuite:
+    """A validated benchmark suite; `cells()` lists its expansion."""
+
+    kind: typing.ClassVar[str] = "benchmark"
+
+    name: str
+    description: str
+    path: Path
+    device: str
+    dtype: str
+    mode: str
+    workload: str
+    model: dict[str, Any]
+    sweep: dict[str, list[Any]]
+    variants: list[dict[str, Any]]
+    measure: dict[str, Any]
+    checks: Optional[ChecksSpec] = None  # the `checks:` block, None when the suite has none
+    slurm: dict[str, Any] = field(default_factory=lambda: SlurmSpec().model_dump())  # the `slurm:` block
+    _cells: list[BenchmarkCell] = field(default_factory=list, repr=False)
+
+    def cells(self) -> list[BenchmarkCell]:
+        """Cells ordered by variant entry, its expansion, the other sweep keys, then seq_len ascending."""
+        return list(self._cells)
+
+
+def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | None = None) -> BenchmarkSuite:
+    """Validate and expand the data of a benchmark suite file (`harness.suites.load_suite` reads it);
+    `device` (auto|cpu|cuda) overrides the file's. Raises SuiteError (never anything else)."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise locator.error((), f"a suite must be a mapping of keys, got {got}; required keys: sweep, variants")
+    merged, resolved = merged_for_device(data, device, locator, OverrideSpec, SCHEMAS)
+    try:
+        spec = SuiteSpec.model_validate(merged)
+    except ValidationError as error:
+        raise pydantic_error(error, locator, SCHEMAS) from None
+
+    name = check_suite_name(spec.name if spec.name is not None else path.stem, locator)
+    measure = spec.measure.model_dump()
+    if measure["min_repeats"] > measure["max_repeats"]:
+        raise locator.error(
+            ("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}"
+        )
+
+    fields = model_fields()
+    model = _check_model(spec.model, fields, locator)
+    sweep = _check_sweep(spec.sweep, fields, locator)
+    entries = _expand_variants(spec.variants, locator)
+    suite = BenchmarkSuite(
+        name,
+        spec.description,
+        path,
+        resolved,
+        spec.dtype,
+        spec.mode,
+        spec.workload,
+        model,
+        sweep,
+        [dict(v) for v in spec.variants],
+        measure,
+    )
+    suite._cells = _build_cells(suite, entries, fields, locator)
+    suite.checks = spec.checks
+    suite.slurm = (spec.slurm or SlurmSpec()).model_dump()
+    _check_ratio_filters(suite, locator)
+    return suite
+
+
+def _check_ratio_filters(suite: BenchmarkSuite, locator: Locator) -> None:
+    """Each ratio check's numerator and denominator (with its `at`) must select cells of the suite."""
+    for i, ratio in enumerate(suite.checks.ratios if suite.checks else []):
+        for side in ("numerator", "denominator"):
+            expr = both(getattr(ratio, side), ratio.at)
+            try:
+                selected = filter_cells(suite.cells(), expr)
+            except SuiteError as error:
+                raise locator.error(("checks", "ratios", i, side), error.problem) from None
+            if not selected:
+                raise locator.error(("checks", "ratios", i, side), f"{expr!r} selects no cell of this suite")
+
+
+def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, Any]:
+    for key, value in model.items():
+        if key in NOT_MODEL_KEYS:
+            raise locator.error(("model", key), f"{key!r} is set by the `variants:` list, not by `model:`")
+        if key not in fields:
+            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
+        annotation = fields[key][0]
+        if not type_matches(value, annotation):
+            raise locator.error(("model", key), f"must be {type_name(annotation)}, got {value!r}")
+    return dict(model)
+
+
+def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, list]:
+    allowed = f"allowed keys: {', '.join(SHAPE_KEYS)} and the model keys {', '.join(fields)}"
+    for key, values in sweep.items():
+        if key in NOT_MODEL_KEYS:
+            raise locator.error(("sweep", key), f"{key!r} is set by the `variants:` list, not swept")
+        if key not in SHAPE_KEYS and key not in fields:
+            raise locator.error(("sweep", key), f"unknown sweep key {key!r}{did_you_mean(key, [*SHAPE_KEYS, *fields])}; {allowed}")
+        if not isinstance(values, list):
+            raise locator.error(("sweep", key), f"must be a list of values (e.g. {key}: [{values!r}]), got {values!r}")
+        if not values:
+            raise locator.error(("sweep", key), "empty list: give at least one value")
+        for i, value in enumerate(values):
+            if key in SHAPE_KEYS:
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise locator.error(("sweep", key, i), f"{key} values must be positive integers, got {value!r}")
+            elif not type_matches(value, fields[key][0]):
+                raise locator.error(("sweep", key, i), f"{key} values must be {type_name(fields[key][0])}, got {value!r}")
+            if value in values[:i]:
+                raise locator.error(("sweep", key, i), f"duplicate value {value!r}")
+    if "seq_len" not in sweep:
+        raise locator.error(("sweep", "seq_len"), "required key 'seq_len' is missing (e.g. seq_len: [1024, 2048])")
+    if "batch" in sweep and "tokens_per_batch" in sweep:
+        raise locator.error(("sweep", "tokens_per_batch"), "give either batch or tokens_per_batch, not both")
+    return {k: list(v) for k, v in sweep.items()}
+
+
+@dataclass
+class _Expansion:
+    index: int  # position in `variants:`
+    name: str
+    params: dict[str, Any]
+    value_index: dict[str, int]  # param -> index into its list, for list-valued params
+    label: str | None
+    varying_in_entry: list[str]  # list-valued params with more than one value
+    seq_lens: list[int] | None = None  # the entry's own `seq_len:` list, replacing sweep.seq_len
+
+
+def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_Expansion]:
+    import variants
+
+    registered = variants.available("attention")
+    if not entries:
+        raise locator.error(("variants",), f"empty list: name at least one variant ({', '.join(registered)})")
+    out = []
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        if name is None:
+            raise locator.error(("variants", i), f"missing 'name'; registered attention variants: {', '.join(registered)}")
+        if name not in registered:
+            raise locator.error(
+                ("variants", i, "name"),
+                f"unknown variant {name!r}{did_you_mean(name, registered)}; registered attention variants: {', '.join(registered)}",
+            )
+        fields = variant_fields(name)
+        label = entry.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
+        seq_lens = entry.get("seq_len")
+        if seq_lens is not None:
+            if not isinstance(seq_lens, list) or not seq_lens:
+                raise locator.error(
+                    ("variants", i, "seq_len"),
+                    f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}",
+                )
+            for j, value in enumerate(seq_lens):
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
+                    raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
+        choices: dict[str, list[Any]] = {}
+        expanded: set[str] = set()
+        for key, value in entry.items():
+            if key in ("name", "label", "seq_len"):
+                continue
+            where = ("variants", i, key)
+            if key in MODEL_ATTENTION_KEYS:
+                raise locator.error(where, f"{key!r} comes from `model:` (set model.{key} or sweep it), not from a variant entry")
+            if key not in fields:
+                allowed = describe_fields({k: v for k, v in fields.items() if k not in MODEL_ATTENTION_KEYS})
+                raise locator.error(
+                    where, f"variant {name!r} does not take {key!r}{did_you_mean(key, fields)}; its parameters: {allowed}, plus label"
+                )
+            annotation = fields[key][0]
+            takes_sequence = typing.get_origin(annotation) in (list, tuple) or any(
+                typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation)
+            )
+            # A list expands into one variant per value, except a flat list for a sequence-typed parameter.
+            expands = isinstance(value, list) and (not takes_sequence or all(isinstance(v, list) for v in value))
+            if expands and not value:
+                raise locator.error(where, "empty list: give at least one value")
+            choices[key] = value if expands else [value]
+            if expands:
+                expanded.add(key)
+        varying = [k for k in choices if k in expanded and len(choices[k]) > 1]
+        for combo in itertools.product(*(enumerate(v) for v in choices.values())):
+            params = {k: v for k, (_, v) in zip(choices, combo)}
+            value_index = {k: j for k, (j, _) in zip(choices, combo) if k in expanded}
+            out.append(_Expansion(i, name, params, value_index, label, varying, seq_lens))
+    return out
+
+
+def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
+    """Entry label (plus what varies within the entry) or auto: name + params that vary across
+    all expansions of that variant name."""
+    effective = []
+    for e in expansions:
+        defaults = {k: d for k, (_, d) in variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        effective.append(jsonable(defaults | e.params))
+    labels = []
+    for e, eff in zip(expansions, effective):
+        if e.label is not None:
+            labels.append(" ".join([e.label] + [f"{k}={values_text(e.params[k])}" for k in e.varying_in_entry]))
+            continue
+        same = [f for x, f in zip(expansions, effective) if x.name == e.name]
+        shown = [k for k in eff if len({values_text(f.get(k)) for f in same}) > 1]
+        labels.append(" ".join([e.name] + [f"{k}={values_text(eff[k])}" for k in shown]))
+    first: dict[str, tuple[int, dict]] = {}
+    for e, label in zip(expansions, labels):
+        if label in first and first[label][1] != e.params | {"name": e.name}:
+            raise locator.error(
+                ("variants", e.index), f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`"
+            )
+        first.setdefault(label, (e.index, e.params | {"name": e.name}))
+    return labels
+
+
+def _mentioned(keys: typing.Iterable[str], message: str) -> str | None:
+    """The first of `keys` named as a word in `message`."""
+    return next((k for k in keys if re.search(rf"\b{re.escape(k)}\b", message)), None)
+
+
+def _model_path(key: str | None, swept_at: dict[str, int], suite: BenchmarkSuite) -> KeyPath:
+    """Where a model value came from: its sweep entry, its `model:` key, or `model` itself."""
+    if key in swept_at:
+        return ("sweep", key, swept_at[key])
+    return ("model", key) if key in suite.model else ("model",)
+
+
+def _check_model_config(
+    model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
+) -> None:
+    """ReformerLMConfig's own consistency check (residual/activation names, divisibility, ...)."""
+    from variants.model import ReformerLMConfig
+
+    signature = canonical_json(["model", e.name, model])
+    if signature in cache:
+        return
+    try:
+        ReformerLMConfig(**model, attention=e.name, attention_params={e.name: dict(e.params)}).validate()
+    except (ValueError, TypeError) as error:
+        where = _model_path(_mentioned(model, str(error)), swept_at, suite)
+        raise locator.error(where, f"invalid model settings: {error}") from None
+    cache[signature] = True
+
+
+def _check_variant(
+    e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
+) -> Any:
+    """The expanded parameters through `variants.make_config`, errors mapped to their key path;
+    returns the config (cached by its parameters)."""
+    import variants
+
+    attention = {k: model[k] for k in MODEL_ATTENTION_KEYS}
+    signature = canonical_json([e.name, attention, e.params])
+    if signature in cache:
+        return cache[signature]
+    try:
+        config = variants.make_config(e.name, **attention, **e.params)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        named = re.search(r"parameter '(\w+)'", message)
+        key = named.group(1) if named else _mentioned(list(e.params) + list(MODEL_ATTENTION_KEYS), message)
+        if key in e.params:
+            where: KeyPath = ("variants", e.index, key) + ((e.value_index[key],) if key in e.value_index else ())
+        elif key in MODEL_ATTENTION_KEYS:
+            where = _model_path(key, swept_at, suite)
+        else:
+            where = ("variants", e.index)
+        fields = {k: v for k, v in variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
+        context = ", ".join(f"{k}={v!r}" for k, v in attention.items())
+        raise locator.error(where, f"{message} (with model {context}); parameters of {e.name!r}: {describe_fields(fields)}") from None
+    cache[signature] = config
+    return config
+
+
+def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, locator: Locator) -> None:
+    """The variant's own length rule (`check_seq_len`, e.g. LSH's bucket_size must divide seq_len)."""
+    check = getattr(config, "check_seq_len", None)
+    if check is None:
+        return
+    try:
+        check(seq_len)
+    except ValueError as error:
+        raise locator.error(where, f"variant {e.name!r} (variants[{e.index}]) cannot run at this length: {error}") from None
+
+
+def _max_len(model: dict[str, Any]) -> int:
+    """Longest sequence the LM's positional embedding covers (mirrors ReformerLM.max_len)."""
+    axial = model.get("axial_shape")
+    return model["max_seq_len"] if axial is None else min(model["max_seq_len"], math.prod(axial))
+
+
+def _build_cells(
+    suite: BenchmarkSuite, expansions: list[_Expansion], fields: dict[str, tuple[Any, Any]], locator: Locator
+) -> list[BenchmarkCell]:
+    missing = [k for k, (_, d) in fields.items() if d is dataclasses.MISSING and k not in suite.model and k not in suite.sweep]
+    if missing:
+        raise locator.error(("model",), f"required model key(s) missing: {', '.join(missing)}")
+    base_model = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING} | suite.model
+    labels = _labels(expansions, locator)
+    other_keys = [k for k in suite.sweep if k != "seq_len"]
+    cache: dict[str, Any] = {}
+    cells: list[BenchmarkCell] = []
+    seen: dict[str, int] = {}
+    for e, label in zip(expansions, labels):
+        # An entry's own seq_len list replaces the sweep's (e.g. the longest lengths for one variant only).
+        seq_len_at: KeyPath = ("variants", e.index, "seq_len") if e.seq_lens else ("sweep", "seq_len")
+        seq_lens = sorted(enumerate(e.seq_lens or suite.sweep["seq_len"]), key=lambda iv: iv[1])
+        for combo in itertools.product(*(enumerate(suite.sweep[k]) for k in other_keys)):
+            chosen = {k: v for k, (_, v) in zip(other_keys, combo)}
+            swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
+            model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
+            _check_model_config(model, e, swept_at, suite, cache, locator)
+            config = _check_variant(e, model, swept_at, suite, cache, locator)
+            for j, seq_len in seq_lens:
+                tokens = chosen.get("tokens_per_batch")
+                if tokens is not None:
+                    if tokens % seq_len:
+                        raise locator.error(
+                            ("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
+                            f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
+                            f"({format_path(locator.source(seq_len_at + (j,)))}); "
+                            "use a multiple of every seq_len",
+                        )
+                    batch = tokens // seq_len
+                else:
+                    batch = chosen.get("batch", 1)
+                _check_seq_len(config, e, seq_len, seq_len_at + (j,), locator)
+                if suite.workload == "model" and seq_len > _max_len(model):
+                    raise locator.error(
+                        seq_len_at + (j,),
+                        f"seq_len={seq_len} exceeds what the model's positional embedding covers "
+                        f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
+                        f"axial_shape={model.get('axial_shape')})",
+                    )
+                cell = BenchmarkCell(
+                    suite.name,
+                    suite.workload,
+                    suite.mode,
+                    suite.device,
+                    suite.dtype,
+                    seq_len,
+                    batch,
+                    tokens,
+                    jsonable(model),
+                    e.name,
+                    jsonable(e.params),
+                    label,
+                    dict(suite.measure),
+                )
+                key = cell.key("")
+                if key in seen:
+                    raise locator.error(("variants", e.index), f"duplicates the cells of variants[{seen[key]}]")
+                seen[key] = e.index
+                cells.append(cell)
+    return cells

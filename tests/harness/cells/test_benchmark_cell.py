@@ -1,0 +1,39 @@
+"""harness.cells.benchmark: a benchmark cell's memory budget, its measurement in this process and its compute floor."""
+
+from __future__ import annotations
+
+import pandas as pd
+import psutil
+import pytest
+
+from harness.cells import benchmark
+from harness.suites import load_suite
+from tests.harness.test_sweep import write_suite
+
+
+def test_default_memory_limit_is_a_safe_fraction_of_ram(tmp_path):
+    cell = load_suite(write_suite(tmp_path, "limit", [{"name": "full"}], [64])).cells()[0]
+    memory = psutil.virtual_memory()
+    assert 0 < cell.memory_limit_bytes() <= 0.75 * memory.total
+    limited = load_suite(write_suite(tmp_path, "limit", [{"name": "full"}], [64], memory_limit_gib=0.5)).cells()[0]
+    assert limited.memory_limit_bytes() == 2**29
+
+
+def test_without_matmul_rate_no_floor_columns_and_a_failed_probe_keeps_the_cell(tmp_path, monkeypatch):
+    plain = load_suite(write_suite(tmp_path, "plain", [{"name": "full"}], [64])).cells()[0]
+    row = benchmark.measure_cell(plain, limit_memory=False)
+    assert row["status"] == "ok" and not {"matmul_gflops", "floor_s", "floor_ratio"} & set(row)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no matmul today")
+
+    monkeypatch.setattr(benchmark.measure, "measure_matmul", broken)
+    probed = load_suite(write_suite(tmp_path, "probed", [{"name": "full"}], [64], matmul_rate=True)).cells()[0]
+    row = benchmark.measure_cell(probed, limit_memory=False)
+    assert row["status"] == "ok" and row["time_ms_median"] > 0
+    assert "matmul_rate probe failed: RuntimeError: no matmul today" in row["message"]
+    assert all(pd.isna(row[c]) for c in ("matmul_gflops", "floor_s", "floor_ratio"))
+    assert benchmark.floor_columns({"flops": 2e9, "time_ms_median": 30.0, "matmul_gflops": 100.0}) == {
+        "floor_s": pytest.approx(0.02),
+        "floor_ratio": pytest.approx(1.5),
+    }

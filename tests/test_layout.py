@@ -1,0 +1,93 @@
+"""The package layout: no import cycle in harness/ or variants/ (imports inside functions count
+too), and no module importing another module's `_private` name. Read from the source with ast,
+so a cycle that only shows at run time on some path is caught as well."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("harness", "variants")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
+def imported(node: ast.AST, known: dict[str, Path], here: str) -> list[tuple[str, list[str]]]:
+    """(module, names taken from it) for each import of a project module in `node`."""
+    out = []
+    for item in ast.walk(node):
+        if isinstance(item, ast.Import):
+            out += [(alias.name, []) for alias in item.names if alias.name.split(".")[0] in PACKAGES]
+        elif isinstance(item, ast.ImportFrom) and item.module and item.level == 0 and item.module.split(".")[0] in PACKAGES:
+            for alias in item.names:
+                submodule = f"{item.module}.{alias.name}"
+                out.append((submodule, []) if submodule in known else (item.module, [alias.name]))
+    return [(m, names) for m, names in out if m != here]
+
+
+def graph() -> tuple[dict[str, set[str]], list[str]]:
+    """module -> the project modules it imports; and the private names imported across modules."""
+    known = modules()
+    edges: dict[str, set[str]] = {}
+    private = []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        edges[name] = set()
+        for target, names in imported(tree, known, name):
+            while target not in known and "." in target:
+                target = target.rsplit(".", 1)[0]
+            edges[name].add(target)
+            private += [f"{name} imports {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    return edges, private
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            # A package's __init__ importing its own submodules is how packages are built; the
+            # submodule importing a sibling through the package does not make that a cycle.
+            if node.startswith(nxt + "."):
+                continue
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_checker_finds_a_cycle_and_ignores_a_package_importing_its_submodules():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"p": {"p.x"}, "p.x": {"p"}}) is None
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_harness_or_variants():
+    edges, _ = graph()
+    assert {"harness.cells", "harness.suites", "harness.sweep", "harness.isolation"} <= set(edges)
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges) or [])
+
+
+def test_no_module_imports_another_modules_private_names():
+    _, private = graph()
+    assert not private, "\n".join(private)
