@@ -622,17 +622,18 @@ SMALL_MODEL = {"d_model": 32, "n_heads": 2}
 
 def probe_attention_variant() -> str:
     """A registered attention variant to drive the runner checks: the first one defined in the `variants`
-    package (else any) that builds and runs a small forward on the CPU."""
+    package (else any) that builds and runs a small forward and backward on the CPU (the suites'
+    mode; flex, say, has no CPU backward)."""
     names = variants.available("attention")
     built_in = [n for n in names if variants.spec(n).module_cls.__module__.startswith("variants.")]
     for name in built_in + [n for n in names if n not in built_in]:
         try:
-            with torch.no_grad():
-                variants.build(name, **SMALL_MODEL)(torch.randn(1, 64, SMALL_MODEL["d_model"]))
+            x = torch.randn(1, 64, SMALL_MODEL["d_model"], requires_grad=True)
+            variants.build(name, **SMALL_MODEL)(x).sum().backward()
             return name
         except Exception:  # noqa: BLE001 - unavailable or broken here: try the next one
             continue
-    raise Skip("no registered attention variant runs a small forward on the CPU")
+    raise Skip("no registered attention variant runs a small forward and backward on the CPU")
 
 
 def write_suite(
