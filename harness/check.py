@@ -16,6 +16,11 @@ its text), else the defaults of `harness.check_rules`:
 - ratios: median(numerator) / median(denominator) time within one run, against the same ratio in
   the baseline: up by >= threshold and significant on the per-repeat ratios.
 
+A cell whose timing stayed contended (`contended`, in the run or the baseline) makes its time
+comparison, and every wall-time ratio it is part of, `inconclusive`: reported with the reason,
+counted neither as a pass nor as a fail. Its memory, bpd and status comparisons stand (other load
+does not move them), and so do CPU-time ratios (meant for shared machines).
+
 Exit status of the command: 1 when any comparison is a regression, 0 otherwise, 2 for unusable
 input (raised here as CheckError, a ResultsError, which the CLI turns into 2).
 """
@@ -38,12 +43,15 @@ from harness.cells.benchmark import CONFIG_COLUMNS, config_key_of, model_default
 from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRule, checks_from_suite_text, load_checks_file
 from harness.environment import device_slug
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError, StoredRun, file_mode, read_run, to_json
+from harness.results import ResultsError, StoredRun, cell_rows, file_mode, read_run, to_json
 from harness.stats import mann_whitney_u, median, min_p_value
+from harness.tables import row_contended
 
 BASELINES_DIR = "baselines"
 BASELINE_INFO = "baseline.json"
 REGRESSION, IMPROVEMENT, SAME, UNTESTED, MISSING, NEW = "regression", "improvement", "same", "untested", "missing", "new"
+INCONCLUSIVE = "inconclusive"  # a time comparison of a cell contended in the run or the baseline: neither pass nor fail
+VERDICTS = (REGRESSION, IMPROVEMENT, SAME, INCONCLUSIVE, UNTESTED, MISSING, NEW)
 
 
 class CheckError(ResultsError):
@@ -58,7 +66,7 @@ def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
     (so runs stored before the column existed match too), and when a configuration occurs twice (a
     run resumed with another code version) the row written last wins."""
     run = read_run(arg, root)
-    rows = run.rows.copy()
+    rows = cell_rows(run.rows).copy()  # a cell measured in rounds: its own row, not its rounds
     rows["config_key"] = [config_key_of(row) for row in rows.to_dict("records")]
     return replace(run, rows=rows.drop_duplicates("config_key", keep="last").reset_index(drop=True))
 
@@ -205,6 +213,13 @@ def _labeller(frames: Iterable[pd.DataFrame]) -> Any:
     return label
 
 
+def contention_note(*rows: dict, names: Sequence[str] = ("baseline", "run")) -> str:
+    """ "contended: run: <reason>; baseline: <reason>" for the contended ones of `rows` (named by
+    `names`), "" when none is: a time comparison of them is inconclusive."""
+    parts = [f"{name}: {row.get('contention') or 'contended'}" for name, row in zip(names, rows) if row_contended(row)]
+    return ("contended, " + "; ".join(parts))[:300] if parts else ""
+
+
 def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[Comparison]:
     """The comparisons of one matched cell under `rules`."""
     key = str(now.get("config_key", ""))
@@ -222,6 +237,8 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
     if rules.time.enabled:
         now_samples, base_samples = samples_of(now), samples_of(base)
         ratio, p, verdict, note = compare_samples(now_samples, base_samples, rules.time.threshold, rules.time.p_value)
+        if contention_note(base, now):
+            p, verdict, note = None, INCONCLUSIVE, contention_note(base, now)
         out.append(
             Comparison(
                 label, "time_ms", _finite(base.get("time_ms_median")), _finite(now.get("time_ms_median")), ratio, p, verdict, note, key
@@ -298,6 +315,10 @@ def compare_ratios(base: pd.DataFrame, now: pd.DataFrame, rule: RatioRule, label
             out.append(Comparison(name, metric, None, None, verdict=UNTESTED, note="a cell did not finish ok", config_key="/".join(key)))
             continue
         column = RATIO_SAMPLES[rule.metric]
+        vague = contention_note(bn, bd, nn, nd, names=("baseline numerator", "baseline denominator", "numerator", "denominator"))
+        if vague and rule.metric == "time":  # CPU-time ratios are meant for shared machines: they stand
+            out.append(Comparison(name, metric, None, None, verdict=INCONCLUSIVE, note=vague, config_key="/".join(key)))
+            continue
         nn_s, nd_s, bn_s, bd_s = (samples_of(r, column) for r in (nn, nd, bn, bd))
         if not (nn_s and nd_s and bn_s and bd_s) or min(median(nn_s), median(nd_s), median(bn_s), median(bd_s)) <= 0:
             out.append(Comparison(name, metric, None, None, verdict=UNTESTED, note=f"no {column} in both runs", config_key="/".join(key)))
@@ -360,6 +381,8 @@ class CheckReport:
     def summary(self) -> str:
         verdict = "FAIL" if self.exit_code else "PASS"
         parts = [f"{self.count(REGRESSION)} regression(s)", f"{self.count(IMPROVEMENT)} improvement(s)", f"{self.count(SAME)} unchanged"]
+        if self.count(INCONCLUSIVE):
+            parts.append(f"{self.count(INCONCLUSIVE)} inconclusive (contended cells: neither a pass nor a fail)")
         parts += [f"{self.count(v)} {v}" for v in (UNTESTED, MISSING, NEW) if self.count(v)]
         return (
             f"{verdict}: {', '.join(parts)} ({len(self.comparisons)} comparisons over {self.matched_cells} matched cells; "
@@ -507,7 +530,7 @@ def format_json(report: CheckReport) -> str:
         "status": "fail" if report.exit_code else "pass",
         "exit_code": report.exit_code,
         "summary": report.summary(),
-        "counts": {v: report.count(v) for v in (REGRESSION, IMPROVEMENT, SAME, UNTESTED, MISSING, NEW)},
+        "counts": {v: report.count(v) for v in VERDICTS},
         "run": {"path": str(report.run.path), "device_name": report.run.device_name, "code_version": report.run.code_version},
         "baseline": {
             "path": str(report.baseline.path),

@@ -14,6 +14,10 @@
 
 Skip-after-OOM needs a group's cells (same configuration, increasing seq_len) in order, so the
 unit handed out is a group: its cells run one after another in one slot / job, groups in parallel.
+Cells measured in rounds (`measure.rounds`): `local` and `pool` run round after round over all
+cells (the pool hands out round 1 by group, later rounds cell by cell, in the sweep's shuffled
+order, and starts round r + 1 once round r has ended); a `submitit` task runs the rounds of its own
+group, interleaved within that group.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def pool_slots(device: str, workers: int | None = None) -> list[dict[str, str]]:
 def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: list[dict[str, str]]) -> list[dict]:
     """Run the pending cells with one thread per slot, groups handed out as slots free up; return the new rows.
 
-    On an interrupt the running cell processes are killed and their cells are not recorded.
+    Cells measured in rounds: all of round r (its units from `Sweep.round_groups`) end before round
+    r + 1 starts. On an interrupt the running cell processes are killed and their cells are not recorded.
     """
     if options.in_process:
         raise ExecutorError("--in-process runs cells one at a time: use --executor local")
@@ -85,21 +90,25 @@ def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: lis
     for slot in slots:
         free.put(slot)
 
-    def run_group(group: list[Cell]) -> None:
+    def run_group(group: list[Cell], number: int) -> None:
         env = free.get()
         try:
             for cell in group:
-                if sweep.run_one(cell, env) is None:
+                if sweep.run_one(cell, env, number) is None:
                     return
         finally:
             free.put(env)
 
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="harness-slot")
-    futures = [pool.submit(run_group, group) for group in sweep.groups()]
+    futures: list = []
     try:
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            future.result()  # a bug in a slot (not a cell failure, those are rows) stops the run
+        for number in range(1, sweep.max_rounds + 1):
+            futures = [pool.submit(run_group, group, number) for group in sweep.round_groups(number)]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # a bug in a slot (not a cell failure, those are rows) stops the run
+            if sweep.stopped.is_set():
+                break
     except BaseException:
         sweep.stopped.set()
         for future in futures:

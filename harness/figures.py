@@ -5,7 +5,8 @@ Every plotting function takes a tidy frame that already has a `series` column (a
 Colours come from `series_palette`, keyed on the series label, so one series has one colour in
 every figure of a report. Cells that did not finish (OOM, timeout, error, skipped) are drawn as
 'x' markers on the top edge of the axes, with their status beside them; their artists carry a
-`gid` of the form `failed-<status>-<series>-<x>` (an `id` in the SVG).
+`gid` of the form `failed-<status>-<series>-<x>` (an `id` in the SVG). Contended cells (their
+timing disturbed by other load) are hollow circles crossed by an 'x', gid `contended-<series>-<x>`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+from harness.tables import is_contended  # noqa: E402
 
 # Variant families first in this order (then alphabetically); only an ordering, colours are derived.
 DEFAULT_ORDER = ("full", "sdpa", "lsh")
@@ -201,6 +204,7 @@ class Metric:
     scale: float = 1.0
     band: bool = False
     formatter: Callable[[float, Any], str] = format_plain
+    timed: bool = True  # derived from the timing: contended cells are marked (memory is not)
 
     def values(self, rows: pd.DataFrame) -> pd.Series:
         return pd.to_numeric(rows[self.column], errors="coerce") * self.scale
@@ -233,7 +237,7 @@ def _time_quartiles(row: pd.Series) -> tuple[float, float]:
 
 
 TIME = Metric("time_ms_median", "time per step (s)", scale=1e-3, band=True)
-MEMORY = Metric("peak_mem_mib", "peak memory (MiB)")
+MEMORY = Metric("peak_mem_mib", "peak memory (MiB)", timed=False)
 THROUGHPUT = Metric("tokens_per_s", "throughput (tokens/s)", band=True, formatter=format_si)
 FLOOR_RATIO = Metric("floor_ratio", "time per step / compute floor")
 
@@ -273,6 +277,8 @@ def plot_metric(
     """One line per `series` of `metric` against `x` (median; IQR band when `metric.band`).
 
     Rows whose `status` is not ok become 'x' markers on the top edge, labelled with the status.
+    Contended cells (`contended`) of a `timed` metric are hollow circles crossed by an 'x', with a
+    legend entry.
     `paper` is a list of (PaperSeries, colour): its read-off points drawn as hollow markers joined
     by a dashed line, in a second legend titled `paper_title`. Log-log when x is a power-of-two sweep.
     """
@@ -285,6 +291,7 @@ def plot_metric(
         ok = rows[rows["status"] == "ok"]
         handles: list[Any] = []
         drawn: list[float] = []  # every plotted y value (lines, bands), for the axis limits
+        contended = 0  # points drawn as contended
         for series in order:
             part = ok[ok["series"] == series].sort_values(x)
             values = metric.values(part)
@@ -296,6 +303,8 @@ def plot_metric(
             (line,) = ax.plot(part[x], values, marker="o", markersize=5, lw=1.8, color=colour, label=names.get(series, series))
             handles.append(line)
             drawn += list(values)
+            if metric.timed:
+                contended += _mark_contended(ax, part[x], values, is_contended(part), colour, series)
             if metric.band:
                 low, high = metric.band_bounds(part)
                 ax.fill_between(part[x].to_numpy(float), low, high, color=colour, alpha=0.2, lw=0)
@@ -331,8 +340,11 @@ def plot_metric(
             handles.append(
                 Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35", label="did not finish (status at top edge)")
             )
+        if contended:
+            handles.append(contended_handle("contended (timing disturbed by other load)"))
         legend = ax.legend(
             handles=handles,
+            labels=legend_labels(handles),
             title=legend_title,
             loc="upper left",
             bbox_to_anchor=(1.02, 1.0),
@@ -355,6 +367,32 @@ def plot_metric(
             )
         _title(ax, title, subtitle)
         return fig
+
+
+CONTENDED_STYLE = {"ls": "none", "markersize": 9, "markerfacecolor": "white", "markeredgewidth": 1.6, "zorder": 4}
+
+
+def _mark_contended(ax: plt.Axes, xs: pd.Series, ys: pd.Series, mask: pd.Series, colour: Any, series: str) -> int:
+    """Draw the points of contended cells as hollow circles crossed by an 'x' (gid
+    `contended-<series>-<x>`) over a line's filled markers; returns how many."""
+    mask = mask.to_numpy(bool)
+    for x_value, y_value in zip(xs.to_numpy()[mask], ys.to_numpy()[mask]):
+        gid = f"contended-{_slug(series)}-{_slug(x_value)}"
+        ax.plot([x_value], [y_value], marker="o", markeredgecolor=colour, gid=gid, **CONTENDED_STYLE)
+        ax.plot([x_value], [y_value], ls="none", marker="x", markersize=5, mew=1.4, color=colour, zorder=5, gid=f"{gid}-x")
+    return int(mask.sum())
+
+
+def contended_handle(label: str) -> tuple[Line2D, Line2D]:
+    """A legend entry of the contended marker (a hollow circle crossed by an 'x')."""
+    circle = Line2D([], [], marker="o", markeredgecolor="0.3", label=label, **CONTENDED_STYLE)
+    cross = Line2D([], [], ls="none", marker="x", markersize=5, mew=1.4, color="0.3")
+    return circle, cross
+
+
+def legend_labels(handles: Sequence[Any]) -> list[str]:
+    """The label of each legend handle (of its first artist, for a tuple such as `contended_handle`)."""
+    return [(h[0] if isinstance(h, tuple) else h).get_label() for h in handles]
 
 
 def _mark_failed(ax: plt.Axes, rows: pd.DataFrame, x: str, palette: dict[str, Any], names: dict[str, str]) -> int:
@@ -463,14 +501,16 @@ def plot_ratio(
     names: dict[str, str] | None = None,
 ) -> Figure:
     """Ratio per matched cell (`ratio` column) against `x`, one line per series; filled markers
-    for differences beyond noise, hollow ones for `within_noise` cells; a reference line at 1;
+    for differences beyond noise, hollow ones for `within_noise` cells, crossed hollow ones for
+    `inconclusive` (contended) cells; a reference line at 1;
     cells that did not finish in either run (`status` not ok) as 'x' on the top edge."""
     names = names or {}
     style, context = _theme()
     with style, context:
         fig, ax = _new_figure()
         ax.axhline(1.0, color="0.4", lw=1, ls=":")
-        handles = []
+        handles: list[Any] = []
+        inconclusive = 0
         for series in series_order(rows["series"]):
             part = rows[(rows["series"] == series) & rows["ratio"].notna()].sort_values(x)
             if part.empty:
@@ -478,8 +518,11 @@ def plot_ratio(
             colour = palette.get(series, "0.3")
             (line,) = ax.plot(part[x], part["ratio"], color=colour, lw=1.4, label=names.get(series, series))
             handles.append(line)
-            noise = part["within_noise"].fillna(False).astype(bool)
-            ax.plot(part.loc[~noise, x], part.loc[~noise, "ratio"], ls="none", marker="o", color=colour, markersize=6)
+            noise = part["within_noise"].astype(object).eq(True)
+            vague = part["inconclusive"].astype(object).eq(True) if "inconclusive" in part else pd.Series(False, index=part.index)
+            inconclusive += _mark_contended(ax, part[x], part["ratio"], vague, colour, series)
+            beyond = ~noise & ~vague
+            ax.plot(part.loc[beyond, x], part.loc[beyond, "ratio"], ls="none", marker="o", color=colour, markersize=6)
             ax.plot(
                 part.loc[noise, x],
                 part.loc[noise, "ratio"],
@@ -494,6 +537,8 @@ def plot_ratio(
             Line2D([], [], ls="none", marker="o", color="0.3", label="difference beyond noise"),
             Line2D([], [], ls="none", marker="o", markerfacecolor="white", markeredgecolor="0.3", label="within noise"),
         ]
+        if inconclusive:
+            handles.append(contended_handle("inconclusive (contended in A or B)"))
         _x_axis(ax, rows[x].dropna(), is_log_axis(rows[x]), x_label or x)
         ratios = rows["ratio"].dropna()
         if not ratios.empty:
@@ -513,6 +558,7 @@ def plot_ratio(
         ax.set_ylim(ylim)
         ax.legend(
             handles=handles,
+            labels=legend_labels(handles),
             title=legend_title,
             loc="upper left",
             bbox_to_anchor=(1.02, 1.0),

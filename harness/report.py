@@ -25,14 +25,14 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from harness import figures, paper, stats
-from harness.results import ResultsError, StoredRun, latest_run, load_run_info, read_run
-from harness.tables import pivot_metric, series_label
+from harness.results import ResultsError, StoredRun, cell_rows, latest_run, load_run_info, read_run
+from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
 
 RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives
 
@@ -97,7 +97,9 @@ def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
     Quality runs (harness.cells.quality) mark their rows with `row_type` "curve" / "eval" / "train";
     without that column, rows with an `eval_variant` are evaluations and rows with a `step` curves.
-    Benchmark rows have neither."""
+    Benchmark rows have neither; the rows of single rounds of a cell measured in rounds ("round")
+    are left out (the cell's own row has them combined)."""
+    rows = cell_rows(rows)
     if "row_type" in rows:
         kind = rows["row_type"].astype(object)
     else:
@@ -202,7 +204,7 @@ def summary_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     axes = sweep_axes(rows)
     x = axes[0] if axes else "seq_len"
     return {
-        f"median time per step (ms), by {x}": pivot_metric(rows, "time_ms_median", columns=x),
+        f"median time per step (ms), by {x}": pivot_metric(rows, "time_ms_median", columns=x, mark_contended=True),
         f"peak memory (MiB), by {x}": pivot_metric(rows, "peak_mem_mib", columns=x, fmt="{:.1f}"),
     }
 
@@ -361,11 +363,14 @@ def _match_key(rows: pd.DataFrame, columns: list[str]) -> pd.Series:
 def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """One row per cell present in both runs (matched on the configuration columns, not cell_key):
     medians, `ratio` = B/A of the median time, `within_noise`, `p_value`, `iqr_overlap`,
-    `memory_ratio` = B/A of peak memory, and both statuses. Raises ResultsError when nothing matches."""
+    `memory_ratio` = B/A of peak memory, both statuses and `contended_a`/`contended_b`;
+    `inconclusive` when the cell finished in both but was contended in either (then `within_noise`
+    is None: neither within noise nor beyond it). Raises ResultsError when nothing matches."""
     columns = _match_columns(a, b)
-    a = a.assign(_key=_match_key(a, columns))
-    b = b.assign(_key=_match_key(b, columns))
-    keep = ["_key", "status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib"]
+    keep = ["_key", "status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib", "contended", "contention"]
+    missing = {c: None for c in keep[1:]}  # a column only one run has must not lose its side in the merge
+    a = a.assign(_key=_match_key(a, columns), **{c: v for c, v in missing.items() if c not in a})
+    b = b.assign(_key=_match_key(b, columns), **{c: v for c, v in missing.items() if c not in b})
     merged = a.merge(b[[c for c in keep if c in b]], on="_key", suffixes=("", "_b"), how="inner")
     if merged.empty:
         differing = [c for c in columns if c in a and c in b and set(a[c].astype(str)) != set(b[c].astype(str))]
@@ -380,7 +385,12 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     ok = (merged["status_a"] == "ok") & (merged["status_b"] == "ok")
     merged["ratio"] = np.where(ok, merged["time_ms_median_b"] / merged["time_ms_median_a"], np.nan)
     merged["memory_ratio"] = np.where(ok, merged["peak_mem_mib_b"] / merged["peak_mem_mib_a"], np.nan)
-    checks = [noise_check(r) if is_ok else (None, np.nan, None) for (_, r), is_ok in zip(merged.iterrows(), ok)]
+    # A cell contended in either run is inconclusive: its ratio is shown, never judged.
+    merged["inconclusive"] = ok & (merged["contended_a"].astype(object).eq(True) | merged["contended_b"].astype(object).eq(True))
+    checks = [
+        noise_check(r) if is_ok and not vague else (None, np.nan, None)
+        for (_, r), is_ok, vague in zip(merged.iterrows(), ok, merged["inconclusive"])
+    ]
     merged["within_noise"] = [c[0] for c in checks]
     merged["p_value"] = [c[1] for c in checks]
     merged["iqr_overlap"] = [c[2] for c in checks]
@@ -622,8 +632,68 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
         caption = f"{title}. Median time per step over the compute floor of each cell (1 = the matmul rate)"
         caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
         blocks.append(("figure", stem, caption + "."))
-    blocks.append(("table", pivot_metric(rows, "floor_ratio", columns=x, fmt="{:.3g}")))
+    blocks.append(("table", pivot_metric(rows, "floor_ratio", columns=x, fmt="{:.3g}", mark_contended=True)))
     return blocks
+
+
+def _contention_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
+    """The contended cells (`contended`: their timing stayed disturbed by other load after
+    re-measuring), with their CPU share and reason; [] when there are none."""
+    contended = with_series(rows[is_contended(rows)], x)
+    if contended.empty:
+        return []
+    share = contended["cpu_share"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}") if "cpu_share" in contended else ""
+    retries = contended["contention_retries_used"] if "contention_retries_used" in contended else ""
+    table = pd.DataFrame(
+        {"series": contended["series"], x: contended[x], "CPU share": share, "re-measured": retries, "contention": contended["contention"]}
+    ).set_index("series")
+    text = (
+        f"`{CONTENDED_MARK}` in the tables, crossed hollow markers in the figures: {len(contended)} of "
+        f"{int(rows['contended'].notna().sum())} cells stayed contended after re-measuring (other load on the "
+        "machine disturbed their timing: CPU share = process CPU time / (wall time x threads) below the "
+        "threshold while other processes kept cores busy, or other processes / slowed clocks on the GPU). Their "
+        "times are not trustworthy; `harness compare` and `harness check` treat them as inconclusive."
+    )
+    return [("h3", "Contended cells"), ("p", text), ("table", table)]
+
+
+def _drift_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
+    """Round-to-round drift of cells measured in rounds (`measure.rounds`): `round_drift` = max / min
+    of the round medians - 1, per cell; [] without rounds."""
+    if "round_drift" not in rows or pd.to_numeric(rows["round_drift"], errors="coerce").notna().sum() == 0:
+        return []
+    drift = pd.to_numeric(rows["round_drift"], errors="coerce").dropna()
+    rounds = int(pd.to_numeric(rows["rounds"], errors="coerce").max())
+    text = (
+        f"Each cell was measured in {rounds} rounds, interleaved (round 1 of every cell, then round 2 of every cell "
+        "in a shuffled order, ...); its samples are the union and its median time is the median of its round "
+        "medians. Drift = slowest round median / fastest round median - 1: how far the machine moved between "
+        f"rounds. Median drift {drift.median():.1%}, largest {drift.max():.1%}."
+    )
+    table = pivot_metric(rows, "round_drift", columns=x, fmt="{:.1%}", mark_contended=True)
+    return [("h3", "Round-to-round drift"), ("p", text), ("table", table)]
+
+
+def machine_load_text(rows: pd.DataFrame) -> str:
+    """One line on the machine's load during the run, from the cells' contention columns: CPU share
+    (median and range), other processes' cores, load average, GPU processes, contended cells."""
+    parts = []
+
+    def numbers(column: str) -> pd.Series:
+        return pd.to_numeric(rows[column], errors="coerce").dropna() if column in rows else pd.Series(dtype=float)
+
+    share, other, load, gpu = numbers("cpu_share"), numbers("other_cpu_cores"), numbers("load_avg_1m"), numbers("gpu_other_processes")
+    if len(share):
+        parts.append(f"CPU share median {share.median():.2f} ({share.min():.2f}-{share.max():.2f})")
+    if len(other):
+        parts.append(f"other processes' CPU {other.median():.2f} cores median (max {other.max():.2f})")
+    if len(load):
+        parts.append(f"load average {load.min():.1f}-{load.max():.1f}")
+    if len(gpu):
+        parts.append(f"other GPU processes up to {int(gpu.max())}")
+    if "contended" in rows:
+        parts.append(f"{int(is_contended(rows).sum())} of {int(rows['contended'].notna().sum())} cells contended")
+    return "; ".join(parts) or "not recorded"
 
 
 def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
@@ -727,6 +797,7 @@ def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("code_version", info.get("code_version") or env.get("code_version")),
         ("code_version of the rows", ", ".join(versions)),
         ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
+        ("machine load during the run", machine_load_text(_split(rows)[0])),
         ("started", info.get("started_at") or env.get("started_at_utc")),
         (
             "finished",
@@ -745,7 +816,7 @@ def _failed_table(rows: pd.DataFrame, x: str) -> pd.DataFrame:
 
 def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list[Block]:
     """Draw the figures of one run into `folder` and return the report's blocks."""
-    rows = run.rows
+    rows = cell_rows(run.rows)
     bench, curve, grid, other = _split(rows)
     counts = rows["status"].value_counts().to_dict()
     status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -781,6 +852,8 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         )
         for title, table in summary_tables(bench).items():
             blocks += [("h3", title), ("table", table)]
+        blocks += _contention_blocks(bench, axes[0] if axes else "seq_len")
+        blocks += _drift_blocks(bench, axes[0] if axes else "seq_len")
         blocks += _floor_blocks(bench, folder, palette)
         blocks += _fit_blocks(bench)
         blocks += paper_blocks
@@ -801,6 +874,10 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         if "time_noisy" in bench:
             noisy = int(bench["time_noisy"].fillna(False).astype(bool).sum())
             notes.append(f"{noisy} cell(s) noisy (IQR > 10% of the median)")
+        if "contended" in bench:
+            notes.append(f"{int(is_contended(bench).sum())} of {int(bench['contended'].notna().sum())} cell(s) contended")
+        if "rounds" in bench and pd.to_numeric(bench["rounds"], errors="coerce").max() > 1:
+            notes.append(f"{int(pd.to_numeric(bench['rounds'], errors='coerce').max())} interleaved rounds per cell")
         if notes:
             blocks.append(("p", "Measurement: " + "; ".join(notes) + "."))
     blocks += _curve_blocks(curve, grid, folder, palette)
@@ -862,9 +939,32 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
     return index
 
 
-def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None, root: Path | str = RESULTS_ROOT) -> Path:
+def _inconclusive_table(frame: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Series, `x` and each run's contention reason of the inconclusive cells of a comparison."""
+
+    def reason(value: Any) -> str:
+        return value if isinstance(value, str) and value else "-"
+
+    return pd.DataFrame(
+        {
+            "series": frame["series"],
+            x: frame[x],
+            "A contention": frame["contention_a"].map(reason),
+            "B contention": frame["contention_b"].map(reason),
+        }
+    ).set_index("series")
+
+
+def render_compare(
+    run_a: Path | str,
+    run_b: Path | str,
+    out: Path | None = None,
+    root: Path | str = RESULTS_ROOT,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
     """Render the B/A time ratio per matched cell of two runs (figure, table, report.md, index.html)
-    into `out` (default `reports/compare/<run_a>-vs-<run_b>/`); returns that folder."""
+    into `out` (default `reports/compare/<run_a>-vs-<run_b>/`); returns that folder. `echo` gets the
+    summary lines (cells matched, beyond noise, inconclusive ones with their reasons)."""
     a, b = open_run(run_a, root), open_run(run_b, root)
     bench_a, bench_b = _split(a.rows)[0], _split(b.rows)[0]
     if bench_a.empty or bench_b.empty:
@@ -895,7 +995,10 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
             "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == "ok", frame["status_a"].str.upper()),
             "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == "ok", frame["status_b"].str.upper()),
             "B/A time": frame["ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
-            "within noise": frame["within_noise"].map(lambda v: "" if v is None or pd.isna(v) else ("yes" if v else "NO")),
+            "within noise": [
+                "inconclusive (contended)" if vague else "" if v is None or pd.isna(v) else ("yes" if v else "NO")
+                for v, vague in zip(frame["within_noise"], frame["inconclusive"])
+            ],
             "IQRs overlap": frame["iqr_overlap"].map(lambda v: "" if v is None else ("yes" if v else "no")),
             "Mann-Whitney p": frame["p_value"].map(lambda v: "" if pd.isna(v) else f"{v:.2g}"),
             "B/A memory": frame["memory_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}"),
@@ -903,6 +1006,26 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
     ).set_index("series")
     significant = int((frame["within_noise"] == False).sum())  # noqa: E712 (None = not comparable)
     compared = int(frame["within_noise"].notna().sum())
+    vague = frame[frame["inconclusive"]]
+    summary = (
+        f"{len(frame)} cells matched on their configuration ({', '.join(_match_columns(bench_a, bench_b))}); "
+        f"{compared + len(vague)} finished in both, {significant} of them differ beyond noise"
+        + (
+            f", {len(vague)} inconclusive: contended in A or B (other load disturbed the timing), so neither within noise nor beyond it"
+            if len(vague)
+            else ""
+        )
+        + ". A ratio below 1 means B is faster."
+    )
+    inconclusive_lines = [
+        f"inconclusive: {series} {x}={value}: "
+        + "; ".join(
+            f"{side} {reason}"
+            for side, reason in (("A", r["contention_a"]), ("B", r["contention_b"]))
+            if isinstance(reason, str) and reason
+        )
+        for series, value, (_, r) in zip(vague["series"], vague[x], vague.iterrows())
+    ]
     blocks: list[Block] = [
         ("h1", f"Compare: {b.run_id} / {a.run_id}"),
         (
@@ -910,11 +1033,7 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
             f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
             f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
         ),
-        (
-            "p",
-            f"{len(frame)} cells matched on their configuration ({', '.join(_match_columns(bench_a, bench_b))}); "
-            f"{compared} finished in both, {significant} of them differ beyond noise. A ratio below 1 means B is faster.",
-        ),
+        ("p", summary),
         (
             "p",
             "Noise check: a difference is beyond noise only when the interquartile ranges of the repeats do "
@@ -922,10 +1041,20 @@ def render_compare(run_a: Path | str, run_b: Path | str, out: Path | None = None
             f"p < {ALPHA}; where the repeats are too few for the test to reach p < {ALPHA} at all (e.g. 3 and 3), "
             "the IQRs alone decide. Peak memory is one measurement per cell: its ratio has no noise estimate.",
         ),
-        ("figure", "time_ratio", "Median time B / A per matched cell; hollow markers: within noise."),
+        (
+            "figure",
+            "time_ratio",
+            "Median time B / A per matched cell; hollow markers: within noise"
+            + ("; crossed hollow markers: inconclusive (contended in A or B)" if len(vague) else "")
+            + ".",
+        ),
         ("table", table),
+        *([("h2", "Inconclusive cells (contended)"), ("table", _inconclusive_table(vague, x))] if len(vague) else []),
         ("h2", "Commands"),
         ("code", f"A: {a.info.get('command', '?')}\nB: {b.info.get('command', '?')}"),
     ]
     _write_document(blocks, folder, f"compare {a.run_id} {b.run_id}")
+    if echo is not None:
+        for line in [summary, *inconclusive_lines]:
+            echo(line)
     return folder

@@ -39,6 +39,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from harness.cells import ROUND_ROW
+
 RUN_INFO = "run.json"
 CELLS_DIR = "cells"
 RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
@@ -379,6 +381,13 @@ class RunStore:
         }
         atomic_write_json(self.path / RUNNING_DIR / f"{key}.json", info)
 
+    def clear_running(self, key: str) -> None:
+        """Remove the `mark_running` note of cell `key` (a round of it is stored, the cell not yet)."""
+        try:
+            (self.path / RUNNING_DIR / f"{key}.json").unlink()
+        except FileNotFoundError:
+            pass
+
     def running(self) -> dict[str, dict]:
         """cell_key -> the `mark_running` note of cells started but not stored (possibly stale)."""
         notes = {}
@@ -566,6 +575,15 @@ def load(*paths_or_run_ids: str | Path, root: str | Path = "results") -> pd.Data
                 frame[column] = frame[column].where(frame[column].notna(), value)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def cell_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` without the rows of single rounds (`row_type` "round"): one row per cell, as the
+    report, compare, check, targets and the run summary read a run (a cell measured in rounds has
+    its combined row besides its round rows)."""
+    if "row_type" not in frame:
+        return frame
+    return frame[frame["row_type"].astype(object).ne(ROUND_ROW)]
 
 
 # --------------------------------------------------------------------------- one stored run

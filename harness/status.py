@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from harness.cells import ROUND_ROW
 from harness.results import RunStore, load_run_info
 from harness.slurm import SlurmUnavailable, job_states
 
@@ -93,7 +94,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
     stored_rows, unreadable = store.rows(), store.corrupt_cells()
     rows = {r["cell_key"]: r for r in stored_rows}
     corrupt = {file.stem for file in unreadable}
-    planned = list(info.get("cell_keys") or rows) + sorted(corrupt - set(info.get("cell_keys") or rows))
+    cell_keys = info.get("cell_keys") or [k for k, r in rows.items() if r.get("row_type") != ROUND_ROW]  # rounds are not cells
+    planned = list(cell_keys) + sorted(corrupt - set(cell_keys))
     labels = dict(info.get("cell_labels") or {})
     running = {k: n for k, n in store.running().items() if _alive(n)}
     job_states, job_of = _slurm_job_states(run_dir)

@@ -20,18 +20,39 @@ def series_label(rows: pd.DataFrame, x: str = "seq_len") -> pd.Series:
     return label
 
 
-def pivot_metric(rows: pd.DataFrame, metric: str, columns: str = "seq_len", fmt: str = "{:.4g}") -> pd.DataFrame:
+CONTENDED_MARK = "*"  # after a timing whose cell stayed contended (`contended`), in the tables of times
+
+
+def row_contended(row: dict[str, Any]) -> bool:
+    """Whether one result row's timing stayed contended (`contended` true: Python or numpy bool)."""
+    value = row.get("contended")
+    return value is True or (type(value).__name__ == "bool_" and bool(value))
+
+
+def is_contended(rows: pd.DataFrame) -> pd.Series:
+    """Per row: whether its timing stayed contended (`contended` true; False where the column is missing)."""
+    if "contended" not in rows:
+        return pd.Series(False, index=rows.index)
+    return rows["contended"].astype(object).eq(True)
+
+
+def pivot_metric(
+    rows: pd.DataFrame, metric: str, columns: str = "seq_len", fmt: str = "{:.4g}", mark_contended: bool = False
+) -> pd.DataFrame:
     """Table of `metric` with one row per series and one column per value of `columns`.
 
-    Cells that did not finish show their status (OOM, TIMEOUT, ERROR, SKIPPED) instead of a number.
+    Cells that did not finish show their status (OOM, TIMEOUT, ERROR, SKIPPED) instead of a number;
+    with `mark_contended` (tables of times), a contended cell's value ends in CONTENDED_MARK.
     """
-    frame = rows.assign(series=series_label(rows, x=columns))
+    frame = rows.assign(series=series_label(rows, x=columns), _contended=is_contended(rows))
 
     def show(row: pd.Series) -> str:
         if row["status"] != "ok":
             return str(row["status"]).upper()
         value = row.get(metric)
-        return "" if value is None or pd.isna(value) else fmt.format(value)
+        if value is None or pd.isna(value):
+            return ""
+        return fmt.format(value) + (CONTENDED_MARK if mark_contended and row["_contended"] else "")
 
     frame = frame.assign(shown=frame.apply(show, axis=1))
     order = list(dict.fromkeys(frame["series"]))

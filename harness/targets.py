@@ -4,6 +4,8 @@ Each `TargetRule` (harness.check_rules) gives one row per numerator cell: its me
 the matching denominator cell's when the rule names one (of several ok denominator cells, the
 fastest), against the bound. A target is met when all its rows are; unfinished numerator cells
 and numerators without an ok denominator are misses (a target that cannot be measured is not met).
+A row of a timed metric (time, floor_ratio, time_per_token) whose numerator or denominator cell
+stayed contended is `inconclusive`: reported with the reason, neither met nor missed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import pandas as pd
 from harness.check_rules import TargetRule
 from harness.expressions import ExpressionError, both, select_rows
 from harness.results import ResultsError
+from harness.tables import row_contended
+
+TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other load on the machine moves
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float:
@@ -65,6 +70,7 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                     "value": math.nan,
                     "denominator": "",
                     "met": False,
+                    "inconclusive": False,
                     "note": "no numerator cell in this run",
                     "bound": _bound(rule),
                 }
@@ -72,6 +78,7 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
         for num in numerators.to_dict("records"):
             cell = f"{num.get('variant_label')} L={num.get('seq_len')} B={num.get('batch')}"
             value, den_label, note = metric_value(num, rule.metric), "", ""
+            used = [num]  # the cells the value comes from
             if num.get("status") != "ok":
                 value, note = math.nan, f"numerator {num.get('status')}"
             elif denominators is not None:
@@ -84,11 +91,30 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                     den = same.loc[same["time_ms_median"].idxmin()].to_dict()
                     den_label = f"{den.get('variant_label')} L={den.get('seq_len')}"
                     value = value / metric_value(den, rule.metric)
+                    used.append(den)
             met = math.isfinite(value) and (rule.max is None or value <= rule.max) and (rule.min is None or value >= rule.min)
+            vague = rule.metric in TIMED_METRICS and math.isfinite(value) and any(row_contended(r) for r in used)
+            if vague:
+                met = False
+                note = "inconclusive, contended: " + "; ".join(str(r.get("contention") or "") for r in used if row_contended(r))
             rows.append(
-                {"target": name, "cell": cell, "value": value, "denominator": den_label, "bound": _bound(rule), "met": met, "note": note}
+                {
+                    "target": name,
+                    "cell": cell,
+                    "value": value,
+                    "denominator": den_label,
+                    "bound": _bound(rule),
+                    "met": met,
+                    "inconclusive": vague,
+                    "note": note[:300],
+                }
             )
-    return pd.DataFrame(rows, columns=["target", "cell", "value", "denominator", "bound", "met", "note"])
+    return pd.DataFrame(rows, columns=["target", "cell", "value", "denominator", "bound", "met", "inconclusive", "note"])
+
+
+def targets_pass(table: pd.DataFrame) -> bool:
+    """Every row met or inconclusive (a contended cell is neither a pass nor a fail)."""
+    return bool((table["met"] | table["inconclusive"]).all())
 
 
 def _bound(rule: TargetRule) -> str:
@@ -100,9 +126,10 @@ def format_targets(table: pd.DataFrame, source: str) -> str:
     """Plain-text table of evaluate_targets' rows and a one-line verdict."""
     if table.empty:
         return f"no targets in {source}"
-    shown = table.assign(
-        value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"), met=table["met"].map({True: "MET", False: "MISSED"})
-    )
-    missed = int((~table["met"]).sum())
-    verdict = f"{len(table) - missed} of {len(table)} met" + (f"; {missed} missed" if missed else "")
+    met = [("INCONCLUSIVE" if vague else "MET" if ok else "MISSED") for ok, vague in zip(table["met"], table["inconclusive"])]
+    shown = table.drop(columns="inconclusive").assign(value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"), met=met)
+    vague = int(table["inconclusive"].sum())
+    missed = int((~table["met"] & ~table["inconclusive"]).sum())
+    verdict = f"{int(table['met'].sum())} of {len(table)} met" + (f"; {missed} missed" if missed else "")
+    verdict += f"; {vague} inconclusive (contended cells: neither met nor missed)" if vague else ""
     return f"targets from {source}:\n{shown.to_string(index=False)}\n{verdict}"

@@ -3,7 +3,8 @@
 workload x mode:
 - `attention`: one attention layer (projections included) on random [batch, seq_len, d_model];
 - `block`: the residual stack of `n_layers` (norm + attention, norm + FFN) on random activations;
-- `model`: the whole ReformerLM on random tokens, loss = bits per dim.
+- `model`: a whole language model on random tokens, loss = bits per dim: ours (`reformer_lm`) or
+  the model-kind variant the cell's model block names under `model_variant` (`build_model_variant`);
 - `forward`: inference under `torch.no_grad()`;
 - `forward_backward`: forward, then backward of a fixed random projection of the output
   (or of the loss for `model`);
@@ -14,6 +15,7 @@ what has no backward, LSH's hashing matmul).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import variants
+from harness.cells import DEFAULT_MODEL_VARIANT, MODEL_VARIANT_KEY
 from harness.measure import DTYPES
 from variants.model import ReformerLMConfig, build_layer_stack
 
@@ -37,11 +40,29 @@ class Workload:
     flops: int
 
 
+def model_variant_of(cell: Any) -> str:
+    """Name of the model-kind variant a cell builds: cell.model["model_variant"], default ours."""
+    return str(cell.model.get(MODEL_VARIANT_KEY, DEFAULT_MODEL_VARIANT))
+
+
+def build_model_variant(name: str, config: ReformerLMConfig) -> nn.Module:
+    """Model-kind variant `name` built from `config` (a ReformerLMConfig or subclass; its field values
+    are re-validated as `name`'s own config class). The module maps tokens [batch, seq_len] ->
+    logits [batch, seq_len, vocab_size] and has loss_bpd and flops(batch, seq_len).
+    ValueError for a name that is not a registered model; VariantUnavailable from peers that cannot run."""
+    spec = variants.spec(name)
+    if spec.kind != "model":
+        raise ValueError(f"{MODEL_VARIANT_KEY} {name!r} is a {spec.kind} variant; model variants: {', '.join(variants.available('model'))}")
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(ReformerLMConfig)}
+    return spec.module_cls(variants.make_config(name, **values))
+
+
 def model_config(cell: Any) -> ReformerLMConfig:
-    """The ReformerLMConfig of a cell: its model block with the cell's attention variant."""
+    """The ReformerLMConfig of a cell: its model block (less `model_variant`) with the cell's attention variant."""
+    model = {k: v for k, v in cell.model.items() if k != MODEL_VARIANT_KEY}
     return variants.make_config(
         "reformer_lm",
-        **cell.model,
+        **model,
         attention=cell.variant,
         attention_params={cell.variant: dict(cell.variant_params)},
     )
@@ -52,8 +73,10 @@ def _build_module(cell: Any) -> nn.Module:
         return variants.build(cell.variant, **cell.attention_params())
     config = model_config(cell)
     if cell.workload == "block":
+        if model_variant_of(cell) != DEFAULT_MODEL_VARIANT:
+            raise ValueError(f"{MODEL_VARIANT_KEY} applies to workload 'model' only (the block workload is our layer stack)")
         return build_layer_stack(config)
-    return variants.spec("reformer_lm").module_cls(config)
+    return build_model_variant(model_variant_of(cell), config)
 
 
 def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:

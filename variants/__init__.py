@@ -6,7 +6,7 @@
 """
 
 # Importing the built-in modules registers their variants.
-from variants import attention, feedforward, model, residual  # noqa: E402,F401
+from variants import attention, feedforward, model, peers_model, residual  # noqa: E402,F401
 from variants.registry import VariantUnavailable, available, build, describe, make_config, register, spec
 
 __all__ = ["VariantUnavailable", "available", "build", "describe", "make_config", "register", "spec"]

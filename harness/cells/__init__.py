@@ -22,7 +22,12 @@ from typing import Any, Callable, Protocol, runtime_checkable
 # Taken from a suite's `model:` rather than from a variant entry; the attention variant gets them from there.
 MODEL_ATTENTION_KEYS = ("d_model", "n_heads", "causal")
 NOT_MODEL_KEYS = ("attention", "attention_params")  # set by `variants:`
+# A benchmark cell's model may name the model-kind variant a `model` workload builds (a peer LM);
+# absent means ours. It travels in the cell's model dict, so it is part of the key and a row column.
+MODEL_VARIANT_KEY = "model_variant"
+DEFAULT_MODEL_VARIANT = "reformer_lm"
 
+ROUND_ROW = "round"  # row_type of the row of one round of a cell measured in rounds (harness.sweep); readers skip it
 CPU_FLOP_S = 50e9  # deliberately round guesses of achieved throughput, for a-priori estimates
 CUDA_FLOP_S = 100e12
 PROCESS_START_S = 3.0  # spawning a subprocess and importing torch
@@ -90,6 +95,11 @@ class Cell(Protocol):
     def progress_text(self, row: dict[str, Any]) -> str:
         """The outcome part of a progress line for its finished row."""
         ...
+
+    # Optional (harness.sweep.cell_rounds; a cell without them is measured once):
+    # measure_rounds() -> int: how many rounds the sweep measures it in; round_seed() -> int: the
+    # seed of the shuffled order of rounds 2..K; combine_rounds(rows) -> dict: its own row from the
+    # ok rows of its rounds (row_type ROUND_ROW), in round order.
 
 
 def execute_in_cell_process(

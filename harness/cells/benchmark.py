@@ -15,6 +15,8 @@ import gc
 import hashlib
 import json
 import math
+import os
+import time
 import traceback
 import typing
 from dataclasses import dataclass, field, replace
@@ -26,7 +28,9 @@ from harness import measure
 from harness.cells import (
     CPU_FLOP_S,
     CUDA_FLOP_S,
+    DEFAULT_MODEL_VARIANT,
     MODEL_ATTENTION_KEYS,
+    MODEL_VARIANT_KEY,
     PROCESS_START_S,
     canonical_json,
     jsonable,
@@ -80,6 +84,9 @@ def config_key_of(row: typing.Mapping[str, Any]) -> str:
     for name, default in model_defaults():
         if name in row and _plain(row[name]) != default:
             identity[f"model.{name}"] = _plain(row[name])
+    model_variant = _plain(row.get(MODEL_VARIANT_KEY))
+    if model_variant not in (None, DEFAULT_MODEL_VARIANT):  # a peer LM; ours keeps the keys it always had
+        identity[f"model.{MODEL_VARIANT_KEY}"] = model_variant
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
@@ -188,12 +195,111 @@ class BenchmarkCell:
         """`measure_cell` (the run folder is not needed: the sweep stores the row)."""
         return measure_cell(self, limit_memory, report_baseline)
 
+    def measure_rounds(self) -> int:
+        """The suite's `measure.rounds`: how many rounds the sweep measures this cell in (default 1)."""
+        return int(self.measure.get("rounds") or 1)
+
+    def round_seed(self) -> int:
+        """The suite's `measure.rounds_seed`: the seed of the shuffled order of rounds 2, 3, ..."""
+        return int(self.measure.get("rounds_seed") or 0)
+
+    def combine_rounds(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """`combine_rounds(rows)`: the cell's row from the ok rows of its rounds."""
+        return combine_rounds(rows)
+
     def progress_text(self, row: dict[str, Any]) -> str:
-        """ "ok <median> ms (IQR <spread>%) <peak> MiB", with NOISY when the timing was."""
+        """ "ok <median> ms (IQR <spread>%) <peak> MiB", with NOISY when the timing was, and
+        "CONTENDED <cpu share>" (or "CONTENDED <reason>" on CUDA) when it stayed contended."""
         median, iqr = row.get("time_ms_median", math.nan), row.get("time_ms_iqr", math.nan)
         spread = 100 * iqr / median if median else 0.0
         noisy = " NOISY" if row.get("time_noisy") else ""
-        return f"ok  {median:10.2f} ms (IQR {spread:4.1f}%{noisy})  {row.get('peak_mem_mib', math.nan):9.1f} MiB"
+        text = f"ok  {median:10.2f} ms (IQR {spread:4.1f}%{noisy})  {row.get('peak_mem_mib', math.nan):9.1f} MiB"
+        return text + contention_text(row)
+
+
+def contention_text(row: Mapping[str, Any]) -> str:
+    """ " CONTENDED 0.51" (the CPU share) or " CONTENDED (<reason>)" for a contended row, with the
+    re-measurements it took; "" otherwise."""
+    if not row.get("contended"):
+        return ""
+    share = row.get("cpu_share")
+    retries = int(row.get("contention_retries_used") or 0)
+    after = f" after {retries} re-measurement{'s' if retries > 1 else ''}" if retries else ""
+    if isinstance(share, (int, float)) and math.isfinite(share):
+        return f"  CONTENDED {share:.2f}{after}"
+    return f"  CONTENDED ({str(row.get('contention') or '')[:80]}){after}"
+
+
+def _numbers(rows: list[dict[str, Any]], column: str) -> list[float]:
+    """The finite values of `column` in `rows`."""
+    values = [row.get(column) for row in rows]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def _union(rows: list[dict[str, Any]], column: str) -> list[float] | None:
+    """The list columns `column` of `rows` concatenated in round order; None when a round lacks it."""
+    lists = [_plain(row.get(column)) for row in rows]
+    if any(not isinstance(values, list) for values in lists):
+        return None
+    return [float(v) for values in lists for v in values]
+
+
+def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of a cell measured in rounds (`measure.rounds`), from the ok rows of its rounds in
+    round order (docs/architecture.md, "Rounds"):
+
+    - samples (`time_ms_samples`, `cpu_time_ms_samples`, `cpu_share_samples`) are the union, and the
+      spread columns (`time_ms_iqr`, min, max, mean, `time_noisy`) are those of the union;
+    - `time_ms_median` is the median of the round medians (`round_medians_ms`, ms); `round_drift` =
+      max / min of the round medians - 1; `rounds` the number of rounds;
+    - `contended` when any round stayed contended, `contention` its reasons ("round 2: ...");
+      `contention_retries_used` summed; the machine-load columns the worst round's;
+    - peak memory and the matmul rate: medians over the rounds; throughput, `tflops_per_s` and the
+      floor columns from the combined median; `cell_wall_s` summed, `started_at` the first round's.
+    """
+    first, last = rows[0], rows[-1]
+    out = {k: v for k, v in last.items() if k not in ("row_type", "round")}
+    samples = _union(rows, "time_ms_samples") or []
+    cpu = _union(rows, "cpu_time_ms_samples")
+    out.update(measure.Timing(samples, timer=str(last.get("timer") or "perf_counter_ns"), cpu_samples_ms=cpu).as_row())
+    medians = _numbers(rows, "time_ms_median")
+    median = measure.median_of(medians)
+    out.update(
+        time_ms_median=median,
+        round_medians_ms=medians,
+        round_drift=max(medians) / min(medians) - 1 if medians and min(medians) > 0 else math.nan,
+        rounds=len(rows),
+        started_at=first.get("started_at"),
+        cell_wall_s=sum(_numbers(rows, "cell_wall_s")),
+        message=next((str(r["message"]) for r in reversed(rows) if r.get("message")), ""),
+    )
+    shares = _union(rows, "cpu_share_samples")
+    if shares is not None:
+        out.update(cpu_share_samples=shares, cpu_share=measure.median_of(shares))
+    contended = [r for r in rows if r.get("contended")]
+    out.update(
+        contended=bool(contended),
+        contention="; ".join(f"round {r.get('round')}: {r.get('contention')}" for r in contended),
+        contention_retries_used=int(sum(_numbers(rows, "contention_retries_used"))),
+    )
+    worst = max(rows, key=lambda r: _numbers([r], "other_cpu_cores") or [-1.0])
+    for column in ("other_cpu_cores", "other_busy_processes", "load_avg_1m"):
+        if column in worst:
+            out[column] = worst[column]
+    for column in ("gpu_other_processes", "gpu_other_sm_util_pct"):
+        if _numbers(rows, column):
+            out[column] = max(_numbers(rows, column))
+    for column in ("peak_mem_mib", "peak_reserved_mib", "matmul_gflops"):
+        if _numbers(rows, column):
+            out[column] = measure.median_of(_numbers(rows, column))
+    seconds = median / 1e3
+    last_seconds = float(last.get("time_ms_median") or math.nan) / 1e3
+    if _numbers([last], "tokens_per_s") and seconds > 0:
+        out["tokens_per_s"] = float(last["tokens_per_s"]) * last_seconds / seconds
+    if _numbers([last], "flops") and seconds > 0:
+        out["tflops_per_s"] = float(last["flops"]) / seconds / 1e12
+    out.update(floor_columns(out))
+    return out
 
 
 # --------------------------------------------------------------------------- estimates
@@ -260,6 +366,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     from harness.workloads import build_workload  # imports torch-heavy variants lazily
 
     row: dict[str, Any] = {}
+    began = time.monotonic()
     try:
         device = torch.device(cell.device)
         row["threads"] = measure.set_cpu_threads(cell.measure.get("threads"))
@@ -281,7 +388,14 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         for _ in range(settings.warmup):
             workload.step()
         memory = measure.measure_peak_memory(workload.step, device)
-        timing = measure.time_callable(workload.step, device, replace(settings, warmup=0))
+        timing, contention = measure.time_watched(
+            workload.step,
+            device,
+            replace(settings, warmup=0),
+            measure.ContentionSettings.from_measure(cell.measure),
+            deadline=_retry_deadline(cell, began),
+            family_of=os.getppid() if limit_memory else None,  # its own process: the sweep's other cells are the run's own load
+        )
     except VariantUnavailable as error:  # not applicable here (missing optional package, no kernel)
         return {**row, "status": "skipped", "message": f"variant unavailable: {error}"[:4000]}
     except Exception as error:  # every failure becomes data
@@ -294,6 +408,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         return {**row, "status": status, "message": message[:4000]}
     seconds = timing.median_ms / 1000
     row.update(timing.as_row())
+    row.update(contention)
     row.update(memory.as_row())
     row.update(
         status="ok",
@@ -310,6 +425,13 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         row.update(_probe_matmul(cell, device))
         row.update(floor_columns(row))
     return row
+
+
+def _retry_deadline(cell: BenchmarkCell, began: float) -> float:
+    """time.monotonic() after which a contended cell is not timed again: 80% of its timeout (counted
+    from its process start, about PROCESS_START_S before `began`), less the matmul probe's budget."""
+    probe = MATMUL_PROBE_S if cell.measure.get("matmul_rate") else 0.0
+    return began - PROCESS_START_S + 0.8 * cell.timeout_s() - probe
 
 
 def _probe_matmul(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:

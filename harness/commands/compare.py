@@ -11,5 +11,5 @@ def main(args: argparse.Namespace) -> int:
     from harness.report import render_compare
 
     out = Path(args.out) if args.out else None
-    print(f"comparison: {render_compare(args.run_a, args.run_b, out=out, root=args.root)}")
+    print(f"comparison: {render_compare(args.run_a, args.run_b, out=out, root=args.root, echo=print)}")
     return 0

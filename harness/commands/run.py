@@ -26,11 +26,11 @@ from harness.data import DataError, check_files
 from harness.environment import capture_environment, code_version, device_name, device_slug
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
-from harness.results import RunStore, load_run_info, new_run_id, resume_store
+from harness.results import RunStore, cell_rows, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
 from harness.suites import Suite, filter_cells, load_suite
-from harness.sweep import RunOptions
-from harness.tables import pivot_metric, summary_tables
+from harness.sweep import RunOptions, cell_rounds
+from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, summary_tables
 
 
 def _now() -> str:
@@ -43,24 +43,28 @@ DRY_RUN_HIDDEN = ("variant_params", "task_params", "train_config", "config_key",
 def dry_run_table(cells: list[Cell], version: str) -> pd.DataFrame:
     """The cells as a table: label, seq_len, batch, the configuration columns that vary among the
     cells of one label (what the label shows, the variant and its parameters, is not repeated),
-    the time estimate (s) and the key."""
+    the time estimate (s, all its rounds) and the key."""
     rows = pd.DataFrame([c.to_row() for c in cells]).astype(str)
     first = [c for c in ("variant_label", "seq_len", "batch", "batch_size") if c in rows]
     by_label = rows.groupby("variant_label")
     varying = [c for c in rows if c not in first and c not in DRY_RUN_HIDDEN and by_label[c].nunique().max() > 1]
     table = rows[first + varying].copy()
-    table["estimate_s"] = [round(c.estimate_seconds(), 1) for c in cells]
+    table["estimate_s"] = [round(c.estimate_seconds() * cell_rounds(c), 1) for c in cells]  # every round
     table["key"] = [c.key(version) for c in cells]
     return table
 
 
 def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None:
     """After a run: pivot tables of time and memory and the cells that did not finish ok
-    (benchmark), or accuracy and bits-per-dim grids (quality); then status counts."""
-    cells = rows[rows["row_type"] == "train"] if "row_type" in rows else rows
+    (benchmark), or accuracy and bits-per-dim grids (quality); then status counts and, where the
+    cells watched for contention, how many stayed contended. Rows of single rounds are left out."""
+    rows = cell_rows(rows)
+    cells = rows[rows["row_type"] == "train"] if kind != "benchmark" and "row_type" in rows else rows
     if kind == "benchmark":
         print(f"\nmedian time per call (ms), {suite}:")
-        print(pivot_metric(rows, "time_ms_median").to_string())
+        print(pivot_metric(rows, "time_ms_median", mark_contended=True).to_string())
+        if is_contended(rows).any():
+            print(f"({CONTENDED_MARK}: contended, the timing was disturbed by other load on the machine)")
         print("\npeak memory (MiB):")
         print(pivot_metric(rows, "peak_mem_mib").to_string())
     else:
@@ -75,7 +79,30 @@ def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None
             where = f"L={row['seq_len']} B={row['batch']}" if kind == "benchmark" else f"({row.get('task')} L={row['seq_len']})"
             print(f"  {row['variant_label']} {where}: {row['status']}: {reason}")
     counts = cells["status"].value_counts().to_dict()
-    print(f"\n{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"\nresults: {path}")
+    print(f"\n{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if "contended" in cells:
+        print(contention_summary(cells))
+    drift = pd.to_numeric(cells["round_drift"], errors="coerce").dropna() if "round_drift" in cells else pd.Series(dtype=float)
+    if len(drift):
+        print(f"round-to-round drift (slowest / fastest round median - 1): median {drift.median():.1%}, largest {drift.max():.1%}")
+    print(f"results: {path}")
+
+
+def contention_summary(cells: pd.DataFrame) -> str:
+    """ "3 of 30 cells contended (timings disturbed ...):" and one line per contended cell with its
+    reason, or "0 of 30 cells contended" (rows that watched for contention: `contended`)."""
+    contended = cells[is_contended(cells)]
+    watched = int(cells["contended"].notna().sum())
+    if contended.empty:
+        return f"0 of {watched} cells contended"
+    lines = [
+        f"{len(contended)} of {watched} cells contended (their timings were disturbed by other load and stayed so "
+        "after re-measuring; see `contention`):"
+    ]
+    for _, row in contended.iterrows():
+        retries = int(row.get("contention_retries_used") or 0)
+        lines.append(f"  {row['variant_label']} L={row['seq_len']} B={row['batch']}: {row.get('contention')} (re-measured {retries}x)")
+    return "\n".join(lines)
 
 
 def open_store(args: argparse.Namespace, suite_name: str, device: str) -> RunStore:

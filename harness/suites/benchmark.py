@@ -25,7 +25,16 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, canonical_json, jsonable, model_fields, variant_fields
+from harness.cells import (
+    DEFAULT_MODEL_VARIANT,
+    MODEL_ATTENTION_KEYS,
+    MODEL_VARIANT_KEY,
+    NOT_MODEL_KEYS,
+    canonical_json,
+    jsonable,
+    model_fields,
+    variant_fields,
+)
 from harness.cells.benchmark import BenchmarkCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
@@ -73,6 +82,21 @@ class MeasureSpec(Strict):
     # Measure the matmul rate (harness.measure.matmul_rate) in each cell's process after its timing:
     # result columns matmul_gflops, matmul_n, floor_s, floor_ratio (the time over the compute floor).
     matmul_rate: bool = False
+    # Contention (harness.measure.ContentionSettings): a CPU cell while other processes kept at least
+    # contention_other_cores cores busy and either its median CPU share (process CPU time / (wall x
+    # threads)) was below contention_cpu_share or they kept contention_spare_busy of the cores it does
+    # not use busy, or a CUDA cell beside other GPU processes or slowed clocks, is timed again after
+    # contention_backoff_s seconds, at most contention_retries times, then flagged.
+    contention_cpu_share: float = Field(0.85, ge=0, le=1)
+    contention_other_cores: float = Field(0.25, ge=0)
+    contention_spare_busy: float = Field(0.5, ge=0)
+    contention_gpu_other_util_pct: float = Field(5.0, ge=0, le=100)
+    contention_retries: int = Field(2, ge=0)
+    contention_backoff_s: float = Field(1.0, ge=0)
+    # Rounds (harness.sweep): every cell measured `rounds` times, round after round over all cells
+    # (rounds after the first in an order shuffled with `rounds_seed`); the cell's median is over rounds.
+    rounds: int = Field(1, ge=1)
+    rounds_seed: int = 0
 
 
 class OverrideSpec(Strict):
@@ -247,6 +271,7 @@ class _Expansion:
     label: str | None
     varying_in_entry: list[str]  # list-valued params with more than one value
     seq_lens: list[int] | None = None  # the entry's own `seq_len:` list, replacing sweep.seq_len
+    model_variant: str | None = None  # the entry's `model_variant:` (workload model): which LM to build
 
 
 def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_Expansion]:
@@ -279,10 +304,11 @@ def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_E
             for j, value in enumerate(seq_lens):
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
                     raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
+        model_variant = _check_model_variant(entry.get(MODEL_VARIANT_KEY), ("variants", i, MODEL_VARIANT_KEY), locator)
         choices: dict[str, list[Any]] = {}
         expanded: set[str] = set()
         for key, value in entry.items():
-            if key in ("name", "label", "seq_len"):
+            if key in ("name", "label", "seq_len", MODEL_VARIANT_KEY):
                 continue
             where = ("variants", i, key)
             if key in MODEL_ATTENTION_KEYS:
@@ -307,8 +333,21 @@ def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_E
         for combo in itertools.product(*(enumerate(v) for v in choices.values())):
             params = {k: v for k, (_, v) in zip(choices, combo)}
             value_index = {k: j for k, (j, _) in zip(choices, combo) if k in expanded}
-            out.append(_Expansion(i, name, params, value_index, label, varying, seq_lens))
+            out.append(_Expansion(i, name, params, value_index, label, varying, seq_lens, model_variant))
     return out
+
+
+def _check_model_variant(value: Any, where: KeyPath, locator: Locator) -> str | None:
+    """A variant entry's `model_variant`: a registered model-kind variant (the LM a `model` cell
+    builds: `reformer_lm`, ours, or a peer such as `hf_reformer_lm`), or None when not given."""
+    import variants
+
+    if value is None:
+        return None
+    models = variants.available("model")
+    if value not in models:
+        raise locator.error(where, f"unknown model variant {value!r}{did_you_mean(value, models)}; model variants: {', '.join(models)}")
+    return str(value)
 
 
 def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
@@ -325,14 +364,16 @@ def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
             continue
         same = [f for x, f in zip(expansions, effective) if x.name == e.name]
         shown = [k for k in eff if len({values_text(f.get(k)) for f in same}) > 1]
-        labels.append(" ".join([e.name] + [f"{k}={values_text(eff[k])}" for k in shown]))
+        name = e.name if e.model_variant is None else f"{e.model_variant} {e.name}"
+        labels.append(" ".join([name] + [f"{k}={values_text(eff[k])}" for k in shown]))
     first: dict[str, tuple[int, dict]] = {}
     for e, label in zip(expansions, labels):
-        if label in first and first[label][1] != e.params | {"name": e.name}:
+        identity = e.params | {"name": e.name, MODEL_VARIANT_KEY: e.model_variant}
+        if label in first and first[label][1] != identity:
             raise locator.error(
                 ("variants", e.index), f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`"
             )
-        first.setdefault(label, (e.index, e.params | {"name": e.name}))
+        first.setdefault(label, (e.index, identity))
     return labels
 
 
@@ -350,19 +391,24 @@ def _model_path(key: str | None, swept_at: dict[str, int], suite: BenchmarkSuite
 
 def _check_model_config(
     model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
-) -> None:
-    """ReformerLMConfig's own consistency check (residual/activation names, divisibility, ...)."""
-    from variants.model import ReformerLMConfig
+) -> Any:
+    """The model's config through its own consistency check (residual/activation names,
+    divisibility, ...): ReformerLMConfig, or the entry's `model_variant`'s config (a peer's own
+    limits too); returns it (cached)."""
+    import variants
 
-    signature = canonical_json(["model", e.name, model])
+    name = e.model_variant or DEFAULT_MODEL_VARIANT
+    signature = canonical_json(["model", name, e.name, e.params, model])
     if signature in cache:
-        return
+        return cache[signature]
     try:
-        ReformerLMConfig(**model, attention=e.name, attention_params={e.name: dict(e.params)}).validate()
+        config = variants.make_config(name, **model, attention=e.name, attention_params={e.name: dict(e.params)})
+        config.validate()
     except (ValueError, TypeError) as error:
         where = _model_path(_mentioned(model, str(error)), swept_at, suite)
-        raise locator.error(where, f"invalid model settings: {error}") from None
-    cache[signature] = True
+        raise locator.error(where, f"invalid model settings{f' for {name}' if e.model_variant else ''}: {error}") from None
+    cache[signature] = config
+    return config
 
 
 def _check_variant(
@@ -432,7 +478,12 @@ def _build_cells(
             chosen = {k: v for k, (_, v) in zip(other_keys, combo)}
             swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
             model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
-            _check_model_config(model, e, swept_at, suite, cache, locator)
+            if e.model_variant is not None and suite.workload != "model":
+                raise locator.error(
+                    ("variants", e.index, MODEL_VARIANT_KEY),
+                    f"model_variant chooses the LM of workload 'model'; this suite's is {suite.workload!r}",
+                )
+            model_config = _check_model_config(model, e, swept_at, suite, cache, locator)
             config = _check_variant(e, model, swept_at, suite, cache, locator)
             for j, seq_len in seq_lens:
                 tokens = chosen.get("tokens_per_batch")
@@ -448,6 +499,8 @@ def _build_cells(
                 else:
                     batch = chosen.get("batch", 1)
                 _check_seq_len(config, e, seq_len, seq_len_at + (j,), locator)
+                if e.model_variant is not None:
+                    _check_seq_len(model_config, e, seq_len, seq_len_at + (j,), locator)
                 if suite.workload == "model" and seq_len > _max_len(model):
                     raise locator.error(
                         seq_len_at + (j,),
@@ -464,7 +517,7 @@ def _build_cells(
                     seq_len,
                     batch,
                     tokens,
-                    jsonable(model),
+                    jsonable(model | ({MODEL_VARIANT_KEY: e.model_variant} if e.model_variant else {})),
                     e.name,
                     jsonable(e.params),
                     label,

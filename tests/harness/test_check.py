@@ -7,12 +7,14 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from harness import cli
 from harness.cells.benchmark import config_key_of
 from harness.check import (
     IMPROVEMENT,
+    INCONCLUSIVE,
     MISSING,
     NEW,
     REGRESSION,
@@ -427,3 +429,51 @@ def test_cpu_timer_records_process_cpu_time_per_repeat():
     assert len(busy.cpu_samples_ms) == 4 and busy.as_row()["cpu_time_ms_samples"] == busy.cpu_samples_ms
     assert sum(busy.cpu_samples_ms) > 0.2 * sum(busy.samples_ms)  # spinning uses CPU (less than wall time on a busy machine)
     assert sum(idle.cpu_samples_ms) < 0.1 * sum(idle.samples_ms)  # sleeping does not
+
+
+# --------------------------------------------------------------------------- contended cells
+
+
+def test_a_contended_cell_is_inconclusive_never_a_pass_or_a_fail(tmp_path, cells, capsys):
+    busy = {"contended": True, "contention": "CPU share 0.51 < 0.85; other processes 1.0 cores busy"}
+    base = make_run(tmp_path, "base", cells, seed=1)
+    run = make_run(tmp_path, "run", cells, seed=2, scale={"full": 1.5}, extra={("full", 512): busy, ("full", 1024): {"contended": False}})
+    report = run_check(run, base, root=tmp_path)
+    time = verdicts(report, "time_ms")
+    assert time["full L=512"] == INCONCLUSIVE and time["full L=1024"] == REGRESSION  # the uncontended slowdown stands
+    vague = next(c for c in report.comparisons if c.verdict == INCONCLUSIVE)
+    assert vague.p_value is None and vague.note == f"contended, run: {busy['contention']}"
+    assert verdicts(report, "peak_mem_mib")["full L=512"] == SAME  # memory is not moved by other load
+    assert "1 inconclusive (contended cells: neither a pass nor a fail)" in report.summary()
+
+    # contended in the baseline: the same; a wall-time ratio over a contended cell is inconclusive too
+    ratio_rules = checks_file(tmp_path, {"ratios": [{**RATIO["ratios"][0], "at": "seq_len == 512"}]})
+    flipped = run_check(
+        base, make_run(tmp_path, "busy_base", cells, seed=3, extra={("full", 512): busy}), root=tmp_path, checks_file=ratio_rules
+    )
+    assert verdicts(flipped, "time_ms")["full L=512"] == INCONCLUSIVE and flipped.exit_code == 0
+    assert [c.verdict for c in flipped.comparisons if c.metric == "time ratio"] == [INCONCLUSIVE]
+    assert cli.main(["check", str(run), "--baseline", str(base), "--format", "json"]) == 1  # the regression at 1024
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"][INCONCLUSIVE] == 1
+
+
+def test_a_target_over_a_contended_cell_is_inconclusive():
+    from harness.check_rules import TargetRule
+    from harness.targets import evaluate_targets, format_targets, targets_pass
+
+    frame = pd.DataFrame(
+        [
+            {"variant": "lsh", "variant_label": "lsh", "seq_len": 1024, "batch": 1, "time_ms_median": 900.0, "peak_mem_mib": 1.0}
+            | {"status": "ok", "contended": True, "contention": "CPU share 0.40 < 0.85"},
+            {"variant": "lsh", "variant_label": "lsh", "seq_len": 2048, "batch": 1, "time_ms_median": 100.0, "peak_mem_mib": 1.0}
+            | {"status": "ok", "contended": False},
+        ]
+    )
+    table = evaluate_targets(frame, [TargetRule(numerator="variant == 'lsh'", metric="time", max=0.5)])
+    assert table["inconclusive"].tolist() == [True, False] and table["met"].tolist() == [False, True]
+    assert table["note"][0] == "inconclusive, contended: CPU share 0.40 < 0.85" and targets_pass(table)
+    text = format_targets(table, "suite")
+    assert "INCONCLUSIVE" in text and "1 of 2 met; 1 inconclusive (contended cells: neither met nor missed)" in text
+    memory = evaluate_targets(frame, [TargetRule(numerator="variant == 'lsh'", metric="peak_mem", max=0.5)])
+    assert not memory["inconclusive"].any() and not targets_pass(memory)  # memory targets are not timing

@@ -41,6 +41,8 @@ def test_pool_matches_local_and_a_killed_workers_cell_is_an_error(tmp_path, misb
     crashed = next(r for r in pooled if r["status"] == "error")
     assert "killed by signal SIGKILL" in crashed["message"]
     assert sorted(load(store.path)["cell_key"]) == sorted(by_key(local)) and not store.running()
+    ok = next(r for r in pooled if r["status"] == "ok")  # its sweep and the other worker's cell: the run's own load
+    assert ok["run_cpu_cores"] >= 0 and ok["other_cpu_cores"] >= 0 and isinstance(ok["contended"], bool)
 
 
 def test_pool_runs_groups_in_parallel_and_keeps_skip_after_oom(tmp_path, monkeypatch):
@@ -199,3 +201,27 @@ def test_a_slurm_job_ended_without_a_result_is_given_up_at_the_second_answer(tmp
     assert next(over) == (cancelled, "ended CANCELLED")  # the 1st answer (no controller) concluded nothing
     queued.paths.result_pickle.touch()
     assert next(over) == (queued, None) and next(over, None) is None
+
+
+def test_pool_runs_rounds_one_after_another_and_resumes_them(tmp_path, monkeypatch):
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def isolated(cell, root, run_id, version, env=None):
+        with lock:
+            seen.append((cell.label, cell.seq_len))
+            n = seen.count((cell.label, cell.seq_len))
+        return {"status": "ok", "message": "", "time_ms_samples": [float(n)], "time_ms_median": float(n), "contended": False}
+
+    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    cells = load_suite(write_suite(tmp_path, "pooled", [{"name": "full"}, {"name": "sdpa"}], [64, 128], rounds=3)).cells()
+    store = RunStore(tmp_path / "out", "pooled", "run")
+    rows = run_pool(cells[:3], store, options(), pool_slots("cpu", 2))  # "interrupted": one cell not yet planned
+    everyone = sorted((c.label, c.seq_len) for c in cells[:3])
+    assert sorted(seen[:3]) == sorted(seen[3:6]) == sorted(seen[6:]) == everyone  # round r ends before round r + 1
+    assert [r["round_medians_ms"] for r in rows] == [[1.0, 2.0, 3.0]] * 3
+
+    seen.clear()
+    rows = run_pool(cells, store, options(), pool_slots("cpu", 2))  # resumed with every cell
+    assert seen == [("sdpa", 128)] * 3 and [r["time_ms_median"] for r in rows] == [2.0]
+    assert len([r for r in store.rows() if r.get("row_type") != "round"]) == 4

@@ -439,3 +439,59 @@ def test_index_html_opens_in_headless_chromium_with_every_image(rendered, seq, t
     loaded, total = int(match.group(1)), int(match.group(2))
     assert total == len(SEQ_FIGURES) + 1  # the figures plus the broken control image
     assert loaded == len(SEQ_FIGURES)  # every figure decoded; the control did not (the probe works)
+
+
+# --------------------------------------------------------------------------- contention and rounds
+
+
+@pytest.fixture(scope="module")
+def disturbed(results_root, seq) -> Path:
+    """The seq_length run again, as if measured in 3 rounds on a busy machine: two lsh cells stayed
+    contended (CPU share 0.50), every ok cell has a round drift of 2% (4% for full at 1K)."""
+    from harness.results import RunStore, load_run_info
+
+    store = RunStore(results_root, fx.SEQ_SUITE, "20260302T120000Z-disturbed")
+    store.write_run_info(load_run_info(seq))
+    rows = load(seq)
+    for record in rows.to_dict("records"):
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and np.isnan(v))}
+        busy = record["variant_label"] == "lsh n_hashes=1" and record["seq_len"] in (1024, 2048)
+        record.update(contended=busy, contention="CPU share 0.50 < 0.85; other processes 1.0 cores busy" if busy else "")
+        record.update(cpu_share=0.5 if busy else 0.98, other_cpu_cores=1.0 if busy else 0.02, load_avg_1m=2.0 if busy else 0.3)
+        if record["status"] == "ok":
+            record.update(rounds=3, round_drift=0.04 if (record["variant"], record["seq_len"]) == ("full", 1024) else 0.02)
+        store.append(record)
+    store.fold()
+    return store.path
+
+
+def test_contended_cells_are_marked_and_drift_and_machine_load_reported(disturbed, tmp_path):
+    folder = render_report([disturbed], out=tmp_path / "report")
+    text = (folder / "report.md").read_text()
+    time_table = text.split("### median time per step (ms)")[1].split("###")[0]
+    lsh_1 = next(line for line in time_table.splitlines() if line.startswith("| lsh n_hashes=1 |"))
+    assert lsh_1.count("*") == 2 and time_table.count("*") == 2  # the two contended cells, nothing else
+    assert "### Contended cells" in text and "2 of 36 cells stayed contended" in text
+    assert "CPU share 0.50 < 0.85; other processes 1.0 cores busy" in text
+    assert "### Round-to-round drift" in text and "Median drift 2.0%, largest 4.0%" in text and "| 4.0% |" in text
+    assert "| machine load during the run | CPU share median 0.98 (0.50-0.98); other processes' CPU 0.02 cores median (max 1.00); " in text
+    assert "load average 0.3-2.0; 2 of 36 cells contended |" in text
+    assert "2 of 36 cell(s) contended; 3 interleaved rounds per cell" in text
+    svg = (folder / "time_vs_seq_len.svg").read_text()
+    assert len(re.findall(r'id="contended-lsh-n_hashes-1-(1024|2048)"', svg)) == 2
+    assert "contended (timing disturbed by other load)" in svg
+    assert "contended-" not in (folder / "memory_vs_seq_len.svg").read_text()  # memory is not a timing
+
+
+def test_compare_treats_a_contended_cell_as_inconclusive(seq, disturbed, tmp_path):
+    lines: list[str] = []
+    folder = render_compare(seq, disturbed, out=tmp_path / "compare", echo=lines.append)
+    merged = compare_runs(open_run(seq).rows, open_run(disturbed).rows)
+    vague = merged[merged["inconclusive"]]
+    assert sorted(vague["seq_len"]) == [1024, 2048] and vague["within_noise"].isna().all()
+    assert merged.loc[~merged["inconclusive"] & (merged["status"] == "ok"), "within_noise"].eq(True).all()
+    assert "0 of them differ beyond noise, 2 inconclusive: contended in A or B" in lines[0]
+    assert lines[1].startswith("inconclusive: lsh n_hashes=1 seq_len=1024: B CPU share 0.50")
+    text = (folder / "report.md").read_text()
+    assert text.count("inconclusive (contended)") == 2 and "## Inconclusive cells (contended)" in text
+    assert 'id="contended-lsh-n_hashes-1-1024"' in (folder / "time_ratio.svg").read_text()

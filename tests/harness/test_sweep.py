@@ -21,7 +21,7 @@ import yaml
 from harness import cli, sweep
 from harness.cells import benchmark
 from harness.commands import run as run_command
-from harness.results import PARQUET, RunStore, load
+from harness.results import PARQUET, RunStore, cell_rows, load
 from harness.suites import load_suite
 from harness.sweep import RunOptions, run_cells
 from variants import registry
@@ -31,7 +31,8 @@ PLUGINS = ROOT / "tests" / "data" / "plugins"
 
 
 def write_suite(folder: Path, name: str, variants: list[dict], seq_len: list[int], mode: str = "forward", **measure) -> Path:
-    """A tiny CPU suite file; `measure` overrides the fast defaults."""
+    """A tiny CPU suite file; `measure` overrides the fast defaults (no re-measuring of contended
+    cells: the tests share a busy machine, and the re-measuring has tests of its own)."""
     suite = {
         "name": name,
         "device": "cpu",
@@ -39,7 +40,15 @@ def write_suite(folder: Path, name: str, variants: list[dict], seq_len: list[int
         "model": {"d_model": 32, "n_heads": 2},
         "sweep": {"seq_len": seq_len, "batch": [1]},
         "variants": variants,
-        "measure": {"warmup": 1, "min_repeats": 2, "min_time_s": 0.0, "max_time_s": 5.0, "timeout_s": 120.0, **measure},
+        "measure": {
+            "warmup": 1,
+            "min_repeats": 2,
+            "min_time_s": 0.0,
+            "max_time_s": 5.0,
+            "timeout_s": 120.0,
+            "contention_retries": 0,
+            **measure,
+        },
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
@@ -233,3 +242,143 @@ def test_matmul_rate_gives_each_cell_its_compute_floor(tmp_path):
     assert row["floor_ratio"] == pytest.approx(row["time_ms_median"] / 1e3 / row["floor_s"], rel=1e-12)
     assert row["floor_ratio"] == pytest.approx(row["time_ms_median"] / 1e3 * row["matmul_gflops"] * 1e9 / row["flops"])
     assert row["floor_ratio"] > 1  # nothing beats the matmul rate on its FLOPs by much, least of all a tiny layer
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def fake_rounds(monkeypatch, fail: dict[tuple[int, int], str] | None = None) -> list[tuple[str, int]]:
+    """Replace the cell process by a stub whose n-th measurement of a cell takes 10 * n ms + seq_len/64
+    (so rounds drift), or ends with the status `fail[(seq_len, n)]`; returns the calls (label, seq_len)."""
+    calls: list[tuple[str, int]] = []
+
+    def isolated(cell, root, run_id, version, env=None):
+        calls.append((cell.label, cell.seq_len))
+        n = calls.count((cell.label, cell.seq_len))
+        if (cell.seq_len, n) in (fail or {}):
+            return {"status": fail[(cell.seq_len, n)], "message": "stub"}
+        median = 10.0 * n + cell.seq_len / 64
+        return {
+            "status": "ok",
+            "message": "",
+            "time_ms_samples": [median - 1, median, median + 1],
+            "time_ms_median": median,
+            "cpu_share_samples": [1.0, 0.5, 1.0],
+            "cpu_share": 1.0,
+            "peak_mem_mib": 5.0,
+            "contended": n == 2 and cell.seq_len == 128,
+            "contention": "CPU share 0.50 < 0.85" if n == 2 and cell.seq_len == 128 else "",
+            "contention_retries_used": 2 if n == 2 and cell.seq_len == 128 else 0,
+        }
+
+    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    return calls
+
+
+def test_rounds_interleave_the_cells_and_combine_each_cells_rounds(tmp_path, monkeypatch):
+    calls = fake_rounds(monkeypatch)
+    cells = load_suite(write_suite(tmp_path, "rounds", [{"name": "full"}, {"name": "sdpa"}], [64, 128], rounds=3, rounds_seed=7)).cells()
+    store, rows, lines = run(None, tmp_path, cells=cells)
+    suite_order = [(c.label, c.seq_len) for c in cells]
+    assert calls[:4] == suite_order  # round 1 in suite order, then every cell again, shuffled, twice
+    assert sorted(calls[4:8]) == sorted(calls[8:]) == sorted(suite_order) and calls[4:8] != calls[8:]
+    assert len(lines) == 12 and "r1/3" in lines[0] and "r3/3" in lines[-1] and "drift" in lines[-1]
+
+    stored = load(store.path)
+    rounds = stored[stored["row_type"] == "round"]
+    assert len(rounds) == 12 and sorted(set(rounds["round"])) == [1, 2, 3]
+    assert set(rounds["cell_key"]) == {f"{c.key('v1')}-r{n}" for c in cells for n in (1, 2, 3)}
+    own = cell_rows(stored).set_index("cell_key")
+    assert len(rows) == len(own) == 4 and set(own.index) == {c.key("v1") for c in cells}
+    full_128 = own.loc[cells[1].key("v1")]
+    assert full_128["round_medians_ms"] == [12.0, 22.0, 32.0] and full_128["time_ms_median"] == 22.0  # median over rounds
+    assert full_128["round_drift"] == pytest.approx(32 / 12 - 1) and full_128["rounds"] == 3
+    assert full_128["time_ms_samples"] == [11.0, 12.0, 13.0, 21.0, 22.0, 23.0, 31.0, 32.0, 33.0] and full_128["n_repeats"] == 9
+    assert full_128["contended"] and full_128["contention"] == "round 2: CPU share 0.50 < 0.85"
+    assert full_128["contention_retries_used"] == 2 and len(full_128["cpu_share_samples"]) == 9
+    assert not own.loc[cells[0].key("v1"), "contended"]
+    assert not store.running()
+
+    # the same seed, the same order: a second run of the same cells measures them in the same rounds order
+    calls.clear()
+    run(None, tmp_path / "again", cells=cells)
+    assert calls[4:] == [*_previous_order(cells, 7)]
+
+
+def _previous_order(cells, seed):
+    """Rounds 2 and 3 as the sweep orders them (harness.sweep.Sweep.round_cells)."""
+    import random
+
+    out = []
+    for number in (2, 3):
+        keys = [c.key("v1") for c in cells]
+        random.Random(f"{seed}:{number}").shuffle(keys)
+        by_key = {c.key("v1"): c for c in cells}
+        out += [(by_key[k].label, by_key[k].seq_len) for k in keys]
+    return out
+
+
+def test_rounds_resume_and_a_failed_round_ends_its_cell(tmp_path, monkeypatch):
+    calls = fake_rounds(monkeypatch, fail={(128, 1): "oom", (64, 3): "error"})
+    cells = load_suite(write_suite(tmp_path, "resume", [{"name": "full"}], [64, 128, 256], rounds=3)).cells()
+    store, rows, _ = run(None, tmp_path, cells=cells)
+    assert [(r["seq_len"], r["status"]) for r in rows] == [(128, "oom"), (256, "skipped"), (64, "error")]  # skip-after-OOM in round 1
+    assert calls == [("full", 64), ("full", 128), ("full", 64), ("full", 64)]
+    assert rows[0]["message"] == "round 1 of 3: stub" and rows[2]["message"] == "round 3 of 3: stub"
+
+    calls.clear()  # the resume measures only the round that failed with an error
+    _, rows, _ = run(None, tmp_path, cells=cells)
+    assert calls == [("full", 64)]
+    assert [(r["seq_len"], r["status"], r["rounds"]) for r in rows] == [(64, "ok", 3)]
+    assert rows[0]["round_medians_ms"] == [11.0, 21.0, 11.0]  # rounds 1 and 2 stored, round 3 again (the stub's 1st call now)
+    assert len(cell_rows(load(store.path))) == 3
+
+
+def test_a_run_killed_between_its_last_round_and_the_cells_row_is_finished_on_resume(tmp_path, monkeypatch):
+    calls = fake_rounds(monkeypatch)
+    cells = load_suite(write_suite(tmp_path, "killed", [{"name": "full"}], [64], rounds=2)).cells()
+    store, _, _ = run(None, tmp_path, cells=cells)
+    store.remove([cells[0].key("v1")])  # as if killed right after storing round 2
+    calls.clear()
+    _, rows, _ = run(None, tmp_path, cells=cells)
+    assert calls == [] and [r["round_medians_ms"] for r in rows] == [[11.0, 21.0]]
+
+
+def test_run_summary_counts_contended_cells(capsys):
+    rows = pd.DataFrame(
+        [
+            {
+                "variant_label": "full",
+                "seq_len": 64,
+                "batch": 1,
+                "status": "ok",
+                "time_ms_median": 2.0,
+                "peak_mem_mib": 1.0,
+                "contended": True,
+            }
+            | {"contention": "CPU share 0.51 < 0.85; other processes 1.0 cores busy", "contention_retries_used": 2},
+            {
+                "variant_label": "full",
+                "seq_len": 128,
+                "batch": 1,
+                "status": "ok",
+                "time_ms_median": 4.0,
+                "peak_mem_mib": 2.0,
+                "contended": False,
+            },
+            {
+                "variant_label": "full",
+                "seq_len": 64,
+                "batch": 1,
+                "status": "ok",
+                "row_type": "round",
+                "cell_key": "x-r1",
+                "contended": True,
+            },
+        ]
+    )
+    run_command.print_summary("benchmark", rows, "tiny", Path("results/tiny/run"))
+    out = capsys.readouterr().out
+    assert "2 cells: 2 ok" in out and "1 of 2 cells contended" in out
+    assert "full L=64 B=1: CPU share 0.51 < 0.85; other processes 1.0 cores busy (re-measured 2x)" in out
+    assert "2*" in out and "*: contended" in out  # the time table marks it

@@ -314,3 +314,45 @@ def test_cells_are_frozen(tmp_path):
     assert isinstance(cell, BenchmarkCell)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cell.seq_len = 1  # type: ignore[misc]
+
+
+MODELS = """\
+name: models
+workload: model
+mode: train_step
+model: {d_model: 64, n_heads: 2, d_ff: 128, n_layers: 1, vocab_size: 256, residual: reversible, causal: true}
+sweep: {seq_len: [256], batch: [1]}
+variants:
+  - {name: lsh, n_hashes: 2, bucket_size: 32}
+  - {name: lsh, n_hashes: 2, bucket_size: 32, model_variant: hf_reformer_lm}
+"""
+
+
+def test_a_variant_entry_chooses_the_model_a_model_cell_builds(tmp_path):
+    ours, hf = load_suite(write(tmp_path, MODELS), device="cpu").cells()
+    assert "model_variant" not in ours.model and hf.model["model_variant"] == "hf_reformer_lm"
+    assert hf.label == "hf_reformer_lm lsh" and ours.label == "lsh"  # auto labels tell them apart
+    assert hf.config_key() != ours.config_key() and hf.key("v") != ours.key("v")
+    explicit = load_suite(
+        write(tmp_path, MODELS.replace("bucket_size: 32}\n  -", "bucket_size: 32, model_variant: reformer_lm, label: ours}\n  -")),
+        device="cpu",
+    )
+    assert explicit.cells()[0].config_key() == ours.config_key()  # naming ours changes no baseline match
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "model_variant: hf_reformer_lm",
+            "model_variant: hf_reformer",
+            "unknown model variant 'hf_reformer' (did you mean 'hf_reformer_lm'?)",
+        ),
+        ("workload: model", "workload: block", "model_variant chooses the LM of workload 'model'"),
+        ("causal: true}", "causal: true, ffn_chunks: 3}", "hf_reformer_lm: seq_len=256 is not a multiple of ffn_chunks=3"),
+    ],
+)
+def test_a_bad_model_variant_is_a_suite_error_at_its_key(tmp_path, old, new, problem):
+    with pytest.raises(SuiteError) as error:
+        load_suite(write(tmp_path, MODELS.replace(old, new)), device="cpu")
+    assert problem in str(error.value) and "variants[1]" in str(error.value) or "workload" in problem, str(error.value)
