@@ -187,7 +187,7 @@ ERRORS = {
     "unknown variant": (
         lambda s: s.replace("{name: sdpa}", "{name: spda}"),
         "variants[1].name",
-        "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa",
+        "full, hf_lsh, linear, linformer, local, lsh, performer, reformer_pytorch_lsh, sdpa",
     ),
     "unknown variant param": (lambda s: s.replace("bucket_size: 64", "bucket_sise: 64"), "variants[2].bucket_sise", "bucket_size (int"),
     "wrong param type in list": (lambda s: s.replace("[1, 2, 4, 8]", "[1, two, 4]"), "variants[2].n_hashes[1]", "n_hashes (int"),
@@ -195,7 +195,11 @@ ERRORS = {
     "inconsistent param": (lambda s: s.replace("bucket_size: 64", "bucket_size: 0"), "variants[2].bucket_size", "must be positive"),
     "model key in variant": (lambda s: s.replace("{name: full}", "{name: full, d_model: 32}"), "variants[0].d_model", "model.d_model"),
     "empty sweep list": (lambda s: s.replace("[2048, 1024, 4096]", "[]"), "sweep.seq_len", "at least one"),
-    "empty variants": (lambda s: s.split("variants:")[0] + "variants: []\n", "variants", "full, hf_lsh, lsh, reformer_pytorch_lsh, sdpa"),
+    "empty variants": (
+        lambda s: s.split("variants:")[0] + "variants: []\n",
+        "variants",
+        "full, hf_lsh, linear, linformer, local, lsh, performer, reformer_pytorch_lsh, sdpa",
+    ),
     "seq_len missing": (lambda s: s.replace("  seq_len: [2048, 1024, 4096]\n", ""), "sweep.seq_len", "seq_len: ["),
     "batch and tokens": (
         lambda s: s.replace("  tokens_per_batch", "  batch: [1]\n  tokens_per_batch"),
