@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/contention_evidence.py [--burners 1,2] [--out docs/contention.md] [--force]
 
-It first checks that the machine is quiet (1-minute load average and the busy fraction of all cores
-over a few seconds; it refuses to run otherwise, or with --force labels its output NOT QUIET),
+It first checks that the machine is quiet (under 10% of all cores busy over 10 s; it refuses to run
+otherwise, or with --force labels its output NOT QUIET; a job that starts later shows as flagged
+cells in the quiet passes, which fail the target),
 then runs the suite below with `python -m harness run` (one spawned process per cell, one torch
 thread each, the default contention settings: re-measured up to 2 times after 1 s, then flagged),
 once more with the pool executor (2 workers; the run's own cells are not contention),
@@ -36,9 +37,8 @@ from harness.results import cell_rows, load  # noqa: E402
 from harness.tables import row_contended  # noqa: E402
 
 TOLERANCE = 0.15  # loaded time within 15% of the quiet time, or flagged
-QUIET_LOAD = 0.5  # 1-minute load average below which the machine counts as quiet
-QUIET_BUSY = 0.10  # busy fraction of all cores (over QUIET_SAMPLE_S) below which it counts as quiet
-QUIET_SAMPLE_S = 5.0
+QUIET_BUSY = 0.10  # busy fraction of all cores (over QUIET_SAMPLE_S) below which the machine counts as quiet
+QUIET_SAMPLE_S = 10.0  # (the load average, a 1-minute moving average, lags a finished job by minutes: reported only)
 
 # Repeats from well under a scheduler time slice (L=128: < 1 ms) to ~100 ms (LSH at 4K).
 SUITE = {
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "python scripts/contention_evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_avg, busy = machine_state()
-    quiet_ok = load_avg < QUIET_LOAD and busy < QUIET_BUSY
+    quiet_ok = busy < QUIET_BUSY
     if not quiet_ok and not args.force:
         print(
             f"machine busy (load average {load_avg:.2f}, {busy:.0%} of the cores busy): run in a quiet moment, or --force", file=sys.stderr
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             missed += pass_missed
     verdict = "TARGET MET" if missed == 0 else f"TARGET MISSED ({missed} cell(s))"
     lines += ["## Verdict", "", verdict + ("" if quiet_ok else " (machine NOT QUIET before the run)"), ""]
+    lines += [
+        "Reproduce in a quiet moment: `.venv/bin/python scripts/contention_evidence.py --out docs/contention.md` "
+        '(about 8 minutes on 2 cores; the rule and its calibration: docs/decisions.md, "Contention and rounds").',
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

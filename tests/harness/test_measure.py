@@ -607,3 +607,21 @@ def test_a_cuda_timing_is_watched_through_nvml(monkeypatch) -> None:
     assert timing.timer == "cuda_event" and columns["contended"] and columns["contention_retries_used"] == 1
     assert columns["gpu_other_processes"] == 1 and columns["gpu_other_sm_util_pct"] == 40.0
     assert columns["contention"] == "other processes used the GPU (SM utilisation up to 40%)"
+
+
+def test_the_runs_own_processes_count_as_its_load_also_once_they_ended() -> None:
+    """A pool's other cells are the run's own load (`family_cores`), not contention, also when one
+    ends within the window: its parent's children_* CPU times keep it (here a shell stands for the
+    sweep, and its burner child for the other worker's cell)."""
+    spin = f"{sys.executable} -c 'import time; end = time.monotonic() + {{}}\nwhile time.monotonic() < end: pass'"
+    for seconds, least in ((3.0, 0.7), (0.6, 0.25)):  # alive over the whole window; ended (and reaped) within it
+        sweep = subprocess.Popen(["sh", "-c", spin.format(seconds) + " & wait"])
+        try:
+            time.sleep(0.2)
+            before = measure.machine_snapshot(family_of=sweep.pid)
+            time.sleep(1.2)
+            load = measure.machine_load(before, measure.machine_snapshot(family_of=sweep.pid))
+        finally:
+            sweep.kill()
+            sweep.wait()
+        assert load.family_cores >= least, (seconds, load)
