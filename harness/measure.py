@@ -15,8 +15,9 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -432,17 +433,16 @@ def gpu_load_snapshot(device_index: int = 0, since_us: int | None = None) -> dic
     NVML sampled for any other pid since `since_us`, microseconds since the epoch; absent where NVML
     cannot tell, e.g. MIG) and `throttle_reasons` (the clock-event bitmask now).
     """
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
     snap: dict[str, Any] = {}
-    try:
-        handle = _nvml_handle(pynvml, device_index)
+    with nvml_device(device_index) as opened:
+        if opened is None:
+            return {}
+        pynvml, handle = opened
         me = os.getpid()
-        pids = [int(p.pid) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        try:
+            pids = [int(p.pid) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        except Exception:
+            return snap  # NVML cannot list processes here: nothing to say
         ours_unlisted = me not in pids and torch.cuda.is_initialized()
         others = [p for p in pids if p != me]
         snap["gpu_other_processes"] = max(0, len(others) - (1 if ours_unlisted else 0))
@@ -455,13 +455,6 @@ def gpu_load_snapshot(device_index: int = 0, since_us: int | None = None) -> dic
             pass  # not supported here: the process count stands alone
         try:
             snap["throttle_reasons"] = _clock_event_reasons(pynvml, handle)
-        except Exception:
-            pass
-    except Exception:
-        pass
-    finally:
-        try:
-            pynvml.nvmlShutdown()
         except Exception:
             pass
     return snap
@@ -763,6 +756,31 @@ def set_cpu_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+@contextmanager
+def nvml_device(device_index: int = 0) -> Iterator[tuple[Any, Any] | None]:
+    """(pynvml, handle of CUDA device `device_index`) with NVML initialised for the block and shut
+    down after it; None when NVML or the device is unavailable. Errors inside the block propagate
+    only as far as the caller's own probes let them: the NVML shutdown always runs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        yield None
+        return
+    try:
+        try:
+            handle = _nvml_handle(pynvml, device_index)
+        except Exception:
+            handle = None
+        yield (pynvml, handle) if handle is not None else None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def _nvml_handle(pynvml, device_index: int):
     """NVML handle for CUDA device ``device_index``.
 
@@ -798,15 +816,11 @@ def nvml_snapshot(device_index: int = 0) -> dict:
     power_limit_w, throttle_reasons (NVML bitmask). A field NVML refuses is left out.
     Never raises.
     """
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
     snap: dict = {}
-    try:
-        handle = _nvml_handle(pynvml, device_index)
+    with nvml_device(device_index) as opened:
+        if opened is None:
+            return {}
+        pynvml, handle = opened
         probes = {
             "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
             "sm_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
@@ -821,13 +835,6 @@ def nvml_snapshot(device_index: int = 0) -> dict:
                 snap[key] = probe()
             except Exception:
                 pass
-    except Exception:
-        pass
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
     return snap
 
 
