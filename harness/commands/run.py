@@ -20,7 +20,7 @@ from typing import Callable
 
 import pandas as pd
 
-from harness.cells import Cell, canonical_json
+from harness.cells import Cell
 from harness.commands import REPO_ROOT, UsageError
 from harness.data import DataError, check_files
 from harness.environment import capture_environment, code_version, device_name, device_slug
@@ -178,17 +178,17 @@ def resume_command(args: argparse.Namespace, run_id: str) -> str:
     return "python -m harness " + shlex.join([*kept, "--resume", run_id])
 
 
-def check_task_files(args: argparse.Namespace, cells: list[Cell]) -> None:
-    """The data files of a quality suite's tasks exist (harness.data.check_files): a UsageError if
-    not, a warning with --dry-run."""
-    tasks = {canonical_json(task): task for c in cells if isinstance(task := getattr(c, "task", None), dict)}
-    for task in tasks.values():
-        try:
-            check_files(task)
-        except DataError as error:
-            if not args.dry_run:
-                raise UsageError(f"{args.suite}: task {task['name']!r}: {error}") from None
-            print(f"warning: {error}", file=sys.stderr)
+def check_task_files(args: argparse.Namespace, suite: Suite) -> None:
+    """A quality suite's data files exist (harness.data.check_files): a UsageError if not, a
+    warning with --dry-run. Benchmark suites read no files."""
+    if suite.kind != "quality":
+        return
+    try:
+        check_files(suite.task)
+    except DataError as error:
+        if not args.dry_run:
+            raise UsageError(f"{args.suite}: task {suite.task['name']!r}: {error}") from None
+        print(f"warning: {error}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
         cells = filter_cells(cells, args.filter)
     if not cells:
         raise UsageError(f"{args.suite}: no cells to run (after --filter {args.filter!r})" if args.filter else f"{args.suite}: no cells")
-    check_task_files(args, cells)
+    check_task_files(args, suite)
     version = code_version(REPO_ROOT)
     if args.dry_run:
         table = dry_run_table(cells, version)

@@ -45,6 +45,7 @@ from harness.suites.common import (
     SlurmSpec,
     Strict,
     SuiteError,
+    check_model_keys,
     check_suite_name,
     describe_fields,
     did_you_mean,
@@ -188,7 +189,7 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
         )
 
     fields = model_fields()
-    model = _check_model(spec.model, fields, locator)
+    model = check_model_keys(spec.model, fields, locator)
     sweep = _check_sweep(spec.sweep, fields, locator)
     entries = _expand_variants(spec.variants, locator)
     suite = BenchmarkSuite(
@@ -222,18 +223,6 @@ def _check_ratio_filters(suite: BenchmarkSuite, locator: Locator) -> None:
                 raise locator.error(("checks", "ratios", i, side), error.problem) from None
             if not selected:
                 raise locator.error(("checks", "ratios", i, side), f"{expr!r} selects no cell of this suite")
-
-
-def _check_model(model: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, Any]:
-    for key, value in model.items():
-        if key in NOT_MODEL_KEYS:
-            raise locator.error(("model", key), f"{key!r} is set by the `variants:` list, not by `model:`")
-        if key not in fields:
-            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
-        annotation = fields[key][0]
-        if not type_matches(value, annotation):
-            raise locator.error(("model", key), f"must be {type_name(annotation)}, got {value!r}")
-    return dict(model)
 
 
 def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, list]:

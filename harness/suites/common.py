@@ -15,10 +15,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.cells import Cell, canonical_json
+from harness.cells import NOT_MODEL_KEYS, Cell, canonical_json
 from harness.expressions import ExpressionError, parse_expression, select_rows
 from harness.safe_yaml import YAMLInputError, compose_yaml, read_yaml_text
-from variants.registry import type_name
+from variants.registry import type_matches, type_name
 
 Device = Literal["auto", "cpu", "cuda"]
 KeyPath = tuple[Any, ...]  # a key path: ("variants", 2, "n_hashes")
@@ -178,6 +178,22 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_model_keys(model: Any, fields: dict[str, tuple[Any, Any]], locator: Locator) -> dict[str, Any]:
+    """A suite's `model:` block: a mapping of ReformerLMConfig fields (`fields`, from
+    `cells.model_fields`) of the right types; `attention` / `attention_params` come from
+    `variants:`. Returns a copy; SuiteError at the offending key."""
+    if not isinstance(model, dict):
+        raise locator.error(("model",), f"model must be a mapping of ReformerLM settings, got {model!r}")
+    for key, value in model.items():
+        if key in NOT_MODEL_KEYS:
+            raise locator.error(("model", key), f"{key!r} is set by the `variants:` list, not by `model:`")
+        if key not in fields:
+            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
+        if not type_matches(value, fields[key][0]):
+            raise locator.error(("model", key), f"must be {type_name(fields[key][0])}, got {value!r}")
+    return dict(model)
 
 
 def resolve_device(device: str) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, jsonable, model_fields, variant_fields
+from harness.cells import MODEL_ATTENTION_KEYS, jsonable, model_fields, variant_fields
 from harness.cells.quality import AttentionChoice, QualityCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.suites.common import (
@@ -48,6 +48,7 @@ from harness.suites.common import (
     Locator,
     SlurmSpec,
     Strict,
+    check_model_keys,
     check_suite_name,
     describe_fields,
     did_you_mean,
@@ -342,15 +343,7 @@ def _check_task(task: Any, locator: Locator) -> dict[str, Any]:
 
 
 def _check_model(model: Any, fields: dict[str, tuple[Any, Any]], task: dict[str, Any], locator: Locator) -> dict[str, Any]:
-    if not isinstance(model, dict):
-        raise locator.error(("model",), f"model must be a mapping of ReformerLM settings, got {model!r}")
-    for key, value in model.items():
-        if key in NOT_MODEL_KEYS:
-            raise locator.error(("model", key), f"{key!r} is set by `variants:`")
-        if key not in fields:
-            raise locator.error(("model", key), f"unknown model key {key!r}{did_you_mean(key, fields)}; allowed: {describe_fields(fields)}")
-        if not type_matches(value, fields[key][0]):
-            raise locator.error(("model", key), f"must be {type_name(fields[key][0])}, got {value!r}")
+    model = check_model_keys(model, fields, locator)
     task_vocab = task.get("vocab_size", 256)
     if model.get("vocab_size", task_vocab) != task_vocab:
         raise locator.error(

@@ -192,7 +192,7 @@ name: long
 kind: quality
 task: {name: duplication, seq_len: 32, vocab_size: 16}
 model: {d_model: 32, d_ff: 32, n_heads: 2, n_layers: 1, residual: reversible, causal: true}
-train: {steps: 400, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 40, checkpoint_every: 40, threads: 1, timeout_s: 300}
+train: {steps: 200, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 40, checkpoint_every: 40, threads: 1, timeout_s: 300}
 eval: {batches: 1, batch_size: 4}
 variants:
   - {name: lsh, n_hashes: 2, bucket_size: 8, label: LSH-2}
@@ -232,7 +232,7 @@ def test_a_signal_stops_a_training_run_cleanly_and_resume_is_exact(tmp_path, how
     )
     try:
         for line in process.stdout:
-            if " step " in line and int(line.split(" step ")[1].split()[0]) >= 120:  # trained past a checkpoint
+            if " step " in line and int(line.split(" step ")[1].split()[0]) >= 80:  # trained past a checkpoint
                 break
         children = psutil.Process(process.pid).children(recursive=True)
         assert children, "the training cell runs in a process of its own"
@@ -260,12 +260,13 @@ def test_a_signal_stops_a_training_run_cleanly_and_resume_is_exact(tmp_path, how
 
 def test_a_training_suite_under_the_pool_executor_gives_the_rows_of_a_local_run(tmp_path, capsys):
     file = write(tmp_path, BASE)
-    for executor in ("local", "pool"):
+    for executor in ("local", "pool"):  # two of the three cells: the pool runs them side by side
         extra = ["--executor", "pool", "--workers", "2"] if executor == "pool" else []
-        assert main(["run", str(file), "--device", "cpu", "--out", str(tmp_path / executor), *extra]) == 0
+        only = ["--filter", "train_variant != 'LSH-2'"]
+        assert main(["run", str(file), "--device", "cpu", "--out", str(tmp_path / executor), *only, *extra]) == 0
     local, pooled = (next((tmp_path / e / "tiny").iterdir()) for e in ("local", "pool"))
     assert _training_numbers(pooled) == _training_numbers(local)
     rows = load(pooled)
-    assert len(rows[rows["row_type"] == "eval"]) == 3 * 3 and (rows[rows["row_type"] == "train"]["status"] == "ok").sum() == 3
+    assert len(rows[rows["row_type"] == "eval"]) == 2 * 3 and (rows[rows["row_type"] == "train"]["status"] == "ok").sum() == 2
     assert set(rows["threads"].dropna()) == {1}  # the suite's train.threads, in every worker
     assert json.loads((pooled / "run.json").read_text())["executor"] == "pool"
