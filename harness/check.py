@@ -27,6 +27,7 @@ input (raised here as CheckError, a ResultsError, which the CLI turns into 2).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -61,13 +62,58 @@ class CheckError(ResultsError):
 # --------------------------------------------------------------------------- loading
 
 
+# train_config entries that say how a training ran, not what it computes: not part of a quality row's identity.
+TRAIN_CONFIG_RUN_ONLY = ("threads", "checkpoint_every", "timeout_s")
+
+
+def quality_key_of(row: dict) -> str:
+    """Identity of one evaluation of a training cell (a quality run's `eval` row, or the `train` row of
+    a cell that failed before evaluating, which stands for its own-attention evaluation): the
+    model/variant identity of `config_key_of` plus the task, the training settings (less
+    TRAIN_CONFIG_RUN_ONLY) and the eval variant. First 16 hex of a sha256."""
+
+    def text(name: str, fallback: str) -> Any:
+        value = row.get(name)
+        return value if isinstance(value, str) and value else row.get(fallback)
+
+    def parsed(name: str, fallback: str = "") -> dict:
+        value = text(name, fallback)
+        return json.loads(value) if isinstance(value, str) and value else {}
+
+    identity = {
+        "config": config_key_of(row),
+        "task": parsed("task_params"),
+        "train": {k: v for k, v in parsed("train_config").items() if k not in TRAIN_CONFIG_RUN_ONLY},
+        "eval_variant": text("eval_variant_name", "variant"),
+        "eval_params": parsed("eval_variant_params", "variant_params"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checked_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows a check compares, each with a `config_key`. A benchmark run: one row per cell (a cell
+    measured in rounds: its combined row, not its rounds), keyed by `config_key_of`. A quality run:
+    its `eval` rows (final eval bpd and accuracy per training cell and eval variant) plus the `train`
+    row of each training cell that stored no eval row (it failed: its status is what is compared),
+    keyed by `quality_key_of`; its learning-curve rows are not compared."""
+    rows = cell_rows(frame).copy()
+    if "row_type" in rows and rows["row_type"].isin(["eval", "train", "curve"]).any():
+        evals = rows[rows["row_type"] == "eval"]
+        trains = rows[rows["row_type"] == "train"]
+        failed = trains[~trains["cell_key"].isin(evals.get("train_key", pd.Series(dtype=object)))]
+        rows = pd.concat([evals, failed], ignore_index=True)
+        rows["config_key"] = [quality_key_of(row) for row in rows.to_dict("records")]
+    else:
+        rows["config_key"] = [config_key_of(row) for row in rows.to_dict("records")]
+    return rows
+
+
 def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
-    """`results.read_run` for a check: its rows get a `config_key` recomputed from the config columns
-    (so runs stored before the column existed match too), and when a configuration occurs twice (a
-    run resumed with another code version) the row written last wins."""
+    """`results.read_run` for a check, its rows those of `checked_rows`, with a `config_key` recomputed
+    from the config columns (so runs stored before the column existed match too); when a
+    configuration occurs twice (a run resumed with another code version) the row written last wins."""
     run = read_run(arg, root)
-    rows = cell_rows(run.rows).copy()  # a cell measured in rounds: its own row, not its rounds
-    rows["config_key"] = [config_key_of(row) for row in rows.to_dict("records")]
+    rows = checked_rows(run.rows)
     return replace(run, rows=rows.drop_duplicates("config_key", keep="last").reset_index(drop=True))
 
 
@@ -203,6 +249,9 @@ def _labeller(frames: Iterable[pd.DataFrame]) -> Any:
 
     def label(row: dict) -> str:
         parts = [str(row.get("variant_label") or row.get("variant"))]
+        evaluated = row.get("eval_variant")
+        if isinstance(evaluated, str) and evaluated and evaluated != row.get("train_variant"):
+            parts[0] += f" (eval {evaluated})"
         for column in varying:
             value = row.get(column)
             if isinstance(value, float) and value.is_integer():
@@ -234,7 +283,8 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
         return [Comparison(label, "status", base_status, now_status, verdict=SAME, note="failed in both", config_key=key)]
 
     out: list[Comparison] = []
-    if rules.time.enabled:
+    measured = now.get("kind") != "quality"  # a training cell's rows carry bpd, not timing samples or peak memory
+    if rules.time.enabled and measured:
         now_samples, base_samples = samples_of(now), samples_of(base)
         ratio, p, verdict, note = compare_samples(now_samples, base_samples, rules.time.threshold, rules.time.p_value)
         if contention_note(base, now):
@@ -244,7 +294,7 @@ def compare_cells(base: dict, now: dict, rules: ChecksSpec, label: str) -> list[
                 label, "time_ms", _finite(base.get("time_ms_median")), _finite(now.get("time_ms_median")), ratio, p, verdict, note, key
             )
         )
-    if rules.memory.enabled:
+    if rules.memory.enabled and measured:
         b, n = _finite(base.get("peak_mem_mib")), _finite(now.get("peak_mem_mib"))
         if b is None or n is None:
             out.append(Comparison(label, "peak_mem_mib", b, n, verdict=UNTESTED, note="no memory reading", config_key=key))

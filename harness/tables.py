@@ -82,8 +82,9 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     out = []
     evals = frame[(frame["row_type"] == "eval") & (frame["status"] == "ok")]
     group = [c for c in ("n_layers", "residual", "seed") if c in evals and evals[c].nunique() > 1]
+    has_accuracy = "accuracy" in evals and evals["accuracy"].notna().any()  # duplication task only
     if not evals.empty:
-        if evals["accuracy"].notna().any() and not (evals["eval_variant"] == evals["train_variant"]).all():
+        if has_accuracy and not (evals["eval_variant"] == evals["train_variant"]).all():
             out.append(
                 (
                     "accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
@@ -93,7 +94,7 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
                 )
             )
         if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
-            columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if evals["accuracy"].notna().any() else [])
+            columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if has_accuracy else [])
             out.append(("final eval bits per dim", evals[columns].round(3).to_string(index=False)))
         else:
             out.append(

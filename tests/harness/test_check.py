@@ -224,6 +224,83 @@ def test_bpd_rule_applies_to_the_column_when_present(tmp_path, cells):
     assert "eval_bpd" not in {c.metric for c in run_check(base, base, root=tmp_path).comparisons if c.cell != "full L=512"}
 
 
+def quality_run(root: Path, run_id: str, eval_bpd: dict, *, failed: tuple = (), train_rows: bool = True, steps: int = 40) -> Path:
+    """A quality run of two training cells (LSH-2 evaluated with LSH-2 and full; full with full), rows
+    written by hand: a curve per cell, an eval row per (train, eval) pair with bpd `eval_bpd[(train,
+    eval)]`, a train row per cell (without `train_rows`, as runs stored before the train row existed).
+    A cell in `failed` stores only its train row, status "error"."""
+    store = RunStore(root, "quality", run_id)
+    store.write_run_info({"suite": "quality", "kind": "quality", "code_version": "abc", "environment": {"device_name": "Test CPU 9000"}})
+    params = {"LSH-2": ("lsh", '{"bucket_size":16,"n_hashes":2}'), "full": ("full", "{}")}
+    for train, evaluated in (("LSH-2", ("LSH-2", "full")), ("full", ("full",))):
+        name, variant_params = params[train]
+        config = {
+            "kind": "quality",
+            "task": "text",
+            "task_params": '{"name":"text","seq_len":128}',
+            "seq_len": 128,
+            "device": "cpu",
+            "variant": name,
+            "variant_label": train,
+            "train_variant": train,
+            "variant_params": variant_params,
+            "train_config": json.dumps({"steps": steps, "lr": 0.003, "threads": 1}),
+            "code_version": "abc",
+        }
+        key = f"{run_id}-{train}"
+        if train in failed:
+            store.append({**config, "row_type": "train", "cell_key": key, "status": "error", "message": "RuntimeError: boom"})
+            continue
+        for step, bpd in ((0, 8.0), (steps, 9.0)):  # a curve whose last point differs from the eval: never compared
+            store.append(
+                {
+                    **config,
+                    "row_type": "curve",
+                    "cell_key": f"{key}-curve-{step}",
+                    "train_key": key,
+                    "status": "ok",
+                    "step": step,
+                    "eval_bpd": bpd,
+                }
+            )
+        for other in evaluated:
+            other_name, other_params = params[other]
+            store.append(
+                {
+                    **config, "row_type": "eval", "cell_key": f"{key}-eval-{other}", "train_key": key, "status": "ok", "step": steps,
+                    "eval_variant": other, "eval_variant_name": other_name, "eval_variant_params": other_params,
+                    "eval_bpd": eval_bpd[(train, other)],
+                }
+            )  # fmt: skip
+        if train_rows:
+            store.append({**config, "row_type": "train", "cell_key": key, "status": "ok", "final_eval_bpd": eval_bpd[(train, train)]})
+    return store.path
+
+
+QUALITY_BPD = {("LSH-2", "LSH-2"): 3.0, ("LSH-2", "full"): 3.4, ("full", "full"): 2.9}
+
+
+def test_quality_run_compares_each_evaluation_not_its_curve(tmp_path):
+    base = quality_run(tmp_path, "base", QUALITY_BPD, train_rows=False)  # stored before train rows existed
+    worse = quality_run(tmp_path, "worse", {**QUALITY_BPD, ("LSH-2", "full"): 3.45})
+    report = run_check(worse, base, root=tmp_path)
+    assert {(c.cell, c.metric): c.verdict for c in report.comparisons} == {
+        ("LSH-2 L=128", "eval_bpd"): SAME,
+        ("LSH-2 (eval full) L=128", "eval_bpd"): REGRESSION,
+        ("full L=128", "eval_bpd"): SAME,
+    }  # one comparison per evaluation: no time or memory rows, no curve rows
+    assert report.exit_code == 1
+    assert run_check(quality_run(tmp_path, "same", QUALITY_BPD), base, root=tmp_path).exit_code == 0
+
+
+def test_quality_cell_that_failed_is_a_status_regression_and_other_training_is_new(tmp_path):
+    base = quality_run(tmp_path, "base", QUALITY_BPD)
+    report = run_check(quality_run(tmp_path, "failed", QUALITY_BPD, failed=("full",)), base, root=tmp_path)
+    assert verdicts(report, "status") == {"full L=128": REGRESSION} and report.exit_code == 1
+    with pytest.raises(CheckError, match="no cell"):  # other training settings are other cells
+        run_check(quality_run(tmp_path, "longer", QUALITY_BPD, steps=80), base, root=tmp_path)
+
+
 # --------------------------------------------------------------------------- ratios
 
 RATIO = {
