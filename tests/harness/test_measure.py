@@ -571,7 +571,7 @@ def _burner(seconds: float) -> subprocess.Popen:
 
 def test_a_cell_beside_cpu_burners_is_flagged(tmp_path) -> None:
     """The real thing: a one-thread cell measured while a burner per core spins is contended (three
-    or more runnable processes on the cores: its CPU share falls to ~0.67 or below). Its repeats
+    or more runnable processes on the cores: its CPU share usually falls to ~0.67 or below). Its repeats
     (~20 ms quiet) outlast a scheduler time slice: repeats far shorter than one mostly run
     undisturbed, and so does their median (the rule follows the median share)."""
     from harness.cells import benchmark
@@ -593,8 +593,13 @@ def test_a_cell_beside_cpu_burners_is_flagged(tmp_path) -> None:
             burner.wait()
         torch.set_num_threads(threads)
     assert row["status"] == "ok" and row["contended"] is True, row
-    assert row["cpu_share"] < 0.85 and row["other_cpu_cores"] >= 0.25 and row["contention_retries_used"] == 1
-    assert row["contention"].startswith(f"CPU share {row['cpu_share']:.2f} < 0.85; other processes")
+    assert row["other_cpu_cores"] >= 0.25 and row["contention_retries_used"] == 1
+    # Usually the cell waits for a core (share ~0.67); when the scheduler still gives it a full core
+    # (seen once on the CI VM: share 1.00), the burners on the core it does not use flag it.
+    if row["cpu_share"] < 0.85:
+        assert row["contention"].startswith(f"CPU share {row['cpu_share']:.2f} < 0.85; other processes")
+    else:
+        assert row["contention"].startswith("other processes kept") and f"CPU share {row['cpu_share']:.2f}" in row["contention"]
     assert "CONTENDED" in cell.progress_text(row)
 
 
