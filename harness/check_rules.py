@@ -107,7 +107,8 @@ class TargetRule(_Rule):
     the matching denominator cell (same `match_on` columns; of several ok ones, the fastest: "the
     fastest peer"). The target holds when every value is <= `max` (and >= `min`). Metrics: time
     (median s per step), peak_mem (MiB), floor_ratio (time over the compute floor),
-    time_per_token (median s / (seq_len * batch)).
+    time_per_token (median s / (seq_len * batch)), bpd (a quality run's final eval bits per dim, per
+    evaluation: `harness.check.checked_rows`; match it on seq_len alone, quality rows have no batch).
     """
 
     name: Optional[str] = None
@@ -115,7 +116,7 @@ class TargetRule(_Rule):
     denominator: Optional[str] = None
     at: Optional[str] = None
     match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
-    metric: Literal["time", "peak_mem", "floor_ratio", "time_per_token"] = "time"
+    metric: Literal["time", "peak_mem", "floor_ratio", "time_per_token", "bpd"] = "time"
     max: Optional[float] = None
     min: Optional[float] = None
 

@@ -475,6 +475,47 @@ def plot_bpd_curves(
         return fig
 
 
+# The memory breakdown of a cell (MiB columns, bottom to top of a stacked bar) and their names.
+MEMORY_PARTS = (
+    ("param_mem_mib", "parameters"),
+    ("grad_mem_mib", "gradients"),
+    ("optim_mem_mib", "optimizer state"),
+    ("activation_mem_mib", "activations and temporaries"),
+)
+MEMORY_PART_COLOURS = ("#9ecae1", "#4292c6", "#08519c", "#fd8d3c")
+
+
+def plot_memory_breakdown(
+    rows: pd.DataFrame, x: str, *, title: str, subtitle: str | None = None, x_label: str | None = None, names: dict[str, str] | None = None
+) -> Figure:
+    """Stacked bars of MEMORY_PARTS (MiB) against `x`, one panel per series (shared y axis).
+
+    rows: finished cells with a `series` column and the MEMORY_PARTS columns (a missing part is 0).
+    """
+    names = names or {}
+    series_list = series_order(rows["series"])
+    style, context = _theme()
+    with style, context:
+        width = max(FIGSIZE[0], 3.2 * len(series_list) + 2.5)
+        fig = Figure(figsize=(width, FIGSIZE[1]), dpi=DPI)
+        axes = fig.subplots(1, len(series_list), sharey=True, squeeze=False)[0]
+        for ax, series in zip(axes, series_list):
+            part = rows[rows["series"] == series].sort_values(x)
+            positions = range(len(part))
+            bottom = pd.Series(0.0, index=part.index)
+            for (column, label), colour in zip(MEMORY_PARTS, MEMORY_PART_COLOURS):
+                heights = pd.to_numeric(part.get(column, pd.Series(0.0, index=part.index)), errors="coerce").fillna(0.0)
+                ax.bar(positions, heights, bottom=bottom, color=colour, width=0.7, label=label)
+                bottom = bottom + heights
+            ax.set_xticks(list(positions), [format_count(v) for v in part[x]])
+            ax.set_xlabel(x_label or x)
+            ax.set_title(names.get(series, series), fontsize=10, loc="left")
+        axes[0].set_ylabel("memory (MiB)")
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9, alignment="left")
+        fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11, x=0.02, ha="left")
+        return fig
+
+
 def plot_accuracy_grid(table: pd.DataFrame, *, title: str, subtitle: str | None = None) -> Figure:
     """Heat map of accuracy (%) with rows = trained with, columns = evaluated with."""
     style, context = _theme()

@@ -636,6 +636,71 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
     return blocks
 
 
+def memory_breakdown_table(rows: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Per finished cell (series, `x`): the four parts of `figures.MEMORY_PARTS` and their total, MiB;
+    empty when the rows have no breakdown (runs stored before it existed)."""
+    columns = [column for column, _ in figures.MEMORY_PARTS]
+    finished = with_series(rows, x)
+    finished = finished[finished["status"] == "ok"]
+    if "activation_mem_mib" not in finished or finished["activation_mem_mib"].isna().all():
+        return pd.DataFrame()
+    parts = finished[columns].apply(pd.to_numeric, errors="coerce").fillna(0.0)
+    table = pd.concat([finished[["series", x]], parts.round(1), parts.sum(axis=1).round(1).rename("total_mib")], axis=1)
+    order = figures.series_order(table["series"])
+    return table.assign(_order=table["series"].map(order.index)).sort_values(["_order", x]).drop(columns="_order")
+
+
+def growth_text(table: pd.DataFrame, x: str) -> str:
+    """One sentence per series: activation memory and total at the largest `x` over the smallest."""
+    parts = []
+    for series, part in table.groupby("series", sort=False):
+        part = part.sort_values(x)
+        if len(part) < 2:
+            continue
+        low, high = part.iloc[0], part.iloc[-1]
+        ratio = high["activation_mem_mib"] / low["activation_mem_mib"] if low["activation_mem_mib"] > 0 else math.nan
+        parts.append(
+            f"{series}: activations {low['activation_mem_mib']:.1f} -> {high['activation_mem_mib']:.1f} MiB ({ratio:.2f}x) and "
+            f"total {low['total_mib']:.1f} -> {high['total_mib']:.1f} MiB "
+            f"from {x} = {figures.format_count(low[x])} to {figures.format_count(high[x])}"
+        )
+    return "; ".join(parts)
+
+
+REVERSIBLE_CLAIM = (
+    "The paper (section 3) claims that reversible layers store activations once for the whole stack instead of once per "
+    "layer, so activation memory does not grow with depth, while a standard stack's grows with every layer; parameters, "
+    "gradients and optimizer state grow with depth either way."
+)
+
+
+def _memory_breakdown_blocks(rows: pd.DataFrame, folder: Path) -> list[Block]:
+    """The stacked memory breakdown (figure and table) against every sweep axis, with its growth in words."""
+    blocks: list[Block] = []
+    for x in sweep_axes(rows):
+        table = memory_breakdown_table(rows, x)
+        if table.empty:
+            continue
+        short, x_label = AXIS_TEXT[x]
+        title_name, names = legend_names(with_series(rows, x))
+        title = f"Memory breakdown vs {short} ({_what(rows)})"
+        fig = figures.plot_memory_breakdown(table, x, title=title, subtitle=_subtitle(rows, x), x_label=x_label, names=names)
+        stem = f"memory_breakdown_vs_{x}"
+        figures.save(fig, folder, stem)
+        caption = (
+            "Parameters and buffers, gradients and optimizer state (exact tensor sizes) under the step's peak above them "
+            "(activations and temporaries, measured)"
+        )
+        blocks += [("h3", f"Memory breakdown by {x}"), ("figure", stem, caption + ".")]
+        growth = growth_text(table, x)
+        if x == "n_layers" and "residual" in rows and rows["residual"].nunique() > 1:
+            blocks.append(("p", REVERSIBLE_CLAIM + (f" Measured: {growth}." if growth else "")))
+        elif growth:
+            blocks.append(("p", f"Measured: {growth}."))
+        blocks.append(("table", table.set_index("series")))
+    return [("h2", "Memory breakdown (MiB)")] + blocks if blocks else []
+
+
 def _contention_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
     """The contended cells (`contended`: their timing stayed disturbed by other load after
     re-measuring), with their CPU share and reason; [] when there are none."""
@@ -852,6 +917,7 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         )
         for title, table in summary_tables(bench).items():
             blocks += [("h3", title), ("table", table)]
+        blocks += _memory_breakdown_blocks(bench, folder)
         blocks += _contention_blocks(bench, axes[0] if axes else "seq_len")
         blocks += _drift_blocks(bench, axes[0] if axes else "seq_len")
         blocks += _floor_blocks(bench, folder, palette)

@@ -24,7 +24,8 @@ TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other l
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float:
-    """The rule metric of one result row: time (s), peak_mem (MiB), floor_ratio, time_per_token (s)."""
+    """The rule metric of one result row: time (s), peak_mem (MiB), floor_ratio, time_per_token (s),
+    bpd (a quality run's final `eval_bpd`, bits per symbol)."""
 
     def number(key: str) -> float:
         value = row.get(key)
@@ -39,6 +40,8 @@ def metric_value(row: dict[str, Any], metric: str) -> float:
         return number("peak_mem_mib")
     if metric == "floor_ratio":
         return number("floor_ratio")
+    if metric == "bpd":
+        return number("eval_bpd")
     if metric == "time_per_token":
         return number("time_ms_median") / 1e3 / (number("seq_len") * number("batch"))
     raise ValueError(f"unknown target metric {metric!r}")
@@ -76,7 +79,7 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                 }
             )
         for num in numerators.to_dict("records"):
-            cell = f"{num.get('variant_label')} L={num.get('seq_len')} B={num.get('batch')}"
+            cell = f"{num.get('variant_label')} L={num.get('seq_len')}" + (f" B={num['batch']}" if "batch" in num else "")
             value, den_label, note = metric_value(num, rule.metric), "", ""
             used = [num]  # the cells the value comes from
             if num.get("status") != "ok":
@@ -88,7 +91,8 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                 if same.empty:
                     value, note = math.nan, "no ok denominator cell"
                 else:
-                    den = same.loc[same["time_ms_median"].idxmin()].to_dict()
+                    timed = "time_ms_median" in same and same["time_ms_median"].notna().any()
+                    den = (same.loc[same["time_ms_median"].idxmin()] if timed else same.iloc[0]).to_dict()
                     den_label = f"{den.get('variant_label')} L={den.get('seq_len')}"
                     value = value / metric_value(den, rule.metric)
                     used.append(den)

@@ -9,6 +9,11 @@ workload x mode:
 - `forward_backward`: forward, then backward of a fixed random projection of the output
   (or of the loss for `model`);
 - `train_step`: forward_backward plus an AdamW step.
+In the training modes the gradients are allocated when the workload is built and zeroed in place
+by each step, and AdamW's state is materialised then too (one step on zero gradients: its moments
+stay 0), so parameters, gradients and optimizer state all persist between steps: a step's peak
+above the state before it is its activations and temporaries (`activation_mem_mib`), and
+`Workload.state_memory_mib` gives the other three parts exactly.
 FLOPs count 2 per multiply-add; backward is counted as twice the forward (`step_flops`: less
 what has no backward, LSH's hashing matmul).
 """
@@ -17,27 +22,51 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 import variants
 from harness.cells import DEFAULT_MODEL_VARIANT, MODEL_VARIANT_KEY
-from harness.measure import DTYPES
+from harness.measure import DTYPES, MIB
 from variants.model import ReformerLMConfig, build_layer_stack
 
 BACKWARD_FLOPS_FACTOR = 2
 
 
+def tensor_mib(tensors: Iterable[torch.Tensor]) -> float:
+    """MiB held by `tensors`, each storage counted once (views and tied weights share one)."""
+    storages: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()) / MIB
+
+
 @dataclass
 class Workload:
-    """The measured call of a cell, and what one call does (tokens, analytic FLOPs)."""
+    """The measured call of a cell, and what one call does (tokens, analytic FLOPs); `optimizer` in
+    mode train_step."""
 
     step: Callable[[], Any]
     module: nn.Module
     tokens: int
     flops: int
+    optimizer: torch.optim.Optimizer | None = None
+
+    def state_memory_mib(self) -> dict[str, float]:
+        """What persists between steps, MiB: `param_mem_mib` (the module's parameters and buffers),
+        `grad_mem_mib` (their gradients; 0 in mode forward) and `optim_mem_mib` (the optimizer's
+        state tensors; 0 without an optimizer)."""
+        params = list(self.module.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        state = [v for s in (self.optimizer.state.values() if self.optimizer else ()) for v in s.values() if torch.is_tensor(v)]
+        return {
+            "param_mem_mib": tensor_mib([*params, *self.module.buffers()]),
+            "grad_mem_mib": tensor_mib(grads),
+            "optim_mem_mib": tensor_mib(state),
+        }
 
 
 def model_variant_of(cell: Any) -> str:
@@ -103,29 +132,32 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
         def loss_of() -> torch.Tensor:
             return (module(inputs) * probe).sum()
 
+    optimizer = None
     if cell.mode == "forward":
 
         def step() -> Any:
             with torch.no_grad():
                 return module(inputs)
-    elif cell.mode == "forward_backward":
+    elif cell.mode in ("forward_backward", "train_step"):
+        for param in module.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
+        if cell.mode == "train_step":
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+            optimizer.step()  # materialises AdamW's state on zero gradients (only weight decay moves the weights)
+        trained = optimizer
 
         def step() -> Any:
-            module.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=False)  # in place: gradients persist between steps, like the weights
             inputs.grad = None
             loss_of().backward()
-    elif cell.mode == "train_step":
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-
-        def step() -> Any:
-            optimizer.zero_grad(set_to_none=True)
-            inputs.grad = None
-            loss_of().backward()
-            optimizer.step()
+            if trained is not None:
+                trained.step()
     else:
         raise ValueError(f"unknown mode {cell.mode!r}")
 
-    return Workload(step=step, module=module, tokens=batch * seq_len, flops=step_flops(module, batch, seq_len, cell.mode))
+    flops = step_flops(module, batch, seq_len, cell.mode)
+    return Workload(step=step, module=module, tokens=batch * seq_len, flops=flops, optimizer=optimizer)
 
 
 def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:

@@ -289,7 +289,7 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for column in ("gpu_other_processes", "gpu_other_sm_util_pct"):
         if _numbers(rows, column):
             out[column] = max(_numbers(rows, column))
-    for column in ("peak_mem_mib", "peak_reserved_mib", "matmul_gflops"):
+    for column in ("peak_mem_mib", "activation_mem_mib", "peak_reserved_mib", "matmul_gflops"):
         if _numbers(rows, column):
             out[column] = measure.median_of(_numbers(rows, column))
     seconds = median / 1e3
@@ -410,6 +410,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     row.update(timing.as_row())
     row.update(contention)
     row.update(memory.as_row())
+    row.update(workload.state_memory_mib(), activation_mem_mib=memory.peak_mib)  # the memory breakdown
     row.update(
         status="ok",
         message="",

@@ -166,6 +166,15 @@ def layers_peak_mib(residual: str, n_layers: int) -> float:
     return REVERSIBLE_BASE_MIB + REVERSIBLE_MIB_PER_LAYER * n_layers
 
 
+def layers_breakdown_mib(residual: str, n_layers: int) -> dict[str, float]:
+    """The memory breakdown of a layers_memory cell (MiB): float32 parameters, as many gradients,
+    AdamW's two moments, and the step's peak above them (the cell's peak memory)."""
+    d, d_ff, vocab = LAYERS_MODEL["d_model"], LAYERS_MODEL["d_ff"], LAYERS_MODEL["vocab_size"]
+    params = (n_layers * (4 * d * d + 2 * d * d_ff) + 2 * vocab * d) * 4 / 2**20
+    peak = layers_peak_mib(residual, n_layers)
+    return {"param_mem_mib": params, "grad_mem_mib": params, "optim_mem_mib": 2 * params, "activation_mem_mib": peak}
+
+
 def time_samples(median_ms: float, repeats: int) -> list[float]:
     """`repeats` samples evenly spread around `median_ms`: median `median_ms`, IQR IQR_FRACTION * median."""
     u = [(2 * i - (repeats - 1)) / (repeats - 1) for i in range(repeats)]  # symmetric on [-1, 1]
@@ -418,6 +427,7 @@ def layers_memory_run(root: str | Path, run_id: str = LAYERS_RUN_ID) -> Path:
                 flops,
                 n_layers * (4 * d * d + 2 * d * d_ff) + 2 * vocab * d,
             )
+            metrics.update(layers_breakdown_mib(residual, n_layers))
             rows.append((cell, metrics))
     description = (
         "Synthetic layers_memory run: peak training memory of a Reformer LM against its depth, standard against reversible residuals.\n"

@@ -24,6 +24,7 @@ import pytest
 from harness import cli, figures
 from harness.report import (
     compare_runs,
+    memory_breakdown_table,
     open_run,
     render_compare,
     render_report,
@@ -149,6 +150,25 @@ def test_layers_tables_and_fits(rendered, layers):
     md = {r[0]: r for r in _md_table_rows(text.split("### Scaling with n_layers")[1].split("\n## ")[0])}
     assert md["series"][3:] == ["ms per layer", "MiB per layer"]
     assert md["lsh residual=standard"][3:] == ["6.5", "576"] and md["lsh residual=reversible"][3:] == ["8.5", "0.25"]
+
+
+def test_memory_breakdown_figure_table_and_words(rendered, layers):
+    folder = rendered / "layers_memory" / layers.name
+    assert (folder / "memory_breakdown_vs_n_layers.png").stat().st_size > 10_000
+    table = memory_breakdown_table(load(layers), "n_layers").set_index(["series", "n_layers"])
+    for residual in fx.RESIDUALS:
+        for n in fx.N_LAYERS:
+            parts = fx.layers_breakdown_mib(residual, n)
+            shown = table.loc[(f"lsh residual={residual}", n)]
+            assert shown["activation_mem_mib"] == round(fx.layers_peak_mib(residual, n), 1)
+            assert shown["total_mib"] == pytest.approx(sum(parts.values()), abs=0.1)
+    text = (folder / "report.md").read_text()
+    section = text.split("## Memory breakdown (MiB)")[1].split("\n## ")[0]
+    assert "reversible layers store activations once" in section
+    low, high = fx.layers_peak_mib("reversible", 1), fx.layers_peak_mib("reversible", 12)
+    assert f"lsh residual=reversible: activations {low:.1f} -> {high:.1f} MiB ({high / low:.2f}x)" in section
+    low, high = fx.layers_peak_mib("standard", 1), fx.layers_peak_mib("standard", 12)
+    assert f"lsh residual=standard: activations {low:.1f} -> {high:.1f} MiB ({high / low:.2f}x)" in section
 
 
 def test_time_over_compute_floor_table_and_figure(rendered, seq, tmp_path):

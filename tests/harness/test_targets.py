@@ -102,3 +102,23 @@ def test_bad_rules_give_clear_errors():
         parse_checks({"targets": [{"numerator": "variant == 'lsh'", "maximum": 1.0}]})
     with pytest.raises(ChecksError, match="metric"):
         parse_checks({"targets": [{"numerator": "variant == 'lsh'", "metric": "speed"}]})
+
+
+def test_bpd_target_over_a_quality_runs_evaluations(tmp_path):
+    from harness.check import load_run_data
+    from tests.harness.test_check import QUALITY_BPD, quality_run
+
+    run = load_run_data(quality_run(tmp_path, "run", QUALITY_BPD), tmp_path)
+    rule = TargetRule(
+        numerator="variant_label == 'LSH-2'",
+        denominator="variant_label == 'full'",
+        at="eval_variant == train_variant",  # LSH-2 evaluated with its own attention, not with full
+        match_on=["seq_len"],
+        metric="bpd",
+        max=1.05,
+    )
+    table = evaluate_targets(run.rows, [rule])
+    assert table["cell"].tolist() == ["LSH-2 L=128"] and table["denominator"].tolist() == ["full L=128"]
+    assert table["value"].iloc[0] == pytest.approx(3.0 / 2.9) and bool(table["met"].iloc[0])
+    strict = evaluate_targets(run.rows, [rule.model_copy(update={"max": 1.0})])
+    assert not bool(strict["met"].iloc[0])
