@@ -108,13 +108,17 @@ def checked_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
-    """`results.read_run` for a check, its rows those of `checked_rows`, with a `config_key` recomputed
-    from the config columns (so runs stored before the column existed match too); when a
-    configuration occurs twice (a run resumed with another code version) the row written last wins."""
-    run = read_run(arg, root)
+def for_check(run: StoredRun) -> StoredRun:
+    """`run` with the rows a check reads: those of `checked_rows`, with a `config_key` recomputed from
+    the config columns (so runs stored before the column existed match too); when a configuration
+    occurs twice (a run resumed with another code version) the row written last wins."""
     rows = checked_rows(run.rows)
     return replace(run, rows=rows.drop_duplicates("config_key", keep="last").reset_index(drop=True))
+
+
+def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
+    """`results.read_run` of `arg`, then `for_check`."""
+    return for_check(read_run(arg, root))
 
 
 def resolve_baseline(arg: str | Path, device_name: str, root: str | Path = "results", any_device: bool = False) -> Path:

@@ -31,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from harness import figures, paper, stats
+from harness.check import for_check, rules_for
 from harness.results import ResultsError, StoredRun, cell_rows, latest_run, load_run_info, read_run
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
+from harness.targets import evaluate_targets
 
 RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives
 
@@ -674,6 +676,28 @@ REVERSIBLE_CLAIM = (
 )
 
 
+def _target_blocks(run: StoredRun) -> list[Block]:
+    """The suite's `checks: targets:` evaluated on this run, as `harness check RUN --targets` does."""
+    try:
+        checked = for_check(run)
+        rules, source = rules_for(checked)
+        if not rules.targets:
+            return []
+        table = evaluate_targets(checked.rows, rules.targets)
+    except ResultsError as error:
+        return [("h2", "Targets"), ("p", f"The suite's targets could not be evaluated: {error}")]
+    verdict = [("inconclusive" if vague else "MET" if met else "MISSED") for met, vague in zip(table["met"], table["inconclusive"])]
+    shown = table.drop(columns=["met", "inconclusive"]).assign(
+        value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"), verdict=verdict
+    )
+    met, missed = verdict.count("MET"), verdict.count("MISSED")
+    text = (
+        f"{met} of {len(table)} met" + (f", {missed} missed" if missed else "") + f" (from {source}; "
+        "`python -m harness check RUN --targets` prints the same table and exits 1 on a miss)."
+    )
+    return [("h2", "Targets"), ("p", text), ("table", shown.set_index("target"))]
+
+
 def _memory_breakdown_blocks(rows: pd.DataFrame, folder: Path) -> list[Block]:
     """The stacked memory breakdown (figure and table) against every sweep axis, with its growth in words."""
     blocks: list[Block] = []
@@ -947,6 +971,7 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         if notes:
             blocks.append(("p", "Measurement: " + "; ".join(notes) + "."))
     blocks += _curve_blocks(curve, grid, folder, palette)
+    blocks += _target_blocks(run)
     if not other.empty:
         failed = with_series(other, "step")
         message = failed["message"].fillna("").astype(str).map(lambda m: textwrap.shorten(m, 140)) if "message" in failed else ""

@@ -425,6 +425,38 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
     assert ("RuntimeError: boom" in text) == row_type
 
 
+QUALITY_SUITE_WITH_TARGETS = """
+name: duplication
+kind: quality
+checks:
+  targets:
+    - {name: "LSH-4 no worse than LSH-1", numerator: "train_variant == 'LSH-4' and eval_variant == 'LSH-4'",
+       denominator: "train_variant == 'LSH-1' and eval_variant == 'LSH-1'", match_on: [seq_len], metric: bpd, max: 1.01}
+    - {name: "LSH-4 below 0.7 of LSH-1", numerator: "train_variant == 'LSH-4' and eval_variant == 'LSH-4'",
+       denominator: "train_variant == 'LSH-1' and eval_variant == 'LSH-1'", match_on: [seq_len], metric: bpd, max: 0.7}
+"""
+
+
+def test_report_evaluates_the_suites_targets(tmp_path):
+    """The report's Targets section: each rule of the suite's `checks: targets:` with its value (here
+    eval bpd 1.5 / 2.0 = 0.75) and MET / MISSED against the bound, as `harness check --targets` decides."""
+    run = tmp_path / "results" / "duplication" / "20260101T000000Z-cpu"
+    run.mkdir(parents=True)
+    rows = pd.DataFrame(_quality_rows(row_type=True))
+    rows.loc[(rows["row_type"] == "eval") & (rows["train_variant"] == "LSH-1") & (rows["eval_variant"] == "LSH-1"), "eval_bpd"] = 2.0
+    rows["eval_variant_name"] = rows["eval_variant"].map({"full": "full", "LSH-1": "lsh", "LSH-4": "lsh"})
+    rows["eval_variant_params"] = rows["eval_variant"].map({"full": "{}", "LSH-1": '{"n_hashes": 1}', "LSH-4": '{"n_hashes": 4}'})
+    rows.to_parquet(run / "results.parquet", index=False)
+    info = {"suite": "duplication", "suite_path": "suites/x.yaml", "suite_text": QUALITY_SUITE_WITH_TARGETS, "command": "x"}
+    (run / "run.json").write_text(json.dumps(info))
+    text = (render_report([run], out=tmp_path / "report") / "report.md").read_text()
+    section = text.split("## Targets")[1].split("\n## ")[0]
+    assert "1 of 2 met, 1 missed" in section
+    table = {r[0]: r for r in _md_table_rows(section)[1:]}
+    assert table["LSH-4 no worse than LSH-1"][2] == "0.750" and table["LSH-4 no worse than LSH-1"][-1] == "MET"
+    assert table["LSH-4 below 0.7 of LSH-1"][-1] == "MISSED"
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
 def test_index_html_opens_in_headless_chromium_with_every_image(rendered, seq, tmp_path):
     page = rendered / "seq_length" / seq.name / "index.html"

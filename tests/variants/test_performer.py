@@ -179,3 +179,24 @@ def test_matches_performer_pytorch_with_the_same_features(causal, monkeypatch):
     else:
         ours = performer_attention(q, k, v, w, kernel_eps=1e-4)
     torch.testing.assert_close(ours, peer(q, k, v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_autograd_of_the_explicit_form(causal):
+    # The features' backward is written by hand (only phi is kept): its gradients must be those of
+    # autograd through the explicit float64 form, with eps 0 so the stabilisers cancel.
+    w = orthogonal_random_features(24, HEAD_DIM, torch.Generator().manual_seed(3))
+    q, k, v = (randn(2, HEADS, 12, HEAD_DIM, seed=s).requires_grad_(True) for s in (10, 11, 12))
+    probe = randn(2, HEADS, 12, HEAD_DIM, seed=13)
+    ours = torch.autograd.grad((performer_attention(q, k, v, w, causal=causal, kernel_eps=0.0, chunk_size=4) * probe).sum(), (q, k, v))
+    reference = torch.autograd.grad((explicit_favor(q, k, v, w, causal) * probe).sum(), (q, k, v))
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_positive_features_backward_against_finite_differences():
+    from variants.attention.performer import PositiveFeatures
+
+    z = randn(3, 5, seed=4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: PositiveFeatures.apply(t, 0.25, 1e-3), (z,))
+    torch.testing.assert_close(PositiveFeatures.apply(z, 0.25, 1e-3), torch.exp(z) * 0.25 + 1e-3, rtol=1e-15, atol=0)

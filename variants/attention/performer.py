@@ -78,8 +78,27 @@ def favor_features(
     else:
         log_scale = projected.detach().amax(dim=-1).cummax(dim=-1).values  # [B, H, L], non-decreasing
         stabiliser = log_scale[..., None]
-    phi = (torch.exp(projected - half_norm - stabiliser) + eps) / math.sqrt(features.shape[0])
-    return phi, log_scale
+    shifted = projected.sub_(half_norm + stabiliser)  # in place: the matmul does not keep its output
+    scale = 1.0 / math.sqrt(features.shape[0])
+    return PositiveFeatures.apply(shifted, scale, eps * scale), log_scale
+
+
+class PositiveFeatures(torch.autograd.Function):
+    """phi = exp(z) * scale + offset (z any shape, scale and offset floats), keeping only phi for the
+    backward: d phi / d z = phi - offset. Autograd of the plain expression would keep exp(z) and phi,
+    two [batch, heads, seq_len, m] tensors per call where one suffices."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scale: float, offset: float) -> torch.Tensor:  # noqa: D102
+        phi = torch.exp(z).mul_(scale).add_(offset)
+        ctx.save_for_backward(phi)
+        ctx.offset = offset
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: D102
+        (phi,) = ctx.saved_tensors
+        return grad * (phi - ctx.offset), None, None
 
 
 def performer_attention(
