@@ -711,6 +711,37 @@ def _peak_cuda(fn: Callable[[], object], device: torch.device) -> MemoryReading:
     return MemoryReading(peak / MIB, reserved / MIB, "cuda_max_memory_allocated")
 
 
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, glibc's malloc.h
+MEASURED_MMAP_THRESHOLD = 64 * 1024  # bytes; during a CPU memory measurement, blocks this large are mmapped
+WARM_MMAP_THRESHOLD = 32 * MIB  # where glibc's dynamic threshold ends after a warm-up (its 64-bit maximum)
+
+
+@contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """While inside, glibc serves every block of `MEASURED_MMAP_THRESHOLD` bytes or more by mmap and
+    returns it to the OS when it is freed, so the resident set follows the live allocations and
+    VmHWM reads a call's true peak. Enter it before the warm-up of a CPU memory measurement: a
+    warm-up under glibc's adaptive threshold (it rises to 32 MiB) leaves a fragmented heap whose
+    freed holes the measured call touches again, and a reversible stack then read 227 -> 467 MiB from
+    1 to 12 layers while its live tensors stayed at 128 MiB (docs/performance.md); with the
+    thresholds set before the warm-up, VmHWM read 128.3 -> 128.6 MiB, the profiler's live peak.
+    On exit the thresholds are fixed where glibc's adaptive ones end after a warm-up (mmap 32 MiB,
+    trim 64 MiB), so timing that follows (after its own warm-up) sees the allocator it would have
+    seen. Not glibc: does nothing."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(GLIBC_M_MMAP_THRESHOLD, MEASURED_MMAP_THRESHOLD)
+    mallopt(GLIBC_M_TRIM_THRESHOLD, 2 * MEASURED_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(GLIBC_M_MMAP_THRESHOLD, WARM_MMAP_THRESHOLD)
+        mallopt(GLIBC_M_TRIM_THRESHOLD, 2 * WARM_MMAP_THRESHOLD)
+
+
 def release_free_heap() -> None:
     """Return glibc's free heap pages to the OS (malloc_trim), so re-used memory shows up in RSS.
 

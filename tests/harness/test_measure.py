@@ -230,6 +230,31 @@ def test_cpu_peak_is_not_the_earlier_peak() -> None:
     assert 0.0 <= reading.peak_mib < 16.0
 
 
+@pytest.mark.skipif(not LINUX, reason="VmHWM is Linux-only")
+def test_cpu_peak_after_a_fragmenting_warmup_is_the_live_peak() -> None:
+    """A step whose live peak is 80 MiB by construction (64 blocks of 1 MiB, every other one freed,
+    then 32 blocks of 1.5 MiB that cannot reuse the 1 MiB holes), warmed up and measured inside
+    `freed_memory_returned`, reads 80 MiB. Without it the heap's resident holes count too: 112 MiB
+    on this machine (64 + 48). A fresh interpreter, so no earlier test's heap is in the reading."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from harness import measure
+        MIB = 2**20
+        def fragmenting_step():
+            blocks = [torch.ones(MIB // 4) for _ in range(64)]
+            del blocks[::2]
+            larger = [torch.ones(3 * MIB // 8) for _ in range(32)]
+            return len(blocks) + len(larger)
+        with measure.freed_memory_returned():
+            fragmenting_step()
+            print(measure.measure_peak_memory(fragmenting_step, torch.device("cpu")).peak_mib)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=120)
+    assert float(out.stdout) == pytest.approx(80.0, abs=3.0)
+
+
 def test_ru_maxrss_fallback() -> None:
     # ru_maxrss is the lifetime peak, and Linux carries it over from the parent through
     # fork/exec, so the allocation is sized to rise 256 MiB above whatever peak is on record.
