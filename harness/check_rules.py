@@ -106,7 +106,9 @@ class TargetRule(_Rule):
     value = metric of each `numerator` cell, divided (when `denominator` is given) by the metric of
     the matching denominator cell (same `match_on` columns; of several ok ones, the fastest: "the
     fastest peer"). The target holds when every value is <= `max` (and >= `min`). Metrics: time
-    (median s per step), peak_mem (MiB), floor_ratio (time over the compute floor),
+    (median s per step), peak_mem (MiB, the step's peak above what was allocated before it),
+    activation_mem (MiB, `activation_mem_mib`: the peak above parameters, gradients and optimizer
+    state; the same number as peak_mem for a step measured from its steady state), floor_ratio (time over the compute floor),
     time_per_token (median s / (seq_len * batch)), bpd (a quality run's final eval bits per dim, per
     evaluation: `harness.check.checked_rows`; match it on seq_len alone, quality rows have no batch).
     """
@@ -116,7 +118,7 @@ class TargetRule(_Rule):
     denominator: Optional[str] = None
     at: Optional[str] = None
     match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
-    metric: Literal["time", "peak_mem", "floor_ratio", "time_per_token", "bpd"] = "time"
+    metric: Literal["time", "peak_mem", "activation_mem", "floor_ratio", "time_per_token", "bpd"] = "time"
     max: Optional[float] = None
     min: Optional[float] = None
 

@@ -49,3 +49,42 @@ TABLE2: dict[str, tuple[float, ...]] = {
     "LSH-1": (0.8, 99.9, 99.6, 94.8, 77.9),
 }
 """Paper Table 2, duplication task accuracy (%): rows trained with, columns (TABLE2_EVAL) evaluated with."""
+
+
+# --------------------------------------------------------------------------- Long Range Arena
+
+LRA_CITATION = 'Tay et al., "Long Range Arena: A Benchmark for Efficient Transformers", ICLR 2021 (arXiv:2011.04006)'
+LRA_SETUP = "byte-level text classification, batch 32, 4 layers, 4x4 TPU v3, JAX/Flax"
+LRA_LENGTHS = (1024, 2048, 3072, 4096)
+
+
+@dataclass(frozen=True)
+class LraModel:
+    """One row of LRA's efficiency table: its name there, our registry variant for the same method,
+    training steps per second and peak memory per device (GB) at `LRA_LENGTHS` (None: not given)."""
+
+    name: str
+    variant: str
+    steps_per_s: tuple[float | None, ...]
+    memory_gb: tuple[float | None, ...]
+
+
+LRA_TABLE2: tuple[LraModel, ...] = (
+    LraModel("Transformer", "full", (8.1, 4.9, 2.3, 1.4), (0.85, 2.65, 5.51, 9.48)),
+    LraModel("Local attention", "local", (9.2, 8.4, 7.4, 7.4), (0.42, 0.76, 1.06, 1.37)),
+    LraModel("Linformer", "linformer", (9.3, 9.1, 8.5, 7.7), (0.37, 0.55, 0.99, 0.99)),
+    LraModel("Reformer", "lsh", (4.4, 2.2, 1.5, 1.1), (0.48, 0.99, 1.53, 2.28)),
+    LraModel("Performer", "performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
+    LraModel("Linear Transformer", "linear", (None, None, None, 7.8), (None, None, None, 1.03)),
+)
+"""LRA Table 2 (efficiency), the rows whose method the registry has; the speed-ups LRA prints in
+parentheses are steps/s over the Transformer's at the same length."""
+
+
+def lra_relative(model: LraModel) -> tuple[dict[int, float], dict[int, float]]:
+    """(speed, memory) of `model` relative to LRA's Transformer, by length: steps/s over the
+    Transformer's (LRA's parenthesised speed-ups), memory over the Transformer's."""
+    base = LRA_TABLE2[0]
+    speed = {n: s / b for n, s, b in zip(LRA_LENGTHS, model.steps_per_s, base.steps_per_s) if s is not None}
+    memory = {n: m / b for n, m, b in zip(LRA_LENGTHS, model.memory_gb, base.memory_gb) if m is not None}
+    return speed, memory

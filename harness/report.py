@@ -297,6 +297,78 @@ def paper_fig5(rows: pd.DataFrame, palette: dict[str, Any]) -> tuple[list[tuple[
     return lines, pd.DataFrame(table), note
 
 
+def lra_comparison(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str] | None:
+    """Speed and memory relative to the Transformer, LRA's Table 2 beside this run, or None unless
+    `rows` are a model training run with a `full` series and another LRA family at an LRA length.
+
+    Returns (speed, memory, words): tables with one row per LRA model present here and one column per
+    length, each cell "LRA / here"; speed = the Transformer's time per step over the series' (LRA:
+    steps/s over the Transformer's), memory = the series' peak over the Transformer's, the state
+    (parameters, gradients, optimizer) included where the run has the breakdown, as in LRA's
+    per-device peak. `words` states the largest common length in a sentence, with the scale."""
+    if _first(rows, "workload") != "model" or _first(rows, "mode") != "train_step":
+        return None
+    ok = with_series(rows[rows["status"] == "ok"], "seq_len")
+    lengths = [n for n in paper.LRA_LENGTHS if n in set(ok["seq_len"])]
+    state = [c for c in ("param_mem_mib", "grad_mem_mib", "optim_mem_mib") if c in ok]
+    memory = ok["peak_mem_mib"] + (ok[state].fillna(0).sum(axis=1) if state else 0)
+    ok = ok.assign(memory_total=memory)
+    full = ok[ok["variant"] == "full"].drop_duplicates("seq_len").set_index("seq_len")
+    families = {m.variant for m in paper.LRA_TABLE2[1:]}
+    if full.empty or not lengths or not set(ok["variant"]) & families:
+        return None
+    speed_rows, memory_rows, said = [], [], []
+    longest = max(n for n in lengths if n in full.index)
+    for model in paper.LRA_TABLE2:
+        lra_speed, lra_memory = paper.lra_relative(model)
+        for series, cells in ok[ok["variant"] == model.variant].groupby("series", sort=False):
+            cells = cells.drop_duplicates("seq_len").set_index("seq_len")
+            speed, mem = {"LRA model": model.name, "series here": series}, {"LRA model": model.name, "series here": series}
+            for n in lengths:
+                here = n in cells.index and n in full.index
+                ours_speed = full.at[n, "time_ms_median"] / cells.at[n, "time_ms_median"] if here else math.nan
+                ours_memory = cells.at[n, "memory_total"] / full.at[n, "memory_total"] if here else math.nan
+                column = f"{n // 1024}K (LRA / here)"
+                speed[column] = f"{_times(lra_speed.get(n))} / {_times(ours_speed)}"
+                mem[column] = f"{_times(lra_memory.get(n), 2)} / {_times(ours_memory, 2)}"
+                if n == longest and model.variant != "full" and math.isfinite(ours_speed):
+                    said.append(
+                        f"{series} {ours_speed:.1f}x the Transformer's steps/s and {ours_memory:.2f}x its memory "
+                        f"(LRA's {model.name}: {_times(lra_speed.get(n))}, {_times(lra_memory.get(n), 2)})"
+                    )
+            speed_rows.append(speed)
+            memory_rows.append(mem)
+    batch, layers = _first(rows, "batch"), _first(rows, "n_layers")
+    words = (
+        f"Beside LRA's efficiency table ({paper.LRA_CITATION}; {paper.LRA_SETUP}). Here: batch {batch}, "
+        f"{layers} layers, {_first(rows, 'device_name') or _first(rows, 'device')}, so only ratios to the Transformer "
+        "compare; absolute steps/s and GB do not transfer across batch, depth and hardware. LRA's ratios are "
+        "recomputed from its steps/s and GB (so 1.1x where LRA prints a rounded 1.2x). "
+        f"At {longest // 1024}K here: " + ("; ".join(said) if said else "no family finished") + "."
+    )
+    return pd.DataFrame(speed_rows).set_index("LRA model"), pd.DataFrame(memory_rows).set_index("LRA model"), words
+
+
+def _times(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}x"
+
+
+def _lra_blocks(rows: pd.DataFrame) -> list[Block]:
+    """The "Beside Long Range Arena" section of `lra_comparison`, or [] when it does not apply."""
+    found = lra_comparison(rows)
+    if found is None:
+        return []
+    speed, memory, words = found
+    return [
+        ("h2", "Beside Long Range Arena (Table 2)"),
+        ("p", words),
+        ("h3", "Speed relative to the Transformer (its time per step over the series')"),
+        ("table", speed),
+        ("h3", "Peak memory relative to the Transformer (state included)"),
+        ("table", memory),
+    ]
+
+
 # --------------------------------------------------------------------------- noise and compare
 
 
@@ -970,6 +1042,7 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
             notes.append(f"{int(pd.to_numeric(bench['rounds'], errors='coerce').max())} interleaved rounds per cell")
         if notes:
             blocks.append(("p", "Measurement: " + "; ".join(notes) + "."))
+        blocks += _lra_blocks(bench)
     blocks += _curve_blocks(curve, grid, folder, palette)
     blocks += _target_blocks(run)
     if not other.empty:

@@ -24,8 +24,9 @@ TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other l
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float:
-    """The rule metric of one result row: time (s), peak_mem (MiB), floor_ratio, time_per_token (s),
-    bpd (a quality run's final `eval_bpd`, bits per symbol)."""
+    """The rule metric of one result row: time (s), peak_mem (MiB), activation_mem (MiB; rows from
+    before the breakdown: their peak_mem), floor_ratio, time_per_token (s), bpd (a quality run's
+    final `eval_bpd`, bits per symbol)."""
 
     def number(key: str) -> float:
         value = row.get(key)
@@ -38,6 +39,9 @@ def metric_value(row: dict[str, Any], metric: str) -> float:
         return number("time_ms_median") / 1e3
     if metric == "peak_mem":
         return number("peak_mem_mib")
+    if metric == "activation_mem":
+        value = number("activation_mem_mib")
+        return value if math.isfinite(value) else number("peak_mem_mib")
     if metric == "floor_ratio":
         return number("floor_ratio")
     if metric == "bpd":

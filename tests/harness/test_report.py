@@ -24,6 +24,7 @@ import pytest
 from harness import cli, figures
 from harness.report import (
     compare_runs,
+    lra_comparison,
     memory_breakdown_table,
     open_run,
     render_compare,
@@ -423,6 +424,37 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
     assert last[1][:4] == ["LSH-1", "300", "4.9", "5.1"]  # the curve's last step, not the eval rows
     assert "Table 2" in text and "python -m harness run x.yaml" in text and "training on duplication" in text
     assert ("RuntimeError: boom" in text) == row_type
+
+
+def test_lra_comparison_puts_lras_ratios_beside_the_runs():
+    """Hand-made model training rows (full, local, two LSH series at 1K and 4K): speed = full's time
+    over the series', memory = peak plus state over full's; LRA's ratios from its Table 2 steps/s
+    and GB (local at 4K: 7.4 / 1.4 = 5.3x, 1.37 / 9.48 = 0.14x)."""
+    base = {"workload": "model", "mode": "train_step", "status": "ok", "batch": 2, "n_layers": 2, "device": "cpu"}
+    base |= {"param_mem_mib": 10.0, "grad_mem_mib": 10.0, "optim_mem_mib": 20.0}
+    cells = [  # (variant, label, seq_len, time ms, peak MiB above the state)
+        ("full", "full", 1024, 400.0, 160.0),
+        ("full", "full", 4096, 6000.0, 1960.0),
+        ("local", "local", 1024, 300.0, 110.0),
+        ("local", "local", 4096, 1000.0, 460.0),
+        ("lsh", "LSH-2", 4096, 750.0, 360.0),
+        ("lsh", "LSH-4", 4096, 1500.0, 560.0),
+    ]
+    rows = pd.DataFrame(
+        [{**base, "variant": v, "variant_label": label, "seq_len": n, "time_ms_median": t, "peak_mem_mib": m} for v, label, n, t, m in cells]
+    )
+    speed, memory, words = lra_comparison(rows)
+    assert list(speed.columns) == ["series here", "1K (LRA / here)", "4K (LRA / here)"]
+    assert speed.loc["Local attention", "4K (LRA / here)"] == "5.3x / 6.0x"  # 6000 / 1000
+    assert speed.loc["Local attention", "1K (LRA / here)"] == "1.1x / 1.3x"  # 9.2 / 8.1; 400 / 300
+    assert memory.loc["Local attention", "4K (LRA / here)"] == "0.14x / 0.25x"  # (460 + 40) / (1960 + 40)
+    reformer = speed.loc["Reformer"]
+    assert list(reformer["series here"]) == ["LSH-2", "LSH-4"]
+    assert list(reformer["4K (LRA / here)"]) == ["0.8x / 8.0x", "0.8x / 4.0x"]
+    assert list(reformer["1K (LRA / here)"]) == ["0.5x / -", "0.5x / -"]  # no LSH cell at 1K
+    assert "batch 2, 2 layers" in words and "local 6.0x the Transformer's steps/s and 0.25x its memory" in words
+    assert lra_comparison(rows.assign(workload="attention")) is None  # one layer is not LRA's protocol
+    assert lra_comparison(rows[rows["variant"] != "full"]) is None  # nothing to be relative to
 
 
 QUALITY_SUITE_WITH_TARGETS = """

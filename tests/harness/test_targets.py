@@ -68,6 +68,25 @@ def test_memory_is_compared_with_the_fastest_peer_not_the_leanest():
     assert table["value"].tolist() == [pytest.approx(300 / 900)] and table["met"].all()
 
 
+def test_activation_memory_across_depth():
+    """The layers_memory claim: activations at 12 layers over those at 1 (rows by hand: the state grows
+    with depth, the activations of the reversible stack do not); rows without the column fall back
+    to their peak_mem."""
+    depth = pd.DataFrame(
+        [
+            {"variant": "lsh", "variant_label": f"{r} {n}", "residual": r, "n_layers": n, "seq_len": 4096, "batch": 1}
+            | {"time_ms_median": 100.0 * n, "peak_mem_mib": peak, "activation_mem_mib": peak, "status": "ok"}
+            for r, n, peak in (("reversible", 1, 128.0), ("reversible", 12, 130.0), ("standard", 1, 129.0), ("standard", 12, 950.0))
+        ]
+    )
+    rule = {"denominator": "n_layers == 1 and residual == 'reversible'", "match_on": ["seq_len"], "metric": "activation_mem"}
+    flat = evaluate_targets(depth, [TargetRule(numerator="n_layers == 12 and residual == 'reversible'", max=1.3, **rule)])
+    assert flat["value"].tolist() == [pytest.approx(130 / 128)] and flat["met"].all()
+    old_rows = depth.drop(columns="activation_mem_mib").assign(peak_mem_mib=[128.0, 200.0, 129.0, 950.0])
+    grown = evaluate_targets(old_rows, [TargetRule(numerator="n_layers == 12 and residual == 'reversible'", max=1.3, **rule)])
+    assert grown["value"].tolist() == [pytest.approx(200 / 128)] and not grown["met"].any()
+
+
 def test_time_per_token_against_another_length_and_floor_ratio_alone():
     table = evaluate(
         numerator="variant == 'lsh' and n_hashes == 8",
