@@ -441,7 +441,10 @@ def test_lra_comparison_puts_lras_ratios_beside_the_runs():
         ("lsh", "LSH-4", 4096, 1500.0, 560.0),
     ]
     rows = pd.DataFrame(
-        [{**base, "variant": v, "variant_label": label, "seq_len": n, "time_ms_median": t, "peak_mem_mib": m} for v, label, n, t, m in cells]
+        [
+            {**base, "variant": v, "variant_label": label, "seq_len": n, "time_ms_median": t, "peak_mem_mib": m}
+            for v, label, n, t, m in cells
+        ]
     )
     speed, memory, words = lra_comparison(rows)
     assert list(speed.columns) == ["series here", "1K (LRA / here)", "4K (LRA / here)"]

@@ -11,14 +11,16 @@ import variants
 from variants.attention.full import full_attention, shared_qk_key_scale, shared_qk_keys, shared_qk_keys_backward
 
 
-def naive_attention(q, k, v, causal, shared_qk):
+def naive_attention(q, k, v, causal, shared_qk, mask_self=True, normalize_keys=True):
     """Per-position loops in float64 with python-float softmax: the independent reference."""
     batch, heads, seq_len, head_dim = q.shape
     q, k, v = q.double(), k.double(), v.double()
     out = torch.zeros(batch, heads, seq_len, head_dim, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
-            if shared_qk:  # k_hat = q / sqrt(mean(q^2) + eps) / sqrt(d) = q / sqrt(|q|^2 + eps * d)
+            if shared_qk and not normalize_keys:  # trax's dot-product attention over q = k
+                keys = [q[b, h, j] / math.sqrt(head_dim) for j in range(seq_len)]
+            elif shared_qk:  # k_hat = q / sqrt(mean(q^2) + eps) / sqrt(d) = q / sqrt(|q|^2 + eps * d)
                 keys = [q[b, h, j] / math.sqrt(float(q[b, h, j] @ q[b, h, j]) + 1e-6 * head_dim) for j in range(seq_len)]
             else:
                 keys = [k[b, h, j] / math.sqrt(head_dim) for j in range(seq_len)]
@@ -28,7 +30,7 @@ def naive_attention(q, k, v, causal, shared_qk):
                     logit = float(q[b, h, i] @ keys[j])
                     if causal and j > i:
                         logit = -1e9
-                    if shared_qk and j == i:
+                    if shared_qk and mask_self and j == i:
                         logit = -1e5
                     logits.append(logit)
                 top = max(logits)
@@ -46,6 +48,34 @@ def test_full_attention_matches_naive_loops(causal, shared_qk):
     expected = naive_attention(q, k, v, causal, shared_qk)
     got = full_attention(q, q if shared_qk else k, v, causal=causal, shared_qk=shared_qk)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask_self, normalize_keys", [(False, True), (True, False), (False, False)])
+def test_shared_qk_without_self_mask_or_key_normalisation_matches_naive_loops(mask_self, normalize_keys):
+    gen = torch.Generator().manual_seed(2)
+    q, v = (torch.randn(2, 2, 7, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = naive_attention(q, q, v, True, True, mask_self=mask_self, normalize_keys=normalize_keys)
+    got = full_attention(q, q, v, causal=True, shared_qk=True, mask_self=mask_self, normalize_keys=normalize_keys)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_unmasked_normalised_shared_qk_attends_most_to_itself():
+    """Why an LSH-trained model fails under full attention without the self-mask: with unit-length
+    keys, q_i . k_j = |q_i| cos(q_i, q_j) is largest at j = i (Cauchy-Schwarz), so a position's
+    largest weight is on itself, whatever the other tokens."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 1, 16, 8, generator=gen, dtype=torch.float64) * 3
+    v = torch.eye(16, dtype=torch.float64)[None, None]  # output row i = attention weights of position i
+    weights = full_attention(q, q, v, shared_qk=True, mask_self=False)[0, 0]
+    assert torch.equal(weights.argmax(dim=-1), torch.arange(16))
+    masked = full_attention(q, q, v, shared_qk=True)[0, 0]
+    assert masked.diagonal().max() < 1e-30  # the self-mask leaves no weight on itself
+
+
+def test_shared_qk_options_without_shared_qk_are_rejected():
+    with pytest.raises(ValueError, match="shared-QK attention only"):
+        variants.registry.make_config("full", mask_self=False)
+    assert not variants.registry.make_config("full", shared_qk=True, mask_self=False, normalize_keys=False).mask_self
 
 
 def test_shared_qk_ignores_k_argument_and_first_causal_position_sees_itself():

@@ -59,7 +59,16 @@ def shared_qk_keys_backward(
     return torch.mul(grad_keys, scale, out=out).addcmul_(qk, dot, value=-1)
 
 
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, shared_qk: bool = False) -> torch.Tensor:
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    shared_qk: bool = False,
+    mask_self: bool = True,
+    normalize_keys: bool = True,
+) -> torch.Tensor:
     """Materialised softmax(logits) @ v on [batch, heads, seq_len, head_dim] tensors.
 
     Without shared_qk: logits = q . k / sqrt(head_dim). With shared_qk the `k` argument is ignored
@@ -67,28 +76,48 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     scaling, and the self logit is replaced by a finite penalty (-1e5, fp16 -1e3) so a position
     attends to itself only when nothing else is allowed. Causal: logits of later positions are
     replaced by -1e9 (fp16 -1e4) first, then the self penalty is applied (as HuggingFace does).
+    With shared_qk, `mask_self=False` drops the self penalty and `normalize_keys=False` uses the
+    queries themselves as keys (logits q . q / sqrt(head_dim)); both off is trax's plain
+    dot-product attention over one shared projection (docs/decisions.md, "Table 2's full column").
     Returns [batch, heads, seq_len, head_dim].
     """
     seq_len = q.shape[-2]
     mask_value, self_value = mask_values(q.dtype)
-    if shared_qk:
+    if shared_qk and normalize_keys:
         logits = q @ shared_qk_keys(q).transpose(-1, -2)
+    elif shared_qk:
+        logits = q @ q.transpose(-1, -2) / math.sqrt(q.shape[-1])
     else:
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     positions = torch.arange(seq_len, device=q.device)
     if causal:
         allowed = positions[:, None] >= positions[None, :]
         logits = logits.masked_fill(~allowed, mask_value)
-    if shared_qk:
+    if shared_qk and mask_self:
         logits = logits.masked_fill(positions[:, None] == positions[None, :], self_value)
     return torch.softmax(logits, dim=-1) @ v
 
 
 @dataclass
 class FullAttentionConfig(AttentionConfig):
-    """AttentionConfig plus shared_qk: one projection for queries and keys (Reformer-style)."""
+    """AttentionConfig plus shared_qk: one projection for queries and keys (Reformer-style), and for
+    shared-QK attention only: mask_self (a position attends to itself only when nothing else is
+    allowed, as LSH attention does) and normalize_keys (keys are the length-normalised queries).
+    Turning both off gives the shared-QK full attention the Reformer paper evaluated LSH-trained
+    models with in Table 2 (trax's dot-product attention over q = k)."""
 
     shared_qk: bool = False
+    mask_self: bool = True
+    normalize_keys: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError when the fields are inconsistent (the shared-QK options without shared_qk)."""
+        super().validate()
+        if not self.shared_qk and not (self.mask_self and self.normalize_keys):
+            raise ValueError(
+                "mask_self and normalize_keys apply to shared-QK attention only (separate Q and K never mask "
+                "self and scale by 1/sqrt(head_dim)): set shared_qk: true, or leave them at true"
+            )
 
 
 @register("full", config=FullAttentionConfig)
@@ -102,7 +131,10 @@ class FullAttention(AttentionModule):
         """(q, k, v) or (qk, v), each [batch, heads, seq_len, head_dim] -> same shape."""
         if self.config.shared_qk:
             qk, v = heads
-            return full_attention(qk, qk, v, causal=self.config.causal, shared_qk=True)
+            config = self.config
+            return full_attention(
+                qk, qk, v, causal=config.causal, shared_qk=True, mask_self=config.mask_self, normalize_keys=config.normalize_keys
+            )
         q, k, v = heads
         return full_attention(q, k, v, causal=self.config.causal)
 
