@@ -67,10 +67,10 @@ def burner(seconds: float) -> subprocess.Popen:
 
 
 def run_suite(suite: Path, out: Path, *options: str) -> Path:
-    """`python -m harness run suite --out out [options]`; the run folder."""
+    """`python -m harness run suite --out out [options]`; the run folder (the newest of the suite's)."""
     command = [sys.executable, "-m", "harness", "run", str(suite), "--out", str(out), *options]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return max((out / SUITE["name"]).iterdir())
+    return max((out / yaml.safe_load(suite.read_text())["name"]).iterdir())
 
 
 def run_loaded(suite: Path, out: Path, burners: int, burn_s: float) -> Path:
@@ -130,14 +130,19 @@ def pool_lines(quiet: dict, pool: dict, flagged: list[str]) -> list[str]:
     ]
 
 
-def header(load_avg: float, busy: float, quiet_ok: bool, command: str) -> list[str]:
+def header_code_version() -> str:
+    """The code version of this checkout (`harness.environment.code_version`)."""
     from harness.environment import code_version
 
+    return code_version(REPO)
+
+
+def header(load_avg: float, busy: float, quiet_ok: bool, command: str) -> list[str]:
     return [
         "# Contention evidence",
         "",
         f"Produced by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, code version "
-        f"`{code_version(REPO)}`: {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
+        f"`{header_code_version()}`: {platform.processor() or platform.machine()}, {psutil.cpu_count()} logical cores, "
         f"torch threads per cell: {SUITE['measure']['threads']}.",
         "",
         f"Machine before the run: load average {load_avg:.2f}, {busy:.0%} of all cores busy over {QUIET_SAMPLE_S:g} s"

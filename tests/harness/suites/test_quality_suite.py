@@ -72,7 +72,7 @@ def test_shipped_quality_suites_are_valid():
             assert suite.kind == "quality" and suite.cells()
     assert load_suite(ROOT / "suites" / "smoke.yaml", device="cpu").kind == "benchmark"
     table2 = load_suite(ROOT / "suites" / "duplication.yaml", device="cpu").cells()
-    assert [c.variant.label for c in table2] == ["full", "LSH-4", "LSH-2", "LSH-1"]  # paper row order
+    assert [c.variant.label for c in table2] == ["full", "full-dot", "LSH-4", "LSH-2", "LSH-1"]  # paper row order
     assert [e.label for e in table2[0].eval_variants] == ["full", "full-dot", "full-unmasked", "LSH-8", "LSH-4", "LSH-2", "LSH-1"]
     paper = load_suite(ROOT / "suites" / "duplication.yaml", device="cuda").cells()
     assert paper[0].seq_len == 1024 and paper[0].model["d_model"] == 256 and paper[0].task["vocab_size"] == 128
