@@ -10,6 +10,7 @@ constant 32,768 tokens per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 CITATION = 'Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020 (arXiv:2001.04451)'
 
@@ -49,6 +50,28 @@ TABLE2: dict[str, tuple[float, ...]] = {
     "LSH-1": (0.8, 99.9, 99.6, 94.8, 77.9),
 }
 """Paper Table 2, duplication task accuracy (%): rows trained with, columns (TABLE2_EVAL) evaluated with."""
+
+TABLE2_SCALE = {"seq_len": 1024, "d_model": 256, "d_ff": 256, "train_steps": 150_000}
+"""The setting of Table 2 (1 layer, 4 heads, 127 symbols, bucket 64): the columns of a quality row
+it is compared on."""
+
+
+def table2_scale_note(rows: Any) -> str:
+    """One sentence comparing a duplication run's scale with Table 2's (`rows`: its result rows, with
+    the `TABLE2_SCALE` columns); it says when the run is smaller, where the paper's patterns (a
+    full-attention model degrading with fewer hash rounds; LSH-trained models at chance with
+    trax's full attention) need not appear; "" when the rows do not say their scale."""
+    here = {k: rows[k].dropna().iloc[0] for k in TABLE2_SCALE if k in rows and rows[k].notna().any()}
+    shown = ", ".join(f"{k} {int(v):,} (paper {TABLE2_SCALE[k]:,})" for k, v in here.items())
+    smaller = [k for k, v in here.items() if v < TABLE2_SCALE[k]]
+    if not here:
+        return ""
+    if not smaller:
+        return f"This run is at the paper's scale: {shown}."
+    return (
+        f"**Smaller than the paper's setting** ({shown}): a pattern of the paper's table that is missing here "
+        "may need the paper's scale, so a difference is not by itself a failure to reproduce."
+    )
 
 
 # --------------------------------------------------------------------------- Long Range Arena

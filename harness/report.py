@@ -933,6 +933,8 @@ def _curve_blocks(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette
                 ("p", f"For reference, the paper's Table 2 (duplication task, 1 layer, accuracy %; {paper.CITATION}):"),
                 ("table", reference),
             ]
+            scale = paper.table2_scale_note(frame)
+            blocks += [("p", scale)] if scale else []
     return blocks
 
 

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         f"after checking the machine was quiet (under {QUIET_BUSY:.0%} of all cores busy over {QUIET_SAMPLE_S:g} s). "
         "Target (issue #18): no cell of a quiet run flagged.",
         "",
-        "| suite | run | UTC | busy before | cells | flagged | re-measured | lowest CPU share | most other cores | flagged cells |",
+        "| suite | run | finished (UTC) | busy before | cells | flagged | re-measured | lowest CPU share "
+        "| most other cores | flagged cells |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     false_alarms = total = 0

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli, figures
+from harness import cli, figures, paper
 from harness.report import (
     compare_runs,
     lra_comparison,
@@ -423,7 +423,17 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
     last = _md_table_rows(text.split("## Learning curves")[1].split("##")[0])
     assert last[1][:4] == ["LSH-1", "300", "4.9", "5.1"]  # the curve's last step, not the eval rows
     assert "Table 2" in text and "python -m harness run x.yaml" in text and "training on duplication" in text
+    assert "**Smaller than the paper's setting** (seq_len 128 (paper 1,024))" in text  # the one scale column here
     assert ("RuntimeError: boom" in text) == row_type
+
+
+def test_table2_scale_note_flags_a_smaller_run():
+    rows = pd.DataFrame({"seq_len": [128], "d_model": [128], "d_ff": [128], "train_steps": [400]})
+    note = paper.table2_scale_note(rows)
+    assert note.startswith("**Smaller than the paper's setting**") and "seq_len 128 (paper 1,024)" in note
+    assert "train_steps 400 (paper 150,000)" in note
+    at_scale = paper.table2_scale_note(pd.DataFrame({"seq_len": [1024], "d_model": [256], "d_ff": [256], "train_steps": [150000]}))
+    assert at_scale.startswith("This run is at the paper's scale")
 
 
 def test_lra_comparison_puts_lras_ratios_beside_the_runs():
