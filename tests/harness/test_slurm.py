@@ -31,6 +31,7 @@ from harness.environment import CODE_VERSION_ENV
 from harness.results import RunStore, load
 from harness.status import RUNNING, run_status
 from harness.suites import load_suite
+from tests.processes import default_sigint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 pytest.importorskip("submitit")
@@ -101,7 +102,14 @@ class Submission:
         env = {**os.environ, executors.SLURM_POLL_ENV: "1"}
         with open(log, "ab") as handle:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=default_sigint,
             )
         self.started = time.monotonic()
 

@@ -18,6 +18,7 @@ from harness.cli import main
 from harness.results import load
 from harness.suites import SuiteError, load_suite
 from harness.tables import accuracy_table
+from tests.processes import default_sigint
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -228,7 +229,13 @@ def test_a_signal_stops_a_training_run_cleanly_and_resume_is_exact(tmp_path, how
     command = [sys.executable, "-m", "harness", "run", str(suite), "--device", "cpu"]
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [*command, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*command, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_sigint,
     )
     try:
         for line in process.stdout:
