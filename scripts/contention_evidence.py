@@ -158,6 +158,14 @@ def header(load_avg: float, busy: float, quiet_ok: bool, command: str) -> list[s
     ]
 
 
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print the markdown `lines` and, when `out` is given, write them there too."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burners", default="1,2", help="burner counts of the loaded passes (default 1,2)")
@@ -202,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         '(about 8 minutes on 2 cores; the rule and its calibration: docs/decisions.md, "Contention and rounds").',
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    emit(lines, args.out)
     return 0 if missed == 0 else 1
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from contention_evidence import QUIET_BUSY, QUIET_SAMPLE_S, cells, header_code_version, machine_state, run_suite  # noqa: E402
+from contention_evidence import QUIET_BUSY, QUIET_SAMPLE_S, cells, emit, header_code_version, machine_state, run_suite  # noqa: E402
 
 from harness.tables import row_contended  # noqa: E402
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 total += len(rows) if quiet else 0
     verdict = "TARGET MET" if false_alarms == 0 else f"TARGET MISSED ({false_alarms} false alarm(s))"
     lines += ["", f"{false_alarms} of {total} cells of quiet runs flagged: {verdict}.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    emit(lines, args.out)
     return 0 if false_alarms == 0 else 1
 
 
