@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("REFORMER_VENV", ROOT / ".venv"))
 TORCH_REQUIREMENT = os.environ.get("REFORMER_TORCH", "torch==2.13.0")
-EXTRAS = "test,peers,slurm"
+EXTRAS = "test,peers,slurm,export"
 
 
 def _venv_python() -> Path:

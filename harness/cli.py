@@ -1,4 +1,4 @@
-"""Command line: the parser of `python -m harness run|status|list|env|report|compare|check|baseline|profile|selfcheck`
+"""Command line: the parser of `python -m harness run|status|list|env|report|compare|check|baseline|profile|selfcheck|export`
 (also installed as `harness`); each subcommand's handler is `harness.commands.<name>.main`.
 
 Exit status: 0 when the command did its job (cells that ran out of memory, timed out or crashed
@@ -20,12 +20,15 @@ from harness.commands import baseline as baseline_command
 from harness.commands import check as check_command
 from harness.commands import compare as compare_command
 from harness.commands import env as env_command
+from harness.commands import export as export_command
 from harness.commands import list as list_command
 from harness.commands import profile as profile_command
 from harness.commands import report as report_command
 from harness.commands import run as run_command
 from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
+from harness.export import EXPORT_FORMATS, ExportError
+from harness.overrides import OverrideError
 from harness.results import CorruptCellWarning, ResultsError
 from harness.safe_yaml import YAMLInputError
 from harness.suites import SuiteError
@@ -70,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["slurm", "local"],
         default=None,
         help="submitit: force the cluster (default: Slurm when available; local runs jobs here, for testing)",
+    )
+    add_override_options(run)
+    run.add_argument(
+        "--export",
+        action="append",
+        choices=EXPORT_FORMATS,
+        metavar="FORMAT",
+        help=f"export the run when it finishes ({', '.join(EXPORT_FORMATS)}; repeatable; into exports/<format>/, see harness export)",
     )
     run.set_defaults(handler=run_command.main)
 
@@ -131,7 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--top", type=int, default=25, choices=range(1, 1001), metavar="N", help="table rows (default 25)")
     prof.add_argument("--threads", type=int, choices=range(1, 1025), metavar="N", help="CPU threads")
     prof.add_argument("--max-cells", type=int, default=4, help="refuse to profile more cells than this (default 4)")
+    add_override_options(prof)
     prof.set_defaults(handler=profile_command.main)
+
+    export = commands.add_parser("export", help="write a stored run to CSV, TensorBoard event files or an MLflow tracking store")
+    export.add_argument("run", help="run folder, suite folder (its latest run) or run id")
+    export.add_argument(
+        "--to", required=True, choices=EXPORT_FORMATS, help="csv: tidy tables; tensorboard: event files; mlflow: a tracking store"
+    )
+    export.add_argument("--dest", help="output folder (default: exports/<format>/ beside the results root)")
+    export.add_argument("--tracking-uri", help="mlflow: the tracking store (default: sqlite:///<dest>/mlflow.db); any MLflow tracking URI")
+    export.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
+    export.set_defaults(handler=export_command.main)
 
     selfcheck = commands.add_parser(
         "selfcheck", help="exercise every device path against float64 CPU references (PASS/FAIL/SKIP per check); exit 1 on a FAIL"
@@ -154,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_override_options(parser: argparse.ArgumentParser) -> None:
+    """--set PATH=VALUE (repeatable) and --print-config (harness.overrides) on a command that loads a suite."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a suite key (YAML value), e.g. --set model.d_model=512 --set sweep.seq_len=[1024,2048] "
+        "--set variants.1.n_hashes=4; applied after the cpu:/cuda: block (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved suite (device block, --set applied) as YAML and exit"
+    )
+
+
 def _print_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None
 ) -> None:
@@ -173,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     try:
         return args.handler(args)
-    except (SuiteError, ResultsError, UsageError, YAMLInputError) as error:
+    except (SuiteError, ResultsError, UsageError, YAMLInputError, OverrideError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -194,6 +194,119 @@ def _variant_backends() -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+# The optional packages whose versions change numbers (pyproject extras `peers` and `slurm`, plus
+# triton): distribution names; the import name is the same with '-' as '_'.
+OPTIONAL_PACKAGES = (
+    "transformers",
+    "reformer-pytorch",
+    "local-attention",
+    "linformer",
+    "performer-pytorch",
+    "linear-attention-transformer",
+    "triton",
+    "submitit",
+)
+FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
+
+
+def optional_package_versions(imported_only: bool = False) -> dict[str, str]:
+    """{distribution: version} of the OPTIONAL_PACKAGES installed here; with `imported_only`, only
+    those this process has imported (what a cell actually used). Reads metadata, imports nothing."""
+    from importlib import metadata
+
+    versions = {}
+    for name in OPTIONAL_PACKAGES:
+        if imported_only and name.replace("-", "_") not in sys.modules:
+            continue
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def numerics_settings() -> dict:
+    """The torch settings that change float32 results: matmul precision, TF32 for CUDA matmuls
+    and cuDNN convolutions, deterministic algorithms."""
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_cuda_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+    }
+
+
+def apply_float32_matmul_precision(precision: str | None) -> dict:
+    """Set torch's float32 matmul precision (one of FLOAT32_MATMUL_PRECISIONS; None leaves torch's
+    setting) in this process, e.g. a cell's; returns `numerics_settings()` after it."""
+    if precision is not None:
+        if precision not in FLOAT32_MATMUL_PRECISIONS:
+            raise ValueError(f"float32_matmul_precision {precision!r} is not one of {', '.join(FLOAT32_MATMUL_PRECISIONS)}")
+        torch.set_float32_matmul_precision(precision)
+    return numerics_settings()
+
+
+def _read_sys(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(256).strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cpu_frequency_settings(sys_root: str = "/sys/devices/system/cpu") -> dict:
+    """{"governor": the cpufreq scaling governors of the CPUs (comma-separated when they differ),
+    "boost": "on" / "off" (turbo / boost, from cpufreq/boost or intel_pstate/no_turbo)}; "unknown"
+    where /sys does not show them (containers, VMs, other systems)."""
+    root = Path(sys_root)
+    governors = set()
+    try:
+        for cpu in sorted(root.glob("cpu[0-9]*"))[:1024]:
+            governor = _read_sys(str(cpu / "cpufreq" / "scaling_governor"))
+            if governor:
+                governors.add(governor)
+    except OSError:
+        pass
+    boost = _read_sys(str(root / "cpufreq" / "boost"))
+    no_turbo = _read_sys(str(root / "intel_pstate" / "no_turbo"))
+    if boost in ("0", "1"):
+        boost_state = "on" if boost == "1" else "off"
+    elif no_turbo in ("0", "1"):
+        boost_state = "off" if no_turbo == "1" else "on"
+    else:
+        boost_state = "unknown"
+    return {"governor": ",".join(sorted(governors)) or "unknown", "boost": boost_state}
+
+
+def gpu_clock_lock(device_index: int = 0) -> dict:
+    """Whether NVML reports the GPU's clocks locked or pinned: {"clocks_locked": bool,
+    "app_clock_sm_mhz", "app_clock_default_sm_mhz"} (application clocks changed from their default,
+    or the "applications clocks setting" clock-event reason, which `nvidia-smi -lgc` / `-ac` set);
+    {} without NVML or a GPU. Never raises."""
+    from harness.measure import nvml_device
+
+    out: dict = {}
+    with nvml_device(device_index) as opened:
+        if opened is None:
+            return {}
+        pynvml, handle = opened
+        try:
+            out["app_clock_sm_mhz"] = pynvml.nvmlDeviceGetApplicationsClock(handle, pynvml.NVML_CLOCK_SM)
+            out["app_clock_default_sm_mhz"] = pynvml.nvmlDeviceGetDefaultApplicationsClock(handle, pynvml.NVML_CLOCK_SM)
+        except Exception:
+            pass
+        reason_bit = getattr(pynvml, "nvmlClocksEventReasonApplicationsClocksSetting", 0x2)
+        try:
+            getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+            reasons = int(getter(handle))
+        except Exception:
+            reasons = None
+        changed = out.get("app_clock_sm_mhz") is not None and out.get("app_clock_sm_mhz") != out.get("app_clock_default_sm_mhz")
+        if reasons is not None or "app_clock_sm_mhz" in out:
+            out["clocks_locked"] = bool(changed or (reasons is not None and reasons & reason_bit))
+    return out
+
+
 def capture_environment(device: str) -> dict:
     """JSON-serialisable description of code, software, hardware, host and command.
 
@@ -216,6 +329,10 @@ def capture_environment(device: str) -> dict:
         **_host_resources(),
         "torch_threads": torch.get_num_threads(),
         "variant_backends": _variant_backends(),
+        "numerics": numerics_settings(),  # this process's; a suite's measure.float32_matmul_precision applies in its cells (rows)
+        "optional_packages": optional_package_versions(),  # installed; the rows' `optional_packages`: what each cell imported
+        "cpu_frequency": cpu_frequency_settings(),
+        "gpu_clocks": gpu_clock_lock(dev.index or 0) if on_cuda else {},
         "command": list(sys.argv),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

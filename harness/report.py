@@ -32,6 +32,7 @@ import pandas as pd
 
 from harness import figures, paper, stats
 from harness.check import for_check, rules_for
+from harness.overrides import overrides_text
 from harness.results import ResultsError, StoredRun, cell_rows, latest_run, load_run_info, read_run
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
 from harness.targets import evaluate_targets
@@ -938,6 +939,45 @@ def _curve_blocks(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette
     return blocks
 
 
+def numerics_items(env: dict, rows: pd.DataFrame) -> list[tuple[str, Any]]:
+    """Environment-table lines of the settings that change numbers (harness.environment): float32
+    matmul precision (the cells' own when they recorded it), TF32, determinism, optional package
+    versions (those the cells imported, and those installed), CPU governor / boost, GPU clock lock."""
+    numerics = env.get("numerics") or {}
+
+    def used(column: str, fallback: Any) -> Any:
+        values = sorted({str(v) for v in rows[column].dropna()}) if column in rows else []
+        return ", ".join(values) if values else fallback
+
+    imported: dict[str, str] = {}
+    recorded = "optional_packages" in rows and rows["optional_packages"].notna().any()
+    for text in rows["optional_packages"].dropna().unique() if recorded else []:
+        try:
+            imported.update(json.loads(str(text)))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    installed = env.get("optional_packages") or {}
+    frequency = env.get("cpu_frequency") or {}
+    clocks = env.get("gpu_clocks") or {}
+    if not numerics and not installed and not frequency and not clocks and "float32_matmul_precision" not in rows:
+        return []  # a run from before these were recorded
+    return [
+        ("float32 matmul precision", used("float32_matmul_precision", numerics.get("float32_matmul_precision"))),
+        (
+            "TF32 (CUDA matmul / cuDNN)",
+            f"{used('tf32_cuda_matmul', numerics.get('tf32_cuda_matmul'))} / {used('tf32_cudnn', numerics.get('tf32_cudnn'))}",
+        ),
+        ("deterministic algorithms", used("deterministic_algorithms", numerics.get("deterministic_algorithms"))),
+        (
+            "optional packages imported by the cells",
+            ", ".join(f"{k} {v}" for k, v in sorted(imported.items())) or "none" if recorded else None,
+        ),
+        ("optional packages installed", ", ".join(f"{k} {v}" for k, v in sorted(installed.items())) or "none" if env else None),
+        ("CPU governor / boost", f"{frequency.get('governor', 'unknown')} / {frequency.get('boost', 'unknown')}" if frequency else None),
+        ("GPU clocks locked (NVML)", clocks.get("clocks_locked") if clocks else None),
+    ]
+
+
 def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
     env = info.get("environment") or {}
     cores = f"{env.get('cpu_cores_physical', '?')} physical / {env.get('cpu_cores_logical', '?')} logical"
@@ -960,6 +1000,7 @@ def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("code_version", info.get("code_version") or env.get("code_version")),
         ("code_version of the rows", ", ".join(versions)),
         ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
+        *numerics_items(env, rows),
         ("machine load during the run", machine_load_text(_split(rows)[0])),
         ("started", info.get("started_at") or env.get("started_at_utc")),
         (
@@ -1065,6 +1106,11 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         ("h2", "Command"),
         ("p", "The command that produced these results (run.json):"),
         ("code", str(run.info.get("command") or "not recorded")),
+        *(
+            (("p", f"Suite keys overridden on the command line: `{overrides_text(run.info['overrides'])}`."),)
+            if run.info.get("overrides")
+            else ()
+        ),
     ]
     return blocks
 

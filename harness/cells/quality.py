@@ -224,7 +224,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     import torch
 
     from harness.data import build_data
-    from harness.environment import device_name
+    from harness.environment import device_name, numerics_settings
     from harness.training import EvalConfig, TrainConfig, build_model, evaluate, slim_checkpoint, train, with_attention
 
     if cell.train.get("threads"):
@@ -249,6 +249,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
         "device_name": device_name(cell.device),
         "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in model.parameters()),
+        **numerics_settings(),  # the float32 matmul precision, TF32 and determinism the cell trained with
     }
     label = cell.variant.label
 

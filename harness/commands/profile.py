@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from harness.commands import UsageError
-from harness.suites import filter_cells, load_suite
+from harness.suites import filter_cells
+from harness.suites.resolved import config_yaml, load_with_overrides
 
 
 def main(args: argparse.Namespace) -> int:
@@ -14,7 +15,10 @@ def main(args: argparse.Namespace) -> int:
 
     from harness.profile import profile_cell
 
-    suite = load_suite(args.suite, device=args.device)
+    suite, overrides = load_with_overrides(args.suite, args.set, device=args.device)
+    if args.print_config:
+        print(config_yaml(suite, overrides), end="")
+        return 0
     if suite.kind != "benchmark":
         raise UsageError(f"{args.suite}: profile runs the cells of benchmark suites; this is a {suite.kind} suite")
     cells = filter_cells(suite.cells(), args.filter) if args.filter else suite.cells()

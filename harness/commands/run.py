@@ -28,7 +28,8 @@ from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.results import RunStore, cell_rows, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
-from harness.suites import Suite, filter_cells, load_suite
+from harness.suites import Suite, filter_cells
+from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
 from harness.sweep import RunOptions, cell_rounds
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, summary_tables
 
@@ -173,7 +174,7 @@ def resume_command(args: argparse.Namespace, run_id: str) -> str:
             skip = False
         elif argument == "--resume":
             skip = True
-        elif not argument.startswith("--resume=") and argument not in ("--dry-run", "--report"):
+        elif not argument.startswith("--resume=") and argument not in ("--dry-run", "--report", "--print-config"):
             kept.append(argument)
     return "python -m harness " + shlex.join([*kept, "--resume", run_id])
 
@@ -193,7 +194,10 @@ def check_task_files(args: argparse.Namespace, suite: Suite) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """`harness run SUITE` for a suite of any kind: load, select, then dry-run or run and summarise."""
-    suite = load_suite(args.suite, device=args.device)
+    suite, overrides = load_with_overrides(args.suite, args.set, device=args.device)
+    if args.print_config:
+        print(config_yaml(suite, overrides), end="")
+        return 0
     cells: list[Cell] = suite.cells()
     if args.threads is not None:
         cells = [c.with_threads(args.threads) for c in cells]
@@ -205,8 +209,13 @@ def main(args: argparse.Namespace) -> int:
     version = code_version(REPO_ROOT)
     if args.dry_run:
         table = dry_run_table(cells, version)
+        if overrides:
+            table.insert(0, "set", ["changed" if c else "" for c in changed_cells(args.suite, args.device, cells)])
         print(table.to_string(index=False))
         print(f"{len(cells)} {suite.kind} cells on {suite.device}; rough estimate {table['estimate_s'].sum() / 60:.1f} min")
+        if overrides:
+            changed = int((table["set"] == "changed").sum())
+            print(f"--set {' --set '.join(o.text for o in overrides)}: {changed} of {len(cells)} cells changed (marked `changed`)")
         return 0
     if suite.device.startswith("cuda"):
         import torch
@@ -216,6 +225,10 @@ def main(args: argparse.Namespace) -> int:
     if args.in_process and args.executor != "local":
         raise UsageError(f"--in-process runs cells one at a time in this process: not with --executor {args.executor}")
     store = open_store(args, suite.name, suite.device)
+    if args.resume:
+        problem = resume_problem(args.suite, args.device, load_run_info(store.path), suite, overrides)
+        if problem:
+            raise UsageError(f"--resume {args.resume}: {problem}")
     options = RunOptions(code_version=version, run_id=store.path.name, in_process=args.in_process)
     began = time.monotonic()
     with store.lock("harness run"), interrupt_guard():
@@ -229,6 +242,7 @@ def main(args: argparse.Namespace) -> int:
                 "n_cells": len(cells),
                 **planned_cells(cells, version),
                 "executor": args.executor,
+                "overrides": [o.as_record() for o in overrides],
             },
             environment=lambda: capture_environment(suite.device),
         )
@@ -279,6 +293,10 @@ def main(args: argparse.Namespace) -> int:
 
         report = render_report([store.path], out=None, root=args.out)
         print(f"report: {report}")
+    for target in args.export or []:
+        from harness.export import export_run
+
+        print(f"export ({target}): {export_run(store.path, target, root=args.out)}")
     if new_rows and all(row["status"] == "error" for row in new_rows):
         print("error: every cell failed with an error (see the messages above); nothing was measured", file=sys.stderr)
         return 1

@@ -13,7 +13,9 @@ allowed; nothing is run or written before a suite has loaded.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+from harness.overrides import Override, OverrideError, apply_overrides
 from harness.suites.benchmark import BenchmarkSuite, load_benchmark_suite
 from harness.suites.common import Locator, SuiteError, filter_cells, parse_suite_yaml, suite_kind
 from harness.suites.quality import QualitySuite, load_quality_suite
@@ -23,12 +25,23 @@ Suite = BenchmarkSuite | QualitySuite
 __all__ = ["BenchmarkSuite", "QualitySuite", "Suite", "SuiteError", "filter_cells", "load_suite"]
 
 
-def load_suite(path: str | Path, device: str | None = None) -> Suite:
+def load_suite(path: str | Path, device: str | None = None, overrides: Sequence[Override] = ()) -> Suite:
     """Read, validate and expand a suite file of either kind; `device` (auto|cpu|cuda) overrides
-    the file's. Raises SuiteError (never anything else) for any problem with the file."""
+    the file's, `overrides` (--set, harness.overrides) its keys: those of `cpu.*`, `cuda.*`,
+    `device` and `kind` before the `cpu:` / `cuda:` block is merged, all others after it (a --set
+    wins over the block). `suite.resolved_config` is the data the validator saw. Raises SuiteError
+    (never anything else) for any problem with the file or an override."""
     path = Path(path)
     data, lines = parse_suite_yaml(path)
     locator = Locator(path, lines)
+    locator.overrides = list(overrides)
+    try:
+        apply_overrides(data, [o for o in overrides if o.early])
+    except OverrideError as error:
+        raise SuiteError(str(error), path) from None
     if suite_kind(data, locator) == "quality":
-        return load_quality_suite(path, data, locator, device)
-    return load_benchmark_suite(path, data, locator, device)
+        suite: Suite = load_quality_suite(path, data, locator, device)
+    else:
+        suite = load_benchmark_suite(path, data, locator, device)
+    suite.resolved_config = {**locator.merged, "device": suite.device}
+    return suite

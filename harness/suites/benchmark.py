@@ -98,6 +98,8 @@ class MeasureSpec(Strict):
     # (rounds after the first in an order shuffled with `rounds_seed`); the cell's median is over rounds.
     rounds: int = Field(1, ge=1)
     rounds_seed: int = 0
+    # torch.set_float32_matmul_precision in each cell's process (None: torch's default, "highest").
+    float32_matmul_precision: Optional[Literal["highest", "high", "medium"]] = None
 
 
 class OverrideSpec(Strict):
@@ -163,6 +165,7 @@ class BenchmarkSuite:
     checks: Optional[ChecksSpec] = None  # the `checks:` block, None when the suite has none
     slurm: dict[str, Any] = field(default_factory=lambda: SlurmSpec().model_dump())  # the `slurm:` block
     _cells: list[BenchmarkCell] = field(default_factory=list, repr=False)
+    resolved_config: dict[str, Any] = field(default_factory=dict, repr=False)  # after cpu:/cuda: and --set (load_suite)
 
     def cells(self) -> list[BenchmarkCell]:
         """Cells ordered by variant entry, its expansion, the other sweep keys, then seq_len ascending."""
@@ -183,6 +186,8 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
 
     name = check_suite_name(spec.name if spec.name is not None else path.stem, locator)
     measure = spec.measure.model_dump()
+    if measure["float32_matmul_precision"] is None:
+        del measure["float32_matmul_precision"]  # unset: cells keep the keys they had before the setting existed
     if measure["min_repeats"] > measure["max_repeats"]:
         raise locator.error(
             ("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}"

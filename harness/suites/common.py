@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.cells import NOT_MODEL_KEYS, Cell, canonical_json
 from harness.expressions import ExpressionError, parse_expression, select_rows
+from harness.overrides import Override, OverrideError, apply_overrides
 from harness.safe_yaml import YAMLInputError, compose_yaml, read_yaml_text
 from variants.registry import type_matches, type_name
 
@@ -74,6 +75,8 @@ class Locator:
         self.file = file
         self.lines = lines
         self.redirects: dict[KeyPath, KeyPath] = {}  # merged path -> where it came from (cpu:/cuda:)
+        self.overrides: list[Override] = []  # --set arguments (harness.overrides): errors under their paths name them
+        self.merged: dict[str, Any] = {}  # the data after the cpu:/cuda: merge and the overrides (--print-config)
 
     def source(self, path: KeyPath) -> KeyPath:
         for n in range(len(path), 0, -1):
@@ -83,6 +86,12 @@ class Locator:
 
     def error(self, path: KeyPath, message: str) -> SuiteError:
         source = self.source(path)
+        for override in reversed(self.overrides):  # the latest --set on a path is the one in force
+            if any(tuple(p[: len(override.path)]) == override.path for p in (tuple(path), source)):
+                return SuiteError(message, self.file, f"--set {override.text}: {format_path(path)}")
+        around = [o.text for o in self.overrides if tuple(o.path[: len(path)]) == tuple(path)]
+        if around:
+            message += f" (after --set {', --set '.join(around)})"
         line = next((self.lines[source[:n]] for n in range(len(source), -1, -1) if source[:n] in self.lines), None)
         return SuiteError(message, self.file, format_path(source), line)
 
@@ -249,6 +258,11 @@ def merged_for_device(
                 locator.redirects[(key,)] = (resolved, key)
                 del override[key]
         merge_override(merged, override, (), (resolved,), locator)
+    try:  # --set wins over the cpu:/cuda: block (harness.overrides)
+        apply_overrides(merged, [o for o in locator.overrides if not o.early])
+    except OverrideError as error:
+        raise SuiteError(str(error), locator.file) from None
+    locator.merged = merged
     return merged, resolved
 
 

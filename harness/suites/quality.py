@@ -196,6 +196,7 @@ class QualitySuite:
     checks: Optional[ChecksSpec] = None  # the `checks:` block, None when the suite has none
     slurm: dict[str, Any] = field(default_factory=lambda: SlurmSpec().model_dump())  # the `slurm:` block
     _cells: list[QualityCell] = field(default_factory=list, repr=False)
+    resolved_config: dict[str, Any] = field(default_factory=dict, repr=False)  # after cpu:/cuda: and --set (load_suite)
 
     def cells(self) -> list[QualityCell]:
         """The training cells: the sweep's cartesian product x the trained variants' expansions."""

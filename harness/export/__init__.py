@@ -1,0 +1,262 @@
+"""Exports of a stored run to the tools researchers already use: CSV, TensorBoard, MLflow.
+
+    path = export_run("results/hashes/20261204T022814Z-amd-epyc", "tensorboard")   # -> exports/tensorboard/
+
+The run is read through harness.results.read_run; `export_cells` turns its rows into one
+`ExportCell` per cell the tools show as a run: a training cell of a quality suite (its learning
+curve over steps, its evaluations at the last step), or a series of a benchmark suite (the cells
+that differ only in seq_len: each metric over seq_len, which TensorBoard and MLflow plot as their
+step axis). Every name that becomes a folder or an MLflow run (suite, run id, cell) is checked to
+be a plain name here, never taken from the run's files unchecked.
+
+The exporters (harness.export.to_csv, to_tensorboard, to_mlflow) import their tool only when used;
+a missing tool is an `ExportError` naming the extra to install (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.results import RUN_ID_PATTERN, ResultsError, StoredRun, cell_rows, read_run
+from harness.tables import series_label
+
+EXPORT_FORMATS = ("csv", "tensorboard", "mlflow")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a plain file name: no separators, no '..'
+CURVE_METRICS = ("train_bpd", "eval_bpd", "eval_accuracy", "lr", "tokens_seen", "wall_s")  # quality curve columns, over step
+EVAL_METRICS = {"eval_bpd": "bpd", "accuracy": "accuracy"}  # eval row column -> name under eval/<variant>/
+BENCHMARK_METRICS = (
+    "time_ms_median",
+    "time_ms_iqr",
+    "time_ms_min",
+    "peak_mem_mib",
+    "peak_reserved_mib",
+    "activation_mem_mib",
+    "tokens_per_s",
+    "tflops_per_s",
+    "matmul_gflops",
+    "floor_ratio",
+)
+# Bookkeeping columns that are neither a cell's configuration nor a metric.
+NOT_PARAMS = (
+    "run_id",
+    "suite",
+    "cell_key",
+    "train_key",
+    "status",
+    "message",
+    "recorded_at",
+    "started_at",
+    "row_type",
+    "step",
+    "code_version",
+    "device_name",
+    "rows_written",
+    "cell_wall_s",
+    "time_ms_samples",
+)
+
+
+class ExportError(Exception):
+    """An export that cannot be done (a missing optional package, an unusable run): exit status 2."""
+
+
+@dataclass
+class ExportCell:
+    """One exported run of a tool. name: a plain name (folder / run name); key: its identity
+    (train_key, or the benchmark series' cell keys hashed); x: "step" or "seq_len"; params: the
+    configuration (column -> scalar); metrics: name -> [(x, value, time ms)]; status: "ok" or the
+    first other status of its rows."""
+
+    name: str
+    key: str
+    label: str
+    x: str
+    params: dict[str, Any]
+    metrics: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
+    status: str = "ok"
+
+
+def check_name(value: Any, what: str) -> str:
+    """`value` when it is a plain name usable as one folder (NAME_PATTERN), else ExportError."""
+    text = str(value)
+    if not NAME_PATTERN.fullmatch(text) or text in (".", ".."):
+        raise ExportError(f"{what} {text!r} cannot name a folder (letters, digits, '_', '.', '-' only); the run's files look tampered with")
+    return text
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A readable plain-name fragment of a label: "lsh n_hashes=2" -> "lsh_n_hashes-2"."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", text.replace("=", "-")).strip("._-")
+    return out[:limit] or "cell"
+
+
+def scalar(value: Any) -> Any:
+    """A row value as a plain Python scalar (numpy types unwrapped, lists as JSON), None for missing."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+        if isinstance(value, list):
+            return json.dumps(value, separators=(",", ":"), default=str)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _millis(stamp: Any) -> int:
+    """An ISO time stamp (recorded_at) in ms since the epoch; 0 when absent (MLflow wants one)."""
+    try:
+        return int(datetime.fromisoformat(str(stamp)).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _params(frame: pd.DataFrame, metrics: tuple[str, ...]) -> dict[str, Any]:
+    """The configuration of a group of rows: the columns with one value in all of them."""
+    params: dict[str, Any] = {}
+    for column in frame.columns:
+        if column in NOT_PARAMS or column in metrics or column.startswith(("nvml_", "time_ms_")):
+            continue
+        values = {json.dumps(scalar(v), default=str) for v in frame[column]}
+        value = scalar(frame[column].iloc[0])
+        if len(values) == 1 and value is not None:
+            params[column] = value
+    return params
+
+
+def _row_kinds(rows: pd.DataFrame) -> pd.Series:
+    kind = rows["row_type"].astype(object) if "row_type" in rows else pd.Series(None, index=rows.index, dtype=object)
+    return kind.where(kind.notna(), "benchmark")
+
+
+def _series(values: pd.DataFrame, x: str, metric: str) -> list[tuple[int, float, int]]:
+    points = []
+    for _, row in values.iterrows():
+        value = pd.to_numeric(pd.Series([row.get(metric)]), errors="coerce").iloc[0]
+        step = pd.to_numeric(pd.Series([row.get(x)]), errors="coerce").iloc[0]
+        if pd.notna(value) and pd.notna(step):
+            points.append((int(step), float(value), _millis(row.get("recorded_at") or row.get("started_at"))))
+    return sorted(points)
+
+
+def _quality_cells(rows: pd.DataFrame, kinds: pd.Series) -> list[ExportCell]:
+    cells = []
+    curve, evals, train = rows[kinds == "curve"], rows[kinds == "eval"], rows[kinds == "train"]
+    keys = list(dict.fromkeys([*curve.get("train_key", pd.Series(dtype=object)).dropna(), *train["cell_key"].dropna()]))
+    for key in keys:
+        key = check_name(key, "training cell key")
+        points = curve[curve["train_key"] == key] if "train_key" in curve else curve.iloc[0:0]
+        trained = train[train["cell_key"] == key]
+        config_rows = points if not points.empty else trained
+        label = str(config_rows["variant_label"].iloc[0]) if "variant_label" in config_rows else key
+        cell = ExportCell(f"{slug(label)}-{key}", key, label, "step", _params(config_rows, CURVE_METRICS))
+        for metric in CURVE_METRICS:
+            series = _series(points, "step", metric) if metric in points else []
+            if series:
+                cell.metrics[metric] = series
+        mine = evals[evals["train_key"] == key] if "train_key" in evals else evals.iloc[0:0]
+        for _, row in mine.iterrows():
+            for column, name in EVAL_METRICS.items():
+                value = scalar(row.get(column))
+                if value is not None and pd.notna(row.get("step")):
+                    tag = f"eval/{slug(str(row.get('eval_variant', 'eval')))}/{name}"
+                    cell.metrics.setdefault(tag, []).append((int(row["step"]), float(value), _millis(row.get("recorded_at"))))
+        bad = [s for s in trained.get("status", pd.Series(dtype=object)).astype(str) if s != "ok"]
+        cell.status = bad[0] if bad else "ok"
+        cells.append(cell)
+    return cells
+
+
+def _benchmark_cells(rows: pd.DataFrame) -> list[ExportCell]:
+    import hashlib
+
+    series = series_label(rows, x="seq_len")
+    if "batch" in rows and rows["batch"].nunique() > 1 and not ("tokens_per_batch" in rows and rows["tokens_per_batch"].notna().any()):
+        series = series + " batch=" + rows["batch"].astype(str)
+    cells = []
+    for label, group in rows.groupby(series, sort=False):
+        key = hashlib.sha256("\n".join(sorted(group["cell_key"].astype(str))).encode()).hexdigest()[:16]
+        params = _params(group, BENCHMARK_METRICS)
+        params.pop("seq_len", None)
+        cell = ExportCell(f"{slug(str(label))}-{key}", key, str(label), "seq_len", params)
+        for metric in BENCHMARK_METRICS:
+            if metric in group:
+                points = _series(group[group["status"] == "ok"], "seq_len", metric)
+                if points:
+                    cell.metrics[metric] = points
+        bad = [s for s in group["status"].astype(str) if s != "ok"]
+        cell.status = bad[0] if bad else "ok"
+        cells.append(cell)
+    return cells
+
+
+def export_cells(run: StoredRun) -> list[ExportCell]:
+    """The run's cells as the tools show them (module docstring), in the run's order."""
+    rows = cell_rows(run.rows)
+    if rows.empty or "cell_key" not in rows:
+        raise ExportError(f"{run.path}: no rows to export")
+    kinds = _row_kinds(rows)
+    cells = _quality_cells(rows, kinds)
+    bench = rows[kinds == "benchmark"]
+    if not bench.empty and "variant_label" in bench:
+        cells += _benchmark_cells(bench)
+    return cells
+
+
+def run_names(run: StoredRun) -> tuple[str, str]:
+    """(suite, run id) of `run`, both checked plain names."""
+    if not RUN_ID_PATTERN.fullmatch(run.run_id):
+        raise ExportError(f"run id {run.run_id!r} cannot name a folder")
+    return check_name(run.suite, "suite name"), check_name(run.run_id, "run id")
+
+
+def default_dest(root: str | Path, target: str) -> Path:
+    """`exports/<format>/` beside the results root (results/ -> exports/csv/), as reports/ is."""
+    return Path(root).parent / "exports" / target
+
+
+def export_run(
+    run: str | Path, target: str, dest: str | Path | None = None, root: str | Path = "results", tracking_uri: str | None = None
+) -> str:
+    """Export the run `run` (folder, suite folder or run id under `root`) to `target` (one of
+    EXPORT_FORMATS) under `dest` (default `default_dest`); returns where it went (a folder or,
+    for MLflow, the tracking URI). ExportError / ResultsError for anything unusable."""
+    if target not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {target!r}; formats: {', '.join(EXPORT_FORMATS)}")
+    stored = read_run(run, root)
+    folder = Path(dest) if dest is not None else default_dest(root, target)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"--dest {folder}: exists and is not a folder")
+    try:
+        if target == "csv":
+            from harness.export.to_csv import export_csv
+
+            return str(export_csv(stored, folder))
+        if target == "tensorboard":
+            from harness.export.to_tensorboard import export_tensorboard
+
+            return str(export_tensorboard(stored, folder))
+        from harness.export.to_mlflow import export_mlflow
+
+        return export_mlflow(stored, folder, tracking_uri=tracking_uri, reports=Path(root).parent / "reports")
+    except OSError as error:
+        raise ExportError(f"cannot write the {target} export under {folder}: {error}") from None
+
+
+def missing_package(package: str, error: ImportError) -> ExportError:
+    """The ExportError for an exporter whose tool is not installed."""
+    return ExportError(
+        f"the {package} export needs the optional package {package!r} ({error}); "
+        f"install it with: pip install 'reformer-harness[export]' (or pip install {package})"
+    )
+
+
+__all__ = ["EXPORT_FORMATS", "ExportCell", "ExportError", "ResultsError", "export_cells", "export_run", "run_names"]
