@@ -11,6 +11,7 @@ Open with `mlflow ui --backend-store-uri sqlite:///<dest>/mlflow.db`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ def export_mlflow(run: StoredRun, dest: Path, tracking_uri: str | None = None, r
         from mlflow.tracking import MlflowClient
     except ImportError as error:
         raise missing_package("mlflow", error) from None
+    for name in ("mlflow", "alembic"):  # their INFO lines on creating a store are not ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
     suite, run_id = run_names(run)
     artifacts = None
     if tracking_uri is None:

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,87 @@ def test_format_environment_lists_every_field() -> None:
 def test_code_version_can_be_declared_for_a_tree_without_history(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("REFORMER_HARNESS_CODE_VERSION", "0123456789ab")
     assert code_version(tmp_path) == "0123456789ab (declared)"
+
+
+# --------------------------------------------------------------------------- settings that change numbers
+
+
+def test_numerics_settings_follow_torch() -> None:
+    from harness.environment import apply_float32_matmul_precision, numerics_settings
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        settings = apply_float32_matmul_precision("medium")
+        assert settings["float32_matmul_precision"] == "medium"
+        assert settings["tf32_cuda_matmul"] is True  # torch ties TF32 matmuls to a precision below "highest"
+        assert apply_float32_matmul_precision(None)["float32_matmul_precision"] == "medium"  # None leaves it
+        with pytest.raises(ValueError, match="highest, high, medium"):
+            apply_float32_matmul_precision("low")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert numerics_settings() == {
+        "float32_matmul_precision": before,
+        "tf32_cuda_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def _sysfs(root: Path, governors: list[str], boost: str | None = None, no_turbo: str | None = None) -> Path:
+    for i, governor in enumerate(governors):
+        (root / f"cpu{i}" / "cpufreq").mkdir(parents=True)
+        (root / f"cpu{i}" / "cpufreq" / "scaling_governor").write_text(governor + "\n")
+    if boost is not None:
+        (root / "cpufreq").mkdir(exist_ok=True)
+        (root / "cpufreq" / "boost").write_text(boost + "\n")
+    if no_turbo is not None:
+        (root / "intel_pstate").mkdir()
+        (root / "intel_pstate" / "no_turbo").write_text(no_turbo + "\n")
+    return root
+
+
+def test_cpu_frequency_settings_read_sysfs_and_say_unknown_without_it(tmp_path: Path) -> None:
+    from harness.environment import cpu_frequency_settings
+
+    assert cpu_frequency_settings(str(_sysfs(tmp_path / "a", ["performance", "performance"], boost="0"))) == {
+        "governor": "performance",
+        "boost": "off",
+    }
+    assert cpu_frequency_settings(str(_sysfs(tmp_path / "b", ["powersave", "performance"], no_turbo="0"))) == {
+        "governor": "performance,powersave",
+        "boost": "on",
+    }
+    assert cpu_frequency_settings(str(tmp_path / "none")) == {"governor": "unknown", "boost": "unknown"}
+
+
+def test_gpu_clock_lock_without_nvml_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from harness.environment import gpu_clock_lock
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert gpu_clock_lock(0) == {}
+
+
+def test_optional_packages_cover_the_optional_extras() -> None:
+    from importlib import metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from harness.environment import OPTIONAL_PACKAGES, optional_package_versions
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = {re.split(r"[<>=\[ ]", spec)[0] for extra in ("peers", "slurm") for spec in extras[extra]}
+    assert named <= set(OPTIONAL_PACKAGES) and "triton" in OPTIONAL_PACKAGES
+    installed = optional_package_versions()
+    for name, version in installed.items():
+        assert version == metadata.version(name)
+    imported = optional_package_versions(imported_only=True)
+    assert all(name.replace("-", "_") in sys.modules for name in imported)
+
+
+def test_capture_environment_records_the_settings_that_change_numbers() -> None:
+    env = capture_environment("cpu")
+    assert env["numerics"]["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert set(env["cpu_frequency"]) == {"governor", "boost"}
+    assert env["gpu_clocks"] == {} and isinstance(env["optional_packages"], dict)
