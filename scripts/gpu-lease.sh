@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should produce, in one call of at most ~8 minutes (docs/benchmarks.md):
-#   1. preflight: python, torch, the GPU (nvidia-smi -q, harness env)
+#   1. preflight: python, torch, the GPU (nvidia-smi -q, harness env: numerics / TF32, NVML clock lock)
 #   2. harness selfcheck --device cuda (every CUDA path, full list)          budget 100 s
 #   3. suites/ci_gpu.yaml, its check against results/baselines/<gpu>/ci_gpu
 #      (or, for a GPU without one, a candidate baseline to commit), report   budget  70 s + 20 s + 20 s
@@ -83,6 +83,8 @@ if [ "$DRY_RUN" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi -q > "$LEASE_OUT/nvidia-smi.txt" 2>&1 || true
 "$PY" -m harness env --device "$([ "$DRY_RUN" = 1 ] && echo auto || echo cuda)" > "$LEASE_OUT/env.txt" 2>&1 || true
+# The settings that change numbers (float32 matmul precision / TF32, NVML's clock lock, CPU governor): in the summary.
+say "settings: $(grep -E '^(numerics|gpu_clocks|cpu_frequency)' "$LEASE_OUT/env.txt" | tr -s ' ' | paste -sd ';' - || true)"
 
 # --------------------------------------------------------------------------- 2. selfcheck
 if [ "$DRY_RUN" = 1 ]; then
