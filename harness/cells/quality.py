@@ -224,7 +224,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     import torch
 
     from harness.data import build_data
-    from harness.environment import device_name, numerics_settings
+    from harness.environment import apply_float32_matmul_precision, device_name
     from harness.training import EvalConfig, TrainConfig, build_model, evaluate, slim_checkpoint, train, with_attention
 
     if cell.train.get("threads"):
@@ -236,7 +236,8 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     default_len = ReformerLMConfig.max_seq_len
     if model_settings["max_seq_len"] < data.seq_len or (cell.seq_len is None and model_settings["max_seq_len"] == default_len):
         model_settings["max_seq_len"] = data.seq_len  # images read from a file: the length is known only now
-    train_settings = {k: v for k, v in cell.train.items() if k not in ("threads", "timeout_s")}
+    numerics = apply_float32_matmul_precision(cell.train.get("float32_matmul_precision"))
+    train_settings = {k: v for k, v in cell.train.items() if k not in ("threads", "timeout_s", "float32_matmul_precision")}
     train_settings["betas"] = tuple(train_settings["betas"])
     config = TrainConfig(**train_settings)
     eval_config = EvalConfig(**cell.eval)
@@ -249,7 +250,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
         "device_name": device_name(cell.device),
         "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in model.parameters()),
-        **numerics_settings(),  # the float32 matmul precision, TF32 and determinism the cell trained with
+        **numerics,  # the float32 matmul precision, TF32 and determinism the cell trained with
     }
     label = cell.variant.label
 

@@ -125,6 +125,8 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(0, ge=0)
     threads: Optional[int] = Field(None, ge=1)
     timeout_s: float = Field(3600.0, gt=0)
+    # torch.set_float32_matmul_precision in each training cell's process (None: torch's default, "highest").
+    float32_matmul_precision: Optional[Literal["highest", "high", "medium"]] = None
 
 
 class EvalSpec(Strict):
@@ -392,6 +394,8 @@ def load_quality_suite(path: Path, data: Any, locator: Locator, device: str | No
     if len(spec.train.betas) != 2 or not all(0 <= b < 1 for b in spec.train.betas):
         raise locator.error(("train", "betas"), f"betas must be two numbers in [0, 1), got {spec.train.betas}")
     train = spec.train.model_dump()
+    if train["float32_matmul_precision"] is None:
+        del train["float32_matmul_precision"]  # unset: cells keep the keys they had before the setting existed
     evaluation = spec.eval.model_dump()
     name = check_suite_name(spec.name or path.stem, locator)
     slurm = (spec.slurm or SlurmSpec()).model_dump()

@@ -242,3 +242,39 @@ def test_the_suite_precision_reaches_the_cells_and_the_report_shows_the_settings
     assert "| TF32 (CUDA matmul / cuDNN) | True /" in report and "| deterministic algorithms | False |" in report
     assert "| CPU governor / boost |" in report and "optional packages installed" in report
     assert "--set measure.float32_matmul_precision=medium --set 'sweep.seq_len=[32]'" in report
+
+
+def test_a_quality_suite_sets_the_precision_in_train(tmp_path: Path) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "kind: quality\ndevice: cpu\ntask: {name: duplication, seq_len: 16, vocab_size: 16}\n"
+        "model: {d_model: 16, d_ff: 16, n_heads: 2, n_layers: 1}\ntrain: {steps: 2}\nvariants: [{name: full}]\n"
+    )
+    (plain,) = load_suite(path).cells()
+    assert "float32_matmul_precision" not in plain.train  # unset: the cell's key is what it was before the setting
+    (cell,) = load_suite(path, overrides=parse_overrides(["train.float32_matmul_precision=high"])).cells()
+    assert cell.train["float32_matmul_precision"] == "high" and cell.key("v") != plain.key("v")
+    with pytest.raises(SuiteError, match="--set train.float32_matmul_precision=low"):
+        load_suite(path, overrides=parse_overrides(["train.float32_matmul_precision=low"]))
+
+
+def test_a_training_cell_runs_and_records_with_the_suites_precision(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+    import torch
+
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "kind: quality\ndevice: cpu\ntask: {name: duplication, seq_len: 16, vocab_size: 16}\n"
+        "model: {d_model: 16, d_ff: 16, n_heads: 2, n_layers: 1}\ntrain: {steps: 2, eval_every: 1, batch_size: 2}\n"
+        "eval: {batches: 1, batch_size: 2}\nvariants: [{name: full}]\n"
+    )
+    before = torch.get_float32_matmul_precision()
+    try:
+        code = cli.main(["run", str(path), "--set", "train.float32_matmul_precision=medium", "--in-process", "--out", str(tmp_path / "r")])
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert code == 0, capsys.readouterr().err
+    (parquet,) = (tmp_path / "r").glob("q/*/results.parquet")
+    rows = pd.read_parquet(parquet)
+    curve = rows[rows["row_type"] == "curve"]
+    assert len(curve) == 3 and set(curve["float32_matmul_precision"]) == {"medium"}
