@@ -138,13 +138,12 @@ def _row_kinds(rows: pd.DataFrame) -> pd.Series:
 
 
 def _series(values: pd.DataFrame, x: str, metric: str) -> list[tuple[int, float, int]]:
-    points = []
-    for _, row in values.iterrows():
-        value = pd.to_numeric(pd.Series([row.get(metric)]), errors="coerce").iloc[0]
-        step = pd.to_numeric(pd.Series([row.get(x)]), errors="coerce").iloc[0]
-        if pd.notna(value) and pd.notna(step):
-            points.append((int(step), float(value), _millis(row.get("recorded_at") or row.get("started_at"))))
-    return sorted(points)
+    """(x, value, time ms) of the rows where both `x` and `metric` are numbers, x ascending."""
+    steps = pd.to_numeric(values[x], errors="coerce")
+    numbers = pd.to_numeric(values[metric], errors="coerce")
+    stamps = values["recorded_at"] if "recorded_at" in values else values.get("started_at", pd.Series(None, index=values.index))
+    kept = steps.notna() & numbers.notna()
+    return sorted((int(s), float(v), _millis(t)) for s, v, t in zip(steps[kept], numbers[kept], stamps[kept]))
 
 
 def _quality_cells(rows: pd.DataFrame, kinds: pd.Series) -> list[ExportCell]:
