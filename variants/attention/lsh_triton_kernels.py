@@ -1,0 +1,140 @@
+"""The Triton kernels' bodies (jitted on first use by `lsh_triton`, so TRITON_INTERPRET is read then).
+
+Shapes: table [B * L * H, 2 * D] (qk | v per row), key_scale [B * L * H] fp32, sort_idx [BH, N]
+(item id r * L + position of each sorted index), per-item row max / scale [BH, N] fp32. A program
+handles BLOCK_M consecutive sorted queries of head bh (within one chunk); its window is sorted
+indices chunk * CHUNK - CHUNK .. chunk * CHUNK + CHUNK (mod N), walked in blocks of BLOCK_N keys.
+"""
+
+import triton.language as tl
+
+
+def forward_kernel(
+    table_ptr,
+    scale_ptr,
+    sort_ptr,
+    max_ptr,
+    sum_ptr,  # pass 0: row sums (written); pass 1: w / l per item (read)
+    out_ptr,  # [B * L * H, D] fp32, pass 1 adds w P V onto it
+    n_items,
+    seq_len,
+    heads,
+    mask_value,
+    self_value,
+    CHUNK: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PASS: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    start = tl.program_id(0) * BLOCK_M
+    b = bh // heads
+    h = bh % heads
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    sort_base = sort_ptr + bh.to(tl.int64) * n_items
+    item_base = bh.to(tl.int64) * n_items
+    q_pos = tl.load(sort_base + offs_m) % seq_len
+    q_row = ((b * seq_len + q_pos) * heads + h).to(tl.int64)
+    q = tl.load(table_ptr + q_row[:, None] * (2 * D) + offs_d[None, :])
+    window = (start // CHUNK) * CHUNK - CHUNK + n_items  # + n_items: kept non-negative for the modulo
+    if PASS == 0:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m_i = tl.load(max_ptr + item_base + offs_m)
+        w_i = tl.load(sum_ptr + item_base + offs_m)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for first in tl.static_range(0, 2 * CHUNK, BLOCK_N):
+        offs_n = (window + first + tl.arange(0, BLOCK_N)) % n_items
+        k_pos = tl.load(sort_base + offs_n) % seq_len
+        k_row = ((b * seq_len + k_pos) * heads + h).to(tl.int64)
+        k_raw = tl.load(table_ptr + k_row[:, None] * (2 * D) + offs_d[None, :])
+        k_scale = tl.load(scale_ptr + k_row)
+        keys = (k_raw.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+        s = tl.dot(q, tl.trans(keys))
+        if CAUSAL:
+            s = tl.where(q_pos[:, None] < k_pos[None, :], mask_value, s)
+        s = tl.where(q_pos[:, None] == k_pos[None, :], self_value, s)
+        if PASS == 0:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m_i = m_new
+        else:
+            p = tl.exp(s - m_i[:, None]) * w_i[:, None]
+            v = tl.load(table_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :])
+            acc += tl.dot(p.to(v.dtype), v)
+    if PASS == 0:
+        tl.store(max_ptr + item_base + offs_m, m_i)
+        tl.store(sum_ptr + item_base + offs_m, l_i)
+    else:
+        tl.atomic_add(out_ptr + q_row[:, None] * D + offs_d[None, :], acc)
+
+
+def backward_kernel(
+    table_ptr,
+    scale_ptr,
+    sort_ptr,
+    max_ptr,
+    weight_ptr,  # w / l per item
+    grad_out_ptr,  # dY [B * L * H, D]
+    grad_dot_ptr,  # dY . Y [B * L * H] fp32
+    grad_ptr,  # [B * L * H, 2 * D] fp32, gradients added onto it
+    n_items,
+    seq_len,
+    heads,
+    mask_value,
+    self_value,
+    CHUNK: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    start = tl.program_id(0) * BLOCK_M
+    b = bh // heads
+    h = bh % heads
+    offs_m = start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    sort_base = sort_ptr + bh.to(tl.int64) * n_items
+    item_base = bh.to(tl.int64) * n_items
+    q_pos = tl.load(sort_base + offs_m) % seq_len
+    q_row = ((b * seq_len + q_pos) * heads + h).to(tl.int64)
+    q = tl.load(table_ptr + q_row[:, None] * (2 * D) + offs_d[None, :])
+    d_out = tl.load(grad_out_ptr + q_row[:, None] * D + offs_d[None, :]).to(q.dtype)
+    d_dot = tl.load(grad_dot_ptr + q_row)
+    m_i = tl.load(max_ptr + item_base + offs_m)
+    w_i = tl.load(weight_ptr + item_base + offs_m)
+    d_query = tl.zeros([BLOCK_M, D], tl.float32)
+    window = (start // CHUNK) * CHUNK - CHUNK + n_items
+    for first in tl.static_range(0, 2 * CHUNK, BLOCK_N):
+        offs_n = (window + first + tl.arange(0, BLOCK_N)) % n_items
+        k_pos = tl.load(sort_base + offs_n) % seq_len
+        k_row = ((b * seq_len + k_pos) * heads + h).to(tl.int64)
+        k_raw = tl.load(table_ptr + k_row[:, None] * (2 * D) + offs_d[None, :])
+        k_scale = tl.load(scale_ptr + k_row)
+        keys = (k_raw.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+        v = tl.load(table_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :])
+        s = tl.dot(q, tl.trans(keys))
+        constant = q_pos[:, None] == k_pos[None, :]
+        if CAUSAL:
+            later = q_pos[:, None] < k_pos[None, :]
+            s = tl.where(later, mask_value, s)
+            constant = constant | later
+        s = tl.where(q_pos[:, None] == k_pos[None, :], self_value, s)
+        p = tl.exp(s - m_i[:, None]) * w_i[:, None]  # w P
+        d_value = tl.dot(tl.trans(p.to(q.dtype)), d_out)
+        d_p = tl.dot(d_out, tl.trans(v))
+        d_s = tl.where(constant, 0.0, p * (d_p - d_dot[:, None]))  # constant logits pass no gradient
+        d_query += tl.dot(d_s.to(q.dtype), keys)
+        d_keys = tl.dot(tl.trans(d_s.to(q.dtype)), q)
+        # through k = s q: dq = s dk - q (q . dk) s^3, one factor of s at a time (fp32 range)
+        k_f = k_raw.to(tl.float32)
+        along = tl.sum(k_f * d_keys, 1) * k_scale * k_scale * k_scale
+        d_qk = d_keys * k_scale[:, None] - k_f * along[:, None]
+        tl.atomic_add(grad_ptr + k_row[:, None] * (2 * D) + offs_d[None, :], d_qk)
+        tl.atomic_add(grad_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :], d_value)
+    tl.atomic_add(grad_ptr + q_row[:, None] * (2 * D) + offs_d[None, :], d_query)
