@@ -4,8 +4,11 @@
 #   2. harness selfcheck --device cuda (every CUDA path, full list)          budget 100 s
 #   3. suites/ci_gpu.yaml, its check against results/baselines/<gpu>/ci_gpu
 #      (or, for a GPU without one, a candidate baseline to commit), report   budget  70 s + 20 s + 20 s
-#   4. suites/seq_length.yaml on CUDA (36 cells), report                     budget 170 s + 20 s
-#   5. suites/peers.yaml on CUDA at 16K tokens, 1 and 8 rounds (10 cells)    budget  90 s + 20 s
+#   4. suites/lsh_kernel.yaml (LSH's Triton kernels vs ops vs SDPA flash / efficient, bf16, 4K-128K,
+#      30 cells), its targets (harness check --targets), report              budget 170 s + 20 s + 20 s
+#   5. suites/seq_length.yaml on CUDA at 32K (6 cells: LSH on its default
+#      backend, Triton where installed), report                              budget  60 s + 20 s
+# (suites/peers.yaml, ~100 s, left out for the kernel step: run it alone on a lease of its own.)
 # Each step runs under `timeout` within an overall deadline (LEASE_SECONDS, default 480: steps that
 # would pass it get less, or are skipped); a suite cut short keeps its finished cells, which still get
 # their report. Everything goes under one folder:
@@ -128,13 +131,19 @@ elif [ -d "$RESULTS/ci_gpu" ]; then
 fi
 report ci_gpu
 
-suite seq_length 170
-report seq_length
+# LSH attention's Triton kernels against its ops path and SDPA's kernels, and issue 30's targets.
+suite lsh_kernel 170
+if [ "$DRY_RUN" = 1 ]; then
+    planned targets-lsh_kernel "$PY" -m harness check "$RESULTS/lsh_kernel" --targets
+elif [ -d "$RESULTS/lsh_kernel" ]; then
+    step targets-lsh_kernel 20 "$PY" -m harness check "$RESULTS/lsh_kernel" --targets
+    cp "$LEASE_OUT/logs/targets-lsh_kernel.txt" "$LEASE_OUT/check/lsh_kernel-targets.txt"
+fi
+report lsh_kernel
 
-# peers at one length, 1 and 8 hash rounds (ours, HF's, lucidrains'), SDPA and each of its backends:
-# 10 cells; the full 112-cell suite needs ~9 min alone.
-suite peers 90 --filter "seq_len == 16384 and not n_hashes in [2, 4]"
-report peers
+# Figure 5's longest length only (the full 36 cells need ~170 s): LSH on its default backend.
+suite seq_length 60 --filter "seq_len == 32768"
+report seq_length
 
 # --------------------------------------------------------------------------- summary
 say "done in $(( $(date +%s) - START ))s -> $LEASE_OUT"
