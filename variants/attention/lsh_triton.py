@@ -26,7 +26,9 @@ rounds combined with weights softmax_r(lse_r). Design (docs/lsh.md has the FLOPs
   last bits of the gradients vary between runs (as with the ops path's index_add_ on CUDA).
 
 Tiles: blocks of min(bucket_size, 64) queries and keys; bucket_size and head_dim must be powers of
-two >= 16 (`tl.dot`). Inputs float32 / bfloat16 / float16, accumulation float32. On CPU tensors
+two >= 16 (`tl.dot`). Inputs float32 / bfloat16 / float16, accumulation float32; float32 tiles
+multiply in full precision unless torch.backends.cuda.matmul.allow_tf32 lets the ops path's
+matmuls use TF32 too. On CPU tensors
 the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before
 they are first used.
 """
@@ -39,6 +41,7 @@ from importlib import metadata
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from variants.attention.full import mask_values
 from variants.registry import VariantUnavailable
@@ -128,6 +131,8 @@ def _launch_common(table: torch.Tensor, sort_idx: torch.Tensor, seq_len: int, he
         BLOCK_M=block,
         BLOCK_N=block,
         CAUSAL=causal,
+        # float32 tiles: TF32 tensor cores only where torch's own CUDA matmuls may use them (the ops path)
+        PRECISION="tf32" if table.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
     )
 
 
@@ -171,6 +176,11 @@ class TritonLSHCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with record_function("lsh/attend_backward"):  # the stage `harness profile` reports
+            return TritonLSHCore._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         table, key_scale, sort_idx, row_max, scale, out = ctx.saved_tensors
         seq_len, heads, chunk, causal = ctx.shape
         grad_out = grad_out.contiguous()

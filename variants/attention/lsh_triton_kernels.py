@@ -26,6 +26,7 @@ def forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's input_precision for float32 tiles ("ieee" or "tf32")
     PASS: tl.constexpr,
 ):
     bh = tl.program_id(1)
@@ -54,7 +55,7 @@ def forward_kernel(
         k_raw = tl.load(table_ptr + k_row[:, None] * (2 * D) + offs_d[None, :])
         k_scale = tl.load(scale_ptr + k_row)
         keys = (k_raw.to(tl.float32) * k_scale[:, None]).to(q.dtype)
-        s = tl.dot(q, tl.trans(keys))
+        s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
         if CAUSAL:
             s = tl.where(q_pos[:, None] < k_pos[None, :], mask_value, s)
         s = tl.where(q_pos[:, None] == k_pos[None, :], self_value, s)
@@ -65,7 +66,7 @@ def forward_kernel(
         else:
             p = tl.exp(s - m_i[:, None]) * w_i[:, None]
             v = tl.load(table_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :])
-            acc += tl.dot(p.to(v.dtype), v)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     if PASS == 0:
         tl.store(max_ptr + item_base + offs_m, m_i)
         tl.store(sum_ptr + item_base + offs_m, l_i)
@@ -92,6 +93,7 @@ def backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
     start = tl.program_id(0) * BLOCK_M
@@ -118,7 +120,7 @@ def backward_kernel(
         k_scale = tl.load(scale_ptr + k_row)
         keys = (k_raw.to(tl.float32) * k_scale[:, None]).to(q.dtype)
         v = tl.load(table_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :])
-        s = tl.dot(q, tl.trans(keys))
+        s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
         constant = q_pos[:, None] == k_pos[None, :]
         if CAUSAL:
             later = q_pos[:, None] < k_pos[None, :]
@@ -126,11 +128,11 @@ def backward_kernel(
             constant = constant | later
         s = tl.where(q_pos[:, None] == k_pos[None, :], self_value, s)
         p = tl.exp(s - m_i[:, None]) * w_i[:, None]  # w P
-        d_value = tl.dot(tl.trans(p.to(q.dtype)), d_out)
-        d_p = tl.dot(d_out, tl.trans(v))
+        d_value = tl.dot(tl.trans(p.to(q.dtype)), d_out, input_precision=PRECISION)
+        d_p = tl.dot(d_out, tl.trans(v), input_precision=PRECISION)
         d_s = tl.where(constant, 0.0, p * (d_p - d_dot[:, None]))  # constant logits pass no gradient
-        d_query += tl.dot(d_s.to(q.dtype), keys)
-        d_keys = tl.dot(tl.trans(d_s.to(q.dtype)), q)
+        d_query += tl.dot(d_s.to(q.dtype), keys, input_precision=PRECISION)
+        d_keys = tl.dot(tl.trans(d_s.to(q.dtype)), q, input_precision=PRECISION)
         # through k = s q: dq = s dk - q (q . dk) s^3, one factor of s at a time (fp32 range)
         k_f = k_raw.to(tl.float32)
         along = tl.sum(k_f * d_keys, 1) * k_scale * k_scale * k_scale
