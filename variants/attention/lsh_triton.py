@@ -131,6 +131,7 @@ def _launch_common(table: torch.Tensor, sort_idx: torch.Tensor, seq_len: int, he
         BLOCK_M=block,
         BLOCK_N=block,
         CAUSAL=causal,
+        num_warps=8 if table.shape[1] // 2 >= 128 else 4,  # head_dim 128: [64, 128] fp32 accumulators
         # float32 tiles: TF32 tensor cores only where torch's own CUDA matmuls may use them (the ops path)
         PRECISION="tf32" if table.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
     )
