@@ -149,10 +149,12 @@ def sort_index(buckets: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The one sort of all rounds' items by (bucket, position): buckets [BH, n_hashes * seq_len] (round
     offsets included, item r * seq_len + position) -> [BH, n_hashes * seq_len] item id of each sorted index.
 
-    bucket * seq_len + position is unique, so an unstable sort suffices.
+    bucket * seq_len + position is unique, so an unstable sort suffices. The sort keys are built in
+    place of `buckets` (overwritten: callers drop it after the sort), so no third [BH, N] index
+    tensor exists beside the keys and the result.
     """
     position = torch.arange(seq_len, device=buckets.device).repeat(buckets.shape[1] // seq_len)
-    return (buckets * seq_len + position).argsort(dim=-1)
+    return buckets.mul_(seq_len).add_(position).argsort(dim=-1)
 
 
 def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows: torch.Tensor, n_chunks: int) -> torch.Tensor:
