@@ -64,3 +64,16 @@ def test_rows_record_the_backend_the_module_ran():
     assert Workload(step=lambda: None, module=variants.build("full", d_model=16), tokens=1, flops=0).attention_backends() == {}
     with pytest.raises(ValueError, match="backend must be one of"):
         variants.build("lsh", d_model=16, backend="gpu")
+
+
+def test_benchmark_rows_carry_the_asked_and_the_used_backend(tmp_path):
+    from harness.cells import benchmark
+    from harness.suites import load_suite
+    from tests.harness.test_sweep import write_suite
+
+    lsh = {"name": "lsh", "n_hashes": 1, "bucket_size": 16, "backend": ["ops", "auto"]}
+    cells = load_suite(write_suite(tmp_path, "backends", [lsh, {"name": "full"}], [32], mode="forward_backward")).cells()
+    rows = {cell.label: {**cell.to_row(), **benchmark.measure_cell(cell, limit_memory=False)} for cell in cells}
+    assert rows["lsh backend=ops"][ATTENTION_BACKEND_COLUMN] == "ops"
+    assert rows["lsh backend=auto"][ATTENTION_BACKEND_COLUMN] == resolve("auto")
+    assert rows["lsh backend=ops"]["backend"] == "ops" and ATTENTION_BACKEND_COLUMN not in rows["full"]
