@@ -111,3 +111,20 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     with pytest.raises(VariantUnavailable, match="power of two"):
         resolve_backend("triton", torch.device("cpu"), torch.float32, head_dim=24, bucket_size=32)
     assert os.environ.get(lsh_triton.INTERPRET_ENV) == "1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("factors", [(2,), (6,), (40,), (4, 8)])
+def test_hash_kernel_equals_hash_buckets(dtype, factors):
+    """The fused hash (matmul and argmax in one kernel) against the ops path's `hash_buckets`, with ties
+    (zero rotations: every value ties, argmax takes the first) and factorised buckets."""
+    from variants.attention.lsh import draw_rotations, hash_buckets
+
+    batch, heads, seq_len, head_dim, n_hashes = 2, 2, 64, 16, 3
+    qk = torch.randn(batch, seq_len, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    table = torch.cat([qk, torch.zeros_like(qk)], dim=-1).reshape(-1, 2 * head_dim)
+    rotations = draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=2, dtype=dtype)
+    for rot in (rotations, torch.zeros_like(rotations)):
+        expected = hash_buckets(qk.transpose(1, 2), n_hashes, factors, rot, cpu_kernel=False).view(batch * heads, -1)
+        got = lsh_triton.hash_buckets(table, rot, factors, seq_len=seq_len, chunk=32)
+        assert torch.equal(got, expected)

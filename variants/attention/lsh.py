@@ -98,6 +98,20 @@ def bucket_factors(n_buckets: int | Sequence[int] | None, seq_len: int, bucket_s
     return factors
 
 
+def per_head_rotations(rotations: torch.Tensor, heads: int, head_dim: int, n_hashes: int, factors: Sequence[int]) -> torch.Tensor:
+    """rotations [heads, head_dim, n_hashes, sum(factors) // 2] or [head_dim, n_hashes, sum(factors) // 2]
+    -> [heads, head_dim, n_hashes, sum(factors) // 2] (an expanded view for the latter); ValueError when
+    the shape does not fit."""
+    if rotations.dim() == 3:
+        rotations = rotations.unsqueeze(0).expand(heads, -1, -1, -1)
+    if rotations.dim() != 4 or rotations.shape[-2:] != (n_hashes, sum(factors) // 2) or rotations.shape[:2] != (heads, head_dim):
+        raise ValueError(
+            f"rotations of shape {tuple(rotations.shape)} do not fit heads={heads}, "
+            f"head_dim={head_dim}, n_hashes={n_hashes}, n_buckets={tuple(factors)}"
+        )
+    return rotations
+
+
 # Rotated values per slice of positions in `hash_buckets` (bounds its temporaries to ~100 MB).
 HASH_SLICE_ELEMENTS = 2**23
 
@@ -114,13 +128,7 @@ def hash_buckets(
     cpu_kernel=False keeps float32 CPU tensors off the fused C kernel (backend 'ops').
     """
     factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
-    if rotations.dim() == 3:
-        rotations = rotations.unsqueeze(0).expand(qk.shape[1], -1, -1, -1)
-    if rotations.shape[-2:] != (n_hashes, sum(factors) // 2) or rotations.shape[:2] != (qk.shape[1], qk.shape[3]):
-        raise ValueError(
-            f"rotations of shape {tuple(rotations.shape)} do not fit heads={qk.shape[1]}, "
-            f"head_dim={qk.shape[3]}, n_hashes={n_hashes}, n_buckets={n_buckets}"
-        )
+    rotations = per_head_rotations(rotations, qk.shape[1], qk.shape[3], n_hashes, factors)
     batch, heads, seq_len, _ = qk.shape
     offsets = torch.arange(n_hashes, device=qk.device) * math.prod(factors)
     if cpu_kernel and lsh_cpu.available(qk.device, qk.dtype) and qk.stride(-1) == 1:  # the fused CPU kernel
@@ -682,7 +690,11 @@ def lsh_attention_packed(
     used = resolve_backend(backend, device, packed.dtype, head_dim=head_dim, bucket_size=c, dup_correction=dup_correction)
     kernel = used.startswith("cpu_kernel")
     with torch.no_grad(), record_function("lsh/hash"):
-        buckets = hash_buckets(qk, n_hashes, factors, rotations, cpu_kernel=kernel).view(bh, n_items)
+        if used == "triton" and len(factors) <= 2:  # the rotation matmul and the argmax in one kernel
+            rotations = per_head_rotations(rotations, heads, head_dim, n_hashes, factors)
+            buckets = lsh_triton.hash_buckets(packed.reshape(-1, width), rotations, factors, seq_len=seq_len, chunk=c)
+        else:
+            buckets = hash_buckets(qk, n_hashes, factors, rotations, cpu_kernel=kernel).view(bh, n_items)
     if used == "triton":
         with torch.no_grad(), record_function("lsh/sort"):
             sort_idx = sort_index(buckets, seq_len)

@@ -108,6 +108,7 @@ def _get_kernels() -> dict[str, Any]:
         _kernels.update(
             forward=triton.jit(source.forward_kernel),
             backward=triton.jit(source.backward_kernel),
+            hash=triton.jit(source.hash_kernel),
             interpreted=os.environ.get(INTERPRET_ENV) == "1",
         )
     return _kernels
@@ -132,9 +133,13 @@ def _launch_common(table: torch.Tensor, sort_idx: torch.Tensor, seq_len: int, he
         BLOCK_N=block,
         CAUSAL=causal,
         num_warps=8 if table.shape[1] // 2 >= 128 else 4,  # head_dim 128: [64, 128] fp32 accumulators
-        # float32 tiles: TF32 tensor cores only where torch's own CUDA matmuls may use them (the ops path)
-        PRECISION="tf32" if table.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        PRECISION=_precision(table.dtype),
     )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for float32 tiles: TF32 only where torch's own CUDA matmuls may use it."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def round_weights(lse: torch.Tensor, sort_idx: torch.Tensor, n_hashes: int) -> torch.Tensor:
@@ -191,6 +196,44 @@ class TritonLSHCore(torch.autograd.Function):
         grid = (sort_idx.shape[1] // common["BLOCK_M"], sort_idx.shape[0])
         _get_kernels()["backward"][grid](table, key_scale, sort_idx, row_max, scale, grad_out, grad_dot, grad_table, **common)
         return grad_table.to(table.dtype), None, None, None, None, None, None
+
+
+def hash_buckets(table: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...], *, seq_len: int, chunk: int) -> torch.Tensor:
+    """Buckets of the qk rows of table [B * L * H, 2d] -> [B * H, n_hashes * L] int64, round offsets included:
+    `variants.attention.lsh.hash_buckets` in one kernel (the rotated values are never stored).
+
+    rotations [H, d, n_hashes, sum(factors) // 2]; one or two factors (bucket = argmax_a + a * argmax_b);
+    seq_len a multiple of chunk. Products are rounded to the table's dtype before the argmax, as the
+    ops path's matmul output is, so both see the same values up to the summation order.
+    """
+    heads, head_dim, n_hashes, _ = rotations.shape
+    if len(factors) > 2:
+        raise ValueError(f"the Triton hash takes one or two bucket factors, got {factors}")
+    f0, f1 = (factors[0], factors[1]) if len(factors) == 2 else (factors[0], 1)
+    block = _block(chunk)
+    bh = table.shape[0] // seq_len
+    buckets = torch.empty(bh, n_hashes * seq_len, device=table.device, dtype=torch.long)
+
+    def width(factor: int) -> int:
+        return max(16, 1 << (max(1, factor // 2) - 1).bit_length())
+
+    _get_kernels()["hash"][(seq_len // block, bh)](
+        table.contiguous(),
+        rotations.to(table.dtype).contiguous(),
+        buckets,
+        seq_len,
+        heads,
+        n_hashes,
+        D=head_dim,
+        BLOCK_L=block,
+        F0=f0,
+        F1=f1,
+        P0=width(f0),
+        P1=width(f1),
+        S=sum(factors) // 2,
+        PRECISION=_precision(table.dtype),
+    )
+    return buckets
 
 
 def attend(table: torch.Tensor, sort_idx: torch.Tensor, *, seq_len: int, heads: int, chunk: int, causal: bool) -> torch.Tensor:

@@ -140,3 +140,51 @@ def backward_kernel(
         tl.atomic_add(grad_ptr + k_row[:, None] * (2 * D) + offs_d[None, :], d_qk)
         tl.atomic_add(grad_ptr + k_row[:, None] * (2 * D) + D + offs_d[None, :], d_value)
     tl.atomic_add(grad_ptr + q_row[:, None] * (2 * D) + offs_d[None, :], d_query)
+
+
+def hash_kernel(
+    table_ptr,  # [B * L * H, 2 * D]: qk in the first D columns
+    rot_ptr,  # [H, D, R, S] rotations in the table's dtype, S = (F0 + F1) / 2
+    bucket_ptr,  # [BH, R * L] int64, written: bucket + r * F0 * F1 of item r * L + position
+    seq_len,
+    heads,
+    n_hashes,
+    D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    F0: tl.constexpr,  # buckets of the first factor (even)
+    F1: tl.constexpr,  # of the second (1: one factor)
+    P0: tl.constexpr,  # F0 / 2 rounded up to a power of two >= 16 (tile width)
+    P1: tl.constexpr,
+    S: tl.constexpr,  # rotations per round: F0 / 2 (+ F1 / 2)
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, D)
+    rows = ((b * seq_len + offs_l) * heads + h).to(tl.int64)
+    qk = tl.load(table_ptr + rows[:, None] * (2 * D) + offs_d[None, :])
+    out_base = bucket_ptr + bh.to(tl.int64) * n_hashes * seq_len
+    for r in range(n_hashes):
+        rot_base = rot_ptr + (h * D * n_hashes + r) * S
+        # first factor: argmax over concat([x R, -x R]) without building it (ties: the first half, the first index)
+        cols = tl.arange(0, P0)
+        rot = tl.load(rot_base + offs_d[:, None] * (n_hashes * S) + cols[None, :], mask=cols[None, :] < F0 // 2, other=0.0)
+        x = tl.dot(qk, rot, input_precision=PRECISION).to(qk.dtype).to(tl.float32)  # rounded as the ops path's matmul
+        valid = cols[None, :] < F0 // 2
+        high = tl.where(valid, x, float("-inf"))
+        low = tl.where(valid, x, float("inf"))
+        top = tl.max(high, 1)
+        bottom = tl.min(low, 1)
+        bucket = tl.where(top >= -bottom, tl.argmax(high, 1), tl.argmin(low, 1) + F0 // 2).to(tl.int64)
+        if F1 > 1:
+            cols1 = tl.arange(0, P1)
+            valid1 = cols1[None, :] < F1 // 2
+            rot1 = tl.load(rot_base + F0 // 2 + offs_d[:, None] * (n_hashes * S) + cols1[None, :], mask=valid1, other=0.0)
+            x1 = tl.dot(qk, rot1, input_precision=PRECISION).to(qk.dtype).to(tl.float32)
+            high1 = tl.where(valid1, x1, float("-inf"))
+            low1 = tl.where(valid1, x1, float("inf"))
+            second = tl.where(tl.max(high1, 1) >= -tl.min(low1, 1), tl.argmax(high1, 1), tl.argmin(low1, 1) + F1 // 2)
+            bucket += F0 * second.to(tl.int64)
+        tl.store(out_base + r * seq_len + offs_l, bucket + r * (F0 * F1))
