@@ -28,8 +28,8 @@ backward); never seq_len^2. On CPU in float32 a fused C kernel (`lsh_cpu`, built
 does the hashing and the sort, and (without dup_correction) the chunked part and its backward, with
 the same results (without save_probs the backward's dY . Y pass stays on the ops path); without a C
 compiler the PyTorch ops above run (docs/lsh.md). On CUDA with triton installed, Triton kernels
-(`lsh_triton`) run steps 3-5 and their backward instead. `backend=` ('auto', 'ops', 'cpu_kernel',
-'triton'; `lsh_backends`) picks one explicitly.
+(`lsh_triton`) run the hashing, steps 3-5 and their backward instead. `backend=` ('auto', 'ops',
+'cpu_kernel', 'triton'; `lsh_backends`) picks one explicitly.
 """
 
 from __future__ import annotations
