@@ -6,9 +6,12 @@ A fixed list of checks (`plan_checks`), each printed as one line `STATUS name  d
 - `variant/<name>/<dtype>`: every registered variant (all kinds, peers where installed), forward and
   backward on the device in float32 / bfloat16 / float16 against a float64 CPU reference with the same
   weights and inputs (the low-precision values, widened), causal and not where the variant takes it;
-- `lsh/rounds=<n>/<causal|bidirectional>/<dtype>`: the LSH core with 1/2/4/8 hash rounds, output and
-  gradients against float64 with the same rotations (plus, without --quick, a long sequence, the
-  recomputing backward and dup_correction);
+- `lsh/rounds=<n>/<causal|bidirectional>/<dtype>`: the LSH core (its default backend: on CUDA with
+  triton the Triton kernels) with 1/2/4/8 hash rounds, output and gradients against float64 with the
+  same rotations (plus, without --quick, a long sequence, and the ops path's recomputing backward
+  and dup_correction);
+- `lsh_triton/rounds=<n>/<causal|bidirectional>/<dtype>`: the same for the Triton kernels (backend
+  'triton'; CUDA only, SKIP elsewhere or without triton);
 - `timer`, `peak_memory`, `nvml`, `oom`, `pool`, `suite`: the measurement and runner machinery.
 
 `run_selfcheck` runs them and writes `selfcheck.json` (every result, the environment) under `out`.
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -412,8 +415,10 @@ class LshCase:
     n_buckets: int = 8
     save_probs: bool = True
     dup_correction: bool = False
+    backend: str = "auto"  # on the device; the float64 CPU reference always takes the ops path
 
 
+LSH_TRITON_ROUNDS = (1, 4)
 LONG_LSH = {"batch": 1, "seq_len": 4096, "head_dim": 32, "bucket_size": 64, "n_buckets": 64}
 MAX_REDRAWS = 500
 
@@ -462,6 +467,7 @@ def lsh_run(case: LshCase, qk: torch.Tensor, v: torch.Tensor, rotations: torch.T
         rotations=rotations,
         save_probs=case.save_probs,
         dup_correction=case.dup_correction,
+        backend=case.backend,
     )
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 3), dtype=torch.float64)
     (out * probe.to(out.device, out.dtype)).sum().backward()
@@ -472,9 +478,18 @@ def check_lsh(case: LshCase, dtype_name: str, context: Context) -> Outcome:
     """The LSH core with `case.n_hashes` rounds on the device in `dtype_name` against float64 on the CPU,
     same rotations and inputs: output and the qk / v gradients."""
     dtype = measure.DTYPES[dtype_name]
+    if case.backend == "triton":
+        if context.device.type != "cuda":
+            raise Skip("the Triton kernels run on CUDA (on CPU: tests/variants/test_lsh_triton.py, in Triton's interpreter)")
+        from variants.attention.lsh_backends import resolve_backend
+
+        try:
+            resolve_backend("triton", context.device, dtype, head_dim=case.head_dim, bucket_size=case.bucket_size)
+        except VariantUnavailable as error:
+            raise Skip(str(error)) from None
     qk, v, rotations = lsh_inputs(case, dtype_name)
     device_run = lsh_run(case, *(t.to(context.device, dtype) for t in (qk, v, rotations)))
-    reference = lsh_run(case, qk, v, rotations)
+    reference = lsh_run(replace(case, backend="ops"), qk, v, rotations)
     outcome = judge(compare(device_run, reference), TOLERANCES[dtype_name])
     outcome.data["case"] = {k: getattr(case, k) for k in case.__dataclass_fields__}
     return outcome
@@ -793,12 +808,16 @@ def plan_checks(quick: bool = False) -> list[Check]:
             for causal in (False, True):
                 case = LshCase(n_hashes, causal)
                 checks.append(Check(f"lsh/rounds={n_hashes}/{causal_word(causal)}/{dtype}", partial(check_lsh, case, dtype)))
+        for n_hashes in LSH_TRITON_ROUNDS:
+            for causal in (False, True):
+                case = LshCase(n_hashes, causal, backend="triton")
+                checks.append(Check(f"lsh_triton/rounds={n_hashes}/{causal_word(causal)}/{dtype}", partial(check_lsh, case, dtype)))
     if not quick:
         for causal in (False, True):
             case = LshCase(8, causal, **LONG_LSH)
             checks.append(Check(f"lsh/long/rounds=8/{causal_word(causal)}/float32", partial(check_lsh, case, "float32")))
         for dtype in DTYPES:
-            recompute = LshCase(4, True, save_probs=False)
+            recompute = LshCase(4, True, save_probs=False, backend="ops")  # the ops path's recomputing backward
             checks.append(Check(f"lsh/recompute/rounds=4/causal/{dtype}", partial(check_lsh, recompute, dtype)))
         checks.append(
             Check(

@@ -35,6 +35,9 @@ from variants.model import ReformerLMConfig, build_layer_stack
 BACKWARD_FLOPS_FACTOR = 2
 
 
+ATTENTION_BACKEND_COLUMN = "attention_backend"  # result-row column: which code ran the attention core
+
+
 def tensor_mib(tensors: Iterable[torch.Tensor]) -> float:
     """MiB held by `tensors`, each storage counted once (views and tied weights share one)."""
     storages: dict[tuple[str, int], int] = {}
@@ -67,6 +70,12 @@ class Workload:
             "grad_mem_mib": tensor_mib(grads),
             "optim_mem_mib": tensor_mib(state),
         }
+
+    def attention_backends(self) -> dict[str, str]:
+        """{ATTENTION_BACKEND_COLUMN: what ran} from the modules that set `attention_backend` in their
+        last forward (several distinct ones joined by ' + '); {} when none does."""
+        used = sorted({m.attention_backend for m in self.module.modules() if getattr(m, "attention_backend", None)})
+        return {ATTENTION_BACKEND_COLUMN: " + ".join(used)} if used else {}
 
 
 def model_variant_of(cell: Any) -> str:

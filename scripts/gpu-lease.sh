@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should produce, in one call of at most ~8 minutes (docs/benchmarks.md):
 #   1. preflight: python, torch, the GPU (nvidia-smi -q, harness env: numerics / TF32, NVML clock lock)
-#   2. harness selfcheck --device cuda (every CUDA path, full list)          budget 100 s
+#   2. harness selfcheck --device cuda (every CUDA path, full list)          budget  90 s
 #   3. suites/ci_gpu.yaml, its check against results/baselines/<gpu>/ci_gpu
-#      (or, for a GPU without one, a candidate baseline to commit), report   budget  70 s + 20 s + 20 s
-#   4. suites/seq_length.yaml on CUDA (36 cells), report                     budget 170 s + 20 s
-#   5. suites/peers.yaml on CUDA at 16K tokens, 1 and 8 rounds (10 cells)    budget  90 s + 20 s
+#      (or, for a GPU without one, a candidate baseline to commit), report   budget  60 s + 20 s + 20 s
+#   4. suites/lsh_kernel.yaml (LSH's Triton kernels vs ops vs SDPA flash / efficient, bf16, 4K-128K,
+#      30 cells), its targets (harness check --targets), report, and
+#      harness profile of its 32K LSH-8 Triton cell (the lsh/* stage shares) budget 160 s + 20 s + 20 s + 25 s
+#   5. suites/seq_length.yaml on CUDA at 32K (6 cells: LSH on its default
+#      backend, Triton where installed), report                              budget  45 s + 20 s
+# (suites/peers.yaml, ~100 s, left out for the kernel step: run it alone on a lease of its own.)
 # Each step runs under `timeout` within an overall deadline (LEASE_SECONDS, default 480: steps that
 # would pass it get less, or are skipped); a suite cut short keeps its finished cells, which still get
 # their report. Everything goes under one folder:
@@ -91,7 +95,7 @@ if [ "$DRY_RUN" = 1 ]; then
     step selfcheck 60 "$PY" -m harness selfcheck --device cuda --list
     say "selfcheck: $(wc -l < "$LEASE_OUT/logs/selfcheck.txt") checks would run on cuda (the list is in logs/selfcheck.txt)"
 else
-    step selfcheck 100 "$PY" -m harness selfcheck --device cuda --out "$LEASE_OUT/selfcheck"
+    step selfcheck 90 "$PY" -m harness selfcheck --device cuda --out "$LEASE_OUT/selfcheck"
     grep -E '^(FAIL|SKIP) ' "$LEASE_OUT/logs/selfcheck.txt" | cut -c1-220 | sed 's/^/    /' || true
 fi
 
@@ -114,7 +118,7 @@ report() {
     step "report-$1" 20 "$PY" -m harness report "$RESULTS/$1" --out "$LEASE_OUT/reports/$1"
 }
 
-suite ci_gpu 70
+suite ci_gpu 60
 SLUG="$("$PY" -c "from harness.environment import device_name, device_slug; print(device_slug(device_name('cuda')))" 2>/dev/null || echo unknown)"
 BASELINE="results/baselines/$SLUG/ci_gpu"
 if [ "$DRY_RUN" = 1 ]; then
@@ -130,13 +134,25 @@ elif [ -d "$RESULTS/ci_gpu" ]; then
 fi
 report ci_gpu
 
-suite seq_length 170
-report seq_length
+# LSH attention's Triton kernels against its ops path and SDPA's kernels, and issue 30's targets.
+suite lsh_kernel 160
+if [ "$DRY_RUN" = 1 ]; then
+    planned targets-lsh_kernel "$PY" -m harness check "$RESULTS/lsh_kernel" --targets
+elif [ -d "$RESULTS/lsh_kernel" ]; then
+    step targets-lsh_kernel 20 "$PY" -m harness check "$RESULTS/lsh_kernel" --targets
+    cp "$LEASE_OUT/logs/targets-lsh_kernel.txt" "$LEASE_OUT/check/lsh_kernel-targets.txt"
+fi
+report lsh_kernel
+KERNEL_CELL="variant == 'lsh' and backend == 'triton' and n_hashes == 8 and seq_len == 32768"
+if [ "$DRY_RUN" = 1 ]; then
+    planned profile-lsh_kernel "$PY" -m harness profile suites/lsh_kernel.yaml --device cuda --filter "\"$KERNEL_CELL\"" --steps 3
+else
+    step profile-lsh_kernel 25 "$PY" -m harness profile suites/lsh_kernel.yaml --device cuda --filter "$KERNEL_CELL" --steps 3
+fi
 
-# peers at one length, 1 and 8 hash rounds (ours, HF's, lucidrains'), SDPA and each of its backends:
-# 10 cells; the full 112-cell suite needs ~9 min alone.
-suite peers 90 --filter "seq_len == 16384 and not n_hashes in [2, 4]"
-report peers
+# Figure 5's longest length only (the full 36 cells need ~170 s): LSH on its default backend.
+suite seq_length 45 --filter "seq_len == 32768"
+report seq_length
 
 # --------------------------------------------------------------------------- summary
 say "done in $(( $(date +%s) - START ))s -> $LEASE_OUT"

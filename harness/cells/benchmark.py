@@ -419,6 +419,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     row.update(contention)
     row.update(memory.as_row())
     row.update(workload.state_memory_mib(), activation_mem_mib=memory.peak_mib)  # the memory breakdown
+    row.update(workload.attention_backends())
     row.update(
         status="ok",
         message="",

@@ -46,6 +46,7 @@ def test_list_names_every_variant_dtype_lsh_round_and_runner_check(capsys):
     quick = capsys.readouterr().out.split()
     expected = {f"variant/{name}/{dtype}" for name in variants.available() for dtype in DTYPES}
     expected |= {f"lsh/rounds={n}/{word}/{dtype}" for n in (1, 2, 4, 8) for word in ("causal", "bidirectional") for dtype in DTYPES}
+    expected |= {f"lsh_triton/rounds={n}/{word}/{dtype}" for n in (1, 4) for word in ("causal", "bidirectional") for dtype in DTYPES}
     expected |= {"device", "timer", "peak_memory", "nvml", "oom", "pool", "suite"}
     assert set(quick) == expected and len(quick) == len(expected)
     assert LSH_ROUNDS == (1, 2, 4, 8)
@@ -150,6 +151,13 @@ def test_peak_memory_check_reads_a_known_allocation_and_fails_a_wrong_reading(tm
     assert 64.0 <= outcome.data["peak_mib"] <= 88.0  # 64 MiB written, plus allocator and page-table slack
     monkeypatch.setattr(measure, "measure_peak_memory", lambda fn, device: measure.MemoryReading(32.0, None, "vmhwm_clear_refs"))
     assert selfcheck.check_peak_memory(cpu_context(tmp_path)).status == "FAIL"
+
+
+def test_triton_checks_skip_on_cpu_with_their_reason(tmp_path):
+    """`lsh_triton/*` check the Triton kernels on CUDA only: on CPU each is a SKIP that says where they are tested."""
+    summary = selfcheck.run_selfcheck(device="cpu", only=["lsh_triton/rounds=4/causal/*"], out=tmp_path)
+    assert summary.counts == {"PASS": 0, "FAIL": 0, "SKIP": 3} and summary.exit_code == 0
+    assert all("run on CUDA" in r.detail for r in summary.results)
 
 
 def test_nvml_check_skips_on_cpu_with_its_reason(tmp_path):

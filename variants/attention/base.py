@@ -45,7 +45,11 @@ class AttentionModule(nn.Module):
 
     `n_inputs` is 2 for shared-QK (qk, v) and 3 for separate (q, k, v). Subclasses implement
     `attend(*heads) -> [batch, heads, seq_len, head_dim]` and `core_flops(batch, seq_len)`.
+    A variant whose core has several implementations sets `attention_backend` (a short description
+    of the one its last forward ran); benchmark rows record it in their `attention_backend` column.
     """
+
+    attention_backend: str | None = None
 
     def __init__(self, config: AttentionConfig, n_inputs: int):
         super().__init__()

@@ -27,7 +27,9 @@ largest saved tensor (none with save_probs=False, which recomputes them and the 
 backward); never seq_len^2. On CPU in float32 a fused C kernel (`lsh_cpu`, built on first use)
 does the hashing and the sort, and (without dup_correction) the chunked part and its backward, with
 the same results (without save_probs the backward's dY . Y pass stays on the ops path); without a C
-compiler the PyTorch ops above run (docs/lsh.md).
+compiler the PyTorch ops above run (docs/lsh.md). On CUDA with triton installed, Triton kernels
+(`lsh_triton`) run the hashing, steps 3-5 and their backward instead. `backend=` ('auto', 'ops',
+'cpu_kernel', 'triton'; `lsh_backends`) picks one explicitly.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 import variants.attention.lsh_cpu as lsh_cpu
+import variants.attention.lsh_triton as lsh_triton
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import full_attention, mask_values, shared_qk_key_scale, shared_qk_keys_backward
+from variants.attention.lsh_backends import check_backend_name, resolve_backend
 from variants.registry import register, register_backend
 
 
@@ -94,29 +98,40 @@ def bucket_factors(n_buckets: int | Sequence[int] | None, seq_len: int, bucket_s
     return factors
 
 
+def per_head_rotations(rotations: torch.Tensor, heads: int, head_dim: int, n_hashes: int, factors: Sequence[int]) -> torch.Tensor:
+    """rotations [heads, head_dim, n_hashes, sum(factors) // 2] or [head_dim, n_hashes, sum(factors) // 2]
+    -> [heads, head_dim, n_hashes, sum(factors) // 2] (an expanded view for the latter); ValueError when
+    the shape does not fit."""
+    if rotations.dim() == 3:
+        rotations = rotations.unsqueeze(0).expand(heads, -1, -1, -1)
+    if rotations.dim() != 4 or rotations.shape[-2:] != (n_hashes, sum(factors) // 2) or rotations.shape[:2] != (heads, head_dim):
+        raise ValueError(
+            f"rotations of shape {tuple(rotations.shape)} do not fit heads={heads}, "
+            f"head_dim={head_dim}, n_hashes={n_hashes}, n_buckets={tuple(factors)}"
+        )
+    return rotations
+
+
 # Rotated values per slice of positions in `hash_buckets` (bounds its temporaries to ~100 MB).
 HASH_SLICE_ELEMENTS = 2**23
 
 
-def hash_buckets(qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor) -> torch.Tensor:
+def hash_buckets(
+    qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int], rotations: torch.Tensor, *, cpu_kernel: bool = True
+) -> torch.Tensor:
     """Angular-LSH buckets of qk [batch, heads, seq_len, head_dim] -> [batch, heads, n_hashes, seq_len].
 
     n_buckets: buckets per round, or factors (a, b, ...) whose product it is (factorised hashing:
     bucket = argmax_a + a * argmax_b + ..., each factor from its own slice of the rotations, as trax/HF).
     rotations: [heads, head_dim, n_hashes, sum(factors) // 2] or [head_dim, n_hashes, sum(factors) // 2].
     Round r's buckets lie in [r * n, (r + 1) * n), n = prod(factors). No gradient flows through hashing.
+    cpu_kernel=False keeps float32 CPU tensors off the fused C kernel (backend 'ops').
     """
     factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
-    if rotations.dim() == 3:
-        rotations = rotations.unsqueeze(0).expand(qk.shape[1], -1, -1, -1)
-    if rotations.shape[-2:] != (n_hashes, sum(factors) // 2) or rotations.shape[:2] != (qk.shape[1], qk.shape[3]):
-        raise ValueError(
-            f"rotations of shape {tuple(rotations.shape)} do not fit heads={qk.shape[1]}, "
-            f"head_dim={qk.shape[3]}, n_hashes={n_hashes}, n_buckets={n_buckets}"
-        )
+    rotations = per_head_rotations(rotations, qk.shape[1], qk.shape[3], n_hashes, factors)
     batch, heads, seq_len, _ = qk.shape
     offsets = torch.arange(n_hashes, device=qk.device) * math.prod(factors)
-    if lsh_cpu.available(qk.device, qk.dtype) and qk.stride(-1) == 1:  # the fused CPU kernel
+    if cpu_kernel and lsh_cpu.available(qk.device, qk.dtype) and qk.stride(-1) == 1:  # the fused CPU kernel
         return lsh_cpu.hash_buckets(qk.detach(), rotations, factors) + offsets[:, None]
     buckets = torch.zeros(batch, heads, n_hashes, seq_len, dtype=torch.long, device=qk.device)
     rotations = rotations.to(qk.dtype)
@@ -136,6 +151,18 @@ def hash_buckets(qk: torch.Tensor, n_hashes: int, n_buckets: int | Sequence[int]
             buckets[..., positions] += product * bucket
             product *= factor
     return buckets + offsets[:, None]
+
+
+def sort_index(buckets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The one sort of all rounds' items by (bucket, position): buckets [BH, n_hashes * seq_len] (round
+    offsets included, item r * seq_len + position) -> [BH, n_hashes * seq_len] item id of each sorted index.
+
+    bucket * seq_len + position is unique, so an unstable sort suffices. The sort keys are built in
+    place of `buckets` (overwritten: callers drop it after the sort), so no third [BH, N] index
+    tensor exists beside the keys and the result.
+    """
+    position = torch.arange(seq_len, device=buckets.device).repeat(buckets.shape[1] // seq_len)
+    return buckets.mul_(seq_len).add_(position).argsort(dim=-1)
 
 
 def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows: torch.Tensor, n_chunks: int) -> torch.Tensor:
@@ -158,6 +185,7 @@ def _duplicate_counts(chunk_of: torch.Tensor, query_rows: torch.Tensor, key_rows
 
 
 register_backend("lsh_cpu_kernel", lsh_cpu.status)  # which path LSH attention takes on CPU, in run records
+register_backend("lsh_triton", lsh_triton.status)  # and whether the Triton kernels can run on CUDA
 
 # Logit elements per block of chunks: on CPU a block's rows, logits and probabilities stay in cache
 # (64 chunks of 64 x 128 measured fastest here, docs/performance.md); on CUDA one block usually
@@ -192,6 +220,7 @@ class _SortedItems:
     save_probs: bool
     chunk_of: torch.Tensor | None  # [B * seq_len * H, n_hashes] (by rows) for dup_correction
     block_elements: int
+    cpu_kernel: bool = True  # False: float32 CPU tensors stay on the ops path (backend 'ops')
 
     @property
     def n_chunks(self) -> int:
@@ -448,7 +477,7 @@ class _LSHCore(torch.autograd.Function):
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
-        ctx.fused = lsh_cpu.usable(table) and items.chunk_of is None
+        ctx.fused = items.cpu_kernel and lsh_cpu.usable(table) and items.chunk_of is None
         if ctx.fused and bh >= lsh_cpu.threads():
             # The kernel combines the rounds per position as it goes (no [BH, N, d] output buffer);
             # M and S (largest logsumexp, sum of exp(z - M)) give each item's weight exp(z - M) / S.
@@ -565,6 +594,7 @@ def lsh_attention(
     seed: int | None = None,
     dup_correction: bool = False,
     save_probs: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Shared-QK LSH attention on qk, v [batch, heads, seq_len, head_dim] -> [batch, heads, seq_len, head_dim].
 
@@ -588,6 +618,10 @@ def lsh_attention(
     max (two more q.k and one more P @ V matmul per block; nothing of size n_hashes * seq_len * d
     or n_hashes * seq_len * bucket_size is kept: what a 1M-token step wants).
 
+    backend: which code runs the core, 'auto', 'ops', 'cpu_kernel' or 'triton' (variants/attention/
+    lsh_backends.py; the Triton kernels ignore save_probs: they keep neither probabilities nor
+    per-round outputs).
+
     The work is done by `lsh_attention_packed`, on qk and v packed side by side per head (a copy
     here; the `lsh` module projects straight into that layout).
     """
@@ -604,6 +638,7 @@ def lsh_attention(
         seed=seed,
         dup_correction=dup_correction,
         save_probs=save_probs,
+        backend=backend,
     )
     return out.transpose(1, 2)
 
@@ -619,6 +654,7 @@ def lsh_attention_packed(
     seed: int | None = None,
     dup_correction: bool = False,
     save_probs: bool = True,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """`lsh_attention` on packed [batch, seq_len, heads, 2 * head_dim] (qk | v per head) -> [batch, seq_len, heads, head_dim].
 
@@ -631,6 +667,7 @@ def lsh_attention_packed(
     if width % 2:
         raise ValueError(f"packed qk | v must have an even last dimension, got {width}")
     head_dim = width // 2
+    check_backend_name(backend)
     if n_hashes < 1 or bucket_size < 1:
         raise ValueError(f"n_hashes and bucket_size must be positive, got {n_hashes}, {bucket_size}")
     if rotations is not None and rotations.shape[-2] != n_hashes:
@@ -650,18 +687,28 @@ def lsh_attention_packed(
     bh, c = batch * heads, bucket_size
     n_items = n_hashes * seq_len
     device = packed.device
+    used = resolve_backend(backend, device, packed.dtype, head_dim=head_dim, bucket_size=c, dup_correction=dup_correction)
+    kernel = used.startswith("cpu_kernel")
     with torch.no_grad(), record_function("lsh/hash"):
-        buckets = hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
+        if used == "triton" and len(factors) <= 2:  # the rotation matmul and the argmax in one kernel
+            rotations = per_head_rotations(rotations, heads, head_dim, n_hashes, factors)
+            buckets = lsh_triton.hash_buckets(packed.reshape(-1, width), rotations, factors, seq_len=seq_len, chunk=c)
+        else:
+            buckets = hash_buckets(qk, n_hashes, factors, rotations, cpu_kernel=kernel).view(bh, n_items)
+    if used == "triton":
+        with torch.no_grad(), record_function("lsh/sort"):
+            sort_idx = sort_index(buckets, seq_len)
+        del buckets
+        with record_function("lsh/attend"), torch.autocast(device.type, enabled=False):
+            out = lsh_triton.attend(packed.reshape(-1, width), sort_idx, seq_len=seq_len, heads=heads, chunk=c, causal=causal)
+        return out.view(batch, seq_len, heads, head_dim)
     with torch.no_grad(), record_function("lsh/sort"):
         # One sort for all rounds, by (bucket, position): a stable sort of the buckets.
-        if lsh_cpu.available(device, packed.dtype):  # one counting sort per head in the CPU kernel
+        if kernel:  # one counting sort per head in the CPU kernel
             n_round = math.prod(factors)
             sort_idx, undo, rows = lsh_cpu.sort_items(buckets, n_buckets=n_hashes * n_round, heads=heads, seq_len=seq_len, chunk=c)
         else:
-            # bucket * seq_len + position is unique, so an unstable sort suffices.
-            position = torch.arange(seq_len, device=device).repeat(n_hashes)
-            sort_idx = (buckets * seq_len + position).argsort(dim=-1)  # item ids r * L + position
-            del position
+            sort_idx = sort_index(buckets, seq_len)
             head = torch.arange(bh, device=device).unsqueeze(1)
             rows = ((head // heads) * seq_len + sort_idx % seq_len) * heads + head % heads
             rows = torch.cat([rows[:, -c:], rows], dim=1)  # last chunk first: the cyclic look-back
@@ -683,6 +730,7 @@ def lsh_attention_packed(
         save_probs=save_probs,
         chunk_of=chunk_of,
         block_elements=CUDA_BLOCK_ELEMENTS if device.type == "cuda" else CPU_BLOCK_ELEMENTS,
+        cpu_kernel=kernel,
     )
     del rows
     # The core computes in the table's dtype (under autocast too: its out= matmuls and saved
@@ -702,7 +750,8 @@ class LSHAttentionConfig(AttentionConfig):
     None -> 2 * seq_len // bucket_size at forward time, factorised above 2 * bucket_size (as HF);
     seed: fixed rotations (None -> fresh ones drawn from the global RNG every forward);
     dup_correction: subtract log N_ij (paper eq. 16); save_probs: keep the attention probabilities
-    for the backward (False recomputes them and the output in backward: least memory, more matmuls).
+    for the backward (False recomputes them and the output in backward: least memory, more matmuls);
+    backend: 'auto', 'ops', 'cpu_kernel' or 'triton' (variants/attention/lsh_backends.py).
     """
 
     n_hashes: int = 1
@@ -711,10 +760,12 @@ class LSHAttentionConfig(AttentionConfig):
     seed: int | None = None
     dup_correction: bool = False
     save_probs: bool = True
+    backend: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError when the fields are inconsistent."""
         super().validate()
+        check_backend_name(self.backend)
         if self.n_hashes < 1:
             raise ValueError(f"n_hashes must be positive, got {self.n_hashes}")
         if self.bucket_size < 1:
@@ -748,12 +799,24 @@ class LSHAttention(AttentionModule):
             return super().forward(x)
         weight = self.in_proj.weight.view(2, c.n_heads, c.head_dim, d_model).transpose(0, 1).reshape(2 * d_model, d_model)
         packed = F.linear(x, weight).view(batch, seq_len, c.n_heads, 2 * c.head_dim)
+        self._record_backend(packed)
         out = lsh_attention_packed(packed, **self._lsh_arguments())
         return self.dropout(self.out_proj(out.reshape(batch, seq_len, d_model)))
 
     def attend(self, qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """qk, v: [batch, heads, seq_len, head_dim] -> same shape; rotations drawn per call."""
+        if qk.shape[2] < self.config.bucket_size:
+            self.attention_backend = "full attention (seq_len < bucket_size)"
+        else:
+            self._record_backend(qk)
         return lsh_attention(qk, v, **self._lsh_arguments())
+
+    def _record_backend(self, x: torch.Tensor) -> None:
+        """Set `attention_backend` to the backend that runs the core for x's device and dtype."""
+        c = self.config
+        self.attention_backend = resolve_backend(
+            c.backend, x.device, x.dtype, head_dim=c.head_dim, bucket_size=c.bucket_size, dup_correction=c.dup_correction
+        )
 
     def _lsh_arguments(self) -> dict:
         c = self.config
@@ -765,6 +828,7 @@ class LSHAttention(AttentionModule):
             seed=c.seed,
             dup_correction=c.dup_correction,
             save_probs=c.save_probs,
+            backend=c.backend,
         )
 
     def core_flops(self, batch: int, seq_len: int) -> int:
