@@ -206,6 +206,7 @@ OPTIONAL_PACKAGES = (
     "triton",
     "submitit",
 )
+OPTIONAL_PACKAGES_COLUMN = "optional_packages"  # result-row column: JSON {package: version} of those the cell imported
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 
 
@@ -330,7 +331,7 @@ def capture_environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "variant_backends": _variant_backends(),
         "numerics": numerics_settings(),  # this process's; a suite's measure.float32_matmul_precision applies in its cells (rows)
-        "optional_packages": optional_package_versions(),  # installed; the rows' `optional_packages`: what each cell imported
+        OPTIONAL_PACKAGES_COLUMN: optional_package_versions(),  # installed; the rows' `optional_packages`: what each cell imported
         "cpu_frequency": cpu_frequency_settings(),
         "gpu_clocks": gpu_clock_lock(dev.index or 0) if on_cuda else {},
         "command": list(sys.argv),

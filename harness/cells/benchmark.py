@@ -38,7 +38,7 @@ from harness.cells import (
     model_fields,
     variant_fields,
 )
-from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
+from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
 from harness.isolation import GIB, MIB, default_memory_limit_bytes, start_memory_limit
 from variants.registry import VariantUnavailable
 
@@ -427,8 +427,8 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         tokens_per_s=workload.tokens / seconds if seconds > 0 else math.nan,
         tflops_per_s=workload.flops / seconds / 1e12 if seconds > 0 else math.nan,
         n_params=sum(p.numel() for p in workload.module.parameters()),
-        optional_packages=canonical_json(optional_package_versions(imported_only=True)),  # what this cell imported
     )
+    row[OPTIONAL_PACKAGES_COLUMN] = canonical_json(optional_package_versions(imported_only=True))  # what this cell imported
     if device.type == "cuda":  # the clocks right after the timing, before any matmul probe
         row.update({f"nvml_after_{k}": v for k, v in measure.nvml_snapshot(device.index or 0).items()})
     if cell.measure.get("matmul_rate"):

@@ -224,7 +224,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     import torch
 
     from harness.data import build_data
-    from harness.environment import apply_float32_matmul_precision, device_name
+    from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
     from harness.training import EvalConfig, TrainConfig, build_model, evaluate, slim_checkpoint, train, with_attention
 
     if cell.train.get("threads"):
@@ -251,6 +251,7 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
         "threads": torch.get_num_threads(),
         "n_params": sum(p.numel() for p in model.parameters()),
         **numerics,  # the float32 matmul precision, TF32 and determinism the cell trained with
+        OPTIONAL_PACKAGES_COLUMN: canonical_json(optional_package_versions(imported_only=True)),  # what building the model imported
     }
     label = cell.variant.label
 

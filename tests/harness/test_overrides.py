@@ -278,3 +278,13 @@ def test_a_training_cell_runs_and_records_with_the_suites_precision(tmp_path: Pa
     rows = pd.read_parquet(parquet)
     curve = rows[rows["row_type"] == "curve"]
     assert len(curve) == 3 and set(curve["float32_matmul_precision"]) == {"medium"}
+    # The optional packages the training cell imported are recorded as in benchmark rows (issue 33, item 2).
+    import json
+    from importlib import metadata
+
+    from harness.environment import OPTIONAL_PACKAGES_COLUMN
+
+    trained = rows[rows["row_type"].isin(["curve", "eval"])]  # the rows the training cell writes itself
+    assert len(trained) == 4 and trained[OPTIONAL_PACKAGES_COLUMN].notna().all()
+    for text in trained[OPTIONAL_PACKAGES_COLUMN]:
+        assert all(version == metadata.version(name) for name, version in json.loads(text).items())
