@@ -29,6 +29,9 @@ def forward_kernel(
     PRECISION: tl.constexpr,  # tl.dot's input_precision for float32 tiles ("ieee" or "tf32")
     PASS: tl.constexpr,
 ):
+    """Grid (N / BLOCK_M, BH). PASS 0: each sorted query's row max and row sum of exp(logit - max)
+    over its window -> max_ptr, sum_ptr [BH, N] fp32; PASS 1: adds (w / l) exp(logit - max) V onto
+    out_ptr [B * L * H, D] fp32 at the query's position (atomics: one add per round)."""
     bh = tl.program_id(1)
     start = tl.program_id(0) * BLOCK_M
     b = bh // heads
@@ -95,6 +98,9 @@ def backward_kernel(
     CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Grid (N / BLOCK_M, BH): recomputes the block's probabilities from max_ptr and weight_ptr [BH, N]
+    fp32 and adds dq (its queries), dk through the key normalisation and dv (its window's keys) onto
+    grad_ptr [B * L * H, 2 * D] fp32 at their positions (atomics)."""
     bh = tl.program_id(1)
     start = tl.program_id(0) * BLOCK_M
     b = bh // heads
@@ -158,6 +164,8 @@ def hash_kernel(
     S: tl.constexpr,  # rotations per round: F0 / 2 (+ F1 / 2)
     PRECISION: tl.constexpr,
 ):
+    """Grid (L / BLOCK_L, BH): each position's bucket per round, round offset r * F0 * F1 included,
+    -> bucket_ptr [BH, R * L] int64 (argmax over [xR, -xR] per factor; ties as torch.argmax)."""
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
