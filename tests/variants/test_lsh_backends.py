@@ -42,6 +42,18 @@ def test_auto_on_cuda_is_triton_where_installed(monkeypatch):
     assert resolve("auto", torch.bfloat16, cuda) == "ops"
 
 
+def test_a_triton_that_does_not_import_is_not_used(monkeypatch):
+    """Installed but broken (e.g. built for another torch): auto takes the ops path, 'triton' says why."""
+    import sys
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(lsh_triton, "installed_version", lambda: "3.9.0")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert resolve("auto", torch.bfloat16, cuda) == "ops"
+    with pytest.raises(VariantUnavailable, match="installed but does not import"):
+        resolve("triton", torch.bfloat16, cuda)
+
+
 def test_ops_backend_keeps_float32_cpu_off_the_kernel(monkeypatch):
     calls = []
     for name in ("forward", "backward", "hash_buckets", "sort_items"):

@@ -5,8 +5,8 @@
   dup_correction it hashes and sorts, the ops core attends);
 - `triton`: the Triton kernels (variants/attention/lsh_triton.py): CUDA, or CPU tensors under
   TRITON_INTERPRET=1; dup_correction falls back to the ops core;
-- `auto`: the CPU kernel for float32 CPU tensors, Triton on CUDA when triton is installed and the
-  shape suits it, the ops path otherwise.
+- `auto`: the CPU kernel for float32 CPU tensors, Triton on CUDA when triton is installed, imports and
+  the shape suits it, the ops path otherwise.
 
 `resolve_backend` says which one runs (what rows record in `attention_backend`); a backend asked for
 by name that cannot run here raises VariantUnavailable (a benchmark cell becomes `skipped`).
@@ -42,7 +42,12 @@ def resolve_backend(
     if backend == "auto":
         if lsh_cpu.available(device, dtype):
             backend = "cpu_kernel"
-        elif device.type == "cuda" and lsh_triton.installed_version() and not lsh_triton.unsupported(head_dim, bucket_size, dtype):
+        elif (
+            device.type == "cuda"
+            and lsh_triton.installed_version()
+            and not lsh_triton.unsupported(head_dim, bucket_size, dtype)
+            and lsh_triton.import_error() is None
+        ):
             backend = "triton"
         else:
             return "ops"

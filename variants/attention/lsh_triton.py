@@ -61,6 +61,15 @@ def installed_version() -> str | None:
         return None
 
 
+def import_error() -> str | None:
+    """Why triton, installed or not, cannot be imported here ("ImportError: ..."); None when it imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a triton built for another torch / CUDA fails in many ways
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def status() -> str:
     """One line for the run environment: whether and where the Triton kernels can run here."""
     version = installed_version()
@@ -86,6 +95,9 @@ def check_usable(device: torch.device, head_dim: int, bucket_size: int, dtype: t
     """Raise VariantUnavailable saying why the kernels cannot run for these tensors here."""
     if installed_version() is None:
         raise VariantUnavailable("lsh backend 'triton' needs the triton package (pip install '.[gpu]')")
+    broken = import_error()
+    if broken:
+        raise VariantUnavailable(f"lsh backend 'triton': triton {installed_version()} is installed but does not import ({broken})")
     reason = unsupported(head_dim, bucket_size, dtype)
     if reason:
         raise VariantUnavailable(f"lsh backend 'triton' cannot run {reason}")
