@@ -162,12 +162,12 @@ def _quality_cells(rows: pd.DataFrame, kinds: pd.Series) -> list[ExportCell]:
             if series:
                 cell.metrics[metric] = series
         mine = evals[evals["train_key"] == key] if "train_key" in evals else evals.iloc[0:0]
-        for _, row in mine.iterrows():
+        variants = mine["eval_variant"].fillna("eval") if "eval_variant" in mine else pd.Series("eval", index=mine.index)
+        for variant, group in mine.groupby(variants.astype(str), sort=False):
             for column, name in EVAL_METRICS.items():
-                value = scalar(row.get(column))
-                if value is not None and pd.notna(row.get("step")):
-                    tag = f"eval/{slug(str(row.get('eval_variant', 'eval')))}/{name}"
-                    cell.metrics.setdefault(tag, []).append((int(row["step"]), float(value), _millis(row.get("recorded_at"))))
+                series = _series(group, "step", column) if column in group else []
+                if series:
+                    cell.metrics.setdefault(f"eval/{slug(variant)}/{name}", []).extend(series)
         bad = [s for s in trained.get("status", pd.Series(dtype=object)).astype(str) if s != "ok"]
         cell.status = bad[0] if bad else "ok"
         cells.append(cell)

@@ -80,6 +80,18 @@ def test_csv_of_a_benchmark_run_matches_the_formulas(benchmark_run: Path, tmp_pa
     assert json.loads(table["time_ms_samples"].iloc[0])  # lists as JSON text
 
 
+def test_evaluations_are_metrics_at_their_step(quality_run: Path, tmp_path: Path) -> None:
+    """Each eval row becomes `eval/<eval variant>/bpd` of its training cell, at the row's step."""
+    rows = parquet_rows(quality_run)
+    evals = rows[rows["row_type"] == "eval"]
+    assert len(evals) > 0
+    cells = {c.key: c for c in export_cells(read_run(quality_run, root=tmp_path / "results"))}
+    for _, row in evals.iterrows():
+        (series,) = [v for k, v in cells[row["train_key"]].metrics.items() if k.startswith("eval/") and k.endswith("/bpd")]
+        assert [(s, v) for s, v, _ in series] == [(int(row["step"]), float(row["eval_bpd"]))]
+    assert not any(k.endswith("/accuracy") for c in cells.values() for k in c.metrics)  # NaN accuracy: no metric
+
+
 # --------------------------------------------------------------------------- tensorboard
 
 
