@@ -27,8 +27,10 @@ from harness.commands import run as run_command
 from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
 from harness.results import CorruptCellWarning, ResultsError
+from harness.safe_io import InputFileError
 from harness.safe_yaml import YAMLInputError
 from harness.suites import SuiteError
+from variants.registry import PluginError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     try:
         return args.handler(args)
-    except (SuiteError, ResultsError, UsageError, YAMLInputError) as error:
+    except (SuiteError, ResultsError, UsageError, YAMLInputError, InputFileError, PluginError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

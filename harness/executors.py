@@ -22,7 +22,6 @@ group, interleaved within that group.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import time
@@ -33,12 +32,11 @@ from typing import Any, Iterator
 
 from harness.cells import Cell
 from harness.isolation import THREADS_ENV, interrupt_guard, kill_live_cells
-from harness.results import RunStore, atomic_write_json
+from harness.results import JOBS_FILE, RunStore, atomic_write_json, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
 from harness.sweep import RunOptions, Sweep, run_cells
 
 EXECUTORS = ("local", "pool", "submitit")
-JOBS_FILE = "jobs.json"  # submitted job ids, per submission, for `harness status`
 SUBMITIT_DIR = "submitit"  # submitit's pickles and job logs, inside the run folder
 SLURM_POLL_ENV = "REFORMER_HARNESS_SLURM_POLL_S"  # seconds between questions to Slurm (default 15)
 
@@ -198,7 +196,7 @@ def _failure_row(cell: Cell, options: RunOptions, message: str) -> dict[str, Any
 
 def _record_submission(store: RunStore, cluster: str, folder: Path, jobs: list[tuple[str, list[str]]]) -> None:
     file = store.path / JOBS_FILE
-    data = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {"submissions": []}
+    data = {"submissions": read_submissions(store.path)}
     data["submissions"].append(
         {
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
