@@ -72,7 +72,7 @@ def check_regular(path: str | Path, kind: str, what: str | None = None) -> int:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise InputFileError(path, f"{what} not found") from None
+        raise InputFileError(path, f"file not found (the {what})") from None
     except OSError as error:
         raise InputFileError(path, f"cannot read {what} ({error.strerror or error})") from None
     return _checked_size(path, info, kind, what)
@@ -95,7 +95,7 @@ def read_bytes(path: str | Path, kind: str, what: str | None = None) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise InputFileError(path, f"{what} not found") from None
+        raise InputFileError(path, f"file not found (the {what})") from None
     except OSError as error:
         if error.errno == errno.ENXIO:  # a FIFO or socket with nothing on the other end
             raise InputFileError(path, f"{what} is a FIFO or socket, not a regular file") from None
@@ -147,7 +147,7 @@ def parse_json(text: str, where: str | Path = "JSON text") -> Any:
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as error:
-        raise InputFileError(where, f"invalid JSON ({error})") from None
+        raise InputFileError(where, f"unreadable JSON ({error})") from None
 
 
 def read_json(path: str | Path, kind: str, what: str | None = None) -> Any:
