@@ -34,7 +34,7 @@ import pandas as pd
 from harness import figures, paper, stats
 from harness.check import for_check, rules_for
 from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text, cell_rows, latest_run, load_run_info, read_run
-from harness.safe_io import InputFileError, check_name, check_under
+from harness.safe_io import InputFileError, check_name, check_under, parse_json
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
 from harness.targets import evaluate_targets
 
@@ -156,8 +156,8 @@ def _params(value: Any) -> dict:
     if isinstance(value, dict):
         return value
     try:
-        parsed = json.loads(value) if isinstance(value, str) else {}
-    except json.JSONDecodeError:
+        parsed = parse_json(value) if isinstance(value, str) else {}
+    except ValueError:  # InputFileError: not JSON, nested too deep
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
