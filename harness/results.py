@@ -767,7 +767,7 @@ def read_run(arg: str | Path, root: str | Path = "results", load_rows: bool = Tr
     unreadable cell files named in `corrupt`. ResultsError for anything missing or unreadable."""
     source, kind, _, _ = resolve_run(arg, Path(root))
     folder = source.parent if kind == "parquet" else source
-    info = load_run_info(folder) if (folder / RUN_INFO).is_file() else {}
+    info = load_run_info(folder) if os.path.lexists(folder / RUN_INFO) else {}  # a FIFO or a bad link: named by the bounded reader
     if not load_rows:
         return StoredRun(folder, source, info, pd.DataFrame())
     rows = load(source, root=root)
