@@ -225,7 +225,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         check_regular(path, "checkpoint")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (InputFileError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except pickle.UnpicklingError as error:  # the weights-only unpickler met a global (a class, a function)
+        found = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        found = found.split(" was not an allowed global")[0]  # not torch's advice to allow it
+        raise CheckpointError(
+            f"{path}: cannot load checkpoint: it holds objects other than tensors, numbers, strings and plain containers, "
+            f"and a checkpoint is never allowed to run code ({found or type(error).__name__})"
+        ) from None
+    except (InputFileError, RuntimeError, EOFError, ValueError, OSError) as error:
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: a checkpoint holds a dict, got {type(state).__name__}")
