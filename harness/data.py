@@ -322,10 +322,12 @@ def load_image_npz(path: str | Path, image_size: int | None = None) -> np.ndarra
         raise DataError(f"image file not found: {path.resolve()}; {IMAGENET64_HOWTO}")
     try:
         check_regular(path, "data", "image file")
-        with np.load(path, allow_pickle=False) as archive:  # never pickle: an object array is refused
-            if not isinstance(archive, np.lib.npyio.NpzFile) or "data" not in archive:
-                found = list(archive.keys()) if isinstance(archive, np.lib.npyio.NpzFile) else "a single array"
-                raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found {found}")
+        archive = np.load(path, allow_pickle=False)  # never pickle: an object array is refused
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found a single array (.npy)")
+        with archive:
+            if "data" not in archive:
+                raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found {list(archive.keys())}")
             size = archive.zip.getinfo("data.npy").file_size  # uncompressed: a small .npz may hold a huge array
             if size > LIMITS["data"]:
                 raise DataError(f"{path}: 'data' is {size:,} bytes uncompressed, larger than the {LIMITS['data']:,} allowed")
