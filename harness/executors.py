@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
@@ -208,6 +209,19 @@ def _record_submission(store: RunStore, cluster: str, folder: Path, jobs: list[t
     atomic_write_json(file, data)
 
 
+def submission_folder(store: RunStore) -> Path:
+    """A new, empty folder `submitit/<UTC time>-<random>/` of the run for one submission's pickles
+    and logs. submitit unpickles the result files it finds there: a fresh folder holds only what this
+    submission's jobs write, never a file that came with the run folder (nor a link out of it)."""
+    parent = store.path / SUBMITIT_DIR
+    if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+        raise ExecutorError(f"{parent}: not a plain folder (a link or a file); move it away to submit jobs for this run")
+    parent.mkdir(exist_ok=True)
+    folder = parent / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    return folder
+
+
 def _make_importable_in_jobs() -> None:
     """Put this checkout on PYTHONPATH, which the jobs inherit (sbatch exports the environment), so
     they can unpickle harness objects also when the project is not installed."""
@@ -337,7 +351,7 @@ def run_submitit(
     if not groups:
         return []
     _make_importable_in_jobs()
-    folder = store.path / SUBMITIT_DIR
+    folder = submission_folder(store)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**slurm_parameters(slurm, device))
     group_job = GroupJob()
