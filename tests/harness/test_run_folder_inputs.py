@@ -211,3 +211,13 @@ def test_user_text_reaches_the_report_as_text(finished, tmp_path):
     assert "&lt;img src=x onerror=alert(4)>" in markdown and "&lt;script>alert(3)" in markdown  # shown, not run
     assert "\\[here\\](javascript:alert(1))" in markdown and "\\[there\\](data:" in markdown  # not links
     assert 'href="javascript' not in page and 'href="data' not in page and "&lt;img src=x onerror=alert(5)&gt;.bin" in page
+
+
+def test_a_run_folder_name_that_is_not_a_plain_name_gives_no_default_output_path(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path, name="-weird")
+    code = cli.main(["compare", str(run), str(finished), "--root", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "run ids '-weird-vs-r1' is not a plain name" in err and not (tmp_path / "reports").exists(), err
+    assert cli.main(["report", str(run), "--root", str(tmp_path / "results")]) == 2
+    assert "run id '-weird' is not a plain name" in capsys.readouterr().err
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "chosen")]) == 0  # an --out the user chose is used as given
