@@ -22,7 +22,10 @@ import base64
 import html
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -634,6 +637,22 @@ def output_folder(base: Path, *parts: tuple[str, str, Path]) -> Path:
 
 
 @contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A new temporary folder beside `folder` to write a report into; when the block ends without an
+    error its files are moved into `folder` (created if need be), else it is removed: a report that
+    fails half-way leaves no figures without their report.md."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield staging
+        folder.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name in ("report.md", "index.html")):  # documents last
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
 def writing(folder: Path) -> Iterator[None]:
     """Turn an OSError while writing into `folder` (full disk, read-only place, a file in the way)
     into a ResultsError naming the folder (exit 2)."""
@@ -1155,12 +1174,11 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
             folder = base
         else:
             folder = output_folder(base, (run.suite, "suite", run.path / RUN_INFO), (run.run_id, "run id", run.path))
-        with writing(folder):
-            folder.mkdir(parents=True, exist_ok=True)
+        with writing(folder), staged(folder) as staging:
             # One palette per run, from its labels alone: the same series has the same colour in every
             # figure of the run, and in any other run or comparison whose labels are the same.
-            blocks = report_blocks(run, folder, figures.series_palette(all_series(run.rows)))
-            _write_document(blocks, folder, f"{run.suite} {run.run_id}")
+            blocks = report_blocks(run, staging, figures.series_palette(all_series(run.rows)))
+            _write_document(blocks, staging, f"{run.suite} {run.run_id}")
         folders.append(folder)
     if len(runs) == 1:
         return folders[0]
@@ -1210,9 +1228,8 @@ def render_compare(
         folder = Path(out)
     else:
         folder = output_folder(reports_root(root) / "compare", (f"{a.run_id}-vs-{b.run_id}", "run ids", a.path))
-    with writing(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        _render_compare(a, b, bench_a, bench_b, merged, folder, echo)
+    with writing(folder), staged(folder) as staging:
+        _render_compare(a, b, bench_a, bench_b, merged, staging, echo)
     return folder
 
 

@@ -185,6 +185,12 @@ def test_every_command_gives_its_result_or_a_clean_exit_2(finished, mutations):
             assert time.monotonic() - begin < 60, (name, mutations)
             assert "Traceback" not in err and code in (0, 1, 2), (name, mutations, code, err)
             if code == 2:
-                assert err.startswith("error: ") and len(err.splitlines()) <= 20, (name, mutations, err)
+                lines = err.splitlines()
+                assert lines[-1].startswith("error: ") and all(line.startswith(("error: ", "warning: ")) for line in lines), (
+                    name,
+                    mutations,
+                    err,
+                )
+                assert not (base / "out" / name).exists(), (name, mutations)  # nothing half-written
         written = {p for p in set(base.rglob("*")) - before if base / "out" not in p.parents and p != base / "out"}
         assert not written, (mutations, written)  # nothing outside the output folders (status writes nothing new)
