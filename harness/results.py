@@ -189,7 +189,7 @@ def resume_store(root: str | Path, suite: str, run_id: str, option: str = "--res
 def _read_json(path: Path, kind: str = RUN_INFO) -> Any:
     """The JSON data of `path`, read with the bounds of `harness.safe_io`; ResultsError otherwise."""
     try:
-        return read_json(path, kind)
+        return read_json(path, kind, "file")  # "<path>: file not found", "<path>: file is a FIFO, ..."
     except InputFileError as error:
         raise ResultsError(str(error)) from None
 

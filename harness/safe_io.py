@@ -72,7 +72,7 @@ def check_regular(path: str | Path, kind: str, what: str | None = None) -> int:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise InputFileError(path, f"file not found (the {what})") from None
+        raise InputFileError(path, f"{what} not found") from None
     except OSError as error:
         raise InputFileError(path, f"cannot read {what} ({error.strerror or error})") from None
     return _checked_size(path, info, kind, what)
@@ -95,7 +95,7 @@ def read_bytes(path: str | Path, kind: str, what: str | None = None) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise InputFileError(path, f"file not found (the {what})") from None
+        raise InputFileError(path, f"{what} not found") from None
     except OSError as error:
         if error.errno == errno.ENXIO:  # a FIFO or socket with nothing on the other end
             raise InputFileError(path, f"{what} is a FIFO or socket, not a regular file") from None

@@ -72,11 +72,14 @@ TARGETS = st.sampled_from([RUN_INFO, PARQUET, JOBS_FILE, f"{CELLS_DIR}/extra.jso
 
 
 def special(run: Path, name: str, kind: str) -> None:
+    """Put a special file of `kind` at `run/name` ("none": just remove what is there)."""
     path = run / name
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif os.path.lexists(path):
         path.unlink()
+    if path.parent.is_symlink() or (path.parent.exists() and not path.parent.is_dir()):
+        special(run, str(path.parent.relative_to(run)), "none")
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "fifo":
         os.mkfifo(path)
@@ -111,7 +114,12 @@ MUTATIONS = st.one_of(
 def mutate(run: Path, mutation: tuple) -> None:
     kind, what, value = mutation
     if kind in ("set field", "drop field", "run.json value"):
-        info = json.loads((run / RUN_INFO).read_text())
+        try:
+            info = json.loads((run / RUN_INFO).read_text())
+        except (OSError, ValueError):
+            info = None  # an earlier mutation spoiled it: a field mutation leaves it so
+        if kind != "run.json value" and not isinstance(info, dict):
+            return
         if kind == "set field":
             info[what] = value
         elif kind == "drop field":
@@ -120,7 +128,10 @@ def mutate(run: Path, mutation: tuple) -> None:
             info = value
         (run / RUN_INFO).write_text(json.dumps(info))
     elif kind in ("set column", "drop column", "column as text"):
-        frame = pd.read_parquet(run / PARQUET)
+        try:
+            frame = pd.read_parquet(run / PARQUET)
+        except Exception:  # noqa: BLE001 - spoiled by an earlier mutation: left so
+            return
         if kind == "drop column":
             frame = frame.drop(columns=[what], errors="ignore")
         elif kind == "column as text" and what in frame:
@@ -132,12 +143,13 @@ def mutate(run: Path, mutation: tuple) -> None:
         except Exception:  # noqa: BLE001 - pyarrow cannot store some mixes; the file is spoiled another way
             (run / PARQUET).write_bytes(b"PAR1 not parquet")
     elif kind == "journal row":
-        (run / CELLS_DIR).mkdir(exist_ok=True)
+        special(run, f"{CELLS_DIR}/fuzz.json", "none")
         (run / CELLS_DIR / "fuzz.json").write_text(json.dumps(value))
     elif kind == "jobs.json":
+        special(run, JOBS_FILE, "none")
         (run / JOBS_FILE).write_text(json.dumps(value))
     elif kind == "bytes":
-        (run / what).parent.mkdir(parents=True, exist_ok=True)
+        special(run, what, "none")
         (run / what).write_bytes(value)
     else:
         special(run, what, value)

@@ -35,7 +35,7 @@ def test_a_symlink_to_a_device_and_a_directory_are_refused(tmp_path):
         read_bytes(link, "cell")
     with pytest.raises(InputFileError, match="is a directory"):
         read_bytes(tmp_path, "cell")
-    with pytest.raises(InputFileError, match="file not found"):
+    with pytest.raises(InputFileError, match="missing.json: cell not found"):
         read_bytes(tmp_path / "missing.json", "cell")
 
 
