@@ -298,12 +298,15 @@ def _flocked(path: Path, blocking: bool) -> Iterator[Any]:
 class RunStore:
     """The folder of one run: `RunStore(root, suite, run_id).path == root/suite/run_id`."""
 
-    def __init__(self, root: str | Path, suite: str, run_id: str):
+    def __init__(self, root: str | Path, suite: str, run_id: str, create: bool = True):
+        """`create`: make the folder and its cells/ (False for readers such as `harness status`, which
+        must work on a read-only copy and leave a run folder someone sent as it is)."""
         self.root = Path(root)
         self.suite = suite
         self.run_id = run_id
         self.path = self.root / suite / run_id
-        (self.path / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+        if create:
+            (self.path / CELLS_DIR).mkdir(parents=True, exist_ok=True)
 
     def write_run_info(self, info: dict) -> None:
         """Write run.json (environment, suite, command, ...)."""

@@ -83,7 +83,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     """
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
-    store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name)
+    store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name, create=False)  # reads only
     stored_rows, unreadable = store.rows(), store.corrupt_cells()
     rows = {r["cell_key"]: r for r in stored_rows if "cell_key" in r}
     corrupt = {file.stem for file in unreadable}

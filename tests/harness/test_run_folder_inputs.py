@@ -221,3 +221,11 @@ def test_a_run_folder_name_that_is_not_a_plain_name_gives_no_default_output_path
     assert cli.main(["report", str(run), "--root", str(tmp_path / "results")]) == 2
     assert "run id '-weird' is not a plain name" in capsys.readouterr().err
     assert cli.main(["report", str(run), "--out", str(tmp_path / "chosen")]) == 0  # an --out the user chose is used as given
+
+
+def test_status_reads_a_run_folder_without_writing_to_it(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / CELLS_DIR)  # git keeps no empty folder: a run sent in a repository has none
+    before = sorted(p.name for p in run.rglob("*"))
+    assert cli.main(["status", str(run)]) == 0 and "6 cells" in capsys.readouterr().out
+    assert sorted(p.name for p in run.rglob("*")) == before
