@@ -629,6 +629,13 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
         if item.is_symlink() or not (item.is_file() or item.is_dir()):
             kind = "a symlink" if item.is_symlink() else "not a regular file or folder"
             raise CheckError(f"{item}: {kind}; a run folder promoted to a baseline holds plain files only")
+    from harness.training import CheckpointError, load_checkpoint
+
+    for checkpoint in sorted(source.rglob("*.pt")):  # a gadget must not travel on in a baseline either
+        try:
+            load_checkpoint(checkpoint)
+        except CheckpointError as error:
+            raise CheckError(f"{error}; not promoted (remove the file to promote the run without it)") from None
     dest = Path(root) / BASELINES_DIR / device_slug(run.device_name) / name
     if dest.exists() and not force:
         raise CheckError(f"baseline {dest} already exists; pass --force to replace it")

@@ -385,6 +385,21 @@ def test_a_run_folder_with_a_link_or_special_file_is_not_promoted(tmp_path, cell
     assert not (tmp_path / "baselines").exists() or not list((tmp_path / "baselines").rglob("linked"))
 
 
+def test_a_checkpoint_with_a_pickle_gadget_is_not_promoted(tmp_path, cells):
+    import torch
+
+    from tests.harness.test_training import Gadget
+
+    run = make_run(tmp_path, "gadget", cells, seed=1)
+    (run / "checkpoints").mkdir()
+    torch.save({"gadget": Gadget(tmp_path / "pwned")}, run / "checkpoints" / "k.pt")
+    with pytest.raises(CheckError, match=r"k\.pt: cannot load checkpoint: .* never allowed to run code.*not promoted"):
+        promote_baseline(run, "gadget", root=tmp_path)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "baselines").exists()
+    torch.save({"model": {"w": torch.zeros(2)}}, run / "checkpoints" / "k.pt")  # tensors only: fine
+    assert promote_baseline(run, "gadget", root=tmp_path).is_dir()
+
+
 def test_a_device_name_cannot_steer_the_baseline_folder(tmp_path, cells):
     run = make_run(tmp_path, "steer", cells, seed=1, device_name="../../../../escape")
     dest = promote_baseline(run, "mine", root=tmp_path)
