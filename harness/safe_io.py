@@ -127,7 +127,7 @@ def read_text(path: str | Path, kind: str, what: str | None = None) -> str:
         raise InputFileError(path, f"cannot read {what or kind}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear and fast
 
 
 def json_depth(text: str) -> int:
