@@ -1301,8 +1301,8 @@ def _render_compare(
         ("h1", f"Compare: {b.run_id} / {a.run_id}"),
         (
             "p",
-            f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
-            f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
+            f"A: `{a.path}` ({(a.info.get('environment') or {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
+            f"B: `{b.path}` ({(b.info.get('environment') or {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
         ),
         ("p", summary),
         (

@@ -229,3 +229,11 @@ def test_status_reads_a_run_folder_without_writing_to_it(finished, tmp_path, cap
     before = sorted(p.name for p in run.rglob("*"))
     assert cli.main(["status", str(run)]) == 0 and "6 cells" in capsys.readouterr().out
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_null_fields_of_run_json_read_as_absent(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    info = json.loads((run / RUN_INFO).read_text())
+    write_json(run / RUN_INFO, {**info, "environment": None, "suite": None, "description": None, "cell_keys": None})
+    results = run_all(capsys, run, finished, tmp_path / "out")
+    assert {name: code for name, (code, _) in results.items()} == {"report": 0, "status": 0, "check": 0, "compare": 0}, results
