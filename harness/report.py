@@ -82,6 +82,9 @@ def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> StoredRun:
     missing = [c for c in REQUIRED_COLUMNS if c not in run.rows.columns]
     if missing:
         raise ResultsError(f"{run.path}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
+    labels = run.rows["variant_label"]
+    if labels.isna().any():  # a row without a label (a foreign or damaged file): named by its variant
+        run.rows["variant_label"] = labels.where(labels.notna(), run.rows["variant"].where(run.rows["variant"].notna(), "?").astype(str))
     return run
 
 

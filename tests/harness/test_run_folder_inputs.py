@@ -237,3 +237,12 @@ def test_null_fields_of_run_json_read_as_absent(finished, tmp_path, capsys):
     write_json(run / RUN_INFO, {**info, "environment": None, "suite": None, "description": None, "cell_keys": None})
     results = run_all(capsys, run, finished, tmp_path / "out")
     assert {name: code for name, (code, _) in results.items()} == {"report": 0, "status": 0, "check": 0, "compare": 0}, results
+
+
+def test_rows_without_a_variant_label_are_reported_by_their_variant(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)  # found by the fuzzer: AttributeError in the report and compare
+    frame = pd.read_parquet(run / PARQUET)
+    frame["variant_label"] = None
+    frame.to_parquet(run / PARQUET)
+    results = run_all(capsys, run, finished, tmp_path / "out")
+    assert all(code in (0, 2) for code, _ in results.values()), results
