@@ -554,6 +554,12 @@ NUMERIC_COLUMNS = (
 )  # fmt: skip
 
 
+FINITE_COLUMNS = (
+    "seq_len", "batch", "tokens_per_batch", "time_ms_median", "peak_mem_mib", "n_repeats", "rounds", "step",
+    "n_layers", "ffn_chunks", "d_ff", "d_model", "n_heads",
+)  # fmt: skip
+
+
 def check_columns(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
     """`frame` if its known columns hold the kinds of values the readers expect (TEXT_COLUMNS text,
     NUMERIC_COLUMNS numbers; cell keys plain names); ResultsError naming `source` and the column."""
@@ -576,6 +582,8 @@ def check_columns(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
                 frame[column] = pd.to_numeric(values)
             elif not (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
                 raise ResultsError(f"{source}: column {column!r} must hold numbers, found {values.dtype}")
+            if column in FINITE_COLUMNS and np.isinf(frame[column].astype("float64")).any():
+                raise ResultsError(f"{source}: column {column!r} holds an infinite value")
     if "cell_key" in frame.columns:
         bad = frame["cell_key"].dropna().map(lambda key: not CELL_KEY_PATTERN.fullmatch(key))
         if bad.any():

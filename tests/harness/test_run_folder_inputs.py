@@ -113,6 +113,8 @@ EXIT_2 = {
     "status as integers": (spoil_parquet(lambda f: f.assign(status=1)), [PARQUET, "column 'status' must hold text"]),
     "seq_len as text": (spoil_parquet(lambda f: f.assign(seq_len="long")), [PARQUET, "column 'seq_len' must hold numbers"]),
     "cell_key with a path": (spoil_parquet(lambda f: f.assign(cell_key="../../x")), [PARQUET, "is not a plain name"]),
+    "time an infinity": (spoil_parquet(lambda f: f.assign(time_ms_median=float("inf"))), [PARQUET, "'time_ms_median' holds an infinite"]),
+    "repeats an infinity": (spoil_parquet(lambda f: f.assign(n_repeats=float("inf"))), [PARQUET, "'n_repeats' holds an infinite"]),
     "parquet a link to /dev/zero": (replace_with_link(PARQUET, "/dev/zero"), [PARQUET, "character device"]),
     "parquet a FIFO": (replace_with_fifo(PARQUET), [PARQUET, "FIFO"]),
 }
