@@ -45,6 +45,7 @@ from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRul
 from harness.environment import device_slug
 from harness.expressions import ExpressionError, both, select_rows
 from harness.results import ResultsError, StoredRun, cell_rows, file_mode, read_run, to_json
+from harness.safe_io import InputFileError, parse_json
 from harness.stats import mann_whitney_u, median, min_p_value
 from harness.tables import row_contended
 
@@ -78,7 +79,11 @@ def quality_key_of(row: dict) -> str:
 
     def parsed(name: str, fallback: str = "") -> dict:
         value = text(name, fallback)
-        return json.loads(value) if isinstance(value, str) and value else {}
+        try:
+            data = parse_json(value, f"column {name}") if isinstance(value, str) and value else {}
+        except InputFileError as error:
+            raise CheckError(f"a row of cell {row.get('cell_key')!r}: {error}") from None
+        return data if isinstance(data, dict) else {}
 
     identity = {
         "config": config_key_of(row),
@@ -203,8 +208,8 @@ def samples_of(row: dict, column: str = "time_ms_samples") -> list[float]:
     value = row.get(column)
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = parse_json(value, column)
+        except InputFileError:
             return []
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -356,6 +361,12 @@ def compare_ratios(base: pd.DataFrame, now: pd.DataFrame, rule: RatioRule, label
     run are tested against the baseline's with the one-sided Mann-Whitney U test.
     """
     base_pairs, now_pairs = _ratio_pairs(base, rule, label), _ratio_pairs(now, rule, label)
+    if not base_pairs and not now_pairs:  # a check that compares nothing must not pass silently
+        raise CheckError(
+            f"ratio check {rule.name or rule.numerator + ' / ' + rule.denominator!r}: no numerator cell "
+            f"({both(rule.numerator, rule.at)!r}) with a matching denominator cell ({rule.denominator!r}) in the run or the "
+            "baseline; fix the expressions (`harness run SUITE --dry-run --filter EXPR` lists what one selects)"
+        )
     out = []
     metric = f"{rule.metric.replace('_', ' ')} ratio"  # "time ratio" | "cpu time ratio"
     for key in list(base_pairs) + [k for k in now_pairs if k not in base_pairs]:
@@ -614,6 +625,17 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
     source = run.path
     if not force and run.info and "finished_at" not in run.info:
         raise CheckError(f"run {source} did not finish (run.json has no finished_at); pass --force to promote it anyway")
+    for item in source.rglob("*"):  # a baseline travels on in a repository: only plain files and folders
+        if item.is_symlink() or not (item.is_file() or item.is_dir()):
+            kind = "a symlink" if item.is_symlink() else "not a regular file or folder"
+            raise CheckError(f"{item}: {kind}; a run folder promoted to a baseline holds plain files only")
+    from harness.training import CheckpointError, load_checkpoint
+
+    for checkpoint in sorted(source.rglob("*.pt")):  # a gadget must not travel on in a baseline either
+        try:
+            load_checkpoint(checkpoint)
+        except CheckpointError as error:
+            raise CheckError(f"{error}; not promoted (remove the file to promote the run without it)") from None
     dest = Path(root) / BASELINES_DIR / device_slug(run.device_name) / name
     if dest.exists() and not force:
         raise CheckError(f"baseline {dest} already exists; pass --force to replace it")

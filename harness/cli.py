@@ -30,8 +30,10 @@ from harness.commands import status as status_command
 from harness.export import EXPORT_FORMATS, ExportError
 from harness.overrides import OverrideError
 from harness.results import CorruptCellWarning, ResultsError
+from harness.safe_io import InputFileError
 from harness.safe_yaml import YAMLInputError
 from harness.suites import SuiteError
+from variants.registry import PluginError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     try:
         return args.handler(args)
-    except (SuiteError, ResultsError, UsageError, YAMLInputError, OverrideError, ExportError) as error:
+    except (SuiteError, ResultsError, UsageError, YAMLInputError, OverrideError, ExportError, InputFileError, PluginError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+
+from harness.safe_io import LIMITS, InputFileError, check_regular
 
 SPLITS = ("train", "valid", "test")
 ENWIK8_BYTES = 100_000_000
@@ -317,10 +320,22 @@ def load_image_npz(path: str | Path, image_size: int | None = None) -> np.ndarra
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"image file not found: {path.resolve()}; {IMAGENET64_HOWTO}")
-    with np.load(path) as archive:
-        if "data" not in archive:
-            raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found {list(archive.keys())}")
-        data = archive["data"]
+    try:
+        check_regular(path, "data", "image file")
+        archive = np.load(path, allow_pickle=False)  # never pickle: an object array is refused
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found a single array (.npy)")
+        with archive:
+            if "data" not in archive:
+                raise DataError(f"{path}: expected an array named 'data' (imagenet64 .npz format), found {list(archive.keys())}")
+            size = archive.zip.getinfo("data.npy").file_size  # uncompressed: a small .npz may hold a huge array
+            if size > LIMITS["data"]:
+                raise DataError(f"{path}: 'data' is {size:,} bytes uncompressed, larger than the {LIMITS['data']:,} allowed")
+            data = archive["data"]
+    except InputFileError as error:
+        raise DataError(str(error)) from None
+    except (ValueError, TypeError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: not a readable .npz of uint8 images ({type(error).__name__}: {error})") from None
     if data.dtype != np.uint8:
         raise DataError(f"{path}: 'data' must be uint8 (8-bit images), got {data.dtype}")
     if data.ndim == 4:

@@ -22,9 +22,9 @@ group, interleaved within that group.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
+import secrets
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
@@ -33,12 +33,11 @@ from typing import Any, Iterator
 
 from harness.cells import Cell
 from harness.isolation import THREADS_ENV, interrupt_guard, kill_live_cells
-from harness.results import RunStore, atomic_write_json
+from harness.results import JOBS_FILE, RunStore, atomic_write_json, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
 from harness.sweep import RunOptions, Sweep, run_cells
 
 EXECUTORS = ("local", "pool", "submitit")
-JOBS_FILE = "jobs.json"  # submitted job ids, per submission, for `harness status`
 SUBMITIT_DIR = "submitit"  # submitit's pickles and job logs, inside the run folder
 SLURM_POLL_ENV = "REFORMER_HARNESS_SLURM_POLL_S"  # seconds between questions to Slurm (default 15)
 
@@ -198,7 +197,7 @@ def _failure_row(cell: Cell, options: RunOptions, message: str) -> dict[str, Any
 
 def _record_submission(store: RunStore, cluster: str, folder: Path, jobs: list[tuple[str, list[str]]]) -> None:
     file = store.path / JOBS_FILE
-    data = json.loads(file.read_text(encoding="utf-8")) if file.exists() else {"submissions": []}
+    data = {"submissions": read_submissions(store.path)}
     data["submissions"].append(
         {
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -208,6 +207,19 @@ def _record_submission(store: RunStore, cluster: str, folder: Path, jobs: list[t
         }
     )
     atomic_write_json(file, data)
+
+
+def submission_folder(store: RunStore) -> Path:
+    """A new, empty folder `submitit/<UTC time>-<random>/` of the run for one submission's pickles
+    and logs. submitit unpickles the result files it finds there: a fresh folder holds only what this
+    submission's jobs write, never a file that came with the run folder (nor a link out of it)."""
+    parent = store.path / SUBMITIT_DIR
+    if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+        raise ExecutorError(f"{parent}: not a plain folder (a link or a file); move it away to submit jobs for this run")
+    parent.mkdir(exist_ok=True)
+    folder = parent / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    return folder
 
 
 def _make_importable_in_jobs() -> None:
@@ -339,7 +351,7 @@ def run_submitit(
     if not groups:
         return []
     _make_importable_in_jobs()
-    folder = store.path / SUBMITIT_DIR
+    folder = submission_folder(store)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**slurm_parameters(slurm, device))
     group_job = GroupJob()

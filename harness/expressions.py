@@ -116,7 +116,7 @@ class Expression:
                 allowed=False,
             )
         try:
-            value = _Evaluator(frame).visit(self.tree.body)
+            value = _Evaluator(frame, self.text).visit(self.tree.body)
         except ExpressionError:
             raise
         except (TypeError, ValueError, ArithmeticError) as error:
@@ -273,8 +273,8 @@ def _is_number(value: Any) -> bool:
 class _Evaluator:
     """Evaluates a checked tree on a frame: Series for column expressions, scalars for constants."""
 
-    def __init__(self, frame: pd.DataFrame):
-        self.frame = frame
+    def __init__(self, frame: pd.DataFrame, text: str = ""):
+        self.frame, self.text = frame, text
 
     def visit(self, node: ast.AST) -> Any:
         import numpy as np
@@ -306,7 +306,15 @@ class _Evaluator:
                     raise ValueError(f"exponent {right!r} is larger than {MAX_POWER_EXPONENT}")
                 if not isinstance(left, pd.Series) and not isinstance(right, pd.Series):
                     return float(left) ** float(right)
-            return _ARITHMETIC[type(node.op)](left, right)
+            result = _ARITHMETIC[type(node.op)](left, right)
+            if isinstance(result, pd.Series) and pd.api.types.is_integer_dtype(result):
+                # int64 arithmetic wraps silently (2 ** 64 == 0): redo it in float64 to see whether it did
+                exact = _ARITHMETIC[type(node.op)](_as_float(left), _as_float(right))
+                if (exact.abs() >= 2.0**63).any():
+                    raise OverflowError(
+                        f"{_piece(node, self.text)} overflows 64-bit integers for some rows; write it with floats (2.0 ** seq_len)"
+                    )
+            return result
         if isinstance(node, ast.Compare):
             result: Any = True
             left = self.visit(node.left)
@@ -336,6 +344,11 @@ class _Evaluator:
                 value = function(arguments[0])
             return value if isinstance(value, pd.Series) else float(value)
         raise TypeError(f"unexpected {type(node).__name__}")  # _check admits nothing else
+
+
+def _as_float(value: Any) -> Any:
+    """`value` (a Series or a number) as float64."""
+    return value.astype("float64") if hasattr(value, "astype") else float(value)
 
 
 def _as_condition(value: Any) -> Any:

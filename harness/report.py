@@ -22,10 +22,14 @@ import base64
 import html
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,7 +37,8 @@ import pandas as pd
 from harness import figures, paper, stats
 from harness.check import for_check, rules_for
 from harness.overrides import overrides_text
-from harness.results import ResultsError, StoredRun, cell_rows, latest_run, load_run_info, read_run
+from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text, cell_rows, latest_run, load_run_info, read_run
+from harness.safe_io import InputFileError, check_name, check_under, parse_json
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
 from harness.targets import evaluate_targets
 
@@ -78,6 +83,9 @@ def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> StoredRun:
     missing = [c for c in REQUIRED_COLUMNS if c not in run.rows.columns]
     if missing:
         raise ResultsError(f"{run.path}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
+    labels = run.rows["variant_label"]
+    if labels.isna().any():  # a row without a label (a foreign or damaged file): named by its variant
+        run.rows["variant_label"] = labels.where(labels.notna(), run.rows["variant"].where(run.rows["variant"].notna(), "?").astype(str))
     return run
 
 
@@ -155,8 +163,8 @@ def _params(value: Any) -> dict:
     if isinstance(value, dict):
         return value
     try:
-        parsed = json.loads(value) if isinstance(value, str) else {}
-    except json.JSONDecodeError:
+        parsed = parse_json(value) if isinstance(value, str) else {}
+    except ValueError:  # InputFileError: not JSON, nested too deep
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
@@ -496,23 +504,60 @@ def _table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+# A link target that may become a link: http(s), or a relative path (no scheme, not `//host`).
+_SAFE_URL = re.compile(r"(?i)https?://[^\s<>\"'`\\]+|(?!//)[^\s:<>\"'`\\]+")
+_CODE_SPAN = re.compile(r"(`[^`\n]+`)")
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")  # how raw HTML (a tag, comment, declaration) or an autolink begins
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def safe_url(url: str) -> bool:
+    """Whether `url` (as written in Markdown: entities are decoded there) is http(s) or relative."""
+    return bool(_SAFE_URL.fullmatch(html.unescape(url)))
+
+
+def markdown_text(text: str) -> str:
+    """`text` (which may hold user text: descriptions, labels, messages, file names) as Markdown
+    that passes no raw HTML: outside code spans a `<` that would open a tag, comment or autolink becomes `&lt;`, and a link whose target
+    is not http(s) or relative (`javascript:`, `data:`) is shown as text, not as a link."""
+    parts = _CODE_SPAN.split(text)
+    for i in range(0, len(parts), 2):
+        part, pieces, last = _TAG_OPEN.sub("&lt;", parts[i]), [], 0
+        for match in _LINK.finditer(part):  # brackets outside safe links escaped: no other link form survives
+            pieces += [_brackets(part[last : match.start()]), match.group(0) if safe_url(match.group(2)) else _brackets(match.group(0))]
+            last = match.end()
+        parts[i] = "".join([*pieces, _brackets(part[last:])])
+    return "".join(parts)
+
+
+def _brackets(text: str) -> str:
+    return text.replace("[", "\\[").replace("]", "\\]")
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text` (so the text cannot close it)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def to_markdown(blocks: list[Block]) -> str:
-    """The blocks as GitHub-flavoured Markdown."""
+    """The blocks as GitHub-flavoured Markdown; text escaped by `markdown_text`."""
     out: list[str] = []
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + block[1])
+            out.append("#" * int(kind[1]) + " " + markdown_text(block[1]))
         elif kind == "p":
-            out.append(block[1])
+            out.append(markdown_text(block[1]))
         elif kind == "code":
-            out.append("```\n" + block[1] + "\n```")
+            fence = _fence(block[1])
+            out.append(f"{fence}\n{block[1]}\n{fence}")
         elif kind == "figure":
-            stem, caption = block[1], block[2]
+            stem, caption = block[1], markdown_text(block[2])
             out.append(f"![{caption}]({stem}.png)\n\n*{caption}* ([SVG]({stem}.svg))")
         elif kind == "table":
             header, body = _table_rows(block[1])
-            cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            cell = lambda s: markdown_text(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
             lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in body]
             out.append("\n".join(lines))
@@ -520,9 +565,15 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _inline(text: str) -> str:
+    """HTML of one line of text: all of it escaped; code spans; only http(s) and relative links live."""
     escaped = html.escape(text)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
+
+    def link(match: re.Match) -> str:
+        url = html.unescape(match.group(2))
+        return f'<a href="{match.group(2)}">{match.group(1)}</a>' if safe_url(url) else match.group(0)
+
+    return _LINK.sub(link, escaped)
 
 
 _NUMBER = re.compile(r"[-+]?[\d,]*\.?\d+(e[-+]?\d+)?|")  # numbers (and empty cells) are right-aligned
@@ -575,8 +626,44 @@ def to_html(blocks: list[Block], folder: Path, title: str) -> str:
 
 
 def _write_document(blocks: list[Block], folder: Path, title: str) -> None:
-    (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
-    (folder / "index.html").write_text(to_html(blocks, folder, title), encoding="utf-8")
+    atomic_write_text(folder / "report.md", to_markdown(blocks))
+    atomic_write_text(folder / "index.html", to_html(blocks, folder, title))
+
+
+def output_folder(base: Path, *parts: tuple[str, str, Path]) -> Path:
+    """`base/<name>/...` for (name, what, file it came from) parts read from stored runs: each a
+    plain name (`harness.safe_io.check_name`) and the result under `base`; ResultsError otherwise."""
+    try:
+        folder = base.joinpath(*(check_name(name, what, where) for name, what, where in parts))
+        return check_under(folder, base)
+    except InputFileError as error:
+        raise ResultsError(f"{error}; not used as a folder name") from None
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A new temporary folder beside `folder` to write a report into; when the block ends without an
+    error its files are moved into `folder` (created if need be), else it is removed: a report that
+    fails half-way leaves no figures without their report.md."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield staging
+        folder.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name in ("report.md", "index.html")):  # documents last
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Turn an OSError while writing into `folder` (full disk, read-only place, a file in the way)
+    into a ResultsError naming the folder (exit 2)."""
+    try:
+        yield
+    except OSError as error:
+        raise ResultsError(f"cannot write to {folder}: {error.strerror or error}; choose another --out") from None
 
 
 # --------------------------------------------------------------------------- report sections
@@ -1107,8 +1194,8 @@ def report_blocks(run: StoredRun, folder: Path, palette: dict[str, Any]) -> list
         ("p", "The command that produced these results (run.json):"),
         ("code", str(run.info.get("command") or "not recorded")),
         *(
-            (("p", f"Suite keys overridden on the command line: `{overrides_text(run.info['overrides'])}`."),)
-            if run.info.get("overrides")
+            (("p", "Suite keys overridden on the command line:"), ("code", overrides_text(run.info["overrides"])))
+            if overrides_text(run.info.get("overrides"))
             else ()
         ),
     ]
@@ -1132,12 +1219,15 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
     base = Path(out) if out is not None else reports_root(root)
     folders = []
     for run in runs:
-        folder = base if (out is not None and len(runs) == 1) else base / run.suite / run.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        # One palette per run, from its labels alone: the same series has the same colour in every
-        # figure of the run, and in any other run or comparison whose labels are the same.
-        blocks = report_blocks(run, folder, figures.series_palette(all_series(run.rows)))
-        _write_document(blocks, folder, f"{run.suite} {run.run_id}")
+        if out is not None and len(runs) == 1:
+            folder = base
+        else:
+            folder = output_folder(base, (run.suite, "suite", run.path / RUN_INFO), (run.run_id, "run id", run.path))
+        with writing(folder), staged(folder) as staging:
+            # One palette per run, from its labels alone: the same series has the same colour in every
+            # figure of the run, and in any other run or comparison whose labels are the same.
+            blocks = report_blocks(run, staging, figures.series_palette(all_series(run.rows)))
+            _write_document(blocks, staging, f"{run.suite} {run.run_id}")
         folders.append(folder)
     if len(runs) == 1:
         return folders[0]
@@ -1147,7 +1237,8 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
         description = " ".join(str(run.info.get("description") or "").split())
         blocks.append(("p", f"[{run.suite}: {run.run_id}]({relative}/index.html) ([report.md]({relative}/report.md)). {description}"))
     index = base / "index.html"
-    index.write_text(to_html(blocks, base, "Reports"), encoding="utf-8")
+    with writing(base):
+        atomic_write_text(index, to_html(blocks, base, "Reports"))
     return index
 
 
@@ -1182,8 +1273,25 @@ def render_compare(
     if bench_a.empty or bench_b.empty:
         raise ResultsError("compare needs benchmark rows (timings) in both runs")
     merged = compare_runs(bench_a, bench_b)
-    folder = Path(out) if out is not None else reports_root(root) / "compare" / f"{a.run_id}-vs-{b.run_id}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        folder = Path(out)
+    else:
+        folder = output_folder(reports_root(root) / "compare", (f"{a.run_id}-vs-{b.run_id}", "run ids", a.path))
+    with writing(folder), staged(folder) as staging:
+        _render_compare(a, b, bench_a, bench_b, merged, staging, echo)
+    return folder
+
+
+def _render_compare(
+    a: StoredRun,
+    b: StoredRun,
+    bench_a: pd.DataFrame,
+    bench_b: pd.DataFrame,
+    merged: pd.DataFrame,
+    folder: Path,
+    echo: Callable[[str], None] | None,
+) -> None:
+    """The figure, table, report.md and index.html of `render_compare` in `folder`."""
     axes = sweep_axes(merged)
     x = axes[0] if axes else "seq_len"
     frame = with_series(merged, x)
@@ -1242,8 +1350,8 @@ def render_compare(
         ("h1", f"Compare: {b.run_id} / {a.run_id}"),
         (
             "p",
-            f"A: `{a.path}` ({a.info.get('environment', {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
-            f"B: `{b.path}` ({b.info.get('environment', {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
+            f"A: `{a.path}` ({(a.info.get('environment') or {}).get('device_name', '?')}, {a.info.get('code_version', '?')}); "
+            f"B: `{b.path}` ({(b.info.get('environment') or {}).get('device_name', '?')}, {b.info.get('code_version', '?')}).",
         ),
         ("p", summary),
         (
@@ -1269,4 +1377,3 @@ def render_compare(
     if echo is not None:
         for line in [summary, *inconclusive_lines]:
             echo(line)
-    return folder

@@ -40,14 +40,17 @@ import numpy as np
 import pandas as pd
 
 from harness.cells import ROUND_ROW
+from harness.safe_io import InputFileError, check_name, read_bytes, read_json
 
 RUN_INFO = "run.json"
 CELLS_DIR = "cells"
 RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
 PARQUET = "results.parquet"
 LOCK_FILE = ".lock"
+JOBS_FILE = "jobs.json"  # submitted job ids, per submission (harness.executors), for `harness status`
 ROWS_LOCK = ".rows.lock"  # held while results.parquet is read, merged with the journal and rewritten
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+CELL_KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a cell key names files: cells/<key>.json
 
 
 class ResultsError(Exception):
@@ -183,13 +186,38 @@ def resume_store(root: str | Path, suite: str, run_id: str, option: str = "--res
     return RunStore(root, suite, run_id)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, kind: str = RUN_INFO) -> Any:
+    """The JSON data of `path`, read with the bounds of `harness.safe_io`; ResultsError otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ResultsError(f"{path}: unreadable JSON ({error})") from None
+        return read_json(path, kind, "file")  # "<path>: file not found", "<path>: file is a FIFO, ..."
+    except InputFileError as error:
+        raise ResultsError(str(error)) from None
+
+
+def read_submissions(run_dir: Path) -> list[dict]:
+    """The submissions recorded in the run's jobs.json ([] without one), each
+    {"at", "cluster", "folder", "jobs": [{"job_id": str, "cells": [cell keys]}]}; ResultsError
+    naming the file and the problem when it is unreadable or not of that shape."""
+    file = run_dir / JOBS_FILE
+    if not file.exists() and not file.is_symlink():
+        return []
+    data = _read_json(file, JOBS_FILE)
+    submissions = data.get("submissions") if isinstance(data, dict) else None
+    if not isinstance(submissions, list):
+        raise ResultsError(f"{file}: expected an object with a list 'submissions'")
+    for submission in submissions:
+        jobs = submission.get("jobs") if isinstance(submission, dict) else None
+        if not isinstance(jobs, list) or not isinstance(submission.get("cluster", ""), str):
+            raise ResultsError(f"{file}: each submission must be an object with a list 'jobs', got {_short(submission)}")
+        for job in jobs:
+            if not (
+                isinstance(job, dict)
+                and isinstance(job.get("job_id"), (str, int))
+                and isinstance(job.get("cells"), list)
+                and all(isinstance(key, str) for key in job["cells"])
+            ):
+                raise ResultsError(f"{file}: each job must be an object with a 'job_id' and a list of cell keys 'cells', got {_short(job)}")
+    return submissions
 
 
 def read_cells(run_dir: Path) -> tuple[list[dict], list[Path]]:
@@ -206,13 +234,13 @@ def read_cells(run_dir: Path) -> tuple[list[dict], list[Path]]:
     rows, corrupt = [], []
     for file in files:
         try:
-            row = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            continue  # removed meanwhile (a stale row replaced by another process)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            corrupt.append(file)
-            continue
-        if isinstance(row, dict) and isinstance(row.get("cell_key"), str):
+            row = read_json(file, "cell", "cell file")
+        except InputFileError:
+            if file.exists():
+                corrupt.append(file)
+            continue  # else removed meanwhile (a stale row replaced by another process)
+        # the key names this file and the checkpoint: a key that is not a plain name is foreign junk
+        if isinstance(row, dict) and isinstance(row.get("cell_key"), str) and CELL_KEY_PATTERN.fullmatch(row["cell_key"]):
             rows.append(row)
         else:
             corrupt.append(file)
@@ -270,12 +298,15 @@ def _flocked(path: Path, blocking: bool) -> Iterator[Any]:
 class RunStore:
     """The folder of one run: `RunStore(root, suite, run_id).path == root/suite/run_id`."""
 
-    def __init__(self, root: str | Path, suite: str, run_id: str):
+    def __init__(self, root: str | Path, suite: str, run_id: str, create: bool = True):
+        """`create`: make the folder and its cells/ (False for readers such as `harness status`, which
+        must work on a read-only copy and leave a run folder someone sent as it is)."""
         self.root = Path(root)
         self.suite = suite
         self.run_id = run_id
         self.path = self.root / suite / run_id
-        (self.path / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+        if create:
+            (self.path / CELLS_DIR).mkdir(parents=True, exist_ok=True)
 
     def write_run_info(self, info: dict) -> None:
         """Write run.json (environment, suite, command, ...)."""
@@ -314,9 +345,9 @@ class RunStore:
                 yield self
         except BlockingIOError:
             try:
-                holder = json.loads((self.path / LOCK_FILE).read_text(encoding="utf-8"))
+                holder = read_json(self.path / LOCK_FILE, "note", "lock file")
                 who = f"pid {holder['pid']} on {holder['host']} ({holder['purpose']} since {holder['since']})"
-            except (OSError, ValueError, KeyError, TypeError):
+            except (InputFileError, KeyError, TypeError):
                 who = "another process"
             raise RunLockedError(
                 f"run {self.path} is in use by {who}; wait for it to finish or stop it, "
@@ -331,7 +362,7 @@ class RunStore:
         """Store one row (by `row["cell_key"]`, replacing an earlier row of that key): its journal
         file first, then results.parquet rewritten with it."""
         key = row.get("cell_key")
-        if not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+        if not isinstance(key, str) or not CELL_KEY_PATTERN.fullmatch(key):
             raise ValueError(f"row needs a file-name-safe 'cell_key', got {key!r}")
         row = {"run_id": self.run_id, "suite": self.suite, **row}
         atomic_write_json(self.path / CELLS_DIR / f"{key}.json", row)
@@ -393,8 +424,8 @@ class RunStore:
         notes = {}
         for file in (self.path / RUNNING_DIR).glob("*.json"):
             try:
-                note = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                note = read_json(file, "note", "running note")
+            except InputFileError:
                 continue
             if isinstance(note, dict):
                 notes[file.stem] = note
@@ -405,7 +436,7 @@ class RunStore:
         and the journal. Keys not stored are ignored."""
         keys = set(keys)
         for key in keys:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+            if not isinstance(key, str) or not CELL_KEY_PATTERN.fullmatch(key):
                 raise ValueError(f"not a cell_key: {key!r}")
         with _flocked(self.path / ROWS_LOCK, blocking=True):
             frame = read_rows(self.path, warn=False)
@@ -447,14 +478,118 @@ def latest_run(root: str | Path, suite: str) -> Path | None:
     return max(runs, key=lambda p: (p.name[:16], p.stat().st_mtime_ns, p.name))
 
 
-def load_run_info(path: str | Path) -> dict:
-    """run.json of a run folder (or the run.json file itself)."""
-    path = Path(path)
-    file = path / RUN_INFO if path.is_dir() else path
-    info = _read_json(file)
+# run.json fields the readers use, with the JSON types they must have (a field may be absent or null)
+RUN_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "suite": (str,),
+    "suite_path": (str,),
+    "suite_text": (str,),
+    "kind": (str,),
+    "description": (str,),
+    "code_version": (str,),
+    "command": (str,),
+    "executor": (str,),
+    "started_at": (str,),
+    "finished_at": (str,),
+    "interrupted_at": (str,),
+    "n_cells": (int,),
+    "wall_s": (int, float),
+    "environment": (dict,),
+    "cell_keys": (list,),
+    "cell_labels": (dict,),
+    "resumes": (list,),
+    "overrides": (list,),
+}
+_JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "an array"}
+
+
+def check_run_info(info: Any, file: str | Path) -> dict:
+    """`info` if it is run.json's object with fields of the types the readers expect
+    (RUN_INFO_TYPES; `suite` a plain name, `cell_keys` plain names); ResultsError naming the field."""
     if not isinstance(info, dict):
         raise ResultsError(f"{file}: expected a JSON object, got {type(info).__name__}")
+    for name, types in RUN_INFO_TYPES.items():
+        value = info.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            allowed = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
+            raise ResultsError(f"{file}: field {name!r} must be {allowed}, got {type(value).__name__} {_short(value)}")
+    try:
+        if info.get("suite") is not None:
+            check_name(info["suite"], "field 'suite'", file)
+        for key in info.get("cell_keys") or []:
+            check_name(key, "an entry of 'cell_keys'", file)
+    except InputFileError as error:
+        raise ResultsError(str(error)) from None
+    for label in (info.get("cell_labels") or {}).values():
+        if not isinstance(label, str):
+            raise ResultsError(f"{file}: the values of 'cell_labels' must be strings, got {type(label).__name__} {_short(label)}")
+    for entry in info.get("resumes") or []:
+        if not isinstance(entry, dict):
+            raise ResultsError(f"{file}: the entries of 'resumes' must be objects, got {type(entry).__name__} {_short(entry)}")
     return info
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_run_info(path: str | Path) -> dict:
+    """run.json of a run folder (or the run.json file itself), bounded (`harness.safe_io`) and
+    checked (`check_run_info`); ResultsError naming the file and what is wrong."""
+    path = Path(path)
+    file = path / RUN_INFO if path.is_dir() else path
+    return check_run_info(_read_json(file), file)
+
+
+# Columns the readers use, by the kind of value they must hold (missing values are always allowed).
+TEXT_COLUMNS = (
+    "cell_key", "status", "variant", "variant_label", "row_type", "suite", "run_id", "error", "message",
+    "workload", "mode", "device", "dtype", "code_version", "device_name", "config_key", "task", "eval_variant",
+    "train_variant", "contention", "timer", "mem_method", "residual",
+)  # fmt: skip
+NUMERIC_COLUMNS = (
+    "seq_len", "batch", "tokens_per_batch", "time_ms_median", "peak_mem_mib", "activation_mem_mib", "n_repeats",
+    "step", "accuracy", "bpd", "rounds", "round_drift", "n_layers", "ffn_chunks", "d_ff", "d_model", "n_heads",
+)  # fmt: skip
+
+
+FINITE_COLUMNS = (
+    "seq_len", "batch", "tokens_per_batch", "time_ms_median", "peak_mem_mib", "n_repeats", "rounds", "step",
+    "n_layers", "ffn_chunks", "d_ff", "d_model", "n_heads",
+)  # fmt: skip
+
+
+def check_columns(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """`frame` if its known columns hold the kinds of values the readers expect (TEXT_COLUMNS text,
+    NUMERIC_COLUMNS numbers; cell keys plain names); ResultsError naming `source` and the column."""
+    if frame.columns.duplicated().any() or not all(isinstance(c, str) for c in frame.columns):
+        raise ResultsError(f"{source}: column names must be distinct strings")
+    for column in TEXT_COLUMNS:
+        if column in frame.columns:
+            values = frame[column]
+            bad = values[values.notna() & ~values.map(lambda v: isinstance(v, str))]
+            if len(bad):
+                raise ResultsError(f"{source}: column {column!r} must hold text, found {type(bad.iloc[0]).__name__} {_short(bad.iloc[0])}")
+    for column in NUMERIC_COLUMNS:
+        if column in frame.columns and frame[column].notna().any():
+            values = frame[column]
+            if values.dtype == object:
+                numeric = values.map(lambda v: v is None or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)))
+                if not numeric.all():
+                    bad = values[~numeric].iloc[0]
+                    raise ResultsError(f"{source}: column {column!r} must hold numbers, found {type(bad).__name__} {_short(bad)}")
+                frame[column] = pd.to_numeric(values)
+            elif not (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
+                raise ResultsError(f"{source}: column {column!r} must hold numbers, found {values.dtype}")
+            if column in FINITE_COLUMNS and np.isinf(frame[column].astype("float64")).any():
+                raise ResultsError(f"{source}: column {column!r} holds an infinite value")
+    if "cell_key" in frame.columns:
+        bad = frame["cell_key"].dropna().map(lambda key: not CELL_KEY_PATTERN.fullmatch(key))
+        if bad.any():
+            raise ResultsError(f"{source}: cell_key {_short(frame['cell_key'].dropna()[bad].iloc[0])} is not a plain name")
+    return frame
 
 
 def _lists_back(frame: pd.DataFrame) -> pd.DataFrame:
@@ -467,9 +602,13 @@ def _lists_back(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _read_parquet(file: Path) -> pd.DataFrame:
     try:
-        return _lists_back(pd.read_parquet(file))
-    except FileNotFoundError:
-        raise ResultsError(f"{file}: file not found") from None
+        data = read_bytes(file, "parquet", "results file")  # a regular file of bounded size, never a FIFO
+    except InputFileError as error:
+        raise ResultsError(str(error)) from None
+    try:
+        return check_columns(_lists_back(pd.read_parquet(io.BytesIO(data))), file)
+    except ResultsError:
+        raise
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt files
         raise ResultsError(f"{file}: unreadable parquet ({type(error).__name__}: {error})") from None
 
@@ -496,7 +635,7 @@ def read_rows(run_dir: Path, strict: bool = True, warn: bool = True) -> pd.DataF
         warnings.warn(CorruptCellWarning(f"{problem}; only the journal's rows are loaded"), stacklevel=2)
     frame = stored
     if journal:
-        newer = _lists_back(pd.DataFrame(journal))
+        newer = check_columns(_lists_back(pd.DataFrame(journal)), run_dir / CELLS_DIR)
         if stored is not None and "cell_key" in stored.columns:
             kept = stored[~stored["cell_key"].astype(str).isin(set(newer["cell_key"]))]
             frame = pd.concat([kept, newer], ignore_index=True) if len(kept) else newer
@@ -606,6 +745,7 @@ class StoredRun:
 
     @property
     def suite(self) -> str:
+        """run.json's suite (checked to be a plain name by `load_run_info`), else the parent folder's name."""
         return str(self.info.get("suite") or self.path.parent.name)
 
     @property
@@ -639,7 +779,7 @@ def read_run(arg: str | Path, root: str | Path = "results", load_rows: bool = Tr
     unreadable cell files named in `corrupt`. ResultsError for anything missing or unreadable."""
     source, kind, _, _ = resolve_run(arg, Path(root))
     folder = source.parent if kind == "parquet" else source
-    info = load_run_info(folder) if (folder / RUN_INFO).is_file() else {}
+    info = load_run_info(folder) if os.path.lexists(folder / RUN_INFO) else {}  # a FIFO or a bad link: named by the bounded reader
     if not load_rows:
         return StoredRun(folder, source, info, pd.DataFrame())
     rows = load(source, root=root)

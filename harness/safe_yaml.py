@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-MAX_YAML_BYTES = 1024 * 1024  # a suite is a page of settings; 1 MiB is generous
+from harness.safe_io import LIMITS, InputFileError, read_text
+
+MAX_YAML_BYTES = LIMITS["yaml"]  # a suite is a page of settings; 1 MiB is generous
 MAX_DEPTH = 32  # nesting of mappings and lists; shipped suites use at most 5
 
 
@@ -58,19 +60,12 @@ class _Refused(Exception):
 
 
 def read_yaml_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of a YAML file, refusing one above MAX_YAML_BYTES; YAMLInputError otherwise."""
-    path = Path(path)
+    """The UTF-8 text of a YAML file, read by the bounded reader `harness.safe_io.read_text` (a
+    regular file of at most MAX_YAML_BYTES: never a FIFO or device); YAMLInputError otherwise."""
     try:
-        size = path.stat().st_size
-        if size > MAX_YAML_BYTES:
-            raise YAMLInputError(f"{what} is {size:,} bytes, larger than the {MAX_YAML_BYTES:,} allowed", path)
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise YAMLInputError(f"{what} not found", path) from None
-    except IsADirectoryError:
-        raise YAMLInputError(f"{what} is a directory, not a file", path) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise YAMLInputError(f"cannot read {what} ({error})", path) from None
+        return read_text(path, "yaml", what)
+    except InputFileError as error:
+        raise YAMLInputError(error.problem, error.path) from None
 
 
 def compose_yaml(text: str, where: str | Path = "") -> tuple[Any, yaml.Node | None]:

@@ -9,7 +9,6 @@ on clusters without accounting storage too).
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import psutil
 
 from harness.cells import ROUND_ROW
-from harness.results import RunStore, load_run_info
+from harness.results import RunStore, load_run_info, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
 
 DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
@@ -56,13 +55,7 @@ def _alive(note: dict) -> bool:
 def _slurm_job_states(run_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(job id -> Slurm state, cell key -> job id) from jobs.json; states only for Slurm jobs that
     Slurm still knows, e.g. "PENDING (JobArrayTaskLimit)" or "COMPLETED" (else empty)."""
-    file = run_dir / "jobs.json"
-    if not file.exists():
-        return {}, {}
-    try:
-        submissions = json.loads(file.read_text(encoding="utf-8")).get("submissions", [])
-    except (OSError, ValueError, AttributeError):
-        return {}, {}
+    submissions = read_submissions(run_dir)  # ResultsError for a malformed jobs.json
     job_of: dict[str, str] = {}
     slurm_ids: list[str] = []
     for submission in submissions:
@@ -90,9 +83,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
     """
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
-    store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name)
+    store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name, create=False)  # reads only
     stored_rows, unreadable = store.rows(), store.corrupt_cells()
-    rows = {r["cell_key"]: r for r in stored_rows}
+    rows = {r["cell_key"]: r for r in stored_rows if "cell_key" in r}
     corrupt = {file.stem for file in unreadable}
     cell_keys = info.get("cell_keys") or [k for k, r in rows.items() if r.get("row_type") != ROUND_ROW]  # rounds are not cells
     planned = list(cell_keys) + sorted(corrupt - set(cell_keys))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from harness.data import Batch, LMData
+from harness.safe_io import InputFileError, check_regular
 from variants.model import ReformerLM, ReformerLMConfig, bits_per_dim
 
 Schedule = Literal["cosine", "inverse_sqrt", "constant"]
@@ -70,6 +72,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup_steps and checkpoint_every must be >= 0")
+        for name in ("lr", "min_lr_ratio", "weight_decay", *(("grad_clip",) if self.grad_clip is not None else ())):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not all(math.isfinite(beta) and 0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.schedule not in ("cosine", "inverse_sqrt", "constant"):
@@ -202,9 +209,34 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded as data (not a regular file, too large, a pickle
+    that would run code or build objects other than tensors and plain containers)."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The state saved by `save_checkpoint` (loaded on CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The state saved by `save_checkpoint` (loaded on CPU). Loaded with `weights_only=True`: only
+    tensors, numbers, strings and plain containers are rebuilt, so a checkpoint someone sends cannot
+    run code (a pickle gadget is refused); CheckpointError naming the file otherwise."""
+    try:
+        check_regular(path, "checkpoint")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # the weights-only unpickler met a global (a class, a function)
+        found = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        found = found.split(" was not an allowed global")[0]  # not torch's advice to allow it
+        raise CheckpointError(
+            f"{path}: cannot load checkpoint: it holds objects other than tensors, numbers, strings and plain containers, "
+            f"and a checkpoint is never allowed to run code ({found or type(error).__name__})"
+        ) from None
+    except (InputFileError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: a checkpoint holds a dict, got {type(state).__name__}")
+    return state
 
 
 def slim_checkpoint(path: str | Path) -> None:
@@ -213,6 +245,31 @@ def slim_checkpoint(path: str | Path) -> None:
     state = load_checkpoint(path)
     if state.pop("optimizer", None) is not None:
         save_checkpoint(path, state)
+
+
+def _restore(
+    path: str | Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[_Progress, list[dict[str, Any]]]:
+    """Put a checkpoint's model, optimizer and RNG states back; (progress, curve) of it.
+    CheckpointError naming the file when its contents do not fit (a hand-made or foreign file)."""
+    try:
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:  # absent from the slimmed checkpoint of a finished run
+            optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        return _Progress(**state["progress"]), [dict(point) for point in state["curve"]]
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit this model ({type(error).__name__}: {str(error)[:300]}); remove it to train afresh"
+        ) from None
 
 
 def _fingerprint(model: ReformerLM, config: TrainConfig) -> dict[str, Any]:
@@ -271,15 +328,7 @@ def train(
     if checkpoint is not None and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
         if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            if "optimizer" in state:  # absent from the slimmed checkpoint of a finished run
-                optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["data_rng"])
-            torch.set_rng_state(state["rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            progress = _Progress(**state["progress"])
-            curve = list(state["curve"])
+            progress, curve = _restore(checkpoint, state, model, optimizer, generator, device)
 
     def save() -> None:
         if checkpoint is None:
@@ -335,6 +384,8 @@ def train(
             (loss / config.grad_accum).backward()
             step_bits += float(loss.detach()) / config.grad_accum
             progress.tokens_seen += batch.tokens.numel()
+        if not math.isfinite(step_bits):  # NaN / inf: every later step would be too; never an `ok` row
+            raise TrainingDiverged(f"training diverged at step {progress.step + 1}: loss {step_bits} bits per dim (lr {lr:g})")
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

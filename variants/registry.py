@@ -36,6 +36,11 @@ ENTRY_POINT_GROUP = "reformer_harness.variants"
 PLUGINS_ENV = "REFORMER_HARNESS_PLUGINS"  # comma-separated module names imported like entry points
 
 
+class PluginError(ImportError):
+    """A plugin module (entry point or $REFORMER_HARNESS_PLUGINS) that cannot be imported, or raised
+    while imported; the message names the module (the CLI exits 2)."""
+
+
 class VariantUnavailable(RuntimeError):
     """A variant that cannot run here: an optional package is missing, or the device / dtype has no
     kernel for it (e.g. `sdpa_flash` in float32 on CUDA). Raised when the variant is built or called;
@@ -99,15 +104,20 @@ def _load_entry_points() -> None:
     if not _entry_points_loaded:
         _entry_points_loaded = True
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            entry_point.load()  # importing the module runs its @register decorators
+            try:
+                entry_point.load()  # importing the module runs its @register decorators
+            except Exception as error:  # noqa: BLE001 - any failure of a third-party import, named
+                raise PluginError(
+                    f"{ENTRY_POINT_GROUP} entry point {entry_point.value!r}: import failed ({type(error).__name__}: {error})"
+                ) from error
     # Read on every call: the variable is inherited by the spawned cell processes, so variants
     # registered this way exist there too (a registration made in the parent alone would not).
     for module in filter(None, (name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(","))):
         if module not in sys.modules:
             try:
                 importlib.import_module(module)
-            except ImportError as error:
-                raise ImportError(f"{PLUGINS_ENV}: cannot import {module!r} ({error})") from error
+            except Exception as error:  # noqa: BLE001 - ImportError, or anything the module raises on import
+                raise PluginError(f"{PLUGINS_ENV}: cannot import {module!r} ({type(error).__name__}: {error})") from error
 
 
 def available(kind: str | None = None) -> list[str]:

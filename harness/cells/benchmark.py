@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import gc
 import hashlib
-import json
 import math
 import os
 import time
@@ -40,6 +39,7 @@ from harness.cells import (
 )
 from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
 from harness.isolation import GIB, MIB, default_memory_limit_bytes, start_memory_limit
+from harness.safe_io import parse_json
 from variants.registry import VariantUnavailable
 
 MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s), when the suite asks for it
@@ -68,8 +68,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, str) and value[:1] in ("[", "{"):
         try:
-            return _plain(json.loads(value))
-        except ValueError:
+            return _plain(parse_json(value))
+        except ValueError:  # InputFileError too: too deep, not JSON
             return value
     return None if value is dataclasses.MISSING else value
 

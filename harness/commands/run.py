@@ -11,7 +11,9 @@ entry) under the lock; a finished run's rows are folded into results.parquet.
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,7 +28,8 @@ from harness.data import DataError, check_files
 from harness.environment import capture_environment, code_version, device_name, device_slug
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
-from harness.results import RunStore, cell_rows, load_run_info, new_run_id, resume_store
+from harness.overrides import Override
+from harness.results import RUN_INFO, RunStore, cell_rows, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
@@ -77,8 +80,13 @@ def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None
         for _, row in problems.iterrows():
             first_line = str(row.get("message") or "").strip().splitlines()
             reason = first_line[0][:200] if first_line else ""
-            where = f"L={row['seq_len']} B={row['batch']}" if kind == "benchmark" else f"({row.get('task')} L={row['seq_len']})"
-            print(f"  {row['variant_label']} {where}: {row['status']}: {reason}")
+            # .get: a row of a cell that failed early may lack columns (an images task's seq_len comes from its data)
+            where = (
+                f"L={row.get('seq_len')} B={row.get('batch')}"
+                if kind == "benchmark"
+                else f"({row.get('task')} L={row.get('seq_len', '?')})"
+            )
+            print(f"  {row.get('variant_label')} {where}: {row['status']}: {reason}")
     counts = cells["status"].value_counts().to_dict()
     print(f"\n{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     if "contended" in cells:
@@ -110,12 +118,16 @@ def open_store(args: argparse.Namespace, suite_name: str, device: str) -> RunSto
     """The run folder: the existing run named by --resume (a plain run id of this suite under
     --out), else a new one whose id is reserved atomically. Writes nothing else."""
     out = Path(args.out)
+    run_id = None
     try:
         if args.resume:
             return resume_store(out, suite_name, args.resume)
-        return RunStore(out, suite_name, new_run_id(device_slug(device_name(device)), parent=out / suite_name))
+        run_id = new_run_id(device_slug(device_name(device)), parent=out / suite_name)
+        return RunStore(out, suite_name, run_id)
     except OSError as error:
-        raise UsageError(f"cannot write results under {args.out}: {error}") from None
+        if run_id is not None:  # reserved by this command and empty: leave no run folder without run.json
+            shutil.rmtree(out / suite_name / run_id, ignore_errors=True)
+        raise UsageError(f"cannot write results under {args.out}: {error.strerror or error}; nothing was run") from None
 
 
 def record_start(args: argparse.Namespace, store: RunStore, run_info: dict, environment: Callable[[], dict]) -> None:
@@ -231,6 +243,50 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume {args.resume}: {problem}")
     options = RunOptions(code_version=version, run_id=store.path.name, in_process=args.in_process)
     began = time.monotonic()
+    try:
+        return _run(args, suite, cells, store, options, version, began, overrides)
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_failure(args, store, error)}", file=sys.stderr)
+        return 2
+
+
+# A write to the run folder failed for a reason of the place, not of the code: disk or quota full,
+# a read-only mount, no permission, an I/O error.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG})
+
+
+def write_failure(args: argparse.Namespace, store: RunStore, error: OSError) -> str:
+    """The message after a failed write in run `store` (ENOSPC, EROFS, ...): where and why, and what
+    happens next. A new run with no run.json yet is removed (it holds nothing); any other run keeps
+    its finished cells, and the message ends in the exact command that continues it."""
+    why = f"{error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)})"
+    where = error.filename or store.path
+    if not args.resume and not (store.path / RUN_INFO).exists():
+        shutil.rmtree(store.path, ignore_errors=True)  # reserved by this command, nothing in it yet
+        return f"cannot write to {where}: {why}; nothing was run and no run folder is left. Free space or fix the place, then run again"
+    try:
+        store.update_run_info(interrupted_at=_now())
+    except OSError:
+        pass  # the same fault: run.json keeps its last state
+    return (
+        f"cannot write to {where}: {why}. The cells finished before it are saved in {store.path}; "
+        f"free space or fix the place, then continue with: {resume_command(args, store.path.name)}"
+    )
+
+
+def _run(
+    args: argparse.Namespace,
+    suite: Suite,
+    cells: list[Cell],
+    store: RunStore,
+    options: RunOptions,
+    version: str,
+    began: float,
+    overrides: list[Override],
+) -> int:
+    """The run itself, under the run's lock: record the start, run the cells, fold, summarise."""
     with store.lock("harness run"), interrupt_guard():
         record_start(
             args,

@@ -26,10 +26,10 @@ from typing import Any
 import pandas as pd
 
 from harness.results import RUN_ID_PATTERN, ResultsError, StoredRun, cell_rows, read_run
+from harness.safe_io import check_name
 from harness.tables import series_label
 
 EXPORT_FORMATS = ("csv", "tensorboard", "mlflow")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a plain file name: no separators, no '..'
 CURVE_METRICS = ("train_bpd", "eval_bpd", "eval_accuracy", "lr", "tokens_seen", "wall_s")  # quality curve columns, over step
 EVAL_METRICS = {"eval_bpd": "bpd", "accuracy": "accuracy"}  # eval row column -> name under eval/<variant>/
 BENCHMARK_METRICS = (
@@ -82,14 +82,6 @@ class ExportCell:
     params: dict[str, Any]
     metrics: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
     status: str = "ok"
-
-
-def check_name(value: Any, what: str) -> str:
-    """`value` when it is a plain name usable as one folder (NAME_PATTERN), else ExportError."""
-    text = str(value)
-    if not NAME_PATTERN.fullmatch(text) or text in (".", ".."):
-        raise ExportError(f"{what} {text!r} cannot name a folder (letters, digits, '_', '.', '-' only); the run's files look tampered with")
-    return text
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -11,6 +11,7 @@ Open with `mlflow ui --backend-store-uri sqlite:///<dest>/mlflow.db`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,8 @@ def export_mlflow(run: StoredRun, dest: Path, tracking_uri: str | None = None, r
             )
             _log_cell(client, child, cell)
             client.set_terminated(child, status="FINISHED" if cell.status == "ok" else "FAILED")
-        if (run.path / RUN_INFO).is_file():
-            client.log_artifact(parent, str(run.path / RUN_INFO))
+        # run.json as read and checked by read_run (never the file again: it may be a link elsewhere)
+        client.log_text(parent, json.dumps(run.info, indent=1, default=str), RUN_INFO)
         report = reports / suite / run_id if reports is not None else None
         if report is not None and report.is_dir():
             client.log_artifacts(parent, str(report), artifact_path="report")

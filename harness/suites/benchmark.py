@@ -39,12 +39,15 @@ from harness.cells.benchmark import BenchmarkCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
 from harness.suites.common import (
+    MAX_SECONDS,
+    MAX_THREADS,
     Device,
     KeyPath,
     Locator,
     SlurmSpec,
     Strict,
     SuiteError,
+    check_cell_count,
     check_model_keys,
     check_suite_name,
     describe_fields,
@@ -67,18 +70,22 @@ SHAPE_KEYS = ("seq_len", "batch", "tokens_per_batch")
 # --------------------------------------------------------------------------- schema
 
 
+MAX_REPEATS = 100_000  # timed calls of one cell (each holds a sample in memory and in the row)
+MAX_ROUNDS = 1000
+
+
 class MeasureSpec(Strict):
     """How each cell is timed (see harness.measure) and guarded (see harness.isolation)."""
 
-    warmup: int = Field(2, ge=0)
-    min_repeats: int = Field(5, ge=1)
-    min_time_s: float = Field(1.0, ge=0)
-    max_repeats: int = Field(200, ge=1)
-    max_time_s: float = Field(120.0, gt=0)
+    warmup: int = Field(2, ge=0, le=MAX_REPEATS)
+    min_repeats: int = Field(5, ge=1, le=MAX_REPEATS)
+    min_time_s: float = Field(1.0, ge=0, le=MAX_SECONDS)
+    max_repeats: int = Field(200, ge=1, le=MAX_REPEATS)
+    max_time_s: float = Field(120.0, gt=0, le=MAX_SECONDS)
     flush_l2: bool = False
-    threads: Optional[int] = Field(None, ge=1)
-    timeout_s: float = Field(900.0, gt=0)
-    memory_limit_gib: Optional[float] = Field(None, gt=0)
+    threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS)
+    timeout_s: float = Field(900.0, gt=0, le=MAX_SECONDS)
+    memory_limit_gib: Optional[float] = Field(None, gt=0, le=2**20)  # up to 1 PiB
     skip_after_oom: bool = True
     # Measure the matmul rate (harness.measure.matmul_rate) in each cell's process after its timing:
     # result columns matmul_gflops, matmul_n, floor_s, floor_ratio (the time over the compute floor).
@@ -92,11 +99,11 @@ class MeasureSpec(Strict):
     contention_other_cores: float = Field(0.25, ge=0)
     contention_spare_busy: float = Field(0.5, ge=0)
     contention_gpu_other_util_pct: float = Field(5.0, ge=0, le=100)
-    contention_retries: int = Field(2, ge=0)
-    contention_backoff_s: float = Field(1.0, ge=0)
+    contention_retries: int = Field(2, ge=0, le=100)
+    contention_backoff_s: float = Field(1.0, ge=0, le=MAX_SECONDS)
     # Rounds (harness.sweep): every cell measured `rounds` times, round after round over all cells
     # (rounds after the first in an order shuffled with `rounds_seed`); the cell's median is over rounds.
-    rounds: int = Field(1, ge=1)
+    rounds: int = Field(1, ge=1, le=MAX_ROUNDS)
     rounds_seed: int = 0
     # torch.set_float32_matmul_precision in each cell's process (None: torch's default, "highest").
     float32_matmul_precision: Optional[Literal["highest", "high", "medium"]] = None
@@ -196,7 +203,7 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
     fields = model_fields()
     model = check_model_keys(spec.model, fields, locator)
     sweep = _check_sweep(spec.sweep, fields, locator)
-    entries = _expand_variants(spec.variants, locator)
+    entries = _expand_variants(spec.variants, locator, sweep)
     suite = BenchmarkSuite(
         name,
         spec.description,
@@ -241,6 +248,7 @@ def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], loca
             raise locator.error(("sweep", key), f"must be a list of values (e.g. {key}: [{values!r}]), got {values!r}")
         if not values:
             raise locator.error(("sweep", key), "empty list: give at least one value")
+        check_cell_count(len(values), locator, ("sweep", key), f"{len(values):,} values of {key}")
         for i, value in enumerate(values):
             if key in SHAPE_KEYS:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -268,13 +276,15 @@ class _Expansion:
     model_variant: str | None = None  # the entry's `model_variant:` (workload model): which LM to build
 
 
-def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_Expansion]:
+def _expand_variants(entries: list[dict[str, Any]], locator: Locator, sweep: dict[str, list]) -> list[_Expansion]:
+    """The expansions of the `variants:` entries (list-valued parameters: one per combination),
+    after checking (`check_cell_count`) that with `sweep` they make at most MAX_CELLS cells."""
     import variants
 
     registered = variants.available("attention")
     if not entries:
         raise locator.error(("variants",), f"empty list: name at least one variant ({', '.join(registered)})")
-    out = []
+    planned = []
     for i, entry in enumerate(entries):
         name = entry.get("name")
         if name is None:
@@ -295,6 +305,7 @@ def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_E
                     ("variants", i, "seq_len"),
                     f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}",
                 )
+            check_cell_count(len(seq_lens), locator, ("variants", i, "seq_len"), f"{len(seq_lens):,} values of seq_len")
             for j, value in enumerate(seq_lens):
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
                     raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
@@ -323,6 +334,13 @@ def _expand_variants(entries: list[dict[str, Any]], locator: Locator) -> list[_E
             choices[key] = value if expands else [value]
             if expands:
                 expanded.add(key)
+        planned.append((i, name, choices, expanded, label, seq_lens, model_variant))
+    other = math.prod(len(values) for key, values in sweep.items() if key != "seq_len")
+    count = sum(math.prod(map(len, p[2].values())) * len(p[5] or sweep["seq_len"]) * other for p in planned)
+    sizes = " x ".join(f"{len(values)} {key}" for key, values in sweep.items())
+    check_cell_count(count, locator, ("variants",), f"{sizes} per variant expansion; list-valued variant parameters multiply")
+    out = []
+    for i, name, choices, expanded, label, seq_lens, model_variant in planned:
         varying = [k for k in choices if k in expanded and len(choices[k]) > 1]
         for combo in itertools.product(*(enumerate(v) for v in choices.values())):
             params = {k: v for k, (_, v) in zip(choices, combo)}

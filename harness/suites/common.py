@@ -41,7 +41,7 @@ class SuiteError(Exception):
 class Strict(BaseModel):
     """Base of every suite schema: unknown keys and wrong types are errors (no coercion)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # .inf / .nan: "finite number" errors
 
 
 class SlurmSpec(Strict):
@@ -212,6 +212,22 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+MAX_THREADS = 1024  # as `--threads`
+MAX_SECONDS = 7 * 24 * 3600.0  # any time limit of a suite: a week
+MAX_CELLS = 10_000  # cells of one suite: days of work on a GPU even at a few seconds a cell
+
+
+def check_cell_count(count: int, locator: Locator, where: KeyPath, detail: str) -> None:
+    """SuiteError when a suite would expand into more than MAX_CELLS cells (checked from the sizes
+    of the sweep lists, before any cell is built): the count, where it comes from and how to narrow."""
+    if count > MAX_CELLS:
+        raise locator.error(
+            where,
+            f"this suite expands into {count:,} cells ({detail}), more than the {MAX_CELLS:,} allowed; "
+            "sweep fewer values, split it into several suites, or run part of it with --filter",
+        )
 
 
 def check_suite_name(name: str, locator: Locator) -> str:

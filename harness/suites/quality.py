@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import string
 import typing
 from dataclasses import dataclass, field
@@ -43,11 +44,14 @@ from harness.cells import MODEL_ATTENTION_KEYS, jsonable, model_fields, variant_
 from harness.cells.quality import AttentionChoice, QualityCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.suites.common import (
+    MAX_SECONDS,
+    MAX_THREADS,
     Device,
     KeyPath,
     Locator,
     SlurmSpec,
     Strict,
+    check_cell_count,
     check_model_keys,
     check_suite_name,
     describe_fields,
@@ -123,8 +127,8 @@ class TrainSpec(Strict):
     seed: int = 0
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(0, ge=0)
-    threads: Optional[int] = Field(None, ge=1)
-    timeout_s: float = Field(3600.0, gt=0)
+    threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS)
+    timeout_s: float = Field(3600.0, gt=0, le=MAX_SECONDS)
     # torch.set_float32_matmul_precision in each training cell's process (None: torch's default, "highest").
     float32_matmul_precision: Optional[Literal["highest", "high", "medium"]] = None
 
@@ -366,6 +370,7 @@ def _check_sweep(sweep: Any, fields: dict[str, tuple[Any, Any]], locator: Locato
             )
         if not isinstance(values, list) or not values:
             raise locator.error(("sweep", key), f"must be a non-empty list of values, got {values!r}")
+        check_cell_count(len(values), locator, ("sweep", key), f"{len(values):,} values of {key}")
         annotation = int if key == "seed" else fields[key][0]
         for i, value in enumerate(values):
             if not type_matches(value, annotation):
@@ -391,6 +396,13 @@ def load_quality_suite(path: Path, data: Any, locator: Locator, device: str | No
     fields = model_fields()
     model = _check_model(spec.model, fields, task, locator)
     sweep = _check_sweep(spec.sweep, fields, locator)
+    per_combo = sum(
+        math.prod(len(v) if isinstance(v, list) else 1 for k, v in entry.items() if k not in ("name", "label"))
+        for entry in spec.variants or []
+        if isinstance(entry, dict)
+    )
+    sizes = " x ".join(f"{len(values)} {key}" for key, values in sweep.items()) or "no sweep"
+    check_cell_count(math.prod(map(len, sweep.values())) * per_combo, locator, ("variants",), f"{sizes}, {per_combo} variant expansions")
     if len(spec.train.betas) != 2 or not all(0 <= b < 1 for b in spec.train.betas):
         raise locator.error(("train", "betas"), f"betas must be two numbers in [0, 1), got {spec.train.betas}")
     train = spec.train.model_dump()

@@ -357,7 +357,53 @@ def test_bad_ratio_expression_is_unusable_input(tmp_path, cells):
         run_check(base, base, root=tmp_path, checks_file=rules)
 
 
+def test_a_ratio_whose_numerator_matches_no_cell_fails_loudly(tmp_path, cells, capsys):
+    base = make_run(tmp_path, "base", cells, seed=1)
+    for numerator in ("variant == 'lsh' and n_hashes == 3", "variant == 'nothing'"):
+        rules = checks_file(tmp_path, {**NO_TIME, "ratios": [{"numerator": numerator, "denominator": "variant == 'full'"}]})
+        with pytest.raises(CheckError, match="no numerator cell .* with a matching denominator cell"):
+            run_check(base, base, root=tmp_path, checks_file=rules)  # it used to pass with nothing compared
+        assert cli.main(["check", str(base), "--baseline", str(base), "--checks", str(rules)]) == 2
+        assert "no numerator cell" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- devices, baselines, input
+
+
+def test_a_run_folder_with_a_link_or_special_file_is_not_promoted(tmp_path, cells):
+    run = make_run(tmp_path, "linked", cells, seed=1)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "x.pt").symlink_to("/dev/zero")
+    with pytest.raises(CheckError, match=r"x\.pt: a symlink; a run folder promoted to a baseline holds plain files only"):
+        promote_baseline(run, "linked", root=tmp_path)
+    (run / "checkpoints" / "x.pt").unlink()
+    import os
+
+    os.mkfifo(run / "checkpoints" / "x.pt")
+    with pytest.raises(CheckError, match="not a regular file or folder"):
+        promote_baseline(run, "linked", root=tmp_path)
+    assert not (tmp_path / "baselines").exists() or not list((tmp_path / "baselines").rglob("linked"))
+
+
+def test_a_checkpoint_with_a_pickle_gadget_is_not_promoted(tmp_path, cells):
+    import torch
+
+    from tests.harness.test_training import Gadget
+
+    run = make_run(tmp_path, "gadget", cells, seed=1)
+    (run / "checkpoints").mkdir()
+    torch.save({"gadget": Gadget(tmp_path / "pwned")}, run / "checkpoints" / "k.pt")
+    with pytest.raises(CheckError, match=r"k\.pt: cannot load checkpoint: .* never allowed to run code.*not promoted"):
+        promote_baseline(run, "gadget", root=tmp_path)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "baselines").exists()
+    torch.save({"model": {"w": torch.zeros(2)}}, run / "checkpoints" / "k.pt")  # tensors only: fine
+    assert promote_baseline(run, "gadget", root=tmp_path).is_dir()
+
+
+def test_a_device_name_cannot_steer_the_baseline_folder(tmp_path, cells):
+    run = make_run(tmp_path, "steer", cells, seed=1, device_name="../../../../escape")
+    dest = promote_baseline(run, "mine", root=tmp_path)
+    assert dest == tmp_path / "baselines" / "escape" / "mine" and not (tmp_path.parent / "escape").exists()
 
 
 def test_mismatched_devices_are_refused(tmp_path, cells):

@@ -349,3 +349,104 @@ def test_an_installed_package_writes_results_and_reports_where_the_user_is(tmp_p
     done = subprocess.run([*command, "--out", str(other)], cwd=work, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert list((tmp_path / "elsewhere" / "reports" / "here").iterdir())
+
+
+# --------------------------------------------------------------------------- faults of the place
+
+
+def failing_writes(monkeypatch, code: int, when=lambda path: True) -> None:
+    """Every result-file write for which `when(path)` holds raises OSError(code), as a full disk
+    (ENOSPC) or a read-only mount (EROFS) would; the others are written."""
+    import harness.results
+
+    real = harness.results.atomic_write_bytes
+
+    def write(path, data):
+        if when(Path(path)):
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(harness.results, "atomic_write_bytes", write)
+
+
+def test_a_disk_full_mid_run_stops_with_the_resume_command_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "full_disk", [{"name": "full"}], [32, 64, 128])
+    written = []
+
+    def second_cell(path: Path) -> bool:
+        if path.parent.name == "cells":
+            written.append(path.name)
+        return len(written) >= 2
+
+    failing_writes(monkeypatch, errno.ENOSPC, second_cell)
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--in-process")
+    assert code == 2 and "Traceback" not in err and "No space left on device (ENOSPC)" in err, err
+    (run_dir,) = (out / "full_disk").iterdir()
+    assert f"The cells finished before it are saved in {run_dir}" in err
+    assert len(load(run_dir)) == 1 and "interrupted_at" not in load_run_info(run_dir)  # run.json could not be written either
+    monkeypatch.undo()  # space again
+    command = err.split("continue with: ")[1].strip()
+    assert command == f"python -m harness run {suite} --out {out} --in-process --resume {run_dir.name}"
+    code, text, _ = run_cli(capsys, *command.split()[3:])
+    assert code == 0 and "running 2 of 3 cells" in text
+    rows = pd.read_parquet(run_dir / PARQUET)
+    assert len(rows) == 3 and rows["cell_key"].is_unique and "finished_at" in load_run_info(run_dir)
+
+
+def test_a_disk_full_at_the_start_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "no_space", [{"name": "full"}], [32])
+    failing_writes(monkeypatch, errno.ENOSPC)
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--in-process")
+    assert code == 2 and "Traceback" not in err and "nothing was run and no run folder is left" in err, err
+    assert not list((out / "no_space").iterdir())
+
+
+def test_a_resume_on_a_read_only_place_exits_2_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    suite = write_suite(tmp_path, "ro", [{"name": "full"}], [32])
+    assert cli.main(["run", str(suite), "--out", str(out), "--in-process"]) == 0
+    (run_dir,) = (out / "ro").iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+    capsys.readouterr()
+    failing_writes(monkeypatch, errno.EROFS)
+    code, _, err = run_cli(capsys, "run", str(suite), "--out", str(out), "--in-process", "--resume", run_dir.name)
+    assert code == 2 and "Read-only file system (EROFS)" in err and f"--resume {run_dir.name}" in err and "Traceback" not in err, err
+    assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize(
+    "module, problem",
+    [
+        ("no_such_plugin_module", "cannot import 'no_such_plugin_module' (ModuleNotFoundError"),
+        ("raising_plugin", "cannot import 'raising_plugin' (RuntimeError: boom at import)"),
+        ("..", "cannot import '..'"),
+    ],
+)
+def test_a_plugin_that_cannot_be_imported_is_a_clear_error_naming_it(module, problem, tmp_path, capsys, monkeypatch):
+    from variants import registry
+
+    (tmp_path / "raising_plugin.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setenv(registry.PLUGINS_ENV, module)
+    suite = write_suite(tmp_path, "plugged", [{"name": "full"}], [32])
+    for argv in (["list"], ["run", str(suite), "--dry-run"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and f"error: {registry.PLUGINS_ENV}: {problem}" in err and "Traceback" not in err, err
+
+
+def test_the_run_summary_of_a_cell_that_failed_before_it_had_a_length(capsys):
+    from harness.commands.run import print_summary
+
+    failed = {"row_type": "train", "status": "error", "message": "DataError: bad.npz: not a readable .npz", "variant_label": "full"}
+    print_summary("quality", pd.DataFrame([{**failed, "task": "images", "cell_key": "k1"}]), "images", Path("results/x"))
+    out = capsys.readouterr().out
+    assert "full (images L=?): error: DataError: bad.npz" in out and "1 cells: 1 error" in out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +142,35 @@ def test_image_fixture_round_trips_in_imagenet64_format(tmp_path):
 def test_images_without_a_path_are_generated():
     ds = build_data({"name": "images", "n_images": 20, "image_size": 4})
     assert ds.seq_len == 48 and len(ds.splits["train"]) == 18
+
+
+def test_an_image_file_is_read_without_pickle_and_bounded(tmp_path, monkeypatch):
+    from harness.safe_io import LIMITS
+
+    marker = tmp_path / "pwned"
+    objects = np.empty(1, dtype=object)
+    objects[0] = Gadget(marker)
+    np.savez(tmp_path / "objects.npz", data=objects)  # an object array is stored pickled
+    with pytest.raises(DataError, match="objects.npz: not a readable .npz of uint8 images .*allow_pickle=False"):
+        load_image_npz(tmp_path / "objects.npz")
+    assert not marker.exists()
+    np.save(tmp_path / "plain.npy", np.zeros((2, 12), np.uint8))
+    (tmp_path / "plain.npz").write_bytes((tmp_path / "plain.npy").read_bytes())
+    with pytest.raises(DataError, match="plain.npz: expected an array named 'data'"):
+        load_image_npz(tmp_path / "plain.npz")
+    np.savez_compressed(tmp_path / "bomb.npz", data=np.zeros((1000, 3 * 32 * 32), np.uint8))  # 3 MB in a few KB
+    monkeypatch.setitem(LIMITS, "data", 100_000)
+    assert (tmp_path / "bomb.npz").stat().st_size < 100_000
+    with pytest.raises(DataError, match="'data' is 3,072,128 bytes uncompressed, larger than the 100,000 allowed"):
+        load_image_npz(tmp_path / "bomb.npz")
+    os.mkfifo(tmp_path / "fifo.npz")
+    with pytest.raises(DataError, match="image file not found"):  # not a regular file: never opened
+        load_image_npz(tmp_path / "fifo.npz")
+
+
+class Gadget:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -90,6 +90,8 @@ def test_rejects_everything_outside_the_language_when_parsed(text, tmp_path, mon
         ("'a' * 10**9 == variant", "arithmetic needs numbers"),
         ("10**10**10 > seq_len", "exponent"),
         ("seq_len", "is not a condition"),
+        ("2 ** seq_len > 0", "'2 ** seq_len' at column 1 overflows 64-bit integers"),  # int64 would wrap to 0
+        ("seq_len * seq_len * seq_len * seq_len * seq_len > 0", "overflows 64-bit integers"),
     ],
 )
 def test_evaluation_errors_are_clean_and_bounded(text, problem):
@@ -100,3 +102,10 @@ def test_evaluation_errors_are_clean_and_bounded(text, problem):
 
 def test_columns_are_reported():
     assert parse_expression("variant == 'lsh' and log2(seq_len) > n_hashes").columns == {"variant", "seq_len", "n_hashes"}
+
+
+def test_integer_arithmetic_in_range_is_exact_and_floats_do_not_overflow():
+    frame = pd.DataFrame({"seq_len": [10, 62]})
+    assert select_rows(frame, "2 ** seq_len == 4611686018427387904")["seq_len"].tolist() == [62]  # 2**62 exactly
+    frame = pd.DataFrame({"seq_len": [10, 64]})
+    assert select_rows(frame, "2.0 ** seq_len > 2.0 ** 63")["seq_len"].tolist() == [64]

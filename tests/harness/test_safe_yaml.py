@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,21 @@ def test_ordinary_yaml_still_loads():
     with pytest.raises(YAMLInputError) as error:
         load_yaml("a: [1, 2", "where.yaml")
     assert str(error.value).startswith("where.yaml:") and "invalid YAML" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "a FIFO", "a link to /dev/zero"])
+def test_a_suite_that_is_a_device_or_fifo_is_refused_at_once(kind, tmp_path, capsys):
+    import os
+
+    path = tmp_path / "suite.yaml"
+    if kind == "/dev/zero":
+        path = Path("/dev/zero")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    begin = time.monotonic()
+    code = main(["run", str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a regular file" in err and "Traceback" not in err, err
+    assert time.monotonic() - begin < 10  # /dev/zero used to end in MemoryError, a FIFO to hang

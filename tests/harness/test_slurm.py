@@ -247,10 +247,10 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_its_group(harness_run
     runs = jobcomp(slurm_cluster, task)  # jobcomp/filetxt logs a requeued run as PENDING
     assert [r["JobState"] for r in runs] == ["PENDING", "COMPLETED"], runs
     assert stamp(runs[1]["StartTime"]) > stamp(runs[0]["EndTime"])
-    log = (run.run_dir / "submitit").glob(f"{task}_0_log.err")
+    log = (run.run_dir / "submitit").glob(f"*/{task}_0_log.err")
     text = next(log).read_text()
     assert "Caught signal SIGUSR2" in text and "timed-out" in text  # Slurm's time-limit warning
-    script = next((run.run_dir / "submitit").glob("*_submission.sh")).read_text()
+    script = next((run.run_dir / "submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --signal=USR2@10" in script and "#SBATCH --time=1" in script
     print(
         f"job {task}: first run {runs[0]['StartTime'][11:]}-{runs[0]['EndTime'][11:]} (requeue seen "

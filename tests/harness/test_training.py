@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from harness.data import Batch, DuplicationData
 from harness.training import (
+    CheckpointError,
     EvalConfig,
     TrainConfig,
+    TrainingDiverged,
     build_model,
     evaluate,
+    load_checkpoint,
     lr_multiplier,
     slim_checkpoint,
     train,
@@ -94,7 +98,7 @@ def test_resume_from_checkpoint_continues_the_same_curve(tmp_path):
     assert _comparable(resumed) == _comparable(straight)
     # a finished (and slimmed) checkpoint resumes to the end immediately, with the trained weights
     slim_checkpoint(checkpoint)
-    assert "optimizer" not in torch.load(checkpoint, weights_only=False)
+    assert "optimizer" not in torch.load(checkpoint, weights_only=True)
     finished = fresh()
     again = train(finished, data, config, evaluation, checkpoint=checkpoint)
     assert again[-1]["eval_bpd"] == straight[-1]["eval_bpd"]
@@ -129,3 +133,63 @@ def test_eval_with_other_attention_loads_the_trained_weights():
     torch.testing.assert_close(full(x), wide(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         with_attention(trained, "full", {"shared_qk": False})
+
+
+class Gadget:
+    """A pickle gadget: unpickling it creates the file `marker` (stands for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_holding_a_pickle_gadget_runs_no_code_at_any_load_site(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({"fingerprint": None, "model": {}, "gadget": Gadget(marker)}, checkpoint)
+    with open(checkpoint, "rb") as handle:  # the gadget is live: an unrestricted unpickler runs it
+        torch.load(handle, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    data, evaluation = DuplicationData(32, 16), EvalConfig(batches=1, batch_size=2)
+    sites = {
+        "load_checkpoint": lambda: load_checkpoint(checkpoint),
+        "slim_checkpoint": lambda: slim_checkpoint(checkpoint),
+        "train (a resume)": lambda: train(
+            build_model(MODEL, "full", {}, seed=0), data, TrainConfig(steps=1, batch_size=2), evaluation, checkpoint=checkpoint
+        ),
+    }
+    for site, load in sites.items():
+        with pytest.raises(CheckpointError, match="ckpt.pt: cannot load checkpoint"):
+            load()
+        assert not marker.exists(), site
+    torch.save([1, 2], checkpoint)
+    with pytest.raises(CheckpointError, match="holds a dict, got list"):
+        load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    data, evaluation = DuplicationData(32, 16), EvalConfig(batches=1, batch_size=2)
+    config = TrainConfig(steps=1, batch_size=2, eval_every=1)
+    checkpoint = tmp_path / "ckpt.pt"
+    train(build_model(MODEL, "full", {}, seed=0), data, config, evaluation, checkpoint=checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {"not": torch.zeros(1)}
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        train(build_model(MODEL, "full", {}, seed=0), data, config, evaluation, checkpoint=checkpoint)
+
+
+def test_a_loss_that_becomes_nan_or_inf_stops_training_as_diverged():
+    torch.manual_seed(0)
+    config = TrainConfig(steps=20, batch_size=4, lr=1e30, warmup_steps=0, schedule="constant", grad_clip=None, eval_every=20)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: loss (nan|inf)"):
+        train(build_model(MODEL, "full", {}, seed=0), OneBatch(), config, EvalConfig(batches=1, batch_size=4))
+
+
+@pytest.mark.parametrize("field, value", [("lr", math.inf), ("lr", math.nan), ("weight_decay", math.inf), ("grad_clip", math.nan)])
+def test_non_finite_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        TrainConfig(**{field: value}).validate()

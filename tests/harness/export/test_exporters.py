@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from harness import cli
-from harness.export import ExportError, check_name, export_cells, export_run
-from harness.results import read_run
+from harness.export import export_cells, export_run
+from harness.results import ResultsError, read_run
 from tests.harness import report_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -212,11 +212,8 @@ def test_export_command_and_its_errors(quality_run: Path, tmp_path: Path, capsys
 
 
 def test_names_from_the_run_files_are_checked_before_they_name_folders(quality_run: Path, tmp_path: Path) -> None:
-    for bad in ("../escape", "a/b", "..", "", ".hidden"):
-        with pytest.raises(ExportError):
-            check_name(bad, "suite name")
     info = json.loads((quality_run / "run.json").read_text())
     (quality_run / "run.json").write_text(json.dumps({**info, "suite": "../../outside"}))
-    with pytest.raises(ExportError, match="cannot name a folder"):
+    with pytest.raises(ResultsError, match="field 'suite' '../../outside' is not a plain name"):
         export_run(quality_run, "csv", dest=tmp_path / "csv", root=tmp_path / "results")
     assert not (tmp_path / "outside").exists()

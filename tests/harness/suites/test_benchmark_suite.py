@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness.cells.benchmark import BenchmarkCell, estimate_seconds
 from harness.suites import SuiteError, filter_cells, load_suite
@@ -360,3 +362,78 @@ def test_a_bad_model_variant_is_a_suite_error_at_its_key(tmp_path, old, new, pro
     with pytest.raises(SuiteError) as error:
         load_suite(write(tmp_path, MODELS.replace(old, new)), device="cpu")
     assert problem in str(error.value) and "variants[1]" in str(error.value) or "workload" in problem, str(error.value)
+
+
+LIMITS = {
+    "memory_limit_gib .inf": (
+        lambda s: s.replace("measure: {warmup: 1,", "measure: {memory_limit_gib: .inf, warmup: 1,"),
+        "measure.memory_limit_gib",
+        "finite number",
+    ),
+    "min_time_s .nan": (
+        lambda s: s.replace("measure: {warmup: 1,", "measure: {min_time_s: .nan, warmup: 1,"),
+        "measure.min_time_s",
+        "finite number",
+    ),
+    "threads above 1024": (lambda s: s.replace("measure: {warmup: 1,", "measure: {threads: 100000, warmup: 1,"), "measure.threads", "1024"),
+    "rounds 1e9": (lambda s: s.replace("measure: {warmup: 1,", "measure: {rounds: 1000000000, warmup: 1,"), "measure.rounds", "1000"),
+    "repeats 1e9": (lambda s: s.replace("min_repeats: 3}", "min_repeats: 3, max_repeats: 1000000000}"), "measure.max_repeats", "100000"),
+    "timeout a year": (
+        lambda s: s.replace("measure: {warmup: 1,", "measure: {timeout_s: 31536000.0, warmup: 1,"),
+        "measure.timeout_s",
+        "604800",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+def test_settings_are_finite_and_bounded(tmp_path, case):
+    edit, key_path, allowed = LIMITS[case]
+    path = write(tmp_path, edit(BASE))
+    with pytest.raises(SuiteError) as error:
+        load_suite(path, device="cuda")
+    assert f": {key_path}: " in str(error.value) and allowed in str(error.value), str(error.value)
+
+
+def huge_suite(path: Path, seq_lens: int, batches: int, entries: int, n_hashes: list[int] | int = 2) -> Path:
+    entry = {"name": "lsh", "n_hashes": n_hashes, "bucket_size": 32}
+    suite = {
+        "name": "huge",
+        "device": "cpu",
+        "model": {"d_model": 64, "n_heads": 2},
+        "sweep": {"seq_len": [64 * (i + 1) for i in range(seq_lens)], "batch": list(range(1, batches + 1))},
+        "variants": [
+            {
+                **entry,
+                "n_hashes": n_hashes[:] if isinstance(n_hashes, list) else n_hashes,
+                "label": f"v{i}" + ("-{n_hashes}" if isinstance(n_hashes, list) else ""),
+            }
+            for i in range(entries)
+        ],  # a copy per entry: PyYAML would write a shared list as an anchor
+    }
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def test_a_huge_sweep_is_refused_from_its_sizes_before_expansion(tmp_path, capsys):
+    from harness.cli import main
+    from harness.suites.common import MAX_CELLS
+
+    path = huge_suite(tmp_path / "huge.yaml", 100, 100, 100)
+    begin = time.monotonic()
+    code = main(["run", str(path), "--dry-run", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert time.monotonic() - begin < 10  # it used to run for 300 s and 5.4 GB, then was killed
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert "expands into 1,000,000 cells (100 seq_len x 100 batch per variant expansion" in err, err
+    assert f"more than the {MAX_CELLS:,} allowed" in err and "--filter" in err
+    # list-valued parameters multiply too
+    huge_suite(path, 100, 1, 100, n_hashes=[1, 2, 4, 8, 16, 32, 64])
+    assert main(["run", str(path), "--dry-run"]) == 2 and "expands into 70,000 cells" in capsys.readouterr().err
+    # one long list is refused before its values are compared with each other
+    huge_suite(path, 20_001, 1, 1)
+    begin = time.monotonic()
+    assert main(["run", str(path), "--dry-run"]) == 2 and "expands into 20,001 cells (20,001 values of seq_len)" in capsys.readouterr().err
+    assert time.monotonic() - begin < 10
+    huge_suite(path, 10, 10, 10)  # 1,000 cells: fine
+    assert len(load_suite(path).cells()) == 1000

@@ -106,6 +106,14 @@ def test_shipped_quality_suites_are_valid():
         ("kind: quality", "kind: qualty", "kind", "unknown suite kind 'qualty' (did you mean 'quality'?)"),
         ("cpu:\n  train: {steps: 4}", "cpu:\n  train: {stepz: 4}", "cpu.train.stepz", "unknown key 'stepz'"),
         ("cpu:\n  train: {steps: 4}", "cpu:\n  trian: {steps: 4}", "cpu.trian", "unknown key 'trian'"),
+        ("lr: 0.003", "lr: .inf", "train.lr", "finite number"),
+        ("threads: 1,", "threads: 100000,", "train.threads", "less than or equal to 1024"),
+        (
+            "task: {name: duplication, seq_len: 32, vocab_size: 16}",
+            "task: {name: bytes, seq_len: 32, split: [.nan, 0.05, 0.05]}",
+            "task.split[0]",
+            "finite number",
+        ),
     ],
 )
 def test_validation_errors_name_file_line_and_key_path(tmp_path, old, new, path, problem):
@@ -176,6 +184,16 @@ def test_missing_data_file_stops_the_run_before_it_starts(tmp_path, monkeypatch,
     assert main(["run", str(file), "--device", "cpu", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'enwik8'}" in err and "mattmahoney.net" in err and not out.exists()
+
+
+def test_a_training_run_whose_loss_diverges_is_an_error_row_not_ok(tmp_path, capsys):
+    file = write(tmp_path, replace(replace(BASE, "lr: 0.003", "lr: 1.0e+30"), "warmup_steps: 2", "warmup_steps: 0, grad_clip: null"))
+    out = tmp_path / "results"
+    assert main(["run", str(file), "--device", "cpu", "--out", str(out), "--filter", "train_variant == 'full'"]) == 1
+    frame = load(out / "tiny")
+    train = frame[frame["row_type"] == "train"]
+    assert train["status"].tolist() == ["error"] and "training diverged at step" in train["message"].iloc[0]
+    assert "diverged at step" in capsys.readouterr().out
 
 
 def test_a_cell_past_its_timeout_becomes_an_error_row(tmp_path, capsys):
