@@ -131,6 +131,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
+# The /proc/cpuinfo flags that decide which vector code runs (compiled kernels, BLAS paths).
+SIMD_FLAG_PREFIXES = ("sse4", "avx", "fma", "amx")
+
+
+def cpu_simd_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vector-extension flags (SIMD_FLAG_PREFIXES: sse4*, avx*, fma, amx*), sorted and
+    space-separated, from the first "flags" line of `cpuinfo`; "unknown" where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return " ".join(sorted(flag for flag in value.split() if flag.startswith(SIMD_FLAG_PREFIXES)))
+    except (OSError, UnicodeDecodeError):
+        pass
+    return "unknown"
+
+
 def device_name(device: str) -> str:
     """Human-readable name of ``device`` ("cuda", "cuda:1", "cpu")."""
     dev = torch.device(device)
@@ -327,6 +345,7 @@ def capture_environment(device: str) -> dict:
         "gpu_driver": _driver_version() if on_cuda else None,
         "nvml": nvml_snapshot(dev.index or 0) if on_cuda else {},
         "cpu_model": cpu_model(),
+        "cpu_simd": cpu_simd_flags(),
         **_host_resources(),
         "torch_threads": torch.get_num_threads(),
         "variant_backends": _variant_backends(),

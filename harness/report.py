@@ -1079,6 +1079,7 @@ def _environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("threads (torch)", env.get("torch_threads")),
         *((f"backend: {name}", value) for name, value in (env.get("variant_backends") or {}).items()),
         ("CPU", f"{env.get('cpu_model', '?')} ({cores})"),
+        ("CPU vector extensions", env.get("cpu_simd")),
         ("RAM (GiB)", env.get("ram_total_gib")),
         ("Python", env.get("python")),
         ("platform", env.get("platform")),

@@ -259,6 +259,18 @@ def test_cpu_frequency_settings_read_sysfs_and_say_unknown_without_it(tmp_path: 
     assert cpu_frequency_settings(str(tmp_path / "none")) == {"governor": "unknown", "boost": "unknown"}
 
 
+def test_cpu_simd_flags_keep_the_vector_extensions(tmp_path: Path) -> None:
+    from harness.environment import cpu_simd_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse2 sse4_2 avx2 fma avx512f avx512bw amx_tile pdpe1gb\n\nprocessor\t: 1\nflags\t\t: avx\n"
+    )
+    assert cpu_simd_flags(str(cpuinfo)) == "amx_tile avx2 avx512bw avx512f fma sse4_2"
+    assert cpu_simd_flags(str(tmp_path / "missing")) == "unknown"
+    assert isinstance(capture_environment("cpu")["cpu_simd"], str)
+
+
 def test_gpu_clock_lock_without_nvml_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 

@@ -6,6 +6,7 @@ PyTorch-ops path in float64 (gradients; itself gradchecked in test_lsh) and argm
 concat([x, -x]) (buckets).
 """
 
+import platform
 import shutil
 
 import pytest
@@ -51,6 +52,40 @@ def test_kernel_builds_and_loads_where_a_compiler_is():
     assert not lsh_cpu.available(torch.device("cpu"), torch.float64)
 
 
+def _expected_isa() -> str:
+    """The ISA the kernel should report here: what -march=native (less -mno-avx512f) targets on this CPU."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo").read().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    if "avx512f" in flags and "-mno-avx512f" not in lsh_cpu.cflags():
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= set(flags) else "generic"
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 ISAs")
+def test_kernel_reports_the_isa_it_was_built_for():
+    """The status (recorded in every run's environment) names the path that runs: avx512 (16-lane
+    zmm matmuls and softmax), avx2 or generic, as the build's flags and this CPU make it."""
+    assert lsh_cpu.isa() == _expected_isa(), (lsh_cpu.cflags(), lsh_cpu.status())
+    assert f"ISA {lsh_cpu.isa()}" in lsh_cpu.status()
+    assert lsh_cpu.keep_probs() == (lsh_cpu.isa() != "avx512")
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_extra_flags_are_part_of_the_build(monkeypatch, fresh_state, tmp_path):
+    """REFORMER_LSH_CPU_CFLAGS_EXTRA reaches the compiler and the cache key: another build, another file."""
+    monkeypatch.setenv("REFORMER_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setenv(lsh_cpu.CFLAGS_EXTRA_ENV, "")
+    lsh_cpu.status()
+    monkeypatch.setattr(lsh_cpu, "_state", {})
+    monkeypatch.setenv(lsh_cpu.CFLAGS_EXTRA_ENV, "-DLSH_CPU_TEST_FLAG=1 -O2")
+    assert lsh_cpu.cflags()[-2:] == ["-DLSH_CPU_TEST_FLAG=1", "-O2"]
+    assert lsh_cpu.status().startswith("fused C kernel"), lsh_cpu.status()
+    assert len(list(tmp_path.glob("lsh_cpu-*.so"))) == 2
+
+
 def _fused_against_references(batch, heads, seq_len, head_dim, n_hashes, bucket, causal, save_probs, seed):
     qk, v = randn(batch, heads, seq_len, head_dim, seed=seed), randn(batch, heads, seq_len, head_dim, seed=seed + 1)
     rotations = draw_rotations(heads, head_dim, n_hashes, sum(bucket_factors(None, seq_len, bucket)), seed=seed + 2, dtype=torch.float64)
@@ -88,15 +123,46 @@ def threads(request):
     # With 4 threads: one head (forward split by chunks, private gradient tables), 4 heads (rounds
     # combined in the forward, backward by heads), 3 heads; with 1 thread every case combines.
     # Bucket 5 / head_dim 6: rows of 2c = 10 logits and 50-element tiles (the loops' scalar tails).
-    # The chunk matmuls' 4 x 16 register blocks: bucket 16 / head_dim 16 in whole blocks only;
+    # The AVX2 path's 4 x 16 register blocks: bucket 16 / head_dim 16 in whole blocks only;
     # bucket 8 / head_dim 20 with 4 edge columns where a product is d wide; bucket 10 / head_dim 20
     # with edge rows (c = 10) beside whole blocks and 4 edge columns of the 2c = 20 logits too.
-    [(1, 1, 1, 8, 8), (2, 2, 3, 8, 8), (1, 3, 2, 8, 8), (1, 2, 3, 5, 6), (1, 2, 2, 16, 16), (1, 2, 2, 8, 20), (1, 2, 2, 10, 20)],
+    # The AVX-512 path's 8 x 32 blocks (row tails in blocks of 4 and 1, column tails masked):
+    # bucket 16 / head_dim 32 in whole blocks only; bucket 12 / head_dim 40: 8 + 4 rows, 32 + 8
+    # masked columns of d and 16 + 8 of 2c; bucket 7 / head_dim 48: rows 4 + 1 + 1 + 1 and 8 + 4 + 1 + 1,
+    # columns 32 + 16 (a second vector wholly masked off) and 14 (one vector, 2 lanes off).
+    [
+        (1, 1, 1, 8, 8),
+        (2, 2, 3, 8, 8),
+        (1, 3, 2, 8, 8),
+        (1, 2, 3, 5, 6),
+        (1, 2, 2, 16, 16),
+        (1, 2, 2, 8, 20),
+        (1, 2, 2, 10, 20),
+        (1, 2, 2, 16, 32),
+        (1, 2, 2, 12, 40),
+        (1, 2, 2, 7, 48),
+    ],
 )
 def test_fused_matches_loop_reference_and_ops_gradients(
     kernel_calls, threads, causal, save_probs, batch, heads, n_hashes, bucket, head_dim
 ):
     _fused_against_references(batch, heads, 8 * bucket, head_dim, n_hashes, bucket, causal, save_probs, seed=10 * n_hashes + heads)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 4], indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("batch, heads, n_hashes, bucket, head_dim", [(1, 1, 2, 8, 8), (1, 2, 3, 12, 40)])
+def test_fused_with_kept_or_recomputed_probabilities(
+    monkeypatch, kernel_calls, threads, causal, keep, batch, heads, n_hashes, bucket, head_dim
+):
+    """Both ways of the fused backward, whichever this build's default is: probabilities kept by the
+    forward (streamed out) and read back, or recomputed from the row max (the other cases above run
+    the default: kept on 8-lane builds, recomputed on AVX-512)."""
+    monkeypatch.setattr(lsh_cpu, "KEEP_PROBS", keep)
+    _fused_against_references(batch, heads, 8 * bucket, head_dim, n_hashes, bucket, causal, True, seed=7 * n_hashes + heads)
     assert kernel_calls == {"forward": 1, "backward": 1}
 
 

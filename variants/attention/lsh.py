@@ -476,8 +476,11 @@ class _LSHCore(torch.autograd.Function):
         key_scale = shared_qk_key_scale(table[:, :d]).to(table.dtype)  # autocast computes it in fp32
         row_max = torch.empty(bh, n_items, 1, **new)
         row_sum = torch.empty_like(row_max)
-        probs = torch.empty(bh, n_items, 2 * c, **new) if items.save_probs else None
         ctx.fused = items.cpu_kernel and lsh_cpu.usable(table) and items.chunk_of is None
+        # On AVX-512 the fused kernel's backward recomputes the probabilities (faster than keeping
+        # them, `lsh_cpu.keep_probs`); save_probs still keeps the output there (for dY . Y).
+        keep = items.save_probs and (not ctx.fused or lsh_cpu.keep_probs())
+        probs = torch.empty(bh, n_items, 2 * c, **new) if keep else None
         if ctx.fused and bh >= lsh_cpu.threads():
             # The kernel combines the rounds per position as it goes (no [BH, N, d] output buffer);
             # M and S (largest logsumexp, sum of exp(z - M)) give each item's weight exp(z - M) / S.

@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +42,13 @@ CFLAGS = [
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):
     CFLAGS.append("-mprefer-vector-width=256")  # GCC's Zen tuning picks 128-bit vectors (expf 4 at a time)
+# Extra compiler flags, appended after CFLAGS (part of the build's cache key): `-mno-avx512f` builds the
+# AVX2 path on an AVX-512 machine (CI tests both paths that way), `-march=x86-64` the generic one.
+CFLAGS_EXTRA_ENV = "REFORMER_LSH_CPU_CFLAGS_EXTRA"
+# Whether `_LSHCore` keeps the kernel's probabilities [BH, N, 2c] for the backward (save_probs) or the
+# backward recomputes them from the row max (one more q.k matmul and exp per chunk; deterministic, so
+# the same values). None: by the ISA (`keep_probs`). True / False force it (A/B comparisons, tests).
+KEEP_PROBS: bool | None = None
 # Chunks per stretch: a stretch's gathered rows ((stretch + 1) * c rows of qk, keys and v) stay in L2.
 STRETCH_CHUNKS = 4
 
@@ -64,10 +72,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cflags() -> list[str]:
+    """The flags the kernel is built with: CFLAGS, then those of $REFORMER_LSH_CPU_CFLAGS_EXTRA (shell words)."""
+    return CFLAGS + shlex.split(os.environ.get(CFLAGS_EXTRA_ENV, ""))
+
+
 def _build(compiler: str) -> Path:
     """Compile SOURCE into the cache (named by the source, flags, compiler and CPU) unless already there."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
+    flags = cflags()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"lsh_cpu-{key}.so"
     if target.exists():
         return target
@@ -76,7 +90,7 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *CFLAGS, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
+            [compiler, *flags, "-o", str(built), str(SOURCE), "-lpthread", "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -130,11 +144,14 @@ def _load() -> ctypes.CDLL:
     lib.lsh_cpu_combine.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i32, i32, ptr]
     lib.lsh_cpu_combine.restype = None
     lib.lsh_cpu_sort.argtypes = [ptr, i64, i64, i64, i64, i64, i32, i32, ptr, ptr, ptr]
+    lib.lsh_cpu_isa.argtypes, lib.lsh_cpu_isa.restype = [], ctypes.c_char_p
+    _state["isa"] = lib.lsh_cpu_isa().decode()
     return lib
 
 
 def status() -> str:
-    """'fused C kernel (<path>)' when the kernel is loaded, else 'PyTorch ops: <why>' (builds it on first call)."""
+    """'fused C kernel, ... ISA <isa> (<path>)' when the kernel is loaded, else 'PyTorch ops: <why>' (builds
+    it on first call). Recorded in every run's environment (`register_backend` in lsh.py)."""
     if "status" not in _state:
         if os.environ.get("REFORMER_LSH_CPU_KERNEL", "1") == "0":
             _state["lib"], _state["status"] = None, "PyTorch ops: REFORMER_LSH_CPU_KERNEL=0"
@@ -142,10 +159,27 @@ def status() -> str:
             try:
                 _state["lib"] = _load()
                 one = "" if _state["threads_ok"] else "; one thread (this BLAS has no per-thread control)"
-                _state["status"] = f"fused C kernel, used for float32 CPU tensors without dup_correction ({_state['lib']._name}{one})"
+                _state["status"] = (
+                    f"fused C kernel, used for float32 CPU tensors without dup_correction; ISA {_state['isa']} ({_state['lib']._name}{one})"
+                )
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 _state["lib"], _state["status"] = None, f"PyTorch ops: {error}"
     return _state["status"]
+
+
+def isa() -> str | None:
+    """The instruction set the loaded kernel was compiled for: 'avx512' (16-lane zmm chunk matmuls and
+    softmax), 'avx2' (8-lane ymm), 'generic' (what the compiler's target gives), or None when not loaded."""
+    status()
+    return _state.get("isa") if _state.get("lib") is not None else None
+
+
+def keep_probs() -> bool:
+    """Whether the kernel's forward keeps the probabilities for its backward: KEEP_PROBS when set, else
+    on the 8-lane builds (measured faster there, docs/performance.md item 36) but not on AVX-512, where
+    recomputing them is cheaper than streaming the buffer out, faulting it in and reading it back
+    (item 37; the step's peak memory loses that buffer too)."""
+    return KEEP_PROBS if KEEP_PROBS is not None else isa() != "avx512"
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
