@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from contention_evidence import QUIET_BUSY, QUIET_SAMPLE_S, cells, emit, header_code_version, machine_state, run_suite  # noqa: E402
 
-from harness.tables import row_contended  # noqa: E402
+from harness.analysis.tables import row_contended  # noqa: E402
 
 
 def wait_for_quiet(wait_s: float) -> tuple[float, float, bool]:

@@ -1,4 +1,5 @@
-"""`harness check RUN --baseline B | --targets`: regressions against a baseline, or the suite's targets (harness.check, harness.targets)."""
+"""`harness check RUN --baseline B | --targets`: regressions against a baseline (harness.check.regression),
+or the suite's absolute targets (harness.analysis.targets)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from harness.commands import UsageError
 
 def main(args: argparse.Namespace) -> int:
     """The handler of this subcommand (module docstring); returns the exit status."""
-    from harness.check import FORMATS, load_run_data, rules_for, run_check
+    from harness.check.formats import FORMATS
+    from harness.check.regression import load_run_data, rules_for, run_check
 
     if args.targets:
-        from harness.targets import evaluate_targets, format_targets, targets_pass
+        from harness.analysis.targets import evaluate_targets, targets_pass
+        from harness.check.targets import format_targets
 
         run = load_run_data(args.run, args.root)
         rules, source = rules_for(run, args.checks)

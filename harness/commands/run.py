@@ -22,6 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
+from harness.analysis.tables import CONTENDED_MARK, is_contended, pivot_metric, quality_summary_tables
 from harness.cells import Cell
 from harness.commands import REPO_ROOT, UsageError
 from harness.data import DataError, check_files
@@ -29,12 +30,13 @@ from harness.environment import capture_environment, code_version, device_name, 
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.overrides import Override
+from harness.report.document import Block, Document, Heading, Items, Paragraph, Table, to_text
+from harness.report.folders import shown_path
 from harness.results import RUN_INFO, RunStore, cell_rows, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
 from harness.sweep import RunOptions, cell_rounds
-from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, summary_tables
 
 
 def _now() -> str:
@@ -58,25 +60,28 @@ def dry_run_table(cells: list[Cell], version: str) -> pd.DataFrame:
     return table
 
 
-def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None:
-    """After a run: pivot tables of time and memory and the cells that did not finish ok
-    (benchmark), or accuracy and bits-per-dim grids (quality); then status counts and, where the
-    cells watched for contention, how many stayed contended. Rows of single rounds are left out."""
+def summary_document(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> Document:
+    """What a run prints when it ends: pivot tables of time and memory (benchmark), or accuracy and
+    bits-per-dim grids (quality); the cells that did not finish ok; status counts and, where the
+    cells watched for contention, how many stayed contended; round drift; where the results are
+    (relative to the working directory). Rows of single rounds are left out."""
     rows = cell_rows(rows)
     cells = rows[rows["row_type"] == "train"] if kind != "benchmark" and "row_type" in rows else rows
+    blocks: list[Block] = []
     if kind == "benchmark":
-        print(f"\nmedian time per call (ms), {suite}:")
-        print(pivot_metric(rows, "time_ms_median", mark_contended=True).to_string())
-        if is_contended(rows).any():
-            print(f"({CONTENDED_MARK}: contended, the timing was disturbed by other load on the machine)")
-        print("\npeak memory (MiB):")
-        print(pivot_metric(rows, "peak_mem_mib").to_string())
+        mark = f"({CONTENDED_MARK}: contended, the timing was disturbed by other load on the machine)" if is_contended(rows).any() else ""
+        blocks += [
+            Heading(f"median time per call (ms), {suite}"),
+            Table(pivot_metric(rows, "time_ms_median", mark_contended=True), note=mark),
+            Heading("peak memory (MiB)"),
+            Table(pivot_metric(rows, "peak_mem_mib")),
+        ]
     else:
-        for title, table in summary_tables(rows):
-            print(f"\n{title}:\n{table if isinstance(table, str) else table.to_string()}")
+        for table in quality_summary_tables(rows):
+            blocks += [Heading(table.title), Table(table.frame, index=table.index)]
     problems = cells[~cells["status"].isin(["ok", "skipped"])]
     if len(problems):
-        print("\nnot ok:")
+        lines = []
         for _, row in problems.iterrows():
             first_line = str(row.get("message") or "").strip().splitlines()
             reason = first_line[0][:200] if first_line else ""
@@ -86,32 +91,41 @@ def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None
                 if kind == "benchmark"
                 else f"({row.get('task')} L={row.get('seq_len', '?')})"
             )
-            print(f"  {row.get('variant_label')} {where}: {row['status']}: {reason}")
+            lines.append(f"{row.get('variant_label')} {where}: {row['status']}: {reason}")
+        blocks += [Heading("not ok"), Items(tuple(lines))]
     counts = cells["status"].value_counts().to_dict()
-    print(f"\n{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    blocks.append(Paragraph(f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())))
     if "contended" in cells:
-        print(contention_summary(cells))
+        blocks += contention_summary(cells)
     drift = pd.to_numeric(cells["round_drift"], errors="coerce").dropna() if "round_drift" in cells else pd.Series(dtype=float)
     if len(drift):
-        print(f"round-to-round drift (slowest / fastest round median - 1): median {drift.median():.1%}, largest {drift.max():.1%}")
-    print(f"results: {path}")
+        text = f"round-to-round drift (slowest / fastest round median - 1): median {drift.median():.1%}, largest {drift.max():.1%}"
+        blocks.append(Paragraph(text))
+    blocks.append(Paragraph(f"results: {shown_path(path)}"))
+    return Document(f"{suite} summary", blocks)
 
 
-def contention_summary(cells: pd.DataFrame) -> str:
-    """ "3 of 30 cells contended (timings disturbed ...):" and one line per contended cell with its
+def print_summary(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> None:
+    """Print `summary_document` as terminal text, after a blank line."""
+    print("\n" + to_text(summary_document(kind, rows, suite, path)))
+
+
+def contention_summary(cells: pd.DataFrame) -> list[Block]:
+    """ "3 of 30 cells contended (timings disturbed ...):" and one item per contended cell with its
     reason, or "0 of 30 cells contended" (rows that watched for contention: `contended`)."""
     contended = cells[is_contended(cells)]
     watched = int(cells["contended"].notna().sum())
     if contended.empty:
-        return f"0 of {watched} cells contended"
-    lines = [
+        return [Paragraph(f"0 of {watched} cells contended")]
+    head = (
         f"{len(contended)} of {watched} cells contended (their timings were disturbed by other load and stayed so "
         "after re-measuring; see `contention`):"
-    ]
+    )
+    items = []
     for _, row in contended.iterrows():
         retries = int(row.get("contention_retries_used") or 0)
-        lines.append(f"  {row['variant_label']} L={row['seq_len']} B={row['batch']}: {row.get('contention')} (re-measured {retries}x)")
-    return "\n".join(lines)
+        items.append(f"{row['variant_label']} L={row['seq_len']} B={row['batch']}: {row.get('contention')} (re-measured {retries}x)")
+    return [Paragraph(head), Items(tuple(items))]
 
 
 def open_store(args: argparse.Namespace, suite_name: str, device: str) -> RunStore:

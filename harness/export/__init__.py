@@ -25,9 +25,9 @@ from typing import Any
 
 import pandas as pd
 
+from harness.analysis.series import series_label
 from harness.results import RUN_ID_PATTERN, ResultsError, StoredRun, cell_rows, read_run
 from harness.safe_io import check_name
-from harness.tables import series_label
 
 EXPORT_FORMATS = ("csv", "tensorboard", "mlflow")
 CURVE_METRICS = ("train_bpd", "eval_bpd", "eval_accuracy", "lr", "tokens_seen", "wall_s")  # quality curve columns, over step

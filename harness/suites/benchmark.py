@@ -36,7 +36,7 @@ from harness.cells import (
     variant_fields,
 )
 from harness.cells.benchmark import BenchmarkCell
-from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
+from harness.check.rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
 from harness.suites.common import (
     MAX_SECONDS,

@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from harness.cells import MODEL_ATTENTION_KEYS, jsonable, model_fields, variant_fields
 from harness.cells.quality import AttentionChoice, QualityCell
-from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
+from harness.check.rules import CHECK_SCHEMAS, ChecksSpec
 from harness.suites.common import (
     MAX_SECONDS,
     MAX_THREADS,

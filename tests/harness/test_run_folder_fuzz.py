@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from harness import cli
 from harness.results import CELLS_DIR, JOBS_FILE, PARQUET, RUN_INFO, RUN_INFO_TYPES, RunStore
 from harness.suites import load_suite
-from tests.harness.test_check import SUITE, make_run
+from tests.harness.check.test_regression import SUITE, make_run
 
 EXAMPLES = int(os.environ.get("RUN_FUZZ_EXAMPLES", "25"))
 RANDOM = os.environ.get("FUZZ_RANDOM") == "1"

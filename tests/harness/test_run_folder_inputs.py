@@ -17,7 +17,7 @@ from harness import cli
 from harness.report import render_report
 from harness.results import CELLS_DIR, PARQUET, RUN_INFO, RunStore
 from harness.suites import load_suite
-from tests.harness.test_check import SUITE, make_run
+from tests.harness.check.test_regression import SUITE, make_run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from harness import cli
 from harness.export import export_cells, export_run
 from harness.results import ResultsError, read_run
-from tests.harness import report_fixtures as fx
+from tests.harness.report import report_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[3]
 QUALITY_RUN = ROOT / "results" / "hashes" / "20261204T022814Z-amd-epyc"  # a committed quality run, read only

@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.analysis.tables import accuracy_table
 from harness.cli import main
 from harness.results import load
 from harness.suites import SuiteError, load_suite
-from harness.tables import accuracy_table
 from tests.processes import default_sigint
 
 ROOT = Path(__file__).resolve().parents[3]

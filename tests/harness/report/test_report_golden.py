@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 GOLDEN = REPO / "tests" / "data" / "report_golden"
 RUNS = {
     "seq_length": "results/seq_length/20261204T023122Z-amd-epyc",  # a benchmark suite
@@ -36,7 +36,10 @@ def test_a_committed_run_renders_the_report_it_rendered_before_the_move(suite: s
     out = tmp_path / suite
     done = subprocess.run(
         [sys.executable, "-m", "harness", "report", RUNS[suite], "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert without_paths((out / "report.md").read_text()) == without_paths((GOLDEN / f"{suite}.md").read_text())

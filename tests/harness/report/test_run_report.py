@@ -1,6 +1,7 @@
-"""harness.report / harness.figures: reports and comparisons rendered from stored results.
+"""harness.report.run_report (and the sections, figures and analyses it draws on): one run's report
+rendered from stored results.
 
-The runs are synthetic, built per module by tests/harness/report_fixtures.py the way `harness run`
+The runs are synthetic, built per module by tests/harness/report/report_fixtures.py the way `harness run`
 stores them (run.json, rows appended through the journal, folded into results.parquet): seq_length
 (one attention layer at 32,768 tokens/step; full attention quadratic per sequence and out of memory
 at 32K, LSH linear) and layers_memory (Reformer LM training memory against depth, standard against
@@ -21,44 +22,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import cli, figures, paper
-from harness.report import (
-    compare_runs,
-    lra_comparison,
-    memory_breakdown_table,
-    open_run,
-    render_compare,
-    render_report,
-    scaling_fits,
-    summary_tables,
-    sweep_axes,
-    with_series,
-)
+from harness import cli
+from harness.analysis.fits import scaling_fits
+from harness.analysis.series import sweep_axes, with_series
+from harness.analysis.tables import pivot_metric
+from harness.report import figures
+from harness.report.palette import series_palette
+from harness.report.run_report import render_report
+from harness.report.sections import memory_breakdown_table, metric_tables
 from harness.results import ResultsError, load
-from harness.tables import pivot_metric
-from tests.harness import report_fixtures as fx
+from tests.harness.report import report_fixtures as fx
 
 SEQ_FIGURES = ("time_vs_seq_len", "memory_vs_seq_len", "tokens_per_s_vs_seq_len")
 LAYERS_FIGURES = ("memory_vs_n_layers", "time_vs_n_layers")
-
-
-@pytest.fixture(scope="module")
-def results_root(tmp_path_factory) -> Path:
-    """A results root holding one seq_length and one layers_memory run (see report_fixtures)."""
-    root = tmp_path_factory.mktemp("results")
-    fx.seq_length_run(root)
-    fx.layers_memory_run(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def seq(results_root) -> Path:
-    return results_root / fx.SEQ_SUITE / fx.SEQ_RUN_ID
-
-
-@pytest.fixture(scope="module")
-def layers(results_root) -> Path:
-    return results_root / fx.LAYERS_SUITE / fx.LAYERS_RUN_ID
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +88,8 @@ def test_report_states_environment_command_and_units(rendered, seq):
     assert f"{fx.SEQ_REPEATS} timed repeats per cell" in text and "0 cell(s) noisy" in text
 
 
-def test_summary_tables_follow_the_formulas(rendered, seq):
-    tables = summary_tables(load(seq))
+def test_metric_tables_follow_the_formulas(rendered, seq):
+    tables = metric_tables(load(seq))
     time = tables["median time per step (ms), by seq_len"]
     memory = tables["peak memory (MiB), by seq_len"]
     expected_time = _seq_expected(fx.seq_time_ms, "{:.4g}")
@@ -134,7 +110,7 @@ def test_summary_tables_follow_the_formulas(rendered, seq):
 def test_layers_tables_and_fits(rendered, layers):
     rows = load(layers)
     assert sweep_axes(rows) == ["n_layers"]
-    memory = summary_tables(rows)["peak memory (MiB), by n_layers"]
+    memory = metric_tables(rows)["peak memory (MiB), by n_layers"]
     for residual in fx.RESIDUALS:
         shown = memory.loc[f"lsh residual={residual}"]
         assert list(shown) == [f"{fx.layers_peak_mib(residual, n):.1f}" for n in fx.N_LAYERS]
@@ -220,7 +196,7 @@ def test_scaling_exponents_at_constant_tokens(rendered, seq):
 
 def _seq_time_figure(seq: Path):
     rows = with_series(load(seq), "seq_len")
-    palette = figures.series_palette(rows["series"])
+    palette = series_palette(rows["series"])
     return figures.plot_metric(rows, "seq_len", figures.TIME, palette, title="t"), palette
 
 
@@ -263,22 +239,6 @@ def test_no_paper_lines_without_the_papers_setting(rendered, layers):
     assert "paper" not in svg
 
 
-def test_palette_is_derived_from_labels_and_stable():
-    labels = ["lsh n_hashes=8", "full", "lsh n_hashes=1", "sdpa", "lsh n_hashes=2", "lsh n_hashes=4"]
-    palette = figures.series_palette(labels)
-    assert palette == figures.series_palette(list(reversed(labels)))
-    assert len(set(palette.values())) == len(labels)
-    assert figures.series_order(labels) == ["full", "sdpa", "lsh n_hashes=1", "lsh n_hashes=2", "lsh n_hashes=4", "lsh n_hashes=8"]
-
-    def luminance(colour):
-        return float(np.dot(colour, [0.299, 0.587, 0.114]))
-
-    shades = [luminance(palette[f"lsh n_hashes={n}"]) for n in (1, 2, 4, 8)]
-    assert shades == sorted(shades, reverse=True)  # sequential: more hashes, darker
-    words = figures.series_palette(["lsh residual=standard", "lsh residual=reversible"])
-    assert len(set(words.values())) == 2
-
-
 def test_missing_or_corrupt_results_give_a_clear_error(seq, tmp_path, capsys):
     run = tmp_path / "seq_length" / seq.name
     shutil.copytree(seq, run)
@@ -313,45 +273,6 @@ def test_report_command_defaults_to_the_latest_run_of_each_suite(results_root, s
     # one run and --out: the report goes straight into --out
     assert render_report([seq], out=tmp_path / "one") == tmp_path / "one"
     assert (tmp_path / "one" / "time_vs_seq_len.png").exists()
-
-
-def test_compare_with_itself_is_one_and_within_noise(seq, layers, tmp_path):
-    for run in (seq, layers):  # 11 repeats (Mann-Whitney) and 3 repeats (IQRs only)
-        rows = open_run(run).rows
-        merged = compare_runs(rows, rows)
-        assert len(merged) == len(rows)
-        ok = merged[merged["status_a"] == "ok"]
-        assert np.allclose(ok["ratio"], 1.0) and np.allclose(ok["memory_ratio"], 1.0)
-        assert ok["within_noise"].eq(True).all()
-        folder = render_compare(run, run, out=tmp_path / run.parent.name)
-        text = (folder / "report.md").read_text()
-        assert (folder / "time_ratio.png").stat().st_size > 1000 and (folder / "time_ratio.svg").exists()
-        assert "| NO |" not in text and "0 of them differ beyond noise" in text
-    assert merged.loc[merged["status_a"] != "ok"].empty  # layers: all finished
-    same = compare_runs(open_run(seq).rows, open_run(seq).rows)
-    assert same.loc[same["status_a"] == "oom", "within_noise"].isna().all()
-    assert (same["status_a"] == "oom").sum() == 1
-
-
-def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(seq):
-    rows = open_run(seq).rows
-    slower = rows.copy()
-    lsh = slower["variant"] == "lsh"
-    slower.loc[lsh, "time_ms_median"] *= 1.5
-    slower["time_ms_samples"] = [
-        list(np.asarray(s) * (1.5 if is_lsh else 1.0)) if s is not None else None for s, is_lsh in zip(slower["time_ms_samples"], lsh)
-    ]
-    slower["cell_key"] = slower["cell_key"] + "x"  # another code version: other keys, same configs
-    slower["code_version"] = "other"
-    merged = compare_runs(rows, slower)
-    assert len(merged) == len(rows)
-    changed = merged[(merged["variant"] == "lsh")]
-    assert np.allclose(changed["ratio"], 1.5) and changed["within_noise"].eq(False).all()
-    same = merged[(merged["variant"] != "lsh") & (merged["status_a"] == "ok")]
-    assert same["within_noise"].eq(True).all()
-    other = rows.assign(dtype="float16")
-    with pytest.raises(ResultsError, match="differ in: dtype"):
-        compare_runs(rows, other)
 
 
 def _quality_rows(row_type: bool) -> list[dict]:
@@ -427,49 +348,6 @@ def test_learning_curves_and_train_by_eval_grid(tmp_path, row_type):
     assert ("RuntimeError: boom" in text) == row_type
 
 
-def test_table2_scale_note_flags_a_smaller_run():
-    rows = pd.DataFrame({"seq_len": [128], "d_model": [128], "d_ff": [128], "train_steps": [400]})
-    note = paper.table2_scale_note(rows)
-    assert note.startswith("**Smaller than the paper's setting**") and "seq_len 128 (paper 1,024)" in note
-    assert "train_steps 400 (paper 150,000)" in note
-    at_scale = paper.table2_scale_note(pd.DataFrame({"seq_len": [1024], "d_model": [256], "d_ff": [256], "train_steps": [150000]}))
-    assert at_scale.startswith("This run is at the paper's scale")
-
-
-def test_lra_comparison_puts_lras_ratios_beside_the_runs():
-    """Hand-made model training rows (full, local, two LSH series at 1K and 4K): speed = full's time
-    over the series', memory = peak plus state over full's; LRA's ratios from its Table 2 steps/s
-    and GB (local at 4K: 7.4 / 1.4 = 5.3x, 1.37 / 9.48 = 0.14x)."""
-    base = {"workload": "model", "mode": "train_step", "status": "ok", "batch": 2, "n_layers": 2, "device": "cpu"}
-    base |= {"param_mem_mib": 10.0, "grad_mem_mib": 10.0, "optim_mem_mib": 20.0}
-    cells = [  # (variant, label, seq_len, time ms, peak MiB above the state)
-        ("full", "full", 1024, 400.0, 160.0),
-        ("full", "full", 4096, 6000.0, 1960.0),
-        ("local", "local", 1024, 300.0, 110.0),
-        ("local", "local", 4096, 1000.0, 460.0),
-        ("lsh", "LSH-2", 4096, 750.0, 360.0),
-        ("lsh", "LSH-4", 4096, 1500.0, 560.0),
-    ]
-    rows = pd.DataFrame(
-        [
-            {**base, "variant": v, "variant_label": label, "seq_len": n, "time_ms_median": t, "peak_mem_mib": m}
-            for v, label, n, t, m in cells
-        ]
-    )
-    speed, memory, words = lra_comparison(rows)
-    assert list(speed.columns) == ["series here", "1K (LRA / here)", "4K (LRA / here)"]
-    assert speed.loc["Local attention", "4K (LRA / here)"] == "5.3x / 6.0x"  # 6000 / 1000
-    assert speed.loc["Local attention", "1K (LRA / here)"] == "1.1x / 1.3x"  # 9.2 / 8.1; 400 / 300
-    assert memory.loc["Local attention", "4K (LRA / here)"] == "0.14x / 0.25x"  # (460 + 40) / (1960 + 40)
-    reformer = speed.loc["Reformer"]
-    assert list(reformer["series here"]) == ["LSH-2", "LSH-4"]
-    assert list(reformer["4K (LRA / here)"]) == ["0.8x / 8.0x", "0.8x / 4.0x"]
-    assert list(reformer["1K (LRA / here)"]) == ["0.5x / -", "0.5x / -"]  # no LSH cell at 1K
-    assert "batch 2, 2 layers" in words and "local 6.0x the Transformer's steps/s and 0.25x its memory" in words
-    assert lra_comparison(rows.assign(workload="attention")) is None  # one layer is not LRA's protocol
-    assert lra_comparison(rows[rows["variant"] != "full"]) is None  # nothing to be relative to
-
-
 QUALITY_SUITE_WITH_TARGETS = """
 name: duplication
 kind: quality
@@ -541,27 +419,6 @@ def test_index_html_opens_in_headless_chromium_with_every_image(rendered, seq, t
 # --------------------------------------------------------------------------- contention and rounds
 
 
-@pytest.fixture(scope="module")
-def disturbed(results_root, seq) -> Path:
-    """The seq_length run again, as if measured in 3 rounds on a busy machine: two lsh cells stayed
-    contended (CPU share 0.50), every ok cell has a round drift of 2% (4% for full at 1K)."""
-    from harness.results import RunStore, load_run_info
-
-    store = RunStore(results_root, fx.SEQ_SUITE, "20260302T120000Z-disturbed")
-    store.write_run_info(load_run_info(seq))
-    rows = load(seq)
-    for record in rows.to_dict("records"):
-        record = {k: v for k, v in record.items() if not (isinstance(v, float) and np.isnan(v))}
-        busy = record["variant_label"] == "lsh n_hashes=1" and record["seq_len"] in (1024, 2048)
-        record.update(contended=busy, contention="CPU share 0.50 < 0.85; other processes 1.0 cores busy" if busy else "")
-        record.update(cpu_share=0.5 if busy else 0.98, other_cpu_cores=1.0 if busy else 0.02, load_avg_1m=2.0 if busy else 0.3)
-        if record["status"] == "ok":
-            record.update(rounds=3, round_drift=0.04 if (record["variant"], record["seq_len"]) == ("full", 1024) else 0.02)
-        store.append(record)
-    store.fold()
-    return store.path
-
-
 def test_contended_cells_are_marked_and_drift_and_machine_load_reported(disturbed, tmp_path):
     folder = render_report([disturbed], out=tmp_path / "report")
     text = (folder / "report.md").read_text()
@@ -578,17 +435,3 @@ def test_contended_cells_are_marked_and_drift_and_machine_load_reported(disturbe
     assert len(re.findall(r'id="contended-lsh-n_hashes-1-(1024|2048)"', svg)) == 2
     assert "contended (timing disturbed by other load)" in svg
     assert "contended-" not in (folder / "memory_vs_seq_len.svg").read_text()  # memory is not a timing
-
-
-def test_compare_treats_a_contended_cell_as_inconclusive(seq, disturbed, tmp_path):
-    lines: list[str] = []
-    folder = render_compare(seq, disturbed, out=tmp_path / "compare", echo=lines.append)
-    merged = compare_runs(open_run(seq).rows, open_run(disturbed).rows)
-    vague = merged[merged["inconclusive"]]
-    assert sorted(vague["seq_len"]) == [1024, 2048] and vague["within_noise"].isna().all()
-    assert merged.loc[~merged["inconclusive"] & (merged["status"] == "ok"), "within_noise"].eq(True).all()
-    assert "0 of them differ beyond noise, 2 inconclusive: contended in A or B" in lines[0]
-    assert lines[1].startswith("inconclusive: lsh n_hashes=1 seq_len=1024: B CPU share 0.50")
-    text = (folder / "report.md").read_text()
-    assert text.count("inconclusive (contended)") == 2 and "## Inconclusive cells (contended)" in text
-    assert 'id="contended-lsh-n_hashes-1-1024"' in (folder / "time_ratio.svg").read_text()

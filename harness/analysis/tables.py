@@ -1,23 +1,42 @@
-"""Summary tables of result rows: benchmark metrics pivoted (variants as rows, sequence lengths as
-columns) and a quality run's accuracy and bits-per-dim grids."""
+"""Summary tables of result rows: benchmark metrics pivoted (series as rows, the sweep axis as
+columns), contended cells marked, and a quality run's accuracy and bits-per-dim grids."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-# Config columns that, when they vary within a suite, name separate lines beside the variant label.
-SERIES_COLUMNS = ("residual", "ffn_chunks", "d_ff", "n_layers")
+from harness.analysis.series import series_label
+from harness.results import cell_rows
 
 
-def series_label(rows: pd.DataFrame, x: str = "seq_len") -> pd.Series:
-    """A per-row line name: the variant label plus every config column (but the x axis `x`) that varies."""
-    label = rows["variant_label"].astype(str)
-    for column in SERIES_COLUMNS:
-        if column != x and column in rows and rows[column].nunique(dropna=False) > 1:
-            label = label + f" {column}=" + rows[column].astype(str)
-    return label
+class RowKinds(NamedTuple):
+    """A run's rows by kind: benchmark cells, learning-curve points, train-by-eval evaluations, and
+    the training cells that did not finish."""
+
+    bench: pd.DataFrame
+    curve: pd.DataFrame
+    grid: pd.DataFrame
+    failed: pd.DataFrame
+
+
+def row_kinds(rows: pd.DataFrame) -> RowKinds:
+    """Split a run's rows by kind. Quality runs (harness.cells.quality) mark their rows with `row_type`
+    "curve" / "eval" / "train"; without that column, rows with an `eval_variant` are evaluations and
+    rows with a `step` curves. Benchmark rows have neither; the rows of single rounds of a cell
+    measured in rounds ("round") are left out (the cell's own row has them combined)."""
+    rows = cell_rows(rows)
+    if "row_type" in rows:
+        kind = rows["row_type"].astype(object)
+    else:
+        kind = pd.Series(None, index=rows.index, dtype=object)
+        if "step" in rows:
+            kind = kind.mask(rows["step"].notna(), "curve")
+        if "eval_variant" in rows:
+            kind = kind.mask(rows["eval_variant"].notna(), "eval")
+    other = kind.notna() & ~kind.isin(["curve", "eval"]) & (rows["status"] != "ok")  # failed `train` rows
+    return RowKinds(rows[kind.isna()], rows[kind == "curve"], rows[kind == "eval"], rows[other])
 
 
 CONTENDED_MARK = "*"  # after a timing whose cell stayed contended (`contended`), in the tables of times
@@ -74,8 +93,17 @@ def accuracy_table(rows: Any) -> pd.DataFrame:
     return table.reindex(index=list(dict.fromkeys(evals["train_variant"])), columns=list(dict.fromkeys(evals["eval_variant"])))
 
 
-def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """(title, DataFrame) pairs to print after a run: accuracy grid, final eval bpd, last curve point."""
+class SummaryTable(NamedTuple):
+    """A titled table; `index`: whether the frame's index is part of what is shown."""
+
+    title: str
+    frame: pd.DataFrame
+    index: bool = True
+
+
+def quality_summary_tables(rows: list[dict[str, Any]] | pd.DataFrame) -> list[SummaryTable]:
+    """The tables printed after a quality run: accuracy grid (percent), final eval bits per dim (per
+    cell, or train x eval), last learning-curve point per training cell."""
     frame = pd.DataFrame(rows)
     if frame.empty or "row_type" not in frame:
         return []
@@ -86,7 +114,7 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     if not evals.empty:
         if has_accuracy and not (evals["eval_variant"] == evals["train_variant"]).all():
             out.append(
-                (
+                SummaryTable(
                     "accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
                     if evals["task"].iloc[0] == "duplication"
                     else "accuracy (%), train x eval",
@@ -95,10 +123,10 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
             )
         if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
             columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if has_accuracy else [])
-            out.append(("final eval bits per dim", evals[columns].round(3).to_string(index=False)))
+            out.append(SummaryTable("final eval bits per dim", evals[columns].round(3), index=False))
         else:
             out.append(
-                (
+                SummaryTable(
                     "eval bits per dim, train x eval",
                     evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd", sort=False).round(3),
                 )
@@ -107,5 +135,5 @@ def summary_tables(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     if not curve.empty:
         last = curve.loc[curve.groupby("train_key", sort=False)["step"].idxmax()]
         columns = [c for c in ("train_variant", *group, "step", "train_bpd", "eval_bpd", "eval_accuracy", "wall_s") if c in last]
-        out.append(("last learning-curve point per training cell", last[columns].round(3).to_string(index=False)))
+        out.append(SummaryTable("last learning-curve point per training cell", last[columns].round(3), index=False))
     return out

@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from harness.analysis.stats import NOISE_ALPHA
 from harness.expressions import parse_expression
 from harness.safe_yaml import YAMLInputError, load_yaml, read_yaml_text
 
@@ -56,7 +57,7 @@ class TimeRule(_Rule):
     """Absolute time: slower by at least `threshold` (relative) and significant on the samples."""
 
     threshold: float = Field(0.10, gt=0)
-    p_value: float = Field(0.01, gt=0, le=1)
+    p_value: float = Field(NOISE_ALPHA, gt=0, le=1)
 
 
 class MemoryRule(_Rule):
@@ -92,7 +93,7 @@ class RatioRule(_Rule):
     name: Optional[str] = None
     metric: Literal["time", "cpu_time"] = "time"
     threshold: float = Field(0.10, gt=0)
-    p_value: float = Field(0.01, gt=0, le=1)
+    p_value: float = Field(NOISE_ALPHA, gt=0, le=1)
 
     _expressions = field_validator("numerator", "denominator", "at")(_expression)
 

@@ -1,11 +1,11 @@
-"""harness.stats against scipy (a test-only dependency)."""
+"""harness.analysis.stats against scipy (a test-only dependency)."""
 
 import math
 import random
 
 import pytest
 
-from harness.stats import mann_whitney_u, median, min_p_value, rank_with_ties, u_distribution_counts
+from harness.analysis.stats import mann_whitney_u, median, min_p_value, rank_with_ties, u_distribution_counts
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

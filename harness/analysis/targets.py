@@ -1,6 +1,7 @@
-"""Absolute targets within one run (`checks: targets:` of a suite): `harness check RUN --targets`.
+"""Absolute targets within one run (`checks: targets:` of a suite): what `harness check RUN --targets`
+prints and the report's "Targets" section shows.
 
-Each `TargetRule` (harness.check_rules) gives one row per numerator cell: its metric, divided by
+Each `TargetRule` (harness.check.rules, the schema of the `checks:` block) gives one row per numerator cell: its metric, divided by
 the matching denominator cell's when the rule names one (of several ok denominator cells, the
 fastest), against the bound. A target is met when all its rows are; unfinished numerator cells
 and numerators without an ok denominator are misses (a target that cannot be measured is not met).
@@ -15,12 +16,39 @@ from typing import Any
 
 import pandas as pd
 
-from harness.check_rules import TargetRule
+from harness.analysis.pairing import comparable_rows
+from harness.analysis.tables import row_contended
+from harness.check.rules import ChecksError, ChecksSpec, TargetRule, checks_from_suite_text
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError
-from harness.tables import row_contended
+from harness.results import ResultsError, StoredRun
 
 TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other load on the machine moves
+
+
+def suite_checks(run: StoredRun) -> tuple[ChecksSpec, str]:
+    """(the `checks:` block of the suite `run` was made with, where it came from): run.json keeps the
+    suite's text; its `cpu:`/`cuda:` block applies for the device of the rows. The defaults when the
+    suite has none. ResultsError for a block that does not validate."""
+    text = run.info.get("suite_text")
+    if not text:
+        return ChecksSpec(), "defaults"
+    devices = run.rows.get("device", pd.Series(dtype=object)).dropna()
+    device = str(devices.iloc[0]) if len(devices) else str((run.info.get("environment") or {}).get("device", "cpu"))
+    where = f"{run.info.get('suite_path', 'suite')} (as recorded in {run.label}/run.json)"
+    try:
+        spec = checks_from_suite_text(text, device, where)
+    except ChecksError as error:
+        raise ResultsError(str(error)) from None
+    return (spec, where) if spec is not None else (ChecksSpec(), "defaults (the suite has no checks: block)")
+
+
+def run_targets(run: StoredRun) -> tuple[pd.DataFrame, str] | None:
+    """The suite's targets evaluated on `run` (its `comparable_rows`) and where they came from; None
+    when the suite sets none. ResultsError when they cannot be evaluated."""
+    rules, source = suite_checks(run)
+    if not rules.targets:
+        return None
+    return evaluate_targets(comparable_rows(run.rows), rules.targets), source
 
 
 def metric_value(row: dict[str, Any], metric: str) -> float:
@@ -128,16 +156,3 @@ def targets_pass(table: pd.DataFrame) -> bool:
 def _bound(rule: TargetRule) -> str:
     parts = [f"<= {rule.max:g}" if rule.max is not None else "", f">= {rule.min:g}" if rule.min is not None else ""]
     return " and ".join(p for p in parts if p) or "(none)"
-
-
-def format_targets(table: pd.DataFrame, source: str) -> str:
-    """Plain-text table of evaluate_targets' rows and a one-line verdict."""
-    if table.empty:
-        return f"no targets in {source}"
-    met = [("INCONCLUSIVE" if vague else "MET" if ok else "MISSED") for ok, vague in zip(table["met"], table["inconclusive"])]
-    shown = table.drop(columns="inconclusive").assign(value=table["value"].map(lambda v: f"{v:.3f}" if math.isfinite(v) else "-"), met=met)
-    vague = int(table["inconclusive"].sum())
-    missed = int((~table["met"] & ~table["inconclusive"]).sum())
-    verdict = f"{int(table['met'].sum())} of {len(table)} met" + (f"; {missed} missed" if missed else "")
-    verdict += f"; {vague} inconclusive (contended cells: neither met nor missed)" if vague else ""
-    return f"targets from {source}:\n{shown.to_string(index=False)}\n{verdict}"

@@ -1,4 +1,4 @@
-"""harness.tables: the summary tables printed after a quality run, for both task kinds.
+"""harness.analysis.tables: the summary tables printed after a quality run, for both task kinds.
 
 The rows are written by hand here, so each expected number is known without the harness.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.tables import summary_tables
+from harness.analysis.tables import quality_summary_tables
+from harness.report.document import Table, to_text
 
 
 def _eval_row(task: str, train: str, evaluated: str, bpd: float, accuracy: float | None = None) -> dict:
@@ -31,11 +32,12 @@ def _curve_row(train: str, step: int, bpd: float) -> dict:
 
 def test_text_task_rows_without_accuracy_give_the_bpd_tables():
     rows = [_eval_row("text", "LSH-2", "LSH-2", 3.8781), _curve_row("LSH-2", 0, 8.3), _curve_row("LSH-2", 40, 3.9214)]
-    tables = dict(summary_tables(rows))
+    tables = {t.title: t for t in quality_summary_tables(rows)}
     assert list(tables) == ["final eval bits per dim", "last learning-curve point per training cell"]
-    assert "accuracy" not in tables["final eval bits per dim"]
-    assert "3.878" in tables["final eval bits per dim"]
-    header, values = tables["last learning-curve point per training cell"].splitlines()
+    final = tables["final eval bits per dim"]
+    assert "accuracy" not in final.frame and not final.index and final.frame["eval_bpd"].tolist() == [3.878]
+    last = tables["last learning-curve point per training cell"]
+    header, values = to_text([Table(last.frame, index=last.index)]).splitlines()  # as the run summary prints it
     point = dict(zip(header.split(), values.split()))
     assert point["train_variant"] == "LSH-2" and float(point["step"]) == 40 and float(point["train_bpd"]) == 3.921
 
@@ -47,7 +49,7 @@ def test_duplication_grid_is_the_mean_accuracy_per_train_and_eval_variant():
         _eval_row("duplication", "LSH-1", "full", 1.0, 90.0),
         _eval_row("duplication", "LSH-1", "LSH-1", 0.5, 70.0),
     ]
-    tables = dict(summary_tables(rows))
+    tables = {t.title: t.frame for t in quality_summary_tables(rows)}
     grid = tables["accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"]
     assert isinstance(grid, pd.DataFrame)
     assert grid.loc["full", "LSH-1"] == 40.0 and grid.loc["LSH-1", "full"] == 90.0

@@ -1,4 +1,5 @@
-"""harness.check: regression checks between synthetic runs built with RunStore."""
+"""harness.check.regression (and its verdicts, ratios, formats and baselines): regression checks
+between synthetic runs built with RunStore."""
 
 from __future__ import annotations
 
@@ -12,25 +13,15 @@ import pytest
 
 from harness import cli
 from harness.cells.benchmark import config_key_of
-from harness.check import (
-    IMPROVEMENT,
-    INCONCLUSIVE,
-    MISSING,
-    NEW,
-    REGRESSION,
-    SAME,
-    CheckError,
-    compare_samples,
-    format_markdown,
-    format_text,
-    promote_baseline,
-    run_check,
-)
-from harness.check_rules import ChecksSpec, parse_checks
+from harness.check.baseline import promote_baseline
+from harness.check.formats import format_markdown, format_text
+from harness.check.regression import run_check
+from harness.check.rules import ChecksSpec, parse_checks
+from harness.check.verdicts import IMPROVEMENT, INCONCLUSIVE, MISSING, NEW, REGRESSION, SAME, CheckError, compare_samples
 from harness.results import RunStore
 from harness.suites import SuiteError, load_suite
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SUITE = """\
 name: synthetic
 device: cpu
@@ -582,8 +573,9 @@ def test_a_contended_cell_is_inconclusive_never_a_pass_or_a_fail(tmp_path, cells
 
 
 def test_a_target_over_a_contended_cell_is_inconclusive():
-    from harness.check_rules import TargetRule
-    from harness.targets import evaluate_targets, format_targets, targets_pass
+    from harness.analysis.targets import evaluate_targets, targets_pass
+    from harness.check.rules import TargetRule
+    from harness.check.targets import format_targets
 
     frame = pd.DataFrame(
         [

@@ -42,7 +42,7 @@ import numpy as np
 
 from harness.cells import model_fields
 from harness.cells.benchmark import BenchmarkCell, floor_columns
-from harness.results import RunStore
+from harness.results import RunStore, load, load_run_info
 
 # --------------------------------------------------------------------------- environment (run.json)
 
@@ -433,3 +433,24 @@ def layers_memory_run(root: str | Path, run_id: str = LAYERS_RUN_ID) -> Path:
         "Synthetic layers_memory run: peak training memory of a Reformer LM against its depth, standard against reversible residuals.\n"
     )
     return _store_run(Path(root), LAYERS_SUITE, run_id, LAYERS_SUITE_TEXT, description, LAYERS_COMMAND, rows)
+
+
+# --------------------------------------------------------------------------- a disturbed copy
+
+
+def disturbed_run(root: Path, seq: Path) -> Path:
+    """The seq_length run `seq` again under `root`, as if measured in 3 rounds on a busy machine: two
+    lsh cells stayed contended (CPU share 0.50), every ok cell has a round drift of 2% (4% for full
+    at 1K). Returns the run folder."""
+    store = RunStore(root, SEQ_SUITE, "20260302T120000Z-disturbed")
+    store.write_run_info(load_run_info(seq))
+    for record in load(seq).to_dict("records"):
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and np.isnan(v))}
+        busy = record["variant_label"] == "lsh n_hashes=1" and record["seq_len"] in (1024, 2048)
+        record.update(contended=busy, contention="CPU share 0.50 < 0.85; other processes 1.0 cores busy" if busy else "")
+        record.update(cpu_share=0.5 if busy else 0.98, other_cpu_cores=1.0 if busy else 0.02, load_avg_1m=2.0 if busy else 0.3)
+        if record["status"] == "ok":
+            record.update(rounds=3, round_drift=0.04 if (record["variant"], record["seq_len"]) == ("full", 1024) else 0.02)
+        store.append(record)
+    store.fold()
+    return store.path

@@ -1,4 +1,4 @@
-"""Small statistics for regression checks, without scipy (a test-only dependency).
+"""Small statistics for comparing timings, without scipy (a test-only dependency).
 
 `mann_whitney_u` is the Mann-Whitney U test (Wilcoxon rank-sum) with the same conventions as
 `scipy.stats.mannwhitneyu`: the statistic is U of the first sample, ties get mid-ranks, and the
@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 Alternative = Literal["greater", "less", "two-sided"]
 Method = Literal["auto", "exact", "asymptotic"]
 EXACT_MAX_SIZE = 8  # scipy's "auto": exact when either sample has at most 8 values and none tie
+NOISE_ALPHA = 0.01  # significance level of the noise test (harness.analysis.pairing): compare, and check's default p_value
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""harness.targets: absolute targets within one run (`checks: targets:`, `harness check --targets`)."""
+"""harness.analysis.targets (and harness.check.targets, its text): absolute targets within one run
+(`checks: targets:`, `harness check --targets`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-from harness.check_rules import ChecksError, TargetRule, parse_checks
+from harness.analysis.targets import evaluate_targets
+from harness.check.rules import ChecksError, TargetRule, parse_checks
+from harness.check.targets import format_targets
 from harness.results import ResultsError
-from harness.targets import evaluate_targets, format_targets
 
 
 def row(variant, n_hashes, seq_len, time_ms, mem, status="ok", floor_ratio=math.nan):
@@ -124,8 +126,8 @@ def test_bad_rules_give_clear_errors():
 
 
 def test_bpd_target_over_a_quality_runs_evaluations(tmp_path):
-    from harness.check import load_run_data
-    from tests.harness.test_check import QUALITY_BPD, quality_run
+    from harness.check.regression import load_run_data
+    from tests.harness.check.test_regression import QUALITY_BPD, quality_run
 
     run = load_run_data(quality_run(tmp_path, "run", QUALITY_BPD), tmp_path)
     rule = TargetRule(

@@ -1,0 +1,261 @@
+"""One way to pair two runs: `pair_runs(a, b)` matches their cells by identity and judges each pair.
+
+Identity (`comparable_rows`): a benchmark run's cells (a cell measured in rounds: its combined row,
+not its rounds) are keyed by `config_key_of`, the configuration without code version, labels or
+measure settings; a quality run's evaluations (its `eval` rows, plus the `train` row of a cell that
+failed before evaluating) by `quality_key_of`. When a key occurs twice in one run (a run resumed with
+another code version), the row written last wins.
+
+Every key present in either run is one `Pair` (the side that lacks the cell is None). A pair whose
+cells finished (`ok`) in both runs carries the median time ratio B / A, the peak memory ratio B / A,
+the per-repeat timing samples of both and one noise verdict, by one rule (docs/decisions.md, "One
+noise rule"):
+
+- INCONCLUSIVE when either cell's timing stayed contended (other load disturbed it): neither within
+  noise nor beyond it;
+- TOO_FEW when a side has no samples, or the repeats are too few for the test to reach p < alpha at
+  all (3 and 3 repeats: the smallest two-sided p is 0.1);
+- BEYOND (beyond noise) when a two-sided Mann-Whitney U test on the two sets of samples
+  (`harness.analysis.stats`) gives p < alpha (NOISE_ALPHA, 0.01), WITHIN otherwise.
+
+A pair where either cell did not finish is UNFINISHED, without ratios. `harness compare` renders the
+pairs (harness.report.compare_report); `harness check` judges them with its thresholds on top
+(harness.check.regression). Nothing here knows about either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from harness.analysis.stats import NOISE_ALPHA, mann_whitney_u, median, min_p_value
+from harness.analysis.tables import row_contended
+from harness.cells.benchmark import CONFIG_COLUMNS, config_key_of, model_defaults
+from harness.results import ResultsError, cell_rows
+from harness.safe_io import InputFileError, parse_json
+
+KEY = "config_key"  # the identity column `comparable_rows` adds
+WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED = "within noise", "beyond noise", "too few repeats", "inconclusive", "unfinished"
+NOISE_VERDICTS = (WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED)
+# The per-cell columns a paired frame carries from both runs, as <column>_a and <column>_b.
+PAIRED_COLUMNS = ("status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib", "contended", "contention")
+# train_config entries that say how a training ran, not what it computes: not part of a quality row's identity.
+TRAIN_CONFIG_RUN_ONLY = ("threads", "checkpoint_every", "timeout_s")
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def quality_key_of(row: dict) -> str:
+    """Identity of one evaluation of a training cell (a quality run's `eval` row, or the `train` row of
+    a cell that failed before evaluating, which stands for its own-attention evaluation): the
+    model/variant identity of `config_key_of` plus the task, the training settings (less
+    TRAIN_CONFIG_RUN_ONLY) and the eval variant. First 16 hex of a sha256. ResultsError for a JSON
+    column that cannot be read."""
+
+    def text(name: str, fallback: str) -> Any:
+        value = row.get(name)
+        return value if isinstance(value, str) and value else row.get(fallback)
+
+    def parsed(name: str, fallback: str = "") -> dict:
+        value = text(name, fallback)
+        try:
+            data = parse_json(value, f"column {name}") if isinstance(value, str) and value else {}
+        except InputFileError as error:
+            raise ResultsError(f"a row of cell {row.get('cell_key')!r}: {error}") from None
+        return data if isinstance(data, dict) else {}
+
+    identity = {
+        "config": config_key_of(row),
+        "task": parsed("task_params"),
+        "train": {k: v for k, v in parsed("train_config").items() if k not in TRAIN_CONFIG_RUN_ONLY},
+        "eval_variant": text("eval_variant_name", "variant"),
+        "eval_params": parsed("eval_variant_params", "variant_params"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def comparable_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a run that a comparison reads, each with its identity in KEY, one row per key (the
+    last written wins). A benchmark run: one row per cell (a cell measured in rounds: its combined
+    row), keyed by `config_key_of`, recomputed from the configuration columns so that runs stored
+    before the column existed match too. A quality run: its `eval` rows (final eval bpd and accuracy
+    per training cell and eval variant) plus the `train` row of each training cell that stored no
+    eval row (it failed: its status is what is compared), keyed by `quality_key_of`; its
+    learning-curve rows are not compared."""
+    rows = cell_rows(frame).copy()
+    if "row_type" in rows and rows["row_type"].isin(["eval", "train", "curve"]).any():
+        evals = rows[rows["row_type"] == "eval"]
+        trains = rows[rows["row_type"] == "train"]
+        failed = trains[~trains["cell_key"].isin(evals.get("train_key", pd.Series(dtype=object)))]
+        rows = pd.concat([evals, failed], ignore_index=True)
+        rows[KEY] = [quality_key_of(row) for row in rows.to_dict("records")]
+    else:
+        rows[KEY] = [config_key_of(row) for row in rows.to_dict("records")]
+    return rows.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+def configuration_differences(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
+    """The configuration columns (those of `config_key_of`) whose sets of values differ between two
+    runs' rows: why nothing pairs, in words."""
+    columns = [*CONFIG_COLUMNS, "variant_params", *(name for name, _ in model_defaults())]
+    return [c for c in columns if c in a and c in b and set(a[c].astype(str)) != set(b[c].astype(str))]
+
+
+# --------------------------------------------------------------------------- samples and the noise test
+
+
+def finite(value: Any) -> float | None:
+    """`value` as a finite float, else None (missing, NaN, not a number)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def samples_of(row: dict, column: str = "time_ms_samples") -> list[float]:
+    """The per-repeat values of a row in `column` (a list, an array or JSON text; finite values
+    only); [] when it has none."""
+    value = row.get(column)
+    if isinstance(value, str):
+        try:
+            value = parse_json(value, column)
+        except InputFileError:
+            return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [float(v) for v in value if finite(v) is not None]
+
+
+def noise_test(a: Sequence[float], b: Sequence[float], alpha: float = NOISE_ALPHA) -> tuple[float | None, str]:
+    """(two-sided Mann-Whitney U p-value, verdict) of two sets of samples: BEYOND when p < alpha,
+    WITHIN otherwise, TOO_FEW when a set is empty or the sizes cannot reach p < alpha at all (the
+    p-value is still given where both sets have values)."""
+    if not a or not b:
+        return None, TOO_FEW
+    p = mann_whitney_u(b, a, alternative="two-sided").pvalue
+    if 2 * min_p_value(len(a), len(b)) >= alpha:
+        return p, TOO_FEW
+    return p, BEYOND if p < alpha else WITHIN
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One identity `key` of two runs: its row in A and in B (None where that run lacks it), the
+    ratios B / A (NaN unless both finished), both sides' timing samples (ms), the noise test's
+    p-value and verdict (one of NOISE_VERDICTS)."""
+
+    key: str
+    a: dict[str, Any] | None
+    b: dict[str, Any] | None
+    ratio: float = math.nan
+    memory_ratio: float = math.nan
+    samples_a: tuple[float, ...] = ()
+    samples_b: tuple[float, ...] = ()
+    p_value: float | None = None
+    noise: str = UNFINISHED
+
+    @property
+    def matched(self) -> bool:
+        """Both runs have the cell."""
+        return self.a is not None and self.b is not None
+
+    @property
+    def finished(self) -> bool:
+        """Both runs have the cell and it finished (`ok`) in both."""
+        return self.matched and self.a.get("status") == "ok" and self.b.get("status") == "ok"  # type: ignore[union-attr]
+
+    def contention(self) -> dict[str, str]:
+        """Side ("a", "b") -> the reason its timing stayed contended, for the contended sides."""
+        sides = (("a", self.a), ("b", self.b))
+        return {side: str(row.get("contention") or "contended") for side, row in sides if row is not None and row_contended(row)}
+
+
+def _median_time(row: dict, samples: Sequence[float]) -> float:
+    """The cell's median time (ms): its `time_ms_median`, else the median of its samples."""
+    value = finite(row.get("time_ms_median"))
+    return value if value is not None else median(samples)
+
+
+def pair_cells(key: str, a: dict | None, b: dict | None, alpha: float = NOISE_ALPHA) -> Pair:
+    """The Pair of one identity: ratios and the noise verdict when both cells finished."""
+    if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+        return Pair(key, a, b)
+    samples_a, samples_b = samples_of(a), samples_of(b)
+    time_a, time_b = _median_time(a, samples_a), _median_time(b, samples_b)
+    memory_a, memory_b = finite(a.get("peak_mem_mib")), finite(b.get("peak_mem_mib"))
+    ratio = time_b / time_a if math.isfinite(time_a) and time_a > 0 and math.isfinite(time_b) else math.nan
+    memory_ratio = memory_b / memory_a if memory_a and memory_b is not None else math.nan
+    if row_contended(a) or row_contended(b):
+        p, noise = None, INCONCLUSIVE
+    else:
+        p, noise = noise_test(samples_a, samples_b, alpha)
+    return Pair(key, a, b, ratio, memory_ratio, tuple(samples_a), tuple(samples_b), p, noise)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The pairs of two runs, A's keys in A's order, then those only B has; `alpha` of the noise test."""
+
+    pairs: tuple[Pair, ...]
+    alpha: float = NOISE_ALPHA
+
+    @property
+    def matched(self) -> list[Pair]:
+        """The pairs whose cell both runs have."""
+        return [p for p in self.pairs if p.matched]
+
+    @property
+    def only_a(self) -> list[Pair]:
+        return [p for p in self.pairs if p.b is None]
+
+    @property
+    def only_b(self) -> list[Pair]:
+        return [p for p in self.pairs if p.a is None]
+
+    def frame(self) -> pd.DataFrame:
+        """One row per matched pair: A's row (its configuration columns as they are), PAIRED_COLUMNS
+        from both runs as `<column>_a` / `<column>_b`, `ratio`, `memory_ratio`, `p_value` (NaN when
+        untested), `noise`, `within_noise` (True / False, None unless WITHIN or BEYOND),
+        `inconclusive` and `status` (ok when both finished, else the first failure: "oom" ...)."""
+        records = []
+        for pair in self.matched:
+            record = {k: v for k, v in pair.a.items() if k not in PAIRED_COLUMNS}  # type: ignore[union-attr]
+            for column in PAIRED_COLUMNS:
+                record[f"{column}_a"] = pair.a.get(column)  # type: ignore[union-attr]
+                record[f"{column}_b"] = pair.b.get(column)  # type: ignore[union-attr]
+            status_a, status_b = record["status_a"], record["status_b"]
+            record.update(
+                ratio=pair.ratio,
+                memory_ratio=pair.memory_ratio,
+                p_value=np.nan if pair.p_value is None else pair.p_value,
+                noise=pair.noise,
+                within_noise={WITHIN: True, BEYOND: False}.get(pair.noise),
+                inconclusive=pair.noise == INCONCLUSIVE,
+                status=status_a if status_a != "ok" else status_b,
+            )
+            records.append(record)
+        return pd.DataFrame(records)
+
+
+def pair_runs(a: pd.DataFrame, b: pd.DataFrame, alpha: float = NOISE_ALPHA) -> Pairing:
+    """Pair the cells of two runs' rows (as stored: `comparable_rows` is applied here) by identity.
+
+    a: the reference run (a baseline, run A of a comparison), b: the other; ratios are B / A.
+    `alpha`: significance level of the noise test (`noise_test`)."""
+    rows_a = {r[KEY]: r for r in comparable_rows(a).to_dict("records")}
+    rows_b = {r[KEY]: r for r in comparable_rows(b).to_dict("records")}
+    keys: Iterable[str] = [*rows_a, *(k for k in rows_b if k not in rows_a)]
+    return Pairing(tuple(pair_cells(k, rows_a.get(k), rows_b.get(k), alpha) for k in keys), alpha)
