@@ -1,10 +1,11 @@
 """One way to pair two runs: `pair_runs(a, b)` matches their cells by identity and judges each pair.
 
-Identity (`comparable_rows`): a benchmark run's cells (a cell measured in rounds: its combined row,
-not its rounds) are keyed by `config_key_of`, the configuration without code version, labels or
-measure settings; a quality run's evaluations (its `eval` rows, plus the `train` row of a cell that
-failed before evaluating) by `quality_key_of`. When a key occurs twice in one run (a run resumed with
-another code version), the row written last wins.
+Identity (`comparable_rows`, the one identity of harness.store.schema): a benchmark run's cells (a
+cell measured in rounds: its combined row, not its rounds) are keyed by `schema.config_key`, the
+configuration without code version, labels or measure settings; a quality run's evaluations (its
+`eval` rows, plus the `train` row of a cell that failed before evaluating) by `schema.quality_key`.
+When a key occurs twice in one run (a run resumed with another code version), the row written
+last wins.
 
 Every key present in either run is one `Pair` (the side that lacks the cell is None). A pair whose
 cells finished (`ok`) in both runs carries the median time ratio B / A, the peak memory ratio B / A,
@@ -25,8 +26,6 @@ pairs (harness.report.compare_report); `harness check` judges them with its thre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -36,75 +35,34 @@ import pandas as pd
 
 from harness.analysis.stats import NOISE_ALPHA, mann_whitney_u, median, min_p_value
 from harness.analysis.tables import row_contended
-from harness.cells.benchmark import CONFIG_COLUMNS, config_key_of, model_defaults
-from harness.results import ResultsError, cell_rows
 from harness.safe_io import InputFileError, parse_json
+from harness.store.schema import CONFIG_COLUMNS, CONFIG_KEY, MODEL_COLUMNS, VARIANT_PARAMS, split
 
-KEY = "config_key"  # the identity column `comparable_rows` adds
+KEY = CONFIG_KEY  # the identity column `comparable_rows` adds
 WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED = "within noise", "beyond noise", "too few repeats", "inconclusive", "unfinished"
 NOISE_VERDICTS = (WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED)
 # The per-cell columns a paired frame carries from both runs, as <column>_a and <column>_b.
 PAIRED_COLUMNS = ("status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib", "contended", "contention")
-# train_config entries that say how a training ran, not what it computes: not part of a quality row's identity.
-TRAIN_CONFIG_RUN_ONLY = ("threads", "checkpoint_every", "timeout_s")
 
 
 # --------------------------------------------------------------------------- identity
 
 
-def quality_key_of(row: dict) -> str:
-    """Identity of one evaluation of a training cell (a quality run's `eval` row, or the `train` row of
-    a cell that failed before evaluating, which stands for its own-attention evaluation): the
-    model/variant identity of `config_key_of` plus the task, the training settings (less
-    TRAIN_CONFIG_RUN_ONLY) and the eval variant. First 16 hex of a sha256. ResultsError for a JSON
-    column that cannot be read."""
-
-    def text(name: str, fallback: str) -> Any:
-        value = row.get(name)
-        return value if isinstance(value, str) and value else row.get(fallback)
-
-    def parsed(name: str, fallback: str = "") -> dict:
-        value = text(name, fallback)
-        try:
-            data = parse_json(value, f"column {name}") if isinstance(value, str) and value else {}
-        except InputFileError as error:
-            raise ResultsError(f"a row of cell {row.get('cell_key')!r}: {error}") from None
-        return data if isinstance(data, dict) else {}
-
-    identity = {
-        "config": config_key_of(row),
-        "task": parsed("task_params"),
-        "train": {k: v for k, v in parsed("train_config").items() if k not in TRAIN_CONFIG_RUN_ONLY},
-        "eval_variant": text("eval_variant_name", "variant"),
-        "eval_params": parsed("eval_variant_params", "variant_params"),
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def comparable_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of a run that a comparison reads, each with its identity in KEY, one row per key (the
-    last written wins). A benchmark run: one row per cell (a cell measured in rounds: its combined
-    row), keyed by `config_key_of`, recomputed from the configuration columns so that runs stored
-    before the column existed match too. A quality run: its `eval` rows (final eval bpd and accuracy
-    per training cell and eval variant) plus the `train` row of each training cell that stored no
-    eval row (it failed: its status is what is compared), keyed by `quality_key_of`; its
-    learning-curve rows are not compared."""
-    rows = cell_rows(frame).copy()
-    if "row_type" in rows and rows["row_type"].isin(["eval", "train", "curve"]).any():
-        evals = rows[rows["row_type"] == "eval"]
-        trains = rows[rows["row_type"] == "train"]
-        failed = trains[~trains["cell_key"].isin(evals.get("train_key", pd.Series(dtype=object)))]
-        rows = pd.concat([evals, failed], ignore_index=True)
-        rows[KEY] = [quality_key_of(row) for row in rows.to_dict("records")]
-    else:
-        rows[KEY] = [config_key_of(row) for row in rows.to_dict("records")]
-    return rows.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+    last written wins): `harness.store.schema.split(frame).keyed()`. A benchmark run: one row per
+    cell (a cell measured in rounds: its combined row), keyed by `config_key`, recomputed from the
+    configuration columns so that runs stored before the column existed match too. A quality run:
+    its `eval` rows plus the `train` row of each training cell that stored no eval row (it failed:
+    its status is what is compared), keyed by `quality_key`; its learning-curve rows are not
+    compared."""
+    return split(frame).keyed().drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
 
 def configuration_differences(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
-    """The configuration columns (those of `config_key_of`) whose sets of values differ between two
+    """The configuration columns (those of `config_key`) whose sets of values differ between two
     runs' rows: why nothing pairs, in words."""
-    columns = [*CONFIG_COLUMNS, "variant_params", *(name for name, _ in model_defaults())]
+    columns = [*CONFIG_COLUMNS, VARIANT_PARAMS, *MODEL_COLUMNS]
     return [c for c in columns if c in a and c in b and set(a[c].astype(str)) != set(b[c].astype(str))]
 
 

@@ -8,36 +8,6 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from harness.analysis.series import series_label
-from harness.results import cell_rows
-
-
-class RowKinds(NamedTuple):
-    """A run's rows by kind: benchmark cells, learning-curve points, train-by-eval evaluations, and
-    the training cells that did not finish."""
-
-    bench: pd.DataFrame
-    curve: pd.DataFrame
-    grid: pd.DataFrame
-    failed: pd.DataFrame
-
-
-def row_kinds(rows: pd.DataFrame) -> RowKinds:
-    """Split a run's rows by kind. Quality runs (harness.cells.quality) mark their rows with `row_type`
-    "curve" / "eval" / "train"; without that column, rows with an `eval_variant` are evaluations and
-    rows with a `step` curves. Benchmark rows have neither; the rows of single rounds of a cell
-    measured in rounds ("round") are left out (the cell's own row has them combined)."""
-    rows = cell_rows(rows)
-    if "row_type" in rows:
-        kind = rows["row_type"].astype(object)
-    else:
-        kind = pd.Series(None, index=rows.index, dtype=object)
-        if "step" in rows:
-            kind = kind.mask(rows["step"].notna(), "curve")
-        if "eval_variant" in rows:
-            kind = kind.mask(rows["eval_variant"].notna(), "eval")
-    other = kind.notna() & ~kind.isin(["curve", "eval"]) & (rows["status"] != "ok")  # failed `train` rows
-    return RowKinds(rows[kind.isna()], rows[kind == "curve"], rows[kind == "eval"], rows[other])
-
 
 CONTENDED_MARK = "*"  # after a timing whose cell stayed contended (`contended`), in the tables of times
 

@@ -20,8 +20,8 @@ import pandas as pd
 from harness.analysis.pairing import TOO_FEW, WITHIN, noise_test
 from harness.analysis.stats import median
 from harness.analysis.tables import row_contended
-from harness.cells.benchmark import CONFIG_COLUMNS, model_defaults
 from harness.results import ResultsError
+from harness.store.schema import CONFIG_COLUMNS, MODEL_COLUMNS
 
 REGRESSION, IMPROVEMENT, SAME, UNTESTED, MISSING, NEW = "regression", "improvement", "same", "untested", "missing", "new"
 INCONCLUSIVE = "inconclusive"  # a time comparison of a cell contended in the run or the baseline: neither pass nor fail
@@ -90,7 +90,7 @@ def contention_note(*rows: dict, names: Sequence[str] = ("baseline", "run")) -> 
 def cell_labeller(frames: Iterable[pd.DataFrame]) -> Callable[[dict], str]:
     """A function row -> short cell label: variant label plus the config columns that vary."""
     combined = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    candidates = [c for c in CONFIG_COLUMNS if c != "variant"] + [name for name, _ in model_defaults()]
+    candidates = [c for c in CONFIG_COLUMNS if c != "variant"] + list(MODEL_COLUMNS)
     varying = []
     for column in candidates:
         if column in combined.columns and combined[column].map(lambda v: json.dumps(v, default=str)).nunique() > 1:

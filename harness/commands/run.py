@@ -32,8 +32,9 @@ from harness.isolation import interrupt_guard
 from harness.overrides import Override
 from harness.report.document import Block, Document, Heading, Items, Paragraph, Table, to_text
 from harness.report.folders import shown_path
-from harness.results import RUN_INFO, RunStore, cell_rows, load_run_info, new_run_id, resume_store
+from harness.results import RUN_INFO, RunStore, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
+from harness.store.schema import split
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
 from harness.sweep import RunOptions, cell_rounds
@@ -65,8 +66,9 @@ def summary_document(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> D
     bits-per-dim grids (quality); the cells that did not finish ok; status counts and, where the
     cells watched for contention, how many stayed contended; round drift; where the results are
     (relative to the working directory). Rows of single rounds are left out."""
-    rows = cell_rows(rows)
-    cells = rows[rows["row_type"] == "train"] if kind != "benchmark" and "row_type" in rows else rows
+    parts = split(rows)
+    rows = parts.without_rounds
+    cells = parts.trains if kind != "benchmark" and "row_type" in rows else rows
     blocks: list[Block] = []
     if kind == "benchmark":
         mark = f"({CONTENDED_MARK}: contended, the timing was disturbed by other load on the machine)" if is_contended(rows).any() else ""

@@ -14,13 +14,13 @@ import pandas as pd
 
 from harness.analysis.pairing import NOISE_ALPHA, TOO_FEW, Pairing, configuration_differences, pair_runs
 from harness.analysis.series import primary_axis, with_series
-from harness.analysis.tables import row_kinds
 from harness.report import figures
 from harness.report.document import Block, Code, Document, Figure, Heading, Paragraph, Table, write_document
 from harness.report.folders import RESULTS_ROOT, open_run, output_folder, reports_root, shown_path, staged, writing
 from harness.report.labels import AXIS_TEXT, legend_names, what_was_measured
 from harness.report.palette import series_palette
 from harness.results import ResultsError, StoredRun
+from harness.store.schema import split
 
 NOISE_RULE = (
     "Noise check (`harness.analysis.pairing`, the rule `harness check` uses too): a difference is beyond noise "
@@ -157,7 +157,7 @@ def render_compare(
     summary lines (cells matched, beyond noise, inconclusive ones with their reasons). ResultsError
     when a run has no benchmark rows or the runs share no cell."""
     a, b = open_run(run_a, root), open_run(run_b, root)
-    bench_a, bench_b = row_kinds(a.rows).bench, row_kinds(b.rows).bench
+    bench_a, bench_b = split(a.rows).cells, split(b.rows).cells
     if bench_a.empty or bench_b.empty:
         raise ResultsError("compare needs benchmark rows (timings) in both runs")
     pairing = pair_runs(a.rows, b.rows)

@@ -7,7 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.analysis.tables import is_contended, row_kinds
+from harness.analysis.tables import is_contended
+from harness.store.schema import split
 
 
 def machine_load_text(rows: pd.DataFrame) -> str:
@@ -97,7 +98,7 @@ def environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("code_version of the rows", ", ".join(versions)),
         ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
         *numerics_items(env, rows),
-        ("machine load during the run", machine_load_text(row_kinds(rows).bench)),
+        ("machine load during the run", machine_load_text(split(rows).cells)),
         ("started", info.get("started_at") or env.get("started_at_utc")),
         (
             "finished",

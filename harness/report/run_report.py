@@ -22,7 +22,6 @@ from typing import Any
 import pandas as pd
 
 from harness.analysis.series import sweep_axes, with_series
-from harness.analysis.tables import row_kinds
 from harness.analysis.targets import run_targets
 from harness.overrides import overrides_text
 from harness.report.curves import training_sections
@@ -32,17 +31,18 @@ from harness.report.folders import RESULTS_ROOT, default_runs, open_run, output_
 from harness.report.labels import failed_table, what_was_measured
 from harness.report.palette import series_palette
 from harness.report.sections import benchmark_sections
-from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text, cell_rows
+from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text
+from harness.store.schema import split
 
 
 def all_series(rows: pd.DataFrame) -> list[str]:
     """Every series label any figure of these rows uses (for one palette across a report)."""
-    kinds = row_kinds(rows)
+    parts = split(rows)
     labels: list[str] = []
-    for x in sweep_axes(kinds.bench) or ["seq_len"]:
-        labels += list(with_series(kinds.bench, x)["series"])
-    if not kinds.curve.empty and "variant_label" in kinds.curve:
-        labels += list(with_series(kinds.curve, "step")["series"])
+    for x in sweep_axes(parts.cells) or ["seq_len"]:
+        labels += list(with_series(parts.cells, x)["series"])
+    if not parts.curves.empty and "variant_label" in parts.curves:
+        labels += list(with_series(parts.curves, "step")["series"])
     return labels
 
 
@@ -69,14 +69,14 @@ def targets_section(run: StoredRun) -> list[Block]:
 
 def run_document(run: StoredRun, folder: Path, palette: dict[str, Any]) -> Document:
     """Draw the figures of one run into `folder` and return its report."""
-    rows = cell_rows(run.rows)
-    kinds = row_kinds(rows)
+    parts = split(run.rows)
+    rows = parts.without_rounds
     counts = rows["status"].value_counts().to_dict()
     status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
     blocks: list[Block] = [Heading(level=1, text=f"{run.suite}: {run.run_id}")]
     if run.info.get("description"):
         blocks.append(Paragraph(" ".join(str(run.info["description"]).split())))
-    what = what_was_measured(kinds.bench if not kinds.bench.empty else rows)
+    what = what_was_measured(parts.cells if not parts.cells.empty else rows)
     blocks.append(
         Paragraph(
             f"{len(rows)} rows ({status_text}); {what}; results: `{shown_path(run.path)}`. "
@@ -92,12 +92,12 @@ def run_document(run: StoredRun, folder: Path, palette: dict[str, Any]) -> Docum
                 f"{run.run_id}` measures them again."
             )
         )
-    if not kinds.bench.empty:
-        blocks += benchmark_sections(kinds.bench, folder, palette)
-    blocks += training_sections(kinds.curve, kinds.grid, folder, palette)
+    if not parts.cells.empty:
+        blocks += benchmark_sections(parts.cells, folder, palette)
+    blocks += training_sections(parts.curves, parts.evals, folder, palette)
     blocks += targets_section(run)
-    if not kinds.failed.empty:
-        blocks += [Heading(level=2, text="Rows that did not finish"), Table(failed_table(kinds.failed).set_index("series"))]
+    if not parts.failed_trains.empty:
+        blocks += [Heading(level=2, text="Rows that did not finish"), Table(failed_table(parts.failed_trains).set_index("series"))]
     overrides = overrides_text(run.info.get("overrides"))
     blocks += [
         Heading(level=2, text="Environment"),
