@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from harness.analysis.series import is_log_axis, with_series
+from harness.store.schema import PEAK_MEM_MIB, STATUS, STATUS_OK, TIME_MS_MEDIAN
 
 
 def scaling_fits(rows: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -17,7 +18,7 @@ def scaling_fits(rows: pd.DataFrame, x: str) -> pd.DataFrame:
     (ms and MiB per unit of x). Series with fewer than two distinct x values are left out.
     """
     log = is_log_axis(rows[x])
-    frame = with_series(rows[rows["status"] == "ok"], x)
+    frame = with_series(rows[rows[STATUS] == STATUS_OK], x)
     out = []
     for series in dict.fromkeys(frame["series"]):  # the order of the summary tables
         part = frame[frame["series"] == series]
@@ -25,7 +26,7 @@ def scaling_fits(rows: pd.DataFrame, x: str) -> pd.DataFrame:
         if len(set(xs[np.isfinite(xs)])) < 2:
             continue
         entry: dict[str, Any] = {"series": series, "cells": len(part), "range": f"{xs.min():g}..{xs.max():g}"}
-        for name, column in (("time", "time_ms_median"), ("memory", "peak_mem_mib")):
+        for name, column in (("time", TIME_MS_MEDIAN), ("memory", PEAK_MEM_MIB)):
             ys = pd.to_numeric(part[column], errors="coerce").to_numpy(float)
             keep = np.isfinite(xs) & np.isfinite(ys) & ((xs > 0) & (ys > 0) if log else True)
             if keep.sum() < 2 or len(set(xs[keep])) < 2:

@@ -36,13 +36,27 @@ import pandas as pd
 from harness.analysis.stats import NOISE_ALPHA, mann_whitney_u, median, min_p_value
 from harness.analysis.tables import row_contended
 from harness.safe_io import InputFileError, parse_json
-from harness.store.schema import CONFIG_COLUMNS, CONFIG_KEY, MODEL_COLUMNS, VARIANT_PARAMS, split
+from harness.store.schema import (
+    CONFIG_COLUMNS,
+    CONFIG_KEY,
+    CONTENDED,
+    CONTENTION,
+    MODEL_COLUMNS,
+    PEAK_MEM_MIB,
+    STATUS,
+    STATUS_OK,
+    TIME_MS_IQR,
+    TIME_MS_MEDIAN,
+    TIME_MS_SAMPLES,
+    VARIANT_PARAMS,
+    split,
+)
 
 KEY = CONFIG_KEY  # the identity column `comparable_rows` adds
 WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED = "within noise", "beyond noise", "too few repeats", "inconclusive", "unfinished"
 NOISE_VERDICTS = (WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED)
 # The per-cell columns a paired frame carries from both runs, as <column>_a and <column>_b.
-PAIRED_COLUMNS = ("status", "time_ms_median", "time_ms_iqr", "time_ms_samples", "peak_mem_mib", "contended", "contention")
+PAIRED_COLUMNS = (STATUS, TIME_MS_MEDIAN, TIME_MS_IQR, TIME_MS_SAMPLES, PEAK_MEM_MIB, CONTENDED, CONTENTION)
 
 
 # --------------------------------------------------------------------------- identity
@@ -78,7 +92,7 @@ def finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def samples_of(row: dict, column: str = "time_ms_samples") -> list[float]:
+def samples_of(row: dict, column: str = TIME_MS_SAMPLES) -> list[float]:
     """The per-repeat values of a row in `column` (a list, an array or JSON text; finite values
     only); [] when it has none."""
     value = row.get(column)
@@ -133,27 +147,27 @@ class Pair:
     @property
     def finished(self) -> bool:
         """Both runs have the cell and it finished (`ok`) in both."""
-        return self.matched and self.a.get("status") == "ok" and self.b.get("status") == "ok"  # type: ignore[union-attr]
+        return self.matched and self.a.get(STATUS) == STATUS_OK and self.b.get(STATUS) == STATUS_OK  # type: ignore[union-attr]
 
     def contention(self) -> dict[str, str]:
         """Side ("a", "b") -> the reason its timing stayed contended, for the contended sides."""
         sides = (("a", self.a), ("b", self.b))
-        return {side: str(row.get("contention") or "contended") for side, row in sides if row is not None and row_contended(row)}
+        return {side: str(row.get(CONTENTION) or CONTENDED) for side, row in sides if row is not None and row_contended(row)}
 
 
 def _median_time(row: dict, samples: Sequence[float]) -> float:
     """The cell's median time (ms): its `time_ms_median`, else the median of its samples."""
-    value = finite(row.get("time_ms_median"))
+    value = finite(row.get(TIME_MS_MEDIAN))
     return value if value is not None else median(samples)
 
 
 def pair_cells(key: str, a: dict | None, b: dict | None, alpha: float = NOISE_ALPHA) -> Pair:
     """The Pair of one identity: ratios and the noise verdict when both cells finished."""
-    if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+    if a is None or b is None or a.get(STATUS) != STATUS_OK or b.get(STATUS) != STATUS_OK:
         return Pair(key, a, b)
     samples_a, samples_b = samples_of(a), samples_of(b)
     time_a, time_b = _median_time(a, samples_a), _median_time(b, samples_b)
-    memory_a, memory_b = finite(a.get("peak_mem_mib")), finite(b.get("peak_mem_mib"))
+    memory_a, memory_b = finite(a.get(PEAK_MEM_MIB)), finite(b.get(PEAK_MEM_MIB))
     ratio = time_b / time_a if math.isfinite(time_a) and time_a > 0 and math.isfinite(time_b) else math.nan
     memory_ratio = memory_b / memory_a if memory_a and memory_b is not None else math.nan
     if row_contended(a) or row_contended(b):
@@ -202,7 +216,7 @@ class Pairing:
                 noise=pair.noise,
                 within_noise={WITHIN: True, BEYOND: False}.get(pair.noise),
                 inconclusive=pair.noise == INCONCLUSIVE,
-                status=status_a if status_a != "ok" else status_b,
+                status=status_a if status_a != STATUS_OK else status_b,
             )
             records.append(record)
         return pd.DataFrame(records)

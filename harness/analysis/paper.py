@@ -16,6 +16,27 @@ from typing import Any
 import pandas as pd
 
 from harness.analysis.series import first_value, tokens_per_step, variant_params, with_series
+from harness.store.schema import (
+    BATCH,
+    D_FF,
+    D_MODEL,
+    DEVICE,
+    DEVICE_NAME,
+    GRAD_MEM_MIB,
+    MODE,
+    N_LAYERS,
+    OPTIM_MEM_MIB,
+    PARAM_MEM_MIB,
+    PEAK_MEM_MIB,
+    SEQ_LEN,
+    STATUS,
+    STATUS_OK,
+    TIME_MS_MEDIAN,
+    TRAIN_STEPS,
+    VARIANT,
+    VARIANT_PARAMS,
+    WORKLOAD,
+)
 
 CITATION = 'Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020 (arXiv:2001.04451)'
 
@@ -56,7 +77,7 @@ TABLE2: dict[str, tuple[float, ...]] = {
 }
 """Paper Table 2, duplication task accuracy (%): rows trained with, columns (TABLE2_EVAL) evaluated with."""
 
-TABLE2_SCALE = {"seq_len": 1024, "d_model": 256, "d_ff": 256, "train_steps": 150_000}
+TABLE2_SCALE = {SEQ_LEN: 1024, D_MODEL: 256, D_FF: 256, TRAIN_STEPS: 150_000}
 """The setting of Table 2 (1 layer, 4 heads, 127 symbols, bucket 64): the columns of a quality row
 it is compared on."""
 
@@ -128,25 +149,25 @@ def paper_fig5(rows: pd.DataFrame, palette: dict[str, Any]) -> tuple[list[tuple[
     Lines are drawn only for one attention layer trained at the paper's 32,768 tokens per step; the
     table is given for any constant-tokens attention run (compare ratios when the tokens differ)."""
     tokens = tokens_per_step(rows)
-    if first_value(rows, "workload") != "attention" or tokens is None or first_value(rows, "mode") == "forward":
+    if first_value(rows, WORKLOAD) != "attention" or tokens is None or first_value(rows, MODE) == "forward":
         return [], None, ""
-    frame = with_series(rows, "seq_len")
+    frame = with_series(rows, SEQ_LEN)
     keys = frame.drop_duplicates("series")
     lines, table = [], []
     for entry in FIG5:
-        match = [r["series"] for _, r in keys.iterrows() if entry.matches(str(r["variant"]), variant_params(r["variant_params"]))]
+        match = [r["series"] for _, r in keys.iterrows() if entry.matches(str(r[VARIANT]), variant_params(r[VARIANT_PARAMS]))]
         series = match[0] if match else None
         lines.append((entry, palette.get(series, (0.5, 0.5, 0.5))))
         (x0, y0), (x1, y1) = entry.points[0], entry.points[-1]
         mine, seconds = {}, {}
         for x_value in (x0, x1):
-            cell = frame[(frame["series"] == series) & (frame["seq_len"] == x_value)] if series else frame.iloc[:0]
+            cell = frame[(frame["series"] == series) & (frame[SEQ_LEN] == x_value)] if series else frame.iloc[:0]
             if cell.empty:
                 mine[x_value] = "-"
-            elif cell["status"].iloc[0] != "ok":
-                mine[x_value] = str(cell["status"].iloc[0]).upper()
+            elif cell[STATUS].iloc[0] != STATUS_OK:
+                mine[x_value] = str(cell[STATUS].iloc[0]).upper()
             else:
-                seconds[x_value] = float(cell["time_ms_median"].iloc[0]) / 1000
+                seconds[x_value] = float(cell[TIME_MS_MEDIAN].iloc[0]) / 1000
                 mine[x_value] = f"{seconds[x_value]:.4g}"
         ratio = f"{seconds[x1] / seconds[x0]:.3g}" if len(seconds) == 2 else "-"
         table.append(
@@ -183,27 +204,27 @@ def lra_comparison(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]
     steps/s over the Transformer's), memory = the series' peak over the Transformer's, the state
     (parameters, gradients, optimizer) included where the run has the breakdown, as in LRA's
     per-device peak. `words` states the largest common length in a sentence, with the scale."""
-    if first_value(rows, "workload") != "model" or first_value(rows, "mode") != "train_step":
+    if first_value(rows, WORKLOAD) != "model" or first_value(rows, MODE) != "train_step":
         return None
-    ok = with_series(rows[rows["status"] == "ok"], "seq_len")
-    lengths = [n for n in LRA_LENGTHS if n in set(ok["seq_len"])]
-    state = [c for c in ("param_mem_mib", "grad_mem_mib", "optim_mem_mib") if c in ok]
-    memory = ok["peak_mem_mib"] + (ok[state].fillna(0).sum(axis=1) if state else 0)
+    ok = with_series(rows[rows[STATUS] == STATUS_OK], SEQ_LEN)
+    lengths = [n for n in LRA_LENGTHS if n in set(ok[SEQ_LEN])]
+    state = [c for c in (PARAM_MEM_MIB, GRAD_MEM_MIB, OPTIM_MEM_MIB) if c in ok]
+    memory = ok[PEAK_MEM_MIB] + (ok[state].fillna(0).sum(axis=1) if state else 0)
     ok = ok.assign(memory_total=memory)
-    full = ok[ok["variant"] == "full"].drop_duplicates("seq_len").set_index("seq_len")
+    full = ok[ok[VARIANT] == "full"].drop_duplicates(SEQ_LEN).set_index(SEQ_LEN)
     families = {m.variant for m in LRA_TABLE2[1:]}
-    if full.empty or not lengths or not set(ok["variant"]) & families:
+    if full.empty or not lengths or not set(ok[VARIANT]) & families:
         return None
     speed_rows, memory_rows, said = [], [], []
     longest = max(n for n in lengths if n in full.index)
     for model in LRA_TABLE2:
         lra_speed, lra_memory = lra_relative(model)
-        for series, cells in ok[ok["variant"] == model.variant].groupby("series", sort=False):
-            cells = cells.drop_duplicates("seq_len").set_index("seq_len")
+        for series, cells in ok[ok[VARIANT] == model.variant].groupby("series", sort=False):
+            cells = cells.drop_duplicates(SEQ_LEN).set_index(SEQ_LEN)
             speed, mem = {"LRA model": model.name, "series here": series}, {"LRA model": model.name, "series here": series}
             for n in lengths:
                 here = n in cells.index and n in full.index
-                ours_speed = full.at[n, "time_ms_median"] / cells.at[n, "time_ms_median"] if here else math.nan
+                ours_speed = full.at[n, TIME_MS_MEDIAN] / cells.at[n, TIME_MS_MEDIAN] if here else math.nan
                 ours_memory = cells.at[n, "memory_total"] / full.at[n, "memory_total"] if here else math.nan
                 column = f"{n // 1024}K (LRA / here)"
                 speed[column] = f"{_times(lra_speed.get(n))} / {_times(ours_speed)}"
@@ -215,10 +236,10 @@ def lra_comparison(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]
                     )
             speed_rows.append(speed)
             memory_rows.append(mem)
-    batch, layers = first_value(rows, "batch"), first_value(rows, "n_layers")
+    batch, layers = first_value(rows, BATCH), first_value(rows, N_LAYERS)
     words = (
         f"Beside LRA's efficiency table ({LRA_CITATION}; {LRA_SETUP}). Here: batch {batch}, "
-        f"{layers} layers, {first_value(rows, 'device_name') or first_value(rows, 'device')}, so only ratios to the Transformer "
+        f"{layers} layers, {first_value(rows, DEVICE_NAME) or first_value(rows, DEVICE)}, so only ratios to the Transformer "
         "compare; absolute steps/s and GB do not transfer across batch, depth and hardware. LRA's ratios are "
         "recomputed from its steps/s and GB (so 1.1x where LRA prints a rounded 1.2x). "
         f"At {longest // 1024}K here: " + ("; ".join(said) if said else "no family finished") + "."

@@ -8,25 +8,47 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from harness.analysis.series import series_label
+from harness.store.schema import (
+    ACCURACY,
+    CONTENDED,
+    CURVE_ROW,
+    EVAL_ACCURACY,
+    EVAL_BPD,
+    EVAL_ROW,
+    EVAL_VARIANT,
+    N_LAYERS,
+    RESIDUAL,
+    ROW_TYPE,
+    SEED,
+    SEQ_LEN,
+    STATUS,
+    STATUS_OK,
+    STEP,
+    TASK,
+    TRAIN_BPD,
+    TRAIN_KEY,
+    TRAIN_VARIANT,
+    WALL_S,
+)
 
 CONTENDED_MARK = "*"  # after a timing whose cell stayed contended (`contended`), in the tables of times
 
 
 def row_contended(row: dict[str, Any]) -> bool:
     """Whether one result row's timing stayed contended (`contended` true: Python or numpy bool)."""
-    value = row.get("contended")
+    value = row.get(CONTENDED)
     return value is True or (type(value).__name__ == "bool_" and bool(value))
 
 
 def is_contended(rows: pd.DataFrame) -> pd.Series:
     """Per row: whether its timing stayed contended (`contended` true; False where the column is missing)."""
-    if "contended" not in rows:
+    if CONTENDED not in rows:
         return pd.Series(False, index=rows.index)
-    return rows["contended"].astype(object).eq(True)
+    return rows[CONTENDED].astype(object).eq(True)
 
 
 def pivot_metric(
-    rows: pd.DataFrame, metric: str, columns: str = "seq_len", fmt: str = "{:.4g}", mark_contended: bool = False
+    rows: pd.DataFrame, metric: str, columns: str = SEQ_LEN, fmt: str = "{:.4g}", mark_contended: bool = False
 ) -> pd.DataFrame:
     """Table of `metric` with one row per series and one column per value of `columns`.
 
@@ -36,8 +58,8 @@ def pivot_metric(
     frame = rows.assign(series=series_label(rows, x=columns), _contended=is_contended(rows))
 
     def show(row: pd.Series) -> str:
-        if row["status"] != "ok":
-            return str(row["status"]).upper()
+        if row[STATUS] != STATUS_OK:
+            return str(row[STATUS]).upper()
         value = row.get(metric)
         if value is None or pd.isna(value):
             return ""
@@ -56,11 +78,11 @@ def accuracy_table(rows: Any) -> pd.DataFrame:
     """Train variant x eval variant table of `accuracy` (percent) from eval rows (a DataFrame),
     rows and columns in first-seen order."""
     frame = pd.DataFrame(rows)
-    evals = frame[(frame.get("row_type") == "eval") & (frame["status"] == "ok")] if "row_type" in frame else frame.iloc[0:0]
+    evals = frame[(frame.get(ROW_TYPE) == EVAL_ROW) & (frame[STATUS] == STATUS_OK)] if ROW_TYPE in frame else frame.iloc[0:0]
     if evals.empty:
         return pd.DataFrame()
-    table = evals.pivot_table(index="train_variant", columns="eval_variant", values="accuracy", aggfunc="mean", sort=False)
-    return table.reindex(index=list(dict.fromkeys(evals["train_variant"])), columns=list(dict.fromkeys(evals["eval_variant"])))
+    table = evals.pivot_table(index=TRAIN_VARIANT, columns=EVAL_VARIANT, values=ACCURACY, aggfunc="mean", sort=False)
+    return table.reindex(index=list(dict.fromkeys(evals[TRAIN_VARIANT])), columns=list(dict.fromkeys(evals[EVAL_VARIANT])))
 
 
 class SummaryTable(NamedTuple):
@@ -75,35 +97,35 @@ def quality_summary_tables(rows: list[dict[str, Any]] | pd.DataFrame) -> list[Su
     """The tables printed after a quality run: accuracy grid (percent), final eval bits per dim (per
     cell, or train x eval), last learning-curve point per training cell."""
     frame = pd.DataFrame(rows)
-    if frame.empty or "row_type" not in frame:
+    if frame.empty or ROW_TYPE not in frame:
         return []
     out = []
-    evals = frame[(frame["row_type"] == "eval") & (frame["status"] == "ok")]
-    group = [c for c in ("n_layers", "residual", "seed") if c in evals and evals[c].nunique() > 1]
-    has_accuracy = "accuracy" in evals and evals["accuracy"].notna().any()  # duplication task only
+    evals = frame[(frame[ROW_TYPE] == EVAL_ROW) & (frame[STATUS] == STATUS_OK)]
+    group = [c for c in (N_LAYERS, RESIDUAL, SEED) if c in evals and evals[c].nunique() > 1]
+    has_accuracy = ACCURACY in evals and evals[ACCURACY].notna().any()  # duplication task only
     if not evals.empty:
-        if has_accuracy and not (evals["eval_variant"] == evals["train_variant"]).all():
+        if has_accuracy and not (evals[EVAL_VARIANT] == evals[TRAIN_VARIANT]).all():
             out.append(
                 SummaryTable(
                     "accuracy (%) of the second-half predictions, trained with (rows) x evaluated with (columns)"
-                    if evals["task"].iloc[0] == "duplication"
+                    if evals[TASK].iloc[0] == "duplication"
                     else "accuracy (%), train x eval",
-                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="accuracy", sort=False).round(1),
+                    evals.pivot_table(index=[TRAIN_VARIANT, *group], columns=EVAL_VARIANT, values=ACCURACY, sort=False).round(1),
                 )
             )
-        if (evals["eval_variant"] == evals["train_variant"]).all():  # no eval_variants: one number per cell
-            columns = ["train_variant", *group, "eval_bpd"] + (["accuracy"] if has_accuracy else [])
+        if (evals[EVAL_VARIANT] == evals[TRAIN_VARIANT]).all():  # no eval_variants: one number per cell
+            columns = [TRAIN_VARIANT, *group, EVAL_BPD] + ([ACCURACY] if has_accuracy else [])
             out.append(SummaryTable("final eval bits per dim", evals[columns].round(3), index=False))
         else:
             out.append(
                 SummaryTable(
                     "eval bits per dim, train x eval",
-                    evals.pivot_table(index=["train_variant", *group], columns="eval_variant", values="eval_bpd", sort=False).round(3),
+                    evals.pivot_table(index=[TRAIN_VARIANT, *group], columns=EVAL_VARIANT, values=EVAL_BPD, sort=False).round(3),
                 )
             )
-    curve = frame[frame["row_type"] == "curve"]
+    curve = frame[frame[ROW_TYPE] == CURVE_ROW]
     if not curve.empty:
-        last = curve.loc[curve.groupby("train_key", sort=False)["step"].idxmax()]
-        columns = [c for c in ("train_variant", *group, "step", "train_bpd", "eval_bpd", "eval_accuracy", "wall_s") if c in last]
+        last = curve.loc[curve.groupby(TRAIN_KEY, sort=False)[STEP].idxmax()]
+        columns = [c for c in (TRAIN_VARIANT, *group, STEP, TRAIN_BPD, EVAL_BPD, EVAL_ACCURACY, WALL_S) if c in last]
         out.append(SummaryTable("last learning-curve point per training cell", last[columns].round(3), index=False))
     return out

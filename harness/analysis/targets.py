@@ -21,8 +21,23 @@ from harness.analysis.tables import row_contended
 from harness.check.rules import ChecksError, ChecksSpec, TargetRule, checks_from_suite_text
 from harness.expressions import ExpressionError, both, select_rows
 from harness.results import ResultsError, StoredRun
+from harness.store.schema import (
+    ACTIVATION_MEM_MIB,
+    BATCH,
+    BPD,
+    CONTENTION,
+    DEVICE,
+    EVAL_BPD,
+    FLOOR_RATIO,
+    PEAK_MEM_MIB,
+    SEQ_LEN,
+    STATUS,
+    STATUS_OK,
+    TIME_MS_MEDIAN,
+    VARIANT_LABEL,
+)
 
-TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other load on the machine moves
+TIMED_METRICS = ("time", FLOOR_RATIO, "time_per_token")  # the metrics other load on the machine moves
 
 
 def suite_checks(run: StoredRun) -> tuple[ChecksSpec, str]:
@@ -32,9 +47,9 @@ def suite_checks(run: StoredRun) -> tuple[ChecksSpec, str]:
     text = run.info.get("suite_text")
     if not text:
         return ChecksSpec(), "defaults"
-    devices = run.rows.get("device", pd.Series(dtype=object)).dropna()
-    device = str(devices.iloc[0]) if len(devices) else str((run.info.get("environment") or {}).get("device", "cpu"))
-    where = f"{run.info.get('suite_path', 'suite')} (as recorded in {run.label}/run.json)"
+    devices = run.rows.get(DEVICE, pd.Series(dtype=object)).dropna()
+    device = str(devices.iloc[0]) if len(devices) else str((run.info.get("environment") or {}).get(DEVICE, "cpu"))
+    where = f"{run.info.get('suite_path', 'the suite')} (as recorded in {run.label}/run.json)"
     try:
         spec = checks_from_suite_text(text, device, where)
     except ChecksError as error:
@@ -64,18 +79,18 @@ def metric_value(row: dict[str, Any], metric: str) -> float:
             return math.nan
 
     if metric == "time":
-        return number("time_ms_median") / 1e3
+        return number(TIME_MS_MEDIAN) / 1e3
     if metric == "peak_mem":
-        return number("peak_mem_mib")
+        return number(PEAK_MEM_MIB)
     if metric == "activation_mem":
-        value = number("activation_mem_mib")
-        return value if math.isfinite(value) else number("peak_mem_mib")
-    if metric == "floor_ratio":
-        return number("floor_ratio")
-    if metric == "bpd":
-        return number("eval_bpd")
+        value = number(ACTIVATION_MEM_MIB)
+        return value if math.isfinite(value) else number(PEAK_MEM_MIB)
+    if metric == FLOOR_RATIO:
+        return number(FLOOR_RATIO)
+    if metric == BPD:
+        return number(EVAL_BPD)
     if metric == "time_per_token":
-        return number("time_ms_median") / 1e3 / (number("seq_len") * number("batch"))
+        return number(TIME_MS_MEDIAN) / 1e3 / (number(SEQ_LEN) * number(BATCH))
     raise ValueError(f"unknown target metric {metric!r}")
 
 
@@ -111,28 +126,28 @@ def evaluate_targets(frame: pd.DataFrame, rules: list[TargetRule]) -> pd.DataFra
                 }
             )
         for num in numerators.to_dict("records"):
-            cell = f"{num.get('variant_label')} L={num.get('seq_len')}" + (f" B={num['batch']}" if "batch" in num else "")
+            cell = f"{num.get(VARIANT_LABEL)} L={num.get(SEQ_LEN)}" + (f" B={num[BATCH]}" if BATCH in num else "")
             value, den_label, note = metric_value(num, rule.metric), "", ""
             used = [num]  # the cells the value comes from
-            if num.get("status") != "ok":
-                value, note = math.nan, f"numerator {num.get('status')}"
+            if num.get(STATUS) != STATUS_OK:
+                value, note = math.nan, f"numerator {num.get(STATUS)}"
             elif denominators is not None:
-                same = denominators[denominators["status"] == "ok"]
+                same = denominators[denominators[STATUS] == STATUS_OK]
                 for column in rule.match_on:
                     same = same[same[column] == num[column]]
                 if same.empty:
                     value, note = math.nan, "no ok denominator cell"
                 else:
-                    timed = "time_ms_median" in same and same["time_ms_median"].notna().any()
-                    den = (same.loc[same["time_ms_median"].idxmin()] if timed else same.iloc[0]).to_dict()
-                    den_label = f"{den.get('variant_label')} L={den.get('seq_len')}"
+                    timed = TIME_MS_MEDIAN in same and same[TIME_MS_MEDIAN].notna().any()
+                    den = (same.loc[same[TIME_MS_MEDIAN].idxmin()] if timed else same.iloc[0]).to_dict()
+                    den_label = f"{den.get(VARIANT_LABEL)} L={den.get(SEQ_LEN)}"
                     value = value / metric_value(den, rule.metric)
                     used.append(den)
             met = math.isfinite(value) and (rule.max is None or value <= rule.max) and (rule.min is None or value >= rule.min)
             vague = rule.metric in TIMED_METRICS and math.isfinite(value) and any(row_contended(r) for r in used)
             if vague:
                 met = False
-                note = "inconclusive, contended: " + "; ".join(str(r.get("contention") or "") for r in used if row_contended(r))
+                note = "inconclusive, contended: " + "; ".join(str(r.get(CONTENTION) or "") for r in used if row_contended(r))
             rows.append(
                 {
                     "target": name,

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.check.verdicts import CheckError
 from harness.environment import device_slug
 from harness.results import file_mode, read_run, to_json
+from harness.store.schema import CODE_VERSION, DEVICE_NAME, RUN_ID
 
 BASELINES_DIR = "baselines"
 BASELINE_INFO = "baseline.json"
@@ -83,9 +84,9 @@ def promote_baseline(run_arg: str | Path, name: str, root: str | Path = "results
         info = {
             "name": name,
             "promoted_from": str(source),
-            "run_id": source.name,
-            "device_name": run.device_name,
-            "code_version": run.code_version,
+            RUN_ID: source.name,
+            DEVICE_NAME: run.device_name,
+            CODE_VERSION: run.code_version,
             "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / BASELINE_INFO).write_text(to_json(info) + "\n", encoding="utf-8")

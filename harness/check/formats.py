@@ -17,6 +17,7 @@ from harness.check.rules import ChecksSpec
 from harness.check.verdicts import REGRESSION, VERDICTS
 from harness.report.document import Document, Heading, Items, Paragraph, Table, to_json, to_markdown, to_text
 from harness.report.folders import shown_path
+from harness.store.schema import CODE_VERSION, DEVICE_NAME, PEAK_MEM_MIB, STATUS
 
 HEADER = ["cell", "metric", "baseline", "now", "now/base", "p", "verdict", "note"]
 
@@ -27,7 +28,7 @@ def _fmt(value: Any, metric: str = "") -> str:
     if isinstance(value, float):
         if metric == "time_ms":
             return f"{value:.3f} ms"
-        if metric == "peak_mem_mib":
+        if metric == PEAK_MEM_MIB:
             return f"{value:.1f} MiB"
         return f"{value:.4g}"
     return str(value)
@@ -84,12 +85,12 @@ def check_document(report: CheckReport) -> Document:
         *(f"**warning**: {w}" for w in report.warnings),
     ]
     data = {
-        "status": "fail" if report.exit_code else "pass",
+        STATUS: "fail" if report.exit_code else "pass",
         "exit_code": report.exit_code,
         "summary": report.summary(),
         "counts": {v: report.count(v) for v in VERDICTS},
-        "run": {"path": shown_path(run.path), "device_name": run.device_name, "code_version": run.code_version},
-        "baseline": {"path": shown_path(base.path), "device_name": base.device_name, "code_version": base.code_version},
+        "run": {"path": shown_path(run.path), DEVICE_NAME: run.device_name, CODE_VERSION: run.code_version},
+        "baseline": {"path": shown_path(base.path), DEVICE_NAME: base.device_name, CODE_VERSION: base.code_version},
         "rules": report.rules.model_dump(),
         "rules_source": report.rules_source,
         "warnings": report.warnings,

@@ -19,6 +19,7 @@ from harness.analysis.stats import median
 from harness.check.rules import RATIO_SAMPLES, RatioRule
 from harness.check.verdicts import INCONCLUSIVE, MISSING, NEW, UNTESTED, CheckError, Comparison, contention_note, decide
 from harness.expressions import ExpressionError, both, select_rows
+from harness.store.schema import STATUS, STATUS_OK
 
 
 def ratio_pairs(frame: pd.DataFrame, rule: RatioRule, label: Callable[[dict], str]) -> dict[tuple[str, str], tuple[dict, dict]]:
@@ -72,7 +73,7 @@ def compare_ratios(base: pd.DataFrame, now: pd.DataFrame, rule: RatioRule, label
             out.append(Comparison(name, metric, None, None, verdict=MISSING if key not in now_pairs else NEW, config_key="/".join(key)))
             continue
         (bn, bd), (nn, nd) = base_pairs[key], now_pairs[key]
-        if any(r.get("status") != "ok" for r in (bn, bd, nn, nd)):
+        if any(r.get(STATUS) != STATUS_OK for r in (bn, bd, nn, nd)):
             out.append(Comparison(name, metric, None, None, verdict=UNTESTED, note="a cell did not finish ok", config_key="/".join(key)))
             continue
         column = RATIO_SAMPLES[rule.metric]

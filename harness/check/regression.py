@@ -53,6 +53,7 @@ from harness.check.verdicts import (
     verdict_of,
 )
 from harness.results import ResultsError, StoredRun, read_run
+from harness.store.schema import KIND, KIND_QUALITY, MESSAGE, PEAK_MEM_MIB, STATUS, STATUS_OK, SUITE, THREADS, TIME_MS_MEDIAN
 
 
 def load_run_data(arg: str | Path, root: str | Path = "results") -> StoredRun:
@@ -78,7 +79,7 @@ def rules_for(run: StoredRun, checks_file: str | Path | None = None) -> tuple[Ch
 def _time_comparison(pair: Pair, rules: ChecksSpec, label: str) -> Comparison:
     """The time comparison of a pair of finished cells (a = baseline, b = run)."""
     base, now = pair.a or {}, pair.b or {}
-    values = (finite(base.get("time_ms_median")), finite(now.get("time_ms_median")))
+    values = (finite(base.get(TIME_MS_MEDIAN)), finite(now.get(TIME_MS_MEDIAN)))
     vague = contention_note(base, now)
     if vague:
         return Comparison(label, "time_ms", *values, pair.ratio, None, INCONCLUSIVE, vague, pair.key)
@@ -92,30 +93,28 @@ def _time_comparison(pair: Pair, rules: ChecksSpec, label: str) -> Comparison:
 def compare_cells(pair: Pair, rules: ChecksSpec, label: str) -> list[Comparison]:
     """The comparisons of one matched pair (a = baseline, b = run) under `rules`."""
     base, now, key = pair.a or {}, pair.b or {}, pair.key
-    base_status, now_status = str(base.get("status")), str(now.get("status"))
+    base_status, now_status = str(base.get(STATUS)), str(now.get(STATUS))
     if base_status != now_status:
         if not rules.status.enabled:
-            return [Comparison(label, "status", base_status, now_status, verdict=UNTESTED, note="status rule disabled", config_key=key)]
-        verdict = IMPROVEMENT if now_status == "ok" else REGRESSION
-        note = (str(now.get("message") or "").splitlines() or [""])[0][:120] if now_status != "ok" else ""
-        return [Comparison(label, "status", base_status, now_status, verdict=verdict, note=note, config_key=key)]
-    if now_status != "ok":
-        return [Comparison(label, "status", base_status, now_status, verdict=SAME, note="failed in both", config_key=key)]
+            return [Comparison(label, STATUS, base_status, now_status, verdict=UNTESTED, note="status rule disabled", config_key=key)]
+        verdict = IMPROVEMENT if now_status == STATUS_OK else REGRESSION
+        note = (str(now.get(MESSAGE) or "").splitlines() or [""])[0][:120] if now_status != STATUS_OK else ""
+        return [Comparison(label, STATUS, base_status, now_status, verdict=verdict, note=note, config_key=key)]
+    if now_status != STATUS_OK:
+        return [Comparison(label, STATUS, base_status, now_status, verdict=SAME, note="failed in both", config_key=key)]
 
     out: list[Comparison] = []
-    measured = now.get("kind") != "quality"  # a training cell's rows carry bpd, not timing samples or peak memory
+    measured = now.get(KIND) != KIND_QUALITY  # a training cell's rows carry bpd, not timing samples or peak memory
     if rules.time.enabled and measured:
         out.append(_time_comparison(pair, rules, label))
     if rules.memory.enabled and measured:
-        b, n = finite(base.get("peak_mem_mib")), finite(now.get("peak_mem_mib"))
+        b, n = finite(base.get(PEAK_MEM_MIB)), finite(now.get(PEAK_MEM_MIB))
         if b is None or n is None:
-            out.append(Comparison(label, "peak_mem_mib", b, n, verdict=UNTESTED, note="no memory reading", config_key=key))
+            out.append(Comparison(label, PEAK_MEM_MIB, b, n, verdict=UNTESTED, note="no memory reading", config_key=key))
         else:
             allowed = max(rules.memory.threshold * abs(b), rules.memory.floor_mib)
             verdict = REGRESSION if n - b > allowed else IMPROVEMENT if b - n > allowed else SAME
-            out.append(
-                Comparison(label, "peak_mem_mib", b, n, n / b if b > 0 else None, None, verdict, f"allowed +/-{allowed:.2f} MiB", key)
-            )
+            out.append(Comparison(label, PEAK_MEM_MIB, b, n, n / b if b > 0 else None, None, verdict, f"allowed +/-{allowed:.2f} MiB", key))
     if rules.bpd.enabled:
         for column in rules.bpd.columns:
             b, n = finite(base.get(column)), finite(now.get(column))
@@ -139,10 +138,10 @@ def judge_pairs(pairing: Pairing, base: pd.DataFrame, now: pd.DataFrame, rules: 
         if pair.matched:
             out.extend(compare_cells(pair, rules, label(new)))
         elif pair.b is None:
-            missing = Comparison(label(old), "cell", old.get("status"), None, verdict=MISSING, note="not in the run", config_key=pair.key)
+            missing = Comparison(label(old), "cell", old.get(STATUS), None, verdict=MISSING, note="not in the run", config_key=pair.key)
             out.append(missing)
         else:
-            added = Comparison(label(new), "cell", None, new.get("status"), verdict=NEW, note="not in the baseline", config_key=pair.key)
+            added = Comparison(label(new), "cell", None, new.get(STATUS), verdict=NEW, note="not in the baseline", config_key=pair.key)
             out.append(added)
     for rule in rules.ratios:
         if rule.enabled:
@@ -194,7 +193,7 @@ def _warnings(run: StoredRun, base: StoredRun, rules: ChecksSpec) -> list[str]:
             f"devices differ (run: {run.device_name!r}, baseline: {base.device_name!r})"
             + ("; absolute times are compared across devices" if rules.time.enabled else "")
         )
-    for column in ("suite", "threads"):
+    for column in (SUITE, THREADS):
         ours, theirs = (sorted({str(v) for v in d.rows.get(column, pd.Series(dtype=object)).dropna()}) for d in (run, base))
         if ours and theirs and ours != theirs:
             out.append(f"{column} differs (run: {', '.join(ours)}; baseline: {', '.join(theirs)})")

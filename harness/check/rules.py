@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.analysis.stats import NOISE_ALPHA
 from harness.expressions import parse_expression
 from harness.safe_yaml import YAMLInputError, load_yaml, read_yaml_text
+from harness.store.schema import BATCH, BPD, CPU_TIME_MS_SAMPLES, EVAL_BPD, FLOOR_RATIO, SEQ_LEN, TIME_MS_SAMPLES
 
 
 class _Rule(BaseModel):
@@ -71,7 +72,7 @@ class BpdRule(_Rule):
     """Bits per dim (lower is better): the first of `columns` present in both runs, absolute threshold."""
 
     threshold: float = Field(0.01, ge=0)
-    columns: list[str] = Field(default_factory=lambda: ["eval_bpd", "bpd"], min_length=1)
+    columns: list[str] = Field(default_factory=lambda: [EVAL_BPD, BPD], min_length=1)
 
 
 class StatusRule(_Rule):
@@ -89,7 +90,7 @@ class RatioRule(_Rule):
     numerator: str = Field(min_length=1)
     denominator: str = Field(min_length=1)
     at: Optional[str] = None
-    match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
+    match_on: list[str] = Field(default_factory=lambda: [SEQ_LEN, BATCH])
     name: Optional[str] = None
     metric: Literal["time", "cpu_time"] = "time"
     threshold: float = Field(0.10, gt=0)
@@ -98,7 +99,7 @@ class RatioRule(_Rule):
     _expressions = field_validator("numerator", "denominator", "at")(_expression)
 
 
-RATIO_SAMPLES = {"time": "time_ms_samples", "cpu_time": "cpu_time_ms_samples"}
+RATIO_SAMPLES = {"time": TIME_MS_SAMPLES, "cpu_time": CPU_TIME_MS_SAMPLES}
 
 
 class TargetRule(_Rule):
@@ -118,12 +119,15 @@ class TargetRule(_Rule):
     numerator: str = Field(min_length=1)
     denominator: Optional[str] = None
     at: Optional[str] = None
-    match_on: list[str] = Field(default_factory=lambda: ["seq_len", "batch"])
-    metric: Literal["time", "peak_mem", "activation_mem", "floor_ratio", "time_per_token", "bpd"] = "time"
+    match_on: list[str] = Field(default_factory=lambda: [SEQ_LEN, BATCH])
+    metric: Literal["time", "peak_mem", "activation_mem", FLOOR_RATIO, "time_per_token", BPD] = "time"
     max: Optional[float] = None
     min: Optional[float] = None
 
     _expressions = field_validator("numerator", "denominator", "at")(_expression)
+
+
+_RULES = (TimeRule, MemoryRule, BpdRule, StatusRule)
 
 
 class ChecksSpec(BaseModel):
@@ -139,12 +143,10 @@ class ChecksSpec(BaseModel):
     targets: list[TargetRule] = []
 
 
+# The schema of each mapping of the block, by key path (the per-metric rules: time, memory, bpd, status).
 CHECK_SCHEMAS: dict[tuple, type[BaseModel]] = {
     ("checks",): ChecksSpec,
-    ("checks", "time"): TimeRule,
-    ("checks", "memory"): MemoryRule,
-    ("checks", "bpd"): BpdRule,
-    ("checks", "status"): StatusRule,
+    **{("checks", name): field.annotation for name, field in ChecksSpec.model_fields.items() if field.annotation in _RULES},
 }
 
 
@@ -159,7 +161,7 @@ def _first_error(error: ValidationError, where: str) -> ChecksError:
         schema = CHECK_SCHEMAS.get(("checks", *first["loc"][:-1]), TargetRule if first["loc"][0] == "targets" else RatioRule)
         problem = f"unknown key {first['loc'][-1]!r}; allowed keys: {', '.join(schema.model_fields)}"
     elif first["type"] == "value_error":  # a validator's own message (e.g. an expression outside the language)
-        problem = str(first["ctx"]["error"])
+        problem = first["msg"].removeprefix("Value error, ")
     else:
         problem = f"{first['msg']}, got {first.get('input')!r}"
     return ChecksError(f"{where}: {path}: {problem}")
@@ -177,7 +179,7 @@ def parse_checks(data: Any, where: str = "checks") -> ChecksSpec:
         raise _first_error(error, where) from None
 
 
-def checks_from_suite_text(text: str, device: str, where: str = "suite") -> ChecksSpec | None:
+def checks_from_suite_text(text: str, device: str, where: str = "the suite's text") -> ChecksSpec | None:
     """The checks of a suite's YAML text for `device` (cpu/cuda): `checks:` deep-merged with the
     device block's `checks:` (mappings merge, anything else, e.g. the ratios list, replaces).
     None when the suite has no checks block at all."""

@@ -21,7 +21,18 @@ from harness.analysis.pairing import TOO_FEW, WITHIN, noise_test
 from harness.analysis.stats import median
 from harness.analysis.tables import row_contended
 from harness.results import ResultsError
-from harness.store.schema import CONFIG_COLUMNS, MODEL_COLUMNS
+from harness.store.schema import (
+    BATCH,
+    CONFIG_COLUMNS,
+    CONTENDED,
+    CONTENTION,
+    EVAL_VARIANT,
+    MODEL_COLUMNS,
+    SEQ_LEN,
+    TRAIN_VARIANT,
+    VARIANT,
+    VARIANT_LABEL,
+)
 
 REGRESSION, IMPROVEMENT, SAME, UNTESTED, MISSING, NEW = "regression", "improvement", "same", "untested", "missing", "new"
 INCONCLUSIVE = "inconclusive"  # a time comparison of a cell contended in the run or the baseline: neither pass nor fail
@@ -83,26 +94,26 @@ def compare_samples(now: Sequence[float], base: Sequence[float], threshold: floa
 def contention_note(*rows: dict, names: Sequence[str] = ("baseline", "run")) -> str:
     """ "contended, run: <reason>; baseline: <reason>" for the contended ones of `rows` (named by
     `names`), "" when none is: a time comparison of them is inconclusive."""
-    parts = [f"{name}: {row.get('contention') or 'contended'}" for name, row in zip(names, rows) if row_contended(row)]
+    parts = [f"{name}: {row.get(CONTENTION) or CONTENDED}" for name, row in zip(names, rows) if row_contended(row)]
     return ("contended, " + "; ".join(parts))[:300] if parts else ""
 
 
 def cell_labeller(frames: Iterable[pd.DataFrame]) -> Callable[[dict], str]:
     """A function row -> short cell label: variant label plus the config columns that vary."""
     combined = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    candidates = [c for c in CONFIG_COLUMNS if c != "variant"] + list(MODEL_COLUMNS)
+    candidates = [c for c in CONFIG_COLUMNS if c != VARIANT] + list(MODEL_COLUMNS)
     varying = []
     for column in candidates:
         if column in combined.columns and combined[column].map(lambda v: json.dumps(v, default=str)).nunique() > 1:
             varying.append(column)
-    if "seq_len" not in varying:
-        varying.insert(0, "seq_len")
-    short = {"seq_len": "L", "batch": "B"}
+    if SEQ_LEN not in varying:
+        varying.insert(0, SEQ_LEN)
+    short = {SEQ_LEN: "L", BATCH: "B"}
 
     def label(row: dict) -> str:
-        parts = [str(row.get("variant_label") or row.get("variant"))]
-        evaluated = row.get("eval_variant")
-        if isinstance(evaluated, str) and evaluated and evaluated != row.get("train_variant"):
+        parts = [str(row.get(VARIANT_LABEL) or row.get(VARIANT))]
+        evaluated = row.get(EVAL_VARIANT)
+        if isinstance(evaluated, str) and evaluated and evaluated != row.get(TRAIN_VARIANT):
             parts[0] += f" (eval {evaluated})"
         for column in varying:
             value = row.get(column)

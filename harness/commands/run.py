@@ -34,7 +34,25 @@ from harness.report.document import Block, Document, Heading, Items, Paragraph, 
 from harness.report.folders import shown_path
 from harness.results import RUN_INFO, RunStore, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
-from harness.store.schema import split
+from harness.store.schema import (
+    BATCH,
+    CONTENDED,
+    CONTENTION,
+    CONTENTION_RETRIES_USED,
+    KIND_BENCHMARK,
+    MESSAGE,
+    PEAK_MEM_MIB,
+    ROUND_DRIFT,
+    ROW_TYPE,
+    SEQ_LEN,
+    STATUS,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    TASK,
+    TIME_MS_MEDIAN,
+    VARIANT_LABEL,
+    split,
+)
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
 from harness.sweep import RunOptions, cell_rounds
@@ -68,38 +86,34 @@ def summary_document(kind: str, rows: pd.DataFrame, suite: str, path: Path) -> D
     (relative to the working directory). Rows of single rounds are left out."""
     parts = split(rows)
     rows = parts.without_rounds
-    cells = parts.trains if kind != "benchmark" and "row_type" in rows else rows
+    cells = parts.trains if kind != KIND_BENCHMARK and ROW_TYPE in rows else rows
     blocks: list[Block] = []
-    if kind == "benchmark":
+    if kind == KIND_BENCHMARK:
         mark = f"({CONTENDED_MARK}: contended, the timing was disturbed by other load on the machine)" if is_contended(rows).any() else ""
         blocks += [
             Heading(f"median time per call (ms), {suite}"),
-            Table(pivot_metric(rows, "time_ms_median", mark_contended=True), note=mark),
+            Table(pivot_metric(rows, TIME_MS_MEDIAN, mark_contended=True), note=mark),
             Heading("peak memory (MiB)"),
-            Table(pivot_metric(rows, "peak_mem_mib")),
+            Table(pivot_metric(rows, PEAK_MEM_MIB)),
         ]
     else:
         for table in quality_summary_tables(rows):
             blocks += [Heading(table.title), Table(table.frame, index=table.index)]
-    problems = cells[~cells["status"].isin(["ok", "skipped"])]
+    problems = cells[~cells[STATUS].isin([STATUS_OK, STATUS_SKIPPED])]
     if len(problems):
         lines = []
         for _, row in problems.iterrows():
-            first_line = str(row.get("message") or "").strip().splitlines()
+            first_line = str(row.get(MESSAGE) or "").strip().splitlines()
             reason = first_line[0][:200] if first_line else ""
             # .get: a row of a cell that failed early may lack columns (an images task's seq_len comes from its data)
-            where = (
-                f"L={row.get('seq_len')} B={row.get('batch')}"
-                if kind == "benchmark"
-                else f"({row.get('task')} L={row.get('seq_len', '?')})"
-            )
-            lines.append(f"{row.get('variant_label')} {where}: {row['status']}: {reason}")
+            where = f"L={row.get(SEQ_LEN)} B={row.get(BATCH)}" if kind == KIND_BENCHMARK else f"({row.get(TASK)} L={row.get(SEQ_LEN, '?')})"
+            lines.append(f"{row.get(VARIANT_LABEL)} {where}: {row[STATUS]}: {reason}")
         blocks += [Heading("not ok"), Items(tuple(lines))]
-    counts = cells["status"].value_counts().to_dict()
+    counts = cells[STATUS].value_counts().to_dict()
     blocks.append(Paragraph(f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())))
-    if "contended" in cells:
+    if CONTENDED in cells:
         blocks += contention_summary(cells)
-    drift = pd.to_numeric(cells["round_drift"], errors="coerce").dropna() if "round_drift" in cells else pd.Series(dtype=float)
+    drift = pd.to_numeric(cells[ROUND_DRIFT], errors="coerce").dropna() if ROUND_DRIFT in cells else pd.Series(dtype=float)
     if len(drift):
         text = f"round-to-round drift (slowest / fastest round median - 1): median {drift.median():.1%}, largest {drift.max():.1%}"
         blocks.append(Paragraph(text))
@@ -116,7 +130,7 @@ def contention_summary(cells: pd.DataFrame) -> list[Block]:
     """ "3 of 30 cells contended (timings disturbed ...):" and one item per contended cell with its
     reason, or "0 of 30 cells contended" (rows that watched for contention: `contended`)."""
     contended = cells[is_contended(cells)]
-    watched = int(cells["contended"].notna().sum())
+    watched = int(cells[CONTENDED].notna().sum())
     if contended.empty:
         return [Paragraph(f"0 of {watched} cells contended")]
     head = (
@@ -125,8 +139,8 @@ def contention_summary(cells: pd.DataFrame) -> list[Block]:
     )
     items = []
     for _, row in contended.iterrows():
-        retries = int(row.get("contention_retries_used") or 0)
-        items.append(f"{row['variant_label']} L={row['seq_len']} B={row['batch']}: {row.get('contention')} (re-measured {retries}x)")
+        retries = int(row.get(CONTENTION_RETRIES_USED) or 0)
+        items.append(f"{row[VARIANT_LABEL]} L={row[SEQ_LEN]} B={row[BATCH]}: {row.get(CONTENTION)} (re-measured {retries}x)")
     return [Paragraph(head), Items(tuple(items))]
 
 

@@ -20,7 +20,7 @@ from harness.report.folders import RESULTS_ROOT, open_run, output_folder, report
 from harness.report.labels import AXIS_TEXT, legend_names, what_was_measured
 from harness.report.palette import series_palette
 from harness.results import ResultsError, StoredRun
-from harness.store.schema import split
+from harness.store.schema import CODE_VERSION, DEVICE_NAME, STATUS_OK, split
 
 NOISE_RULE = (
     "Noise check (`harness.analysis.pairing`, the rule `harness check` uses too): a difference is beyond noise "
@@ -53,8 +53,8 @@ def compare_table(frame: pd.DataFrame, x: str) -> pd.DataFrame:
         {
             "series": frame["series"],
             x: frame[x],
-            "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == "ok", frame["status_a"].str.upper()),
-            "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == "ok", frame["status_b"].str.upper()),
+            "A time (ms)": frame["time_ms_median_a"].where(frame["status_a"] == STATUS_OK, frame["status_a"].str.upper()),
+            "B time (ms)": frame["time_ms_median_b"].where(frame["status_b"] == STATUS_OK, frame["status_b"].str.upper()),
             "B/A time": frame["ratio"].map(_shown),
             "within noise": [_noise_text(n, w, v) for n, w, v in zip(frame["noise"], frame["within_noise"], frame["inconclusive"])],
             "Mann-Whitney p": frame["p_value"].map(lambda v: _shown(v, ".2g")),
@@ -66,7 +66,7 @@ def compare_table(frame: pd.DataFrame, x: str) -> pd.DataFrame:
 def summary_text(pairing: Pairing, frame: pd.DataFrame) -> str:
     """One paragraph: cells matched, finished in both, beyond noise, inconclusive, too few repeats,
     cells only one run has."""
-    finished = frame[frame["status_a"].eq("ok") & frame["status_b"].eq("ok")]
+    finished = frame[frame["status_a"].eq(STATUS_OK) & frame["status_b"].eq(STATUS_OK)]
     beyond = int(finished["within_noise"].eq(False).sum())
     vague = int(finished["inconclusive"].sum())
     too_few = int((finished["noise"] == TOO_FEW).sum())
@@ -118,8 +118,8 @@ def compare_document(a: StoredRun, b: StoredRun, pairing: Pairing, folder: Path)
     ]
 
     def run_line(name: str, run: StoredRun) -> str:
-        device = (run.info.get("environment") or {}).get("device_name", "?")
-        return f"{name}: `{shown_path(run.path)}` ({device}, {run.info.get('code_version', '?')})"
+        device = (run.info.get("environment") or {}).get(DEVICE_NAME, "?")
+        return f"{name}: `{shown_path(run.path)}` ({device}, {run.info.get(CODE_VERSION, '?')})"
 
     inconclusive = pd.DataFrame(
         {

@@ -12,42 +12,43 @@ from harness.analysis.series import with_series
 from harness.report import figures
 from harness.report.document import Block, Figure, Heading, Paragraph, Table
 from harness.report.labels import legend_names, subtitle, what_was_measured
+from harness.store.schema import ACCURACY, EVAL_ACCURACY, EVAL_BPD, EVAL_VARIANT, STEP, TRAIN_BPD
 
 
 def training_sections(curve: pd.DataFrame, grid: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> list[Block]:
     """Learning curves (bits per dim against step, mean over repeated rows such as seeds) and the
     train-by-eval table of accuracy (%, or eval bits per dim where no accuracy was scored)."""
     blocks: list[Block] = []
-    measured = [c for c in ("train_bpd", "eval_bpd", "eval_accuracy") if c in curve]
-    if not curve.empty and {"train_bpd", "eval_bpd"} & set(measured):
-        frame = with_series(curve, "step")
+    measured = [c for c in (TRAIN_BPD, EVAL_BPD, EVAL_ACCURACY) if c in curve]
+    if not curve.empty and {TRAIN_BPD, EVAL_BPD} & set(measured):
+        frame = with_series(curve, STEP)
         title_name, names = legend_names(frame)
-        means = frame.groupby(["series", "step"], sort=False)[measured].mean().reset_index()
+        means = frame.groupby(["series", STEP], sort=False)[measured].mean().reset_index()
         fig = figures.plot_bpd_curves(
             means,
             palette,
             title=f"Bits per dim during training ({what_was_measured(frame)})",
-            subtitle=subtitle(frame, "step"),
+            subtitle=subtitle(frame, STEP),
             legend_title=title_name,
             names=names,
         )
         figures.save(fig, folder, "bpd_curves")
-        last = means.sort_values("step").groupby("series", sort=False).tail(1).set_index("series")
+        last = means.sort_values(STEP).groupby("series", sort=False).tail(1).set_index("series")
         last = last.reindex([s for s in dict.fromkeys(frame["series"]) if s in last.index])
         blocks += [
             Heading(level=2, text="Learning curves"),
             Figure("bpd_curves", "Bits per dim (bits per byte/symbol) against training step: train solid, eval dashed."),
             Paragraph("Last logged step per series:"),
-            Table(last[["step", *measured]]),
+            Table(last[[STEP, *measured]]),
         ]
-    if not grid.empty and "eval_variant" in grid:
-        frame = with_series(grid, "step")
-        scored = "accuracy" in frame and frame["accuracy"].notna().any()
-        value = "accuracy" if scored else "eval_bpd"
+    if not grid.empty and EVAL_VARIANT in grid:
+        frame = with_series(grid, STEP)
+        scored = ACCURACY in frame and frame[ACCURACY].notna().any()
+        value = ACCURACY if scored else EVAL_BPD
         if value not in frame:
             return blocks
-        table = frame.pivot_table(index="series", columns="eval_variant", values=value, aggfunc="mean", sort=False)
-        table = table.reindex(index=list(dict.fromkeys(frame["series"])), columns=list(dict.fromkeys(frame["eval_variant"])))
+        table = frame.pivot_table(index="series", columns=EVAL_VARIANT, values=value, aggfunc="mean", sort=False)
+        table = table.reindex(index=list(dict.fromkeys(frame["series"])), columns=list(dict.fromkeys(frame[EVAL_VARIANT])))
         table.index.name, table.columns.name = "trained with", "evaluated with"
         shown = table.map(lambda v: "" if pd.isna(v) else (f"{v:.1f}" if scored else f"{v:.3f}"))
         blocks.append(Heading(level=2, text="Train-by-eval " + ("accuracy (%)" if scored else "bits per dim")))

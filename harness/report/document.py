@@ -314,20 +314,20 @@ def to_text(document: Document | list[Block]) -> str:
 
 
 def block_json(block: Block) -> dict[str, Any]:
-    """One block as a JSON-able mapping with its `kind`; a table as its header and rows of text."""
+    """One block as a JSON-able mapping with its `type`; a table as its header and rows of text."""
     if isinstance(block, Table):
         header, body = table_rows(block)
-        out: dict[str, Any] = {"kind": "table", "header": header, "rows": body}
+        out: dict[str, Any] = {"type": "table", "header": header, "rows": body}
         if any(block.emphasis):
             out["emphasis"] = list(block.emphasis)
         return out | ({"note": block.note} if block.note else {})
     if isinstance(block, Heading):
-        return {"kind": "heading", "level": block.level, "text": block.text}
+        return {"type": "heading", "level": block.level, "text": block.text}
     if isinstance(block, Items):
-        return {"kind": "items", "items": list(block.items)}
+        return {"type": "items", "items": list(block.items)}
     if isinstance(block, Figure):
-        return {"kind": "figure", "png": f"{block.stem}.png", "svg": f"{block.stem}.svg", "caption": block.caption}
-    return {"kind": "code" if isinstance(block, Code) else "paragraph", "text": block.text}
+        return {"type": "figure", "png": f"{block.stem}.png", "svg": f"{block.stem}.svg", "caption": block.caption}
+    return {"type": "code" if isinstance(block, Code) else "paragraph", "text": block.text}
 
 
 def to_json(document: Document) -> str:

@@ -8,7 +8,23 @@ from typing import Any
 import pandas as pd
 
 from harness.analysis.tables import is_contended
-from harness.store.schema import split
+from harness.store.schema import (
+    CODE_VERSION,
+    CONTENDED,
+    CPU_SHARE,
+    DETERMINISTIC_ALGORITHMS,
+    DEVICE,
+    DEVICE_NAME,
+    FLOAT32_MATMUL_PRECISION,
+    GPU_OTHER_PROCESSES,
+    LOAD_AVG_1M,
+    OPTIONAL_PACKAGES,
+    OTHER_CPU_CORES,
+    STARTED_AT,
+    TF32_CUDA_MATMUL,
+    TF32_CUDNN,
+    split,
+)
 
 
 def machine_load_text(rows: pd.DataFrame) -> str:
@@ -19,7 +35,7 @@ def machine_load_text(rows: pd.DataFrame) -> str:
     def numbers(column: str) -> pd.Series:
         return pd.to_numeric(rows[column], errors="coerce").dropna() if column in rows else pd.Series(dtype=float)
 
-    share, other, load, gpu = numbers("cpu_share"), numbers("other_cpu_cores"), numbers("load_avg_1m"), numbers("gpu_other_processes")
+    share, other, load, gpu = numbers(CPU_SHARE), numbers(OTHER_CPU_CORES), numbers(LOAD_AVG_1M), numbers(GPU_OTHER_PROCESSES)
     if len(share):
         parts.append(f"CPU share median {share.median():.2f} ({share.min():.2f}-{share.max():.2f})")
     if len(other):
@@ -28,8 +44,8 @@ def machine_load_text(rows: pd.DataFrame) -> str:
         parts.append(f"load average {load.min():.1f}-{load.max():.1f}")
     if len(gpu):
         parts.append(f"other GPU processes up to {int(gpu.max())}")
-    if "contended" in rows:
-        parts.append(f"{int(is_contended(rows).sum())} of {int(rows['contended'].notna().sum())} cells contended")
+    if CONTENDED in rows:
+        parts.append(f"{int(is_contended(rows).sum())} of {int(rows[CONTENDED].notna().sum())} cells contended")
     return "; ".join(parts) or "not recorded"
 
 
@@ -44,24 +60,24 @@ def numerics_items(env: dict, rows: pd.DataFrame) -> list[tuple[str, Any]]:
         return ", ".join(values) if values else fallback
 
     imported: dict[str, str] = {}
-    recorded = "optional_packages" in rows and rows["optional_packages"].notna().any()
-    for text in rows["optional_packages"].dropna().unique() if recorded else []:
+    recorded = OPTIONAL_PACKAGES in rows and rows[OPTIONAL_PACKAGES].notna().any()
+    for text in rows[OPTIONAL_PACKAGES].dropna().unique() if recorded else []:
         try:
             imported.update(json.loads(str(text)))
         except (ValueError, TypeError, AttributeError):
             continue
-    installed = env.get("optional_packages") or {}
+    installed = env.get(OPTIONAL_PACKAGES) or {}
     frequency = env.get("cpu_frequency") or {}
     clocks = env.get("gpu_clocks") or {}
-    if not numerics and not installed and not frequency and not clocks and "float32_matmul_precision" not in rows:
+    if not numerics and not installed and not frequency and not clocks and FLOAT32_MATMUL_PRECISION not in rows:
         return []  # a run from before these were recorded
     return [
-        ("float32 matmul precision", used("float32_matmul_precision", numerics.get("float32_matmul_precision"))),
+        ("float32 matmul precision", used(FLOAT32_MATMUL_PRECISION, numerics.get(FLOAT32_MATMUL_PRECISION))),
         (
             "TF32 (CUDA matmul / cuDNN)",
-            f"{used('tf32_cuda_matmul', numerics.get('tf32_cuda_matmul'))} / {used('tf32_cudnn', numerics.get('tf32_cudnn'))}",
+            f"{used(TF32_CUDA_MATMUL, numerics.get(TF32_CUDA_MATMUL))} / {used(TF32_CUDNN, numerics.get(TF32_CUDNN))}",
         ),
-        ("deterministic algorithms", used("deterministic_algorithms", numerics.get("deterministic_algorithms"))),
+        ("deterministic algorithms", used(DETERMINISTIC_ALGORITHMS, numerics.get(DETERMINISTIC_ALGORITHMS))),
         (
             "optional packages imported by the cells",
             ", ".join(f"{k} {v}" for k, v in sorted(imported.items())) or "none" if recorded else None,
@@ -78,9 +94,9 @@ def environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
     env = info.get("environment") or {}
     cores = f"{env.get('cpu_cores_physical', '?')} physical / {env.get('cpu_cores_logical', '?')} logical"
     nvml = env.get("nvml") or {}
-    versions = sorted(rows["code_version"].dropna().astype(str).unique()) if "code_version" in rows else []
+    versions = sorted(rows[CODE_VERSION].dropna().astype(str).unique()) if CODE_VERSION in rows else []
     items = [
-        ("device", env.get("device_name") or env.get("device")),
+        (DEVICE, env.get(DEVICE_NAME) or env.get(DEVICE)),
         ("GPU driver", env.get("gpu_driver")),
         ("torch", env.get("torch")),
         ("CUDA (torch build)", env.get("torch_cuda")),
@@ -94,12 +110,12 @@ def environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("platform", env.get("platform")),
         ("git SHA", env.get("git_sha") or "none (not a git commit)"),
         ("git dirty", env.get("git_dirty")),
-        ("code_version", info.get("code_version") or env.get("code_version")),
+        (CODE_VERSION, info.get(CODE_VERSION) or env.get(CODE_VERSION)),
         ("code_version of the rows", ", ".join(versions)),
         ("GPU clocks at start (NVML)", ", ".join(f"{k}={v}" for k, v in nvml.items())),
         *numerics_items(env, rows),
         ("machine load during the run", machine_load_text(split(rows).cells)),
-        ("started", info.get("started_at") or env.get("started_at_utc")),
+        ("started", info.get(STARTED_AT) or env.get("started_at_utc")),
         (
             "finished",
             info.get("finished_at") or ("interrupted " + str(info["interrupted_at"]) if info.get("interrupted_at") else "not recorded"),

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import matplotlib
 
+from harness.store.schema import STATUS, STATUS_OK
+
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
@@ -139,7 +141,7 @@ def legend_labels(handles: Sequence[Any]) -> list[str]:
 def mark_failed(ax: plt.Axes, rows: pd.DataFrame, x: str, palette: dict[str, Any], names: dict[str, str]) -> int:
     """Draw rows whose status is not ok as 'x' on the top edge (stacked downwards when several
     share an x), with "<series>: <STATUS>" to their left. Returns how many were drawn."""
-    failed = rows[rows["status"] != "ok"]
+    failed = rows[rows[STATUS] != STATUS_OK]
     transform = blended_transform_factory(ax.transData, ax.transAxes)
     stacked: dict[Any, int] = {}
     order = {s: i for i, s in enumerate(series_order(rows["series"]))}
@@ -147,7 +149,7 @@ def mark_failed(ax: plt.Axes, rows: pd.DataFrame, x: str, palette: dict[str, Any
         n = stacked.get(row[x], 0)
         stacked[row[x]] = n + 1
         y = 1.0 - 0.07 * n
-        series, status = row["series"], str(row["status"])
+        series, status = row["series"], str(row[STATUS])
         colour = palette.get(series, "0.3")
         ax.plot(
             [row[x]],

@@ -17,6 +17,24 @@ from typing import Any, Callable, Sequence
 
 import matplotlib
 
+from harness.store.schema import (
+    ACTIVATION_MEM_MIB,
+    EVAL_BPD,
+    FLOOR_RATIO,
+    GRAD_MEM_MIB,
+    OPTIM_MEM_MIB,
+    PARAM_MEM_MIB,
+    PEAK_MEM_MIB,
+    STATUS,
+    STATUS_OK,
+    STEP,
+    TIME_MS_IQR,
+    TIME_MS_MEDIAN,
+    TIME_MS_SAMPLES,
+    TOKENS_PER_S,
+    TRAIN_BPD,
+)
+
 matplotlib.use("Agg")
 
 import matplotlib.legend  # noqa: E402
@@ -68,11 +86,11 @@ class Metric:
         """Lower/upper edges of the interquartile band of each row, in plotted units."""
         q25, q75 = zip(*(_time_quartiles(r) for _, r in rows.iterrows()))
         q25, q75 = np.asarray(q25, dtype=float), np.asarray(q75, dtype=float)
-        if self.column == "time_ms_median":
+        if self.column == TIME_MS_MEDIAN:
             return q25 * self.scale, q75 * self.scale
         # throughput = work / time: scale each quartile by work = value * median time
         work = pd.to_numeric(rows[self.column], errors="coerce").to_numpy(float) * pd.to_numeric(
-            rows["time_ms_median"], errors="coerce"
+            rows[TIME_MS_MEDIAN], errors="coerce"
         ).to_numpy(float)
         return work / q75 * self.scale, work / q25 * self.scale
 
@@ -88,13 +106,13 @@ def time_quartiles(samples: Any, median: Any, iqr: Any) -> tuple[float, float]:
 
 
 def _time_quartiles(row: pd.Series) -> tuple[float, float]:
-    return time_quartiles(row.get("time_ms_samples"), row.get("time_ms_median"), row.get("time_ms_iqr"))
+    return time_quartiles(row.get(TIME_MS_SAMPLES), row.get(TIME_MS_MEDIAN), row.get(TIME_MS_IQR))
 
 
-TIME = Metric("time_ms_median", "time per step (s)", scale=1e-3, band=True)
-MEMORY = Metric("peak_mem_mib", "peak memory (MiB)", timed=False)
-THROUGHPUT = Metric("tokens_per_s", "throughput (tokens/s)", band=True, formatter=format_si)
-FLOOR_RATIO = Metric("floor_ratio", "time per step / compute floor")
+TIME = Metric(TIME_MS_MEDIAN, "time per step (s)", scale=1e-3, band=True)
+MEMORY = Metric(PEAK_MEM_MIB, "peak memory (MiB)", timed=False)
+THROUGHPUT = Metric(TOKENS_PER_S, "throughput (tokens/s)", band=True, formatter=format_si)
+FLOOR_RATIO = Metric(FLOOR_RATIO, "time per step / compute floor")
 
 
 # --------------------------------------------------------------------------- figures
@@ -128,7 +146,7 @@ def plot_metric(
         fig, ax = new_figure()
         log = is_log_axis(rows[x])
         order = [s for s in series_order(rows["series"]) if s in set(rows["series"])]
-        ok = rows[rows["status"] == "ok"]
+        ok = rows[rows[STATUS] == STATUS_OK]
         handles: list[Any] = []
         drawn: list[float] = []  # every plotted y value (lines, bands), for the axis limits
         contended = 0  # points drawn as contended
@@ -224,13 +242,13 @@ def plot_bpd_curves(
     with style, context:
         fig, ax = new_figure()
         for series in series_order(rows["series"]):
-            part = rows[rows["series"] == series].sort_values("step")
+            part = rows[rows["series"] == series].sort_values(STEP)
             colour = palette.get(series, "0.3")
-            for column, kwargs in (("train_bpd", {"ls": "-"}), ("eval_bpd", {"ls": "--", "marker": "o", "markersize": 4})):
+            for column, kwargs in ((TRAIN_BPD, {"ls": "-"}), (EVAL_BPD, {"ls": "--", "marker": "o", "markersize": 4})):
                 if column in part and part[column].notna().any():
                     points = part[part[column].notna()]
                     ax.plot(
-                        points["step"],
+                        points[STEP],
                         points[column],
                         color=colour,
                         lw=1.6,
@@ -248,10 +266,10 @@ def plot_bpd_curves(
 
 # The memory breakdown of a cell (MiB columns, bottom to top of a stacked bar) and their names.
 MEMORY_PARTS = (
-    ("param_mem_mib", "parameters"),
-    ("grad_mem_mib", "gradients"),
-    ("optim_mem_mib", "optimizer state"),
-    ("activation_mem_mib", "activations and temporaries"),
+    (PARAM_MEM_MIB, "parameters"),
+    (GRAD_MEM_MIB, "gradients"),
+    (OPTIM_MEM_MIB, "optimizer state"),
+    (ACTIVATION_MEM_MIB, "activations and temporaries"),
 )
 MEMORY_PART_COLOURS = ("#9ecae1", "#4292c6", "#08519c", "#fd8d3c")
 

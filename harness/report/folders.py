@@ -11,9 +11,10 @@ from typing import Iterator
 
 from harness.results import ResultsError, StoredRun, latest_run, load_run_info, read_run
 from harness.safe_io import InputFileError, check_name, check_under
+from harness.store.schema import SEQ_LEN, STATUS, VARIANT, VARIANT_LABEL
 
 RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives
-REQUIRED_COLUMNS = ("status", "variant", "variant_label", "seq_len")
+REQUIRED_COLUMNS = (STATUS, VARIANT, VARIANT_LABEL, SEQ_LEN)
 
 
 def reports_root(results_root: str | Path) -> Path:
@@ -35,9 +36,9 @@ def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> StoredRun:
     missing = [c for c in REQUIRED_COLUMNS if c not in run.rows.columns]
     if missing:
         raise ResultsError(f"{run.path}: results lack the column(s) {', '.join(missing)}; not a harness results table?")
-    labels = run.rows["variant_label"]
+    labels = run.rows[VARIANT_LABEL]
     if labels.isna().any():  # a row without a label (a foreign or damaged file): named by its variant
-        run.rows["variant_label"] = labels.where(labels.notna(), run.rows["variant"].where(run.rows["variant"].notna(), "?").astype(str))
+        run.rows[VARIANT_LABEL] = labels.where(labels.notna(), run.rows[VARIANT].where(run.rows[VARIANT].notna(), "?").astype(str))
     return run
 
 

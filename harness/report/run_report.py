@@ -32,17 +32,17 @@ from harness.report.labels import failed_table, what_was_measured
 from harness.report.palette import series_palette
 from harness.report.sections import benchmark_sections
 from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text
-from harness.store.schema import split
+from harness.store.schema import SEQ_LEN, STATUS, STEP, VARIANT_LABEL, split
 
 
 def all_series(rows: pd.DataFrame) -> list[str]:
     """Every series label any figure of these rows uses (for one palette across a report)."""
     parts = split(rows)
     labels: list[str] = []
-    for x in sweep_axes(parts.cells) or ["seq_len"]:
+    for x in sweep_axes(parts.cells) or [SEQ_LEN]:
         labels += list(with_series(parts.cells, x)["series"])
-    if not parts.curves.empty and "variant_label" in parts.curves:
-        labels += list(with_series(parts.curves, "step")["series"])
+    if not parts.curves.empty and VARIANT_LABEL in parts.curves:
+        labels += list(with_series(parts.curves, STEP)["series"])
     return labels
 
 
@@ -71,7 +71,7 @@ def run_document(run: StoredRun, folder: Path, palette: dict[str, Any]) -> Docum
     """Draw the figures of one run into `folder` and return its report."""
     parts = split(run.rows)
     rows = parts.without_rounds
-    counts = rows["status"].value_counts().to_dict()
+    counts = rows[STATUS].value_counts().to_dict()
     status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
     blocks: list[Block] = [Heading(level=1, text=f"{run.suite}: {run.run_id}")]
     if run.info.get("description"):
@@ -127,7 +127,7 @@ def render_report(results: list[Path | str], out: Path | None = None, root: Path
         if out is not None and len(runs) == 1:
             folder = base
         else:
-            folder = output_folder(base, (run.suite, "suite", run.path / RUN_INFO), (run.run_id, "run id", run.path))
+            folder = output_folder(base, (run.suite, "suite name", run.path / RUN_INFO), (run.run_id, "run id", run.path))
         with writing(folder), staged(folder) as staging:
             # One palette per run, from its labels alone: the same series has the same colour in every
             # figure of the run, and in any other run or comparison whose labels are the same.

@@ -23,6 +23,31 @@ from harness.report.document import Block, Figure, Heading, Paragraph, Table
 from harness.report.figure_axes import format_count
 from harness.report.labels import AXIS_TEXT, failed_table, legend_names, subtitle, what_was_measured
 from harness.report.palette import series_order
+from harness.store.schema import (
+    ACTIVATION_MEM_MIB,
+    CONTENDED,
+    CONTENTION,
+    CONTENTION_RETRIES_USED,
+    CPU_SHARE,
+    FLOOR_RATIO,
+    MATMUL_GFLOPS,
+    MATMUL_N,
+    MEM_METHOD,
+    MODE,
+    N_LAYERS,
+    N_REPEATS,
+    PEAK_MEM_MIB,
+    RESIDUAL,
+    ROUND_DRIFT,
+    ROUNDS,
+    SEQ_LEN,
+    STATUS,
+    STATUS_OK,
+    TIME_MS_MEDIAN,
+    TIME_NOISY,
+    TIMER,
+    TOKENS_PER_S,
+)
 
 
 def metric_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -30,8 +55,8 @@ def metric_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     of peak memory (MiB)."""
     x = primary_axis(rows)
     return {
-        f"median time per step (ms), by {x}": pivot_metric(rows, "time_ms_median", columns=x, mark_contended=True),
-        f"peak memory (MiB), by {x}": pivot_metric(rows, "peak_mem_mib", columns=x, fmt="{:.1f}"),
+        f"median time per step (ms), by {x}": pivot_metric(rows, TIME_MS_MEDIAN, columns=x, mark_contended=True),
+        f"peak memory (MiB), by {x}": pivot_metric(rows, PEAK_MEM_MIB, columns=x, fmt="{:.1f}"),
     }
 
 
@@ -57,7 +82,7 @@ def benchmark_sections(bench: pd.DataFrame, folder: Path, palette: dict[str, Any
     blocks += _floor_blocks(bench, folder, palette)
     blocks += _fit_blocks(bench)
     blocks += paper_blocks
-    if (bench["status"] != "ok").any():
+    if (bench[STATUS] != STATUS_OK).any():
         blocks += [Heading(level=2, text="Cells that did not finish"), Table(failed_table(bench, x))]
     notes = measurement_notes(bench)
     if notes:
@@ -69,24 +94,24 @@ def measurement_notes(bench: pd.DataFrame) -> list[str]:
     """How the cells were measured, in short phrases: memory method, timer, repeats, noisy and
     contended cells, rounds."""
     notes = []
-    if "mem_method" in bench and bench["mem_method"].notna().any():
+    if MEM_METHOD in bench and bench[MEM_METHOD].notna().any():
         notes.append(
             "peak memory measured with "
-            + ", ".join(f"`{m}`" for m in bench["mem_method"].dropna().unique())
+            + ", ".join(f"`{m}`" for m in bench[MEM_METHOD].dropna().unique())
             + " (peak above what was allocated before the measured call)"
         )
-    if "timer" in bench and bench["timer"].notna().any():
-        notes.append("timer " + ", ".join(f"`{t}`" for t in bench["timer"].dropna().unique()))
-    if "n_repeats" in bench and bench["n_repeats"].notna().any():
-        low, high = int(bench["n_repeats"].min()), int(bench["n_repeats"].max())
+    if TIMER in bench and bench[TIMER].notna().any():
+        notes.append("timer " + ", ".join(f"`{t}`" for t in bench[TIMER].dropna().unique()))
+    if N_REPEATS in bench and bench[N_REPEATS].notna().any():
+        low, high = int(bench[N_REPEATS].min()), int(bench[N_REPEATS].max())
         notes.append(f"{low} timed repeats per cell" if low == high else f"{low} to {high} timed repeats per cell")
-    if "time_noisy" in bench:
-        noisy = int(bench["time_noisy"].fillna(False).astype(bool).sum())
+    if TIME_NOISY in bench:
+        noisy = int(bench[TIME_NOISY].fillna(False).astype(bool).sum())
         notes.append(f"{noisy} cell(s) noisy (IQR > 10% of the median)")
-    if "contended" in bench:
-        notes.append(f"{int(is_contended(bench).sum())} of {int(bench['contended'].notna().sum())} cell(s) contended")
-    if "rounds" in bench and pd.to_numeric(bench["rounds"], errors="coerce").max() > 1:
-        notes.append(f"{int(pd.to_numeric(bench['rounds'], errors='coerce').max())} interleaved rounds per cell")
+    if CONTENDED in bench:
+        notes.append(f"{int(is_contended(bench).sum())} of {int(bench[CONTENDED].notna().sum())} cell(s) contended")
+    if ROUNDS in bench and pd.to_numeric(bench[ROUNDS], errors="coerce").max() > 1:
+        notes.append(f"{int(pd.to_numeric(bench[ROUNDS], errors='coerce').max())} interleaved rounds per cell")
     return notes
 
 
@@ -94,8 +119,8 @@ def _figure_plan(rows: pd.DataFrame) -> list[tuple[str, figures.Metric, str]]:
     """(x, metric, file stem) for every figure the varying columns call for."""
     plan = []
     for x in sweep_axes(rows):
-        metrics = [figures.TIME, figures.MEMORY, figures.THROUGHPUT] if x == "seq_len" else [figures.MEMORY, figures.TIME]
-        names = {"time_ms_median": "time", "peak_mem_mib": "memory", "tokens_per_s": "tokens_per_s"}
+        metrics = [figures.TIME, figures.MEMORY, figures.THROUGHPUT] if x == SEQ_LEN else [figures.MEMORY, figures.TIME]
+        names = {TIME_MS_MEDIAN: "time", PEAK_MEM_MIB: "memory", TOKENS_PER_S: TOKENS_PER_S}
         plan += [(x, m, f"{names[m.column]}_vs_{x}") for m in metrics]
     return plan
 
@@ -106,22 +131,22 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
     paper_blocks: list[Block] = []
     for x, metric, stem in _figure_plan(rows):
         frame = with_series(rows, x)
-        finished = frame[frame["status"] == "ok"]
+        finished = frame[frame[STATUS] == STATUS_OK]
         if metric.column not in frame or pd.to_numeric(finished.get(metric.column), errors="coerce").isna().all():
             blocks.append(Paragraph(f"No `{metric.column}` of a finished cell to draw against {x} (see the tables)."))
             continue
         title_name, names = legend_names(frame)
         short, x_label = AXIS_TEXT[x]
         lines: list = []
-        if metric is figures.TIME and x == "seq_len":
+        if metric is figures.TIME and x == SEQ_LEN:
             lines, table, note = paper_fig5(rows, palette)
             if table is not None:
                 paper_blocks = [Heading(level=2, text="Paper reference (Fig. 5)"), Paragraph(note), Table(table)]
-        mem_kind = "training memory" if first_value(rows, "mode") != "forward" else "memory"
+        mem_kind = "training memory" if first_value(rows, MODE) != "forward" else "memory"
         title = {
-            "time_ms_median": f"Time per step vs {short}",
-            "peak_mem_mib": f"Peak {mem_kind} vs {short}",
-            "tokens_per_s": f"Throughput vs {short}",
+            TIME_MS_MEDIAN: f"Time per step vs {short}",
+            PEAK_MEM_MIB: f"Peak {mem_kind} vs {short}",
+            TOKENS_PER_S: f"Throughput vs {short}",
         }[metric.column] + f" ({what_was_measured(rows)})"
         fig = figures.plot_metric(
             frame,
@@ -140,7 +165,7 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
         caption = f"{title}. " + (
             "Median of the timed repeats per cell; band: their interquartile range" if metric.band else "One measurement per cell"
         )
-        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
+        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame[STATUS] != STATUS_OK).any() else ""
         caption += "; hollow markers and dashed lines: the paper's read-off endpoints" if lines else ""
         blocks.append(Figure(stem, caption + "."))
     return blocks, paper_blocks
@@ -149,12 +174,12 @@ def _figure_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) ->
 def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> list[Block]:
     """ "Time over compute floor" (`floor_ratio`, series x primary axis, and its figure) when the run
     measured the matmul rate (the suite's `measure.matmul_rate`); [] otherwise."""
-    if "floor_ratio" not in rows or pd.to_numeric(rows["floor_ratio"], errors="coerce").notna().sum() == 0:
+    if FLOOR_RATIO not in rows or pd.to_numeric(rows[FLOOR_RATIO], errors="coerce").notna().sum() == 0:
         return []
     axes = sweep_axes(rows)
-    x = axes[0] if axes else "seq_len"
-    rates = pd.to_numeric(rows.get("matmul_gflops"), errors="coerce").dropna()
-    sizes = sorted({int(n) for n in pd.to_numeric(rows.get("matmul_n", pd.Series(dtype=float)), errors="coerce").dropna()})
+    x = axes[0] if axes else SEQ_LEN
+    rates = pd.to_numeric(rows.get(MATMUL_GFLOPS), errors="coerce").dropna()
+    sizes = sorted({int(n) for n in pd.to_numeric(rows.get(MATMUL_N, pd.Series(dtype=float)), errors="coerce").dropna()})
     low, high = rates.min(), rates.max()
     gflops = lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}"  # noqa: E731 (plain numbers, never 4e+05)
     rate = (
@@ -163,7 +188,7 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
         else f"{gflops(low)} to {gflops(high)} GFLOP/s (median {gflops(rates.median())})"
     )
     size = f", n = {', '.join(map(str, sizes))}" if sizes else ""
-    forward = first_value(rows, "mode") == "forward"
+    forward = first_value(rows, MODE) == "forward"
     text = (
         "Median time per step over the compute floor, `floor_ratio` = (`time_ms_median` / 1000) / `floor_s`, "
         "where `floor_s` = `flops` / (`matmul_gflops` * 1e9) is the time the cell's analytic FLOPs "
@@ -194,9 +219,9 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
         stem = f"floor_ratio_vs_{x}"
         figures.save(fig, folder, stem)
         caption = f"{title}. Median time per step over the compute floor of each cell (1 = the matmul rate)"
-        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame["status"] != "ok").any() else ""
+        caption += ". 'x' on the top edge: cells that did not finish, with their status" if (frame[STATUS] != STATUS_OK).any() else ""
         blocks.append(Figure(stem, caption + "."))
-    blocks.append(Table(pivot_metric(rows, "floor_ratio", columns=x, fmt="{:.3g}", mark_contended=True)))
+    blocks.append(Table(pivot_metric(rows, FLOOR_RATIO, columns=x, fmt="{:.3g}", mark_contended=True)))
     return blocks
 
 
@@ -205,8 +230,8 @@ def memory_breakdown_table(rows: pd.DataFrame, x: str) -> pd.DataFrame:
     empty when the rows have no breakdown (runs stored before it existed)."""
     columns = [column for column, _ in figures.MEMORY_PARTS]
     finished = with_series(rows, x)
-    finished = finished[finished["status"] == "ok"]
-    if "activation_mem_mib" not in finished or finished["activation_mem_mib"].isna().all():
+    finished = finished[finished[STATUS] == STATUS_OK]
+    if ACTIVATION_MEM_MIB not in finished or finished[ACTIVATION_MEM_MIB].isna().all():
         return pd.DataFrame()
     parts = finished[columns].apply(pd.to_numeric, errors="coerce").fillna(0.0)
     table = pd.concat([finished[["series", x]], parts.round(1), parts.sum(axis=1).round(1).rename("total_mib")], axis=1)
@@ -222,9 +247,9 @@ def growth_text(table: pd.DataFrame, x: str) -> str:
         if len(part) < 2:
             continue
         low, high = part.iloc[0], part.iloc[-1]
-        ratio = high["activation_mem_mib"] / low["activation_mem_mib"] if low["activation_mem_mib"] > 0 else math.nan
+        ratio = high[ACTIVATION_MEM_MIB] / low[ACTIVATION_MEM_MIB] if low[ACTIVATION_MEM_MIB] > 0 else math.nan
         parts.append(
-            f"{series}: activations {low['activation_mem_mib']:.1f} -> {high['activation_mem_mib']:.1f} MiB ({ratio:.2f}x) and "
+            f"{series}: activations {low[ACTIVATION_MEM_MIB]:.1f} -> {high[ACTIVATION_MEM_MIB]:.1f} MiB ({ratio:.2f}x) and "
             f"total {low['total_mib']:.1f} -> {high['total_mib']:.1f} MiB "
             f"from {x} = {format_count(low[x])} to {format_count(high[x])}"
         )
@@ -257,7 +282,7 @@ def _memory_breakdown_blocks(rows: pd.DataFrame, folder: Path) -> list[Block]:
         )
         blocks += [Heading(level=3, text=f"Memory breakdown by {x}"), Figure(stem, caption + ".")]
         growth = growth_text(table, x)
-        if x == "n_layers" and "residual" in rows and rows["residual"].nunique() > 1:
+        if x == N_LAYERS and RESIDUAL in rows and rows[RESIDUAL].nunique() > 1:
             blocks.append(Paragraph(REVERSIBLE_CLAIM + (f" Measured: {growth}." if growth else "")))
         elif growth:
             blocks.append(Paragraph(f"Measured: {growth}."))
@@ -271,14 +296,14 @@ def _contention_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
     contended = with_series(rows[is_contended(rows)], x)
     if contended.empty:
         return []
-    share = contended["cpu_share"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}") if "cpu_share" in contended else ""
-    retries = contended["contention_retries_used"] if "contention_retries_used" in contended else ""
+    share = contended[CPU_SHARE].map(lambda v: "" if pd.isna(v) else f"{v:.2f}") if CPU_SHARE in contended else ""
+    retries = contended[CONTENTION_RETRIES_USED] if CONTENTION_RETRIES_USED in contended else ""
     table = pd.DataFrame(
-        {"series": contended["series"], x: contended[x], "CPU share": share, "re-measured": retries, "contention": contended["contention"]}
+        {"series": contended["series"], x: contended[x], "CPU share": share, "re-measured": retries, CONTENTION: contended[CONTENTION]}
     ).set_index("series")
     text = (
         f"`{CONTENDED_MARK}` in the tables, crossed hollow markers in the figures: {len(contended)} of "
-        f"{int(rows['contended'].notna().sum())} cells stayed contended after re-measuring (other load on the "
+        f"{int(rows[CONTENDED].notna().sum())} cells stayed contended after re-measuring (other load on the "
         "machine disturbed their timing: CPU share = process CPU time / (wall time x threads) below the "
         "threshold while other processes kept cores busy, or other processes / slowed clocks on the GPU). Their "
         "times are not trustworthy; `harness compare` and `harness check` treat them as inconclusive."
@@ -289,17 +314,17 @@ def _contention_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
 def _drift_blocks(rows: pd.DataFrame, x: str) -> list[Block]:
     """Round-to-round drift of cells measured in rounds (`measure.rounds`): `round_drift` = max / min
     of the round medians - 1, per cell; [] without rounds."""
-    if "round_drift" not in rows or pd.to_numeric(rows["round_drift"], errors="coerce").notna().sum() == 0:
+    if ROUND_DRIFT not in rows or pd.to_numeric(rows[ROUND_DRIFT], errors="coerce").notna().sum() == 0:
         return []
-    drift = pd.to_numeric(rows["round_drift"], errors="coerce").dropna()
-    rounds = int(pd.to_numeric(rows["rounds"], errors="coerce").max())
+    drift = pd.to_numeric(rows[ROUND_DRIFT], errors="coerce").dropna()
+    rounds = int(pd.to_numeric(rows[ROUNDS], errors="coerce").max())
     text = (
         f"Each cell was measured in {rounds} rounds, interleaved (round 1 of every cell, then round 2 of every cell "
         "in a shuffled order, ...); its samples are the union and its median time is the median of its round "
         "medians. Drift = slowest round median / fastest round median - 1: how far the machine moved between "
         f"rounds. Median drift {drift.median():.1%}, largest {drift.max():.1%}."
     )
-    table = pivot_metric(rows, "round_drift", columns=x, fmt="{:.1%}", mark_contended=True)
+    table = pivot_metric(rows, ROUND_DRIFT, columns=x, fmt="{:.1%}", mark_contended=True)
     return [Heading(level=3, text="Round-to-round drift"), Paragraph(text), Table(table)]
 
 
@@ -313,7 +338,7 @@ def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
         if is_log_axis(rows[x]):
             fits = fits.rename(columns={"time": f"k time (time ~ {x}^k)", "memory": f"k memory (memory ~ {x}^k)"})
             text = f"Least-squares fit of log(metric) on log({x}) per series over the cells that finished (status ok)."
-            if x == "seq_len":
+            if x == SEQ_LEN:
                 if tokens:
                     fits["per-sequence time exponent (k + 1)"] = fits[f"k time (time ~ {x}^k)"] + 1
                     text += (
@@ -323,7 +348,7 @@ def _fit_blocks(rows: pd.DataFrame) -> list[Block]:
                 else:
                     text += " At a constant batch, k is the exponent per sequence."
         else:
-            unit = {"n_layers": "layer"}.get(x, x)
+            unit = {N_LAYERS: "layer"}.get(x, x)
             fits = fits.rename(columns={"time": f"ms per {unit}", "memory": f"MiB per {unit}"})
             text = f"Least-squares line of median time and peak memory against {x} per series (ok cells): the slope."
         blocks += [Heading(level=3, text=f"Scaling with {x}"), Paragraph(text), Table(fits.set_index("series"))]

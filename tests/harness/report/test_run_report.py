@@ -435,3 +435,15 @@ def test_contended_cells_are_marked_and_drift_and_machine_load_reported(disturbe
     assert len(re.findall(r'id="contended-lsh-n_hashes-1-(1024|2048)"', svg)) == 2
     assert "contended (timing disturbed by other load)" in svg
     assert "contended-" not in (folder / "memory_vs_seq_len.svg").read_text()  # memory is not a timing
+
+
+def test_the_results_line_names_the_run_relative_to_the_working_directory(seq, tmp_path, monkeypatch):
+    """However the run is given (absolute here), report.md names it from where the report was made."""
+    monkeypatch.chdir(seq.parents[1])
+    folder = render_report([seq.absolute()], out=tmp_path / "rel")
+    text = (folder / "report.md").read_text()
+    assert (
+        f"results: `seq_length/{seq.name}`." in text
+        and f"results: <code>seq_length/{seq.name}</code>" in (folder / "index.html").read_text()
+    )
+    assert str(seq.parents[1]) not in text
