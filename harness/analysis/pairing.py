@@ -191,10 +191,12 @@ class Pairing:
 
     @property
     def only_a(self) -> list[Pair]:
+        """The pairs whose cell only run A has."""
         return [p for p in self.pairs if p.b is None]
 
     @property
     def only_b(self) -> list[Pair]:
+        """The pairs whose cell only run B has."""
         return [p for p in self.pairs if p.a is None]
 
     def frame(self) -> pd.DataFrame:

@@ -167,10 +167,12 @@ class CheckReport:
 
     @property
     def matched_cells(self) -> int:
+        """How many cells the run and the baseline share."""
         return len(self.pairing.matched)
 
     @property
     def exit_code(self) -> int:
+        """1 when any comparison is a regression, else 0."""
         return 1 if self.count(REGRESSION) else 0
 
     def summary(self) -> str:

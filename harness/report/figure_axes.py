@@ -79,6 +79,7 @@ def log_y(ax: plt.Axes, formatter: Callable[[float, Any], str], data: Sequence[f
 
 
 def x_axis(ax: plt.Axes, values: Sequence[float], log: bool, label: str) -> None:
+    """An x axis with a tick (1K, 32K, ...) at each of `values`; log base 2 when `log`."""
     values = sorted(set(float(v) for v in values))
     if log:
         ax.set_xscale("log", base=2)
@@ -94,6 +95,7 @@ def x_axis(ax: plt.Axes, values: Sequence[float], log: bool, label: str) -> None
 
 
 def slug(text: str) -> str:
+    """`text` as a part of an SVG id: runs of other characters than letters, digits, '_.-' as '-'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
@@ -103,12 +105,14 @@ def theme() -> Any:
 
 
 def new_figure(size: tuple[float, float] = FIGSIZE) -> tuple[Figure, plt.Axes]:
+    """A figure of `size` inches (at DPI) with one axes."""
     fig = Figure(figsize=size, dpi=DPI)
     ax = fig.add_subplot()
     return fig, ax
 
 
 def set_title(ax: plt.Axes, title: str, subtitle: str | None) -> None:
+    """The title, and the subtitle on the lines below it, left-aligned above the axes."""
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11, loc="left")
 
 

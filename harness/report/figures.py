@@ -80,6 +80,7 @@ class Metric:
     timed: bool = True  # derived from the timing: contended cells are marked (memory is not)
 
     def values(self, rows: pd.DataFrame) -> pd.Series:
+        """The column of each row in plotted units (NaN where it is not a number)."""
         return pd.to_numeric(rows[self.column], errors="coerce") * self.scale
 
     def band_bounds(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +113,7 @@ def _time_quartiles(row: pd.Series) -> tuple[float, float]:
 TIME = Metric(TIME_MS_MEDIAN, "time per step (s)", scale=1e-3, band=True)
 MEMORY = Metric(PEAK_MEM_MIB, "peak memory (MiB)", timed=False)
 THROUGHPUT = Metric(TOKENS_PER_S, "throughput (tokens/s)", band=True, formatter=format_si)
-FLOOR_RATIO = Metric(FLOOR_RATIO, "time per step / compute floor")
+FLOOR = Metric(FLOOR_RATIO, "time per step / compute floor")
 
 
 # --------------------------------------------------------------------------- figures

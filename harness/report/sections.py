@@ -208,7 +208,7 @@ def _floor_blocks(rows: pd.DataFrame, folder: Path, palette: dict[str, Any]) -> 
         fig = figures.plot_metric(
             frame,
             x,
-            figures.FLOOR_RATIO,
+            figures.FLOOR,
             palette,
             title=title,
             subtitle=floor_subtitle,
