@@ -112,7 +112,7 @@ class TargetRule(_Rule):
     activation_mem (MiB, `activation_mem_mib`: the peak above parameters, gradients and optimizer
     state; the same number as peak_mem for a step measured from its steady state), floor_ratio (time over the compute floor),
     time_per_token (median s / (seq_len * batch)), bpd (a quality run's final eval bits per dim, per
-    evaluation: `harness.check.checked_rows`; match it on seq_len alone, quality rows have no batch).
+    evaluation: `harness.analysis.pairing.comparable_rows`; match it on seq_len alone, quality rows have no batch).
     """
 
     name: Optional[str] = None
