@@ -33,8 +33,10 @@ from typing import Any, Iterator
 
 from harness.cells import Cell
 from harness.isolation import THREADS_ENV, interrupt_guard, kill_live_cells
-from harness.results import JOBS_FILE, RunStore, atomic_write_json, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
+from harness.store.files import JOBS_FILE, atomic_write_json
+from harness.store.reader import read_submissions
+from harness.store.writer import RunStore
 from harness.sweep import RunOptions, Sweep, run_cells
 
 EXECUTORS = ("local", "pool", "submitit")

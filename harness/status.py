@@ -17,8 +17,9 @@ from typing import Any
 import psutil
 
 from harness.cells import ROUND_ROW
-from harness.results import RunStore, load_run_info, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
+from harness.store.reader import load_run_info, read_submissions
+from harness.store.writer import RunStore
 
 DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
 

@@ -21,7 +21,7 @@ from harness.cells import ROUND_ROW, Cell, execute_in_cell_process
 from harness.isolation import run_isolated
 
 if TYPE_CHECKING:  # pandas is not imported into cell processes: it would slow every start
-    from harness.results import RunStore
+    from harness.store.writer import RunStore
 
 FAILED_STATUSES = ("oom", "timeout")  # statuses after which longer lengths of a group are skipped
 

@@ -29,8 +29,10 @@ from harness.environment import capture_environment, code_version, device_name, 
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.overrides import Override
-from harness.results import RUN_INFO, RunStore, cell_rows, load_run_info, new_run_id, resume_store
 from harness.safe_yaml import read_yaml_text
+from harness.store.files import RUN_INFO
+from harness.store.reader import cell_rows, load_run_info
+from harness.store.writer import RunStore, new_run_id, resume_store
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
 from harness.sweep import RunOptions, cell_rounds

@@ -25,8 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results import RUN_ID_PATTERN, ResultsError, StoredRun, cell_rows, read_run
 from harness.safe_io import check_name
+from harness.store.files import RUN_ID_PATTERN, ResultsError
+from harness.store.reader import StoredRun, cell_rows, read_run
 from harness.tables import series_label
 
 EXPORT_FORMATS = ("csv", "tensorboard", "mlflow")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.export import run_names, scalar
-from harness.results import StoredRun, atomic_write_text, cell_rows
+from harness.store.files import atomic_write_text
+from harness.store.reader import StoredRun, cell_rows
 
 ROWS_FILE = "rows.csv"
 CURVES_FILE = "curves.csv"

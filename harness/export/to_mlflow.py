@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.export import ExportCell, ExportError, export_cells, missing_package, run_names
-from harness.results import RUN_INFO, StoredRun
+from harness.store.files import RUN_INFO
+from harness.store.reader import StoredRun
 
 RUN_TAG = "harness.run_id"
 CELL_TAG = "harness.cell"  # the cell's key; "run" on the parent run

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.export import ExportCell, export_cells, missing_package, run_names
-from harness.results import StoredRun
+from harness.store.reader import StoredRun
 
 EVENT_PREFIX = "events.out.tfevents."
 

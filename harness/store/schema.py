@@ -24,8 +24,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from harness.results import ResultsError
 from harness.safe_io import InputFileError, parse_json
+from harness.store.files import ResultsError
 
 # --------------------------------------------------------------------------- identity and bookkeeping
 

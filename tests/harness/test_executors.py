@@ -18,8 +18,9 @@ from test_sweep import ROOT, misbehaving_variants, statuses, write_suite  # noqa
 from harness import cli, executors, isolation, slurm, sweep
 from harness.commands.run import planned_cells
 from harness.executors import pool_slots, run_pool, slurm_parameters
-from harness.results import RunStore, load
 from harness.status import run_status
+from harness.store.reader import load
+from harness.store.writer import RunStore
 from harness.suites import SuiteError, load_suite
 from harness.sweep import RunOptions, run_cells
 

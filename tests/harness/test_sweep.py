@@ -21,7 +21,9 @@ import yaml
 from harness import cli, sweep
 from harness.cells import benchmark
 from harness.commands import run as run_command
-from harness.results import PARQUET, RunStore, cell_rows, load
+from harness.store.files import PARQUET
+from harness.store.reader import cell_rows, load
+from harness.store.writer import RunStore
 from harness.suites import load_suite
 from harness.sweep import RunOptions, run_cells
 from variants import registry
