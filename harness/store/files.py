@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 
 RUN_INFO = "run.json"
 CELLS_DIR = "cells"
@@ -113,8 +112,6 @@ def _json_default(value: Any) -> Any:
         return list(value)
     if isinstance(value, (Path, datetime)):
         return str(value)
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
     raise TypeError(f"not JSON serialisable: {type(value).__name__} {value!r}")
 
 

@@ -20,12 +20,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from harness.safe_io import InputFileError, parse_json
 from harness.store.files import ResultsError
+
+if TYPE_CHECKING:  # pandas is imported where rows are split, not into cell processes that only need names
+    import pandas as pd
 
 # --------------------------------------------------------------------------- identity and bookkeeping
 
@@ -323,6 +324,8 @@ def row_kinds(frame: pd.DataFrame) -> pd.Series:
     A row without a row_type is a benchmark cell's (CELL_ROW); a frame stored without the column
     at all (older quality runs) is read by its columns: `eval_variant` set -> EVAL_ROW, else `step`
     set -> CURVE_ROW."""
+    import pandas as pd
+
     if ROW_TYPE in frame:
         kinds = frame[ROW_TYPE].astype(object)
         return kinds.where(kinds.notna(), CELL_ROW)
@@ -385,19 +388,21 @@ class RowsByKind:
     @property
     def failed_trains(self) -> pd.DataFrame:
         """Rows of a kind other than cell, round, curve and eval (train rows) whose status is not ok."""
-        status = self.frame[STATUS] if STATUS in self.frame else pd.Series(None, index=self.frame.index, dtype=object)
+        status = self.frame[STATUS] if STATUS in self.frame else self.kinds.map(lambda _: None)
         return self.frame[~self.kinds.isin((CELL_ROW, ROUND_ROW, CURVE_ROW, EVAL_ROW)) & status.ne(STATUS_OK)]
 
     @property
     def unevaluated_trains(self) -> pd.DataFrame:
         """Train rows of cells that stored no eval row (they failed before evaluating)."""
         trains, evals = self.trains, self.evals
-        return trains[~trains[CELL_KEY].isin(evals.get(TRAIN_KEY, pd.Series(dtype=object)))]
+        return trains[~trains[CELL_KEY].isin(evals[TRAIN_KEY] if TRAIN_KEY in evals else [])]
 
     def keyed(self) -> pd.DataFrame:
         """The rows two runs are paired on, each with its identity in CONFIG_KEY (a new frame):
         a benchmark run's cell rows keyed by `config_key`; a quality run's eval rows plus the train
         rows of cells that stored no eval row, keyed by `quality_key` (curves are not paired)."""
+        import pandas as pd
+
         if self.is_quality:
             rows = pd.concat([self.evals, self.unevaluated_trains], ignore_index=True)
             rows[CONFIG_KEY] = [quality_key(row) for row in rows.to_dict("records")]
@@ -410,5 +415,7 @@ class RowsByKind:
 def split(frame: pd.DataFrame | Iterable[Mapping[str, Any]]) -> RowsByKind:
     """A run's rows (a DataFrame, or row dicts) sorted by kind: `.cells`, `.rounds`, `.trains`,
     `.curves`, `.evals`, `.without_rounds`, `.own_rows`, `.keyed()` (see RowsByKind)."""
+    import pandas as pd
+
     frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
     return RowsByKind(frame, row_kinds(frame))

@@ -123,3 +123,13 @@ def test_keyed_rows_of_a_quality_run_are_its_evals_and_its_unevaluated_trains():
     keyed = schema.split(rows).keyed()
     assert list(keyed["cell_key"]) == ["c-eval-1", "d"]
     assert list(keyed["config_key"]) == [schema.quality_key(r) for r in keyed.to_dict("records")]
+
+
+def test_the_schema_and_the_cells_leave_pandas_out_of_a_benchmark_cell_process():
+    """A cell process imports the schema through the cells; pandas would add to every cell's start."""
+    import subprocess
+    import sys
+
+    code = "import sys, harness.store.schema, harness.cells.benchmark, harness.runner; print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=RESULTS.parent)
+    assert out.stdout.strip() == "False"
