@@ -676,8 +676,8 @@ def check_oom(context: Context) -> Outcome:
     """A cell whose inputs (4 GiB) exceed its 0.25 GiB memory limit comes back from its own process as an
     `oom` row, not a crash: on CPU the allocation passes the address-space backstop (RLIMIT_AS) of the
     limit, on CUDA the caching allocator's per-process memory fraction."""
+    from harness.runner import execute_isolated
     from harness.suites import load_suite
-    from harness.sweep import execute_isolated
 
     path = write_suite(
         context.workdir / "oom",
@@ -714,9 +714,9 @@ def check_pool(context: Context) -> Outcome:
     the GPU its slot pins."""
     from harness.executors import pool_slots, run_pool
     from harness.isolation import THREADS_ENV
+    from harness.runner import RunOptions
     from harness.store.writer import RunStore
     from harness.suites import load_suite
-    from harness.sweep import RunOptions
 
     on_cuda = context.device.type == "cuda"
     slots = pool_slots(context.device.type, None if on_cuda else 2)

@@ -193,11 +193,11 @@ class BenchmarkCell:
     def execute(
         self, root: str, suite: str, run_id: str, code_version: str, limit_memory: bool, report_baseline: Callable[[int], None] | None
     ) -> dict[str, Any]:
-        """`measure_cell` (the run folder is not needed: the sweep stores the row)."""
+        """`measure_cell` (the run folder is not needed: the runner stores the row)."""
         return measure_cell(self, limit_memory, report_baseline)
 
     def measure_rounds(self) -> int:
-        """The suite's `measure.rounds`: how many rounds the sweep measures this cell in (default 1)."""
+        """The suite's `measure.rounds`: how many rounds the runner measures this cell in (default 1)."""
         return int(self.measure.get("rounds") or 1)
 
     def round_seed(self) -> int:
@@ -402,7 +402,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
             replace(settings, warmup=0),
             measure.ContentionSettings.from_measure(cell.measure),
             deadline=_retry_deadline(cell, began),
-            family_of=os.getppid() if limit_memory else None,  # its own process: the sweep's other cells are the run's own load
+            family_of=os.getppid() if limit_memory else None,  # its own process: the runner's other cells are the run's own load
         )
     except VariantUnavailable as error:  # not applicable here (missing optional package, no kernel)
         return {**row, "status": "skipped", "message": f"variant unavailable: {error}"[:4000]}

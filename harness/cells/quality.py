@@ -4,7 +4,7 @@ Table 2: a model trained with one attention, evaluated with others).
 
 `QualityCell.execute` (in the cell's own process) trains, writing one `curve` row per eval point
 into the run folder as it goes and a checkpoint to `<run>/checkpoints/<key>.pt` (so an interrupted
-cell continues from it on `--resume`), then one `eval` row per evaluation; the sweep stores the
+cell continues from it on `--resume`), then one `eval` row per evaluation; the runner stores the
 cell's own `train` row (status, rows written, final numbers) under its key. Accuracies are percent.
 """
 

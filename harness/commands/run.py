@@ -1,7 +1,7 @@
 """`harness run SUITE`: expand a suite into cells, run them into a run folder, summarise.
 
 One path for every kind of suite (benchmark and quality): harness.suites loads it, its cells go to
-an executor (harness.executors: local, pool, submitit), which runs the sweep (harness.sweep), each
+an executor (harness.executors: local, pool, submitit), which runs the cell runner (harness.runner), each
 cell in its own process (harness.isolation), each outcome a row in the run folder
 (harness.results). The run folder is opened or created by `open_store` (a `--resume` id must be a
 run of that suite), locked for the whole run, and `record_start` writes run.json (or a resume
@@ -29,13 +29,13 @@ from harness.environment import capture_environment, code_version, device_name, 
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.overrides import Override
+from harness.runner import RunOptions, cell_rounds
 from harness.safe_yaml import read_yaml_text
 from harness.store.files import RUN_INFO
 from harness.store.reader import cell_rows, load_run_info
 from harness.store.writer import RunStore, new_run_id, resume_store
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
-from harness.sweep import RunOptions, cell_rounds
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, summary_tables
 
 

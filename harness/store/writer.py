@@ -222,7 +222,6 @@ class RunStore:
 
     def mark_running(self, key: str, **info: Any) -> None:
         """Note that cell `key` is being measured now, by this host and process (`harness status`)."""
-
         info = {
             CELL_KEY: key,
             "host": socket.gethostname(),

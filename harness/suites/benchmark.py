@@ -101,7 +101,7 @@ class MeasureSpec(Strict):
     contention_gpu_other_util_pct: float = Field(5.0, ge=0, le=100)
     contention_retries: int = Field(2, ge=0, le=100)
     contention_backoff_s: float = Field(1.0, ge=0, le=MAX_SECONDS)
-    # Rounds (harness.sweep): every cell measured `rounds` times, round after round over all cells
+    # Rounds (harness.runner): every cell measured `rounds` times, round after round over all cells
     # (rounds after the first in an order shuffled with `rounds_seed`); the cell's median is over rounds.
     rounds: int = Field(1, ge=1, le=MAX_ROUNDS)
     rounds_seed: int = 0

@@ -16,7 +16,7 @@ import pytest
 import tomllib
 import torch
 import yaml
-from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli
 from harness.report import render_report

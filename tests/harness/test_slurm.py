@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pytest
 from slurm_cluster import slurm_cluster, slurm_local  # noqa: F401 - a fixture, used by name
-from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli, executors
 from harness.environment import CODE_VERSION_ENV

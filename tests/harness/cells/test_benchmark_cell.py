@@ -8,7 +8,7 @@ import pytest
 
 from harness.cells import benchmark
 from harness.suites import load_suite
-from tests.harness.test_sweep import write_suite
+from tests.harness.test_runner import write_suite
 
 
 def test_default_memory_limit_is_a_safe_fraction_of_ram(tmp_path):
