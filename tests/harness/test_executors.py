@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_runner import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
 
-from harness import cli, executors, isolation, slurm
+from harness import cli, executors, isolation, runner, slurm
 from harness.commands.run import planned_cells
 from harness.executors import pool_slots, run_pool, slurm_parameters
 from harness.runner import RunOptions, run_cells
