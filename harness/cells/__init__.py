@@ -19,13 +19,14 @@ import json
 import typing
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from harness.store.schema import CAUSAL, D_MODEL, N_HEADS
+
 # Taken from a suite's `model:` rather than from a variant entry; the attention variant gets them from there.
-MODEL_ATTENTION_KEYS = ("d_model", "n_heads", "causal")
+MODEL_ATTENTION_KEYS = (D_MODEL, N_HEADS, CAUSAL)
 NOT_MODEL_KEYS = ("attention", "attention_params")  # set by `variants:`
-# A benchmark cell's model may name the model-kind variant a `model` workload builds (a peer LM);
-# absent means ours. It travels in the cell's model dict, so it is part of the key and a row column.
-MODEL_VARIANT_KEY = "model_variant"
-DEFAULT_MODEL_VARIANT = "reformer_lm"
+# A benchmark cell's model may name the model-kind variant a `model` workload builds (a peer LM,
+# harness.store.schema.MODEL_VARIANT); absent means ours (DEFAULT_MODEL_VARIANT). It travels in the
+# cell's model dict, so it is part of the key and a row column.
 
 CPU_FLOP_S = 50e9  # deliberately round guesses of achieved throughput, for a-priori estimates
 CUDA_FLOP_S = 100e12
@@ -114,11 +115,6 @@ def execute_in_cell_process(
 def jsonable(value: Any) -> Any:
     """Tuples -> lists recursively, so configs compare and hash the same after a JSON round trip."""
     return json.loads(json.dumps(value))
-
-
-def canonical_json(data: Any) -> str:
-    """Compact JSON with sorted keys: the text that cell keys are hashed from."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def model_fields() -> dict[str, tuple[Any, Any]]:

@@ -181,7 +181,7 @@ FINAL_ACCURACY = "final_accuracy"  # % (train row)
 TRAIN_BPD = "train_bpd"  # bits per dim of the training loss since the last point
 EVAL_BPD = "eval_bpd"  # bits per dim on the evaluation batches
 EVAL_ACCURACY = "eval_accuracy"  # % of scored symbols predicted right (NaN where the task has none)
-LR = "lr"  # learning rate of the last step
+LR = "lr"  # learning rate of the last step (the train block's `lr` is the schedule's peak: PEAK_LR)
 WALL_S = "wall_s"  # s of training so far
 TOKENS_SEEN = "tokens_seen"  # input tokens trained on so far
 # eval rows

@@ -25,19 +25,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.cells import (
-    DEFAULT_MODEL_VARIANT,
-    MODEL_ATTENTION_KEYS,
-    MODEL_VARIANT_KEY,
-    NOT_MODEL_KEYS,
-    canonical_json,
-    jsonable,
-    model_fields,
-    variant_fields,
-)
+from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, jsonable, model_fields, variant_fields
 from harness.cells.benchmark import BenchmarkCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
+from harness.store.schema import DEFAULT_MODEL_VARIANT, MODEL_VARIANT, canonical_json
 from harness.suites.common import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -309,11 +301,11 @@ def _expand_variants(entries: list[dict[str, Any]], locator: Locator, sweep: dic
             for j, value in enumerate(seq_lens):
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
                     raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
-        model_variant = _check_model_variant(entry.get(MODEL_VARIANT_KEY), ("variants", i, MODEL_VARIANT_KEY), locator)
+        model_variant = _check_model_variant(entry.get(MODEL_VARIANT), ("variants", i, MODEL_VARIANT), locator)
         choices: dict[str, list[Any]] = {}
         expanded: set[str] = set()
         for key, value in entry.items():
-            if key in ("name", "label", "seq_len", MODEL_VARIANT_KEY):
+            if key in ("name", "label", "seq_len", MODEL_VARIANT):
                 continue
             where = ("variants", i, key)
             if key in MODEL_ATTENTION_KEYS:
@@ -380,7 +372,7 @@ def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
         labels.append(" ".join([name] + [f"{k}={values_text(eff[k])}" for k in shown]))
     first: dict[str, tuple[int, dict]] = {}
     for e, label in zip(expansions, labels):
-        identity = e.params | {"name": e.name, MODEL_VARIANT_KEY: e.model_variant}
+        identity = e.params | {"name": e.name, MODEL_VARIANT: e.model_variant}
         if label in first and first[label][1] != identity:
             raise locator.error(
                 ("variants", e.index), f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`"
@@ -492,7 +484,7 @@ def _build_cells(
             model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
             if e.model_variant is not None and suite.workload != "model":
                 raise locator.error(
-                    ("variants", e.index, MODEL_VARIANT_KEY),
+                    ("variants", e.index, MODEL_VARIANT),
                     f"model_variant chooses the LM of workload 'model'; this suite's is {suite.workload!r}",
                 )
             model_config = _check_model_config(model, e, swept_at, suite, cache, locator)
@@ -529,7 +521,7 @@ def _build_cells(
                     seq_len,
                     batch,
                     tokens,
-                    jsonable(model | ({MODEL_VARIANT_KEY: e.model_variant} if e.model_variant else {})),
+                    jsonable(model | ({MODEL_VARIANT: e.model_variant} if e.model_variant else {})),
                     e.name,
                     jsonable(e.params),
                     label,

@@ -15,10 +15,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.cells import NOT_MODEL_KEYS, Cell, canonical_json
+from harness.cells import NOT_MODEL_KEYS, Cell
 from harness.expressions import ExpressionError, parse_expression, select_rows
 from harness.overrides import Override, OverrideError, apply_overrides
 from harness.safe_yaml import YAMLInputError, compose_yaml, read_yaml_text
+from harness.store.schema import canonical_json
 from variants.registry import type_matches, type_name
 
 Device = Literal["auto", "cpu", "cuda"]

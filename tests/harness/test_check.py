@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from harness import cli
-from harness.cells.benchmark import config_key_of
 from harness.check import (
     IMPROVEMENT,
     INCONCLUSIVE,
@@ -27,6 +26,7 @@ from harness.check import (
     run_check,
 )
 from harness.check_rules import ChecksSpec, parse_checks
+from harness.store.schema import config_key as config_key_of
 from harness.store.writer import RunStore
 from harness.suites import SuiteError, load_suite
 

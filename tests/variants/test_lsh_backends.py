@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import variants
-from harness.workloads import ATTENTION_BACKEND_COLUMN, Workload
+from harness.store.schema import ATTENTION_BACKEND as ATTENTION_BACKEND_COLUMN
+from harness.workloads import Workload
 from variants.attention import lsh_cpu, lsh_triton
 from variants.attention.lsh import lsh_attention
 from variants.attention.lsh_backends import resolve_backend
