@@ -78,7 +78,6 @@ MODEL_COLUMNS = (VOCAB_SIZE, D_MODEL, N_HEADS, D_FF, N_LAYERS, MAX_SEQ_LEN, RESI
 
 STATUS = "status"  # text: one of STATUSES
 MESSAGE = "message"  # text: why a cell is not ok (first line the reason), or a probe's failure; "" when ok
-ERROR = "error"  # text: never written by this code; checked as text where a stored row has it
 STATUS_OK, STATUS_OOM, STATUS_TIMEOUT, STATUS_ERROR, STATUS_SKIPPED = "ok", "oom", "timeout", "error", "skipped"
 STATUSES = (STATUS_OK, STATUS_OOM, STATUS_TIMEOUT, STATUS_ERROR, STATUS_SKIPPED)
 
@@ -210,9 +209,10 @@ COLUMNS = frozenset(  # every column name: the upper-case text constants above, 
     if name.isupper() and isinstance(value, str) and not name.startswith(NOT_COLUMNS) and not name.endswith(("_ROW", "_PREFIX"))
 ) | frozenset(NVML_COLUMNS)
 
-# What the readers require of the values of a column (missing values are always allowed).
+# What the readers require of the values of a column (missing values are always allowed); "error",
+# which this code never writes, is held to text where a foreign row has it.
 TEXT_COLUMNS = (
-    CELL_KEY, STATUS, VARIANT, VARIANT_LABEL, ROW_TYPE, SUITE, RUN_ID, ERROR, MESSAGE, WORKLOAD, MODE, DEVICE, DTYPE,
+    CELL_KEY, STATUS, VARIANT, VARIANT_LABEL, ROW_TYPE, SUITE, RUN_ID, "error", MESSAGE, WORKLOAD, MODE, DEVICE, DTYPE,
     CODE_VERSION, DEVICE_NAME, CONFIG_KEY, TASK, EVAL_VARIANT, TRAIN_VARIANT, CONTENTION, TIMER, MEM_METHOD, RESIDUAL,
 )  # fmt: skip
 NUMERIC_COLUMNS = (
