@@ -1,7 +1,7 @@
 """`python -m harness status RUN`: which cells of a run are done, running, failed or pending.
 
 Works for every executor while the run goes on or after it stopped: the planned cells come from
-run.json (`cell_keys`, `cell_labels`), finished ones from the stored rows (harness.results), running ones from the
+run.json (`cell_keys`, `cell_labels`), finished ones from the stored rows (harness.store), running ones from the
 running/*.json notes the runner leaves while a cell is measured, and Slurm jobs still queued from
 jobs.json (their state asked of Slurm itself, harness.slurm: scontrol, then sacct, so it works
 on clusters without accounting storage too).

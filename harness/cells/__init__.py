@@ -2,7 +2,7 @@
 
 A suite (harness.suites) expands into cells; the cell runner (harness.runner) and the executors
 (harness.executors) run them, each in its own process (harness.isolation), and store one row per
-cell under its key (harness.results). Two kinds implement the protocol:
+cell under its key (harness.store). Two kinds implement the protocol:
 
 - `harness.cells.benchmark.BenchmarkCell`: one measured call (time, peak memory) of a workload;
 - `harness.cells.quality.QualityCell`: one training run (learning curve, evaluations), whose
