@@ -23,7 +23,7 @@ sequence length, or an eval variant whose weights cannot be loaded from the trai
 `SuiteError` naming the file, line and key path; `python -m harness run` exits 2 on it.
 
 Each expansion is one training cell (harness.cells.quality.QualityCell), run like any cell by the
-sweep and the executors, each in its own process.
+cell runner (harness.runner) and the executors, each in its own process.
 """
 
 from __future__ import annotations
