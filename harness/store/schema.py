@@ -202,11 +202,11 @@ EVAL_ROW = "eval"  # the trained model evaluated with one attention
 ROW_KINDS = (CELL_ROW, ROUND_ROW, TRAIN_ROW, CURVE_ROW, EVAL_ROW)
 KIND_BENCHMARK, KIND_QUALITY = "benchmark", "quality"  # suite kinds (the suite's `kind:`; KIND on quality rows)
 
-NOT_COLUMNS = ("STATUS_", "KIND_", "DEFAULT_")  # prefixes of the constants above that are values, not columns
+_VALUE_PREFIXES = ("STATUS_", "KIND_", "DEFAULT_")  # constants above that are values, not columns
 COLUMNS = frozenset(  # every column name: the upper-case text constants above, less values, row kinds and prefixes
     value
     for name, value in dict(globals()).items()
-    if name.isupper() and isinstance(value, str) and not name.startswith(NOT_COLUMNS) and not name.endswith(("_ROW", "_PREFIX"))
+    if name.isupper() and isinstance(value, str) and not name.startswith(_VALUE_PREFIXES) and not name.endswith(("_ROW", "_PREFIX"))
 ) | frozenset(NVML_COLUMNS)
 
 # What the readers require of the values of a column (missing values are always allowed); "error",
