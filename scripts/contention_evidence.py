@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness.analysis.tables import row_contended  # noqa: E402
-from harness.results import cell_rows, load  # noqa: E402
+from harness.store.reader import cell_rows, load  # noqa: E402
 
 TOLERANCE = 0.15  # loaded time within 15% of the quiet time, or flagged
 QUIET_BUSY = 0.10  # busy fraction of all cores (over QUIET_SAMPLE_S) below which the machine counts as quiet

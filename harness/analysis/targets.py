@@ -20,7 +20,8 @@ from harness.analysis.pairing import comparable_rows
 from harness.analysis.tables import row_contended
 from harness.check.rules import ChecksError, ChecksSpec, TargetRule, checks_from_suite_text
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError, StoredRun
+from harness.store.files import ResultsError
+from harness.store.reader import StoredRun
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
     BATCH,

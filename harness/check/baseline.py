@@ -17,7 +17,8 @@ from pathlib import Path
 
 from harness.check.verdicts import CheckError
 from harness.environment import device_slug
-from harness.results import file_mode, read_run, to_json
+from harness.store.files import file_mode, to_json
+from harness.store.reader import read_run
 from harness.store.schema import CODE_VERSION, DEVICE_NAME, RUN_ID
 
 BASELINES_DIR = "baselines"

@@ -52,7 +52,8 @@ from harness.check.verdicts import (
     contention_note,
     verdict_of,
 )
-from harness.results import ResultsError, StoredRun, read_run
+from harness.store.files import ResultsError
+from harness.store.reader import StoredRun, read_run
 from harness.store.schema import KIND, KIND_QUALITY, MESSAGE, PEAK_MEM_MIB, STATUS, STATUS_OK, SUITE, THREADS, TIME_MS_MEDIAN
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from harness.analysis.pairing import TOO_FEW, WITHIN, noise_test
 from harness.analysis.stats import median
 from harness.analysis.tables import row_contended
-from harness.results import ResultsError
+from harness.store.files import ResultsError
 from harness.store.schema import (
     BATCH,
     CONFIG_COLUMNS,

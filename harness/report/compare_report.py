@@ -19,7 +19,8 @@ from harness.report.document import Block, Code, Document, Figure, Heading, Para
 from harness.report.folders import RESULTS_ROOT, open_run, output_folder, reports_root, shown_path, staged, writing
 from harness.report.labels import AXIS_TEXT, legend_names, what_was_measured
 from harness.report.palette import series_palette
-from harness.results import ResultsError, StoredRun
+from harness.store.files import ResultsError
+from harness.store.reader import StoredRun
 from harness.store.schema import CODE_VERSION, DEVICE_NAME, STATUS_OK, split
 
 NOISE_RULE = (

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from harness.results import atomic_write_text
-from harness.results import to_json as json_text
+from harness.store.files import atomic_write_text
+from harness.store.files import to_json as json_text
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from harness.results import ResultsError, StoredRun, latest_run, load_run_info, read_run
 from harness.safe_io import InputFileError, check_name, check_under
+from harness.store.files import ResultsError
+from harness.store.reader import StoredRun, latest_run, load_run_info, read_run
 from harness.store.schema import SEQ_LEN, STATUS, VARIANT, VARIANT_LABEL
 
 RESULTS_ROOT = Path("results")  # relative to the working directory, never to where the package lives

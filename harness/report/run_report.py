@@ -31,7 +31,8 @@ from harness.report.folders import RESULTS_ROOT, default_runs, open_run, output_
 from harness.report.labels import failed_table, what_was_measured
 from harness.report.palette import series_palette
 from harness.report.sections import benchmark_sections
-from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text
+from harness.store.files import RUN_INFO, ResultsError, atomic_write_text
+from harness.store.reader import StoredRun
 from harness.store.schema import SEQ_LEN, STATUS, STEP, VARIANT_LABEL, split
 
 

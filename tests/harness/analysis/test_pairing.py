@@ -25,8 +25,9 @@ from harness.analysis.pairing import (
     noise_test,
     pair_runs,
 )
-from harness.results import RunStore, load, load_run_info
+from harness.store.reader import load, load_run_info
 from harness.store.schema import config_key
+from harness.store.writer import RunStore
 from tests.harness.report import report_fixtures as fx
 
 # --------------------------------------------------------------------------- the noise test

@@ -11,7 +11,7 @@ import pytest
 from harness.analysis.targets import evaluate_targets
 from harness.check.rules import ChecksError, TargetRule, parse_checks
 from harness.check.targets import format_targets
-from harness.results import ResultsError
+from harness.store.files import ResultsError
 
 
 def row(variant, n_hashes, seq_len, time_ms, mem, status="ok", floor_ratio=math.nan):

@@ -1,6 +1,6 @@
 """Small synthetic benchmark runs for the report tests, stored the way `python -m harness run` stores them.
 
-Each builder writes one finished run folder under a results root with `harness.results.RunStore`:
+Each builder writes one finished run folder under a results root with `harness.store.writer.RunStore`:
 run.json first (suite, suite text, command, planned cells, environment), then one row per cell
 (`store.append`, the journal `cells/*.json`), then `store.fold()` into results.parquet and the
 `finished_at` update. The configuration columns and cell keys come from `BenchmarkCell`, as in a
@@ -42,7 +42,8 @@ import numpy as np
 
 from harness.cells import model_fields
 from harness.cells.benchmark import BenchmarkCell, floor_columns
-from harness.results import RunStore, load, load_run_info
+from harness.store.reader import load, load_run_info
+from harness.store.writer import RunStore
 
 # --------------------------------------------------------------------------- environment (run.json)
 

@@ -15,7 +15,8 @@ from harness import cli
 from harness.analysis.pairing import TOO_FEW, configuration_differences, pair_runs
 from harness.report.compare_report import render_compare
 from harness.report.folders import open_run
-from harness.results import ResultsError, load
+from harness.store.files import ResultsError
+from harness.store.reader import load
 
 
 def test_compare_with_itself_is_one_and_within_noise(seq, tmp_path):

@@ -30,7 +30,8 @@ from harness.report import figures
 from harness.report.palette import series_palette
 from harness.report.run_report import render_report
 from harness.report.sections import memory_breakdown_table, metric_tables
-from harness.results import ResultsError, load
+from harness.store.files import ResultsError
+from harness.store.reader import load
 from tests.harness.report import report_fixtures as fx
 
 SEQ_FIGURES = ("time_vs_seq_len", "memory_vs_seq_len", "tokens_per_s_vs_seq_len")

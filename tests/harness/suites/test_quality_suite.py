@@ -16,7 +16,7 @@ import pytest
 
 from harness.analysis.tables import accuracy_table
 from harness.cli import main
-from harness.results import load
+from harness.store.reader import load
 from harness.suites import SuiteError, load_suite
 from tests.processes import default_sigint
 
