@@ -132,6 +132,7 @@ def compare_document(a: StoredRun, b: StoredRun, pairing: Pairing, folder: Path)
     ).set_index("series")
     caption = "Median time B / A per matched cell; hollow markers: within noise"
     caption += "; crossed hollow markers: inconclusive (contended in A or B)" if len(vague) else ""
+    caption += "; no marker: too few repeats to tell" if (frame["noise"] == TOO_FEW).any() else ""
     blocks: list[Block] = [
         Heading(level=1, text=f"Compare: {b.run_id} / {a.run_id}"),
         Paragraph(f"{run_line('A', a)}; {run_line('B', b)}."),
