@@ -44,6 +44,7 @@ def test_three_repeats_are_too_few_to_judge(layers, tmp_path):
     text = (render_compare(layers, layers, out=tmp_path / "layers", echo=lines.append) / "report.md").read_text()
     assert f"{len(rows)} with too few repeats for the test to tell" in lines[0]
     assert text.count("| too few repeats |") == len(rows) and "0 of them differ beyond noise" in text
+    assert "no marker: too few repeats to tell" in text
 
 
 def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(seq, tmp_path):
