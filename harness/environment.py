@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from harness.measure import nvml_snapshot
+from harness.measurement import nvml_snapshot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _GIT_TIMEOUT_S = 30.0
@@ -302,7 +302,7 @@ def gpu_clock_lock(device_index: int = 0) -> dict:
     "app_clock_sm_mhz", "app_clock_default_sm_mhz"} (application clocks changed from their default,
     or the "applications clocks setting" clock-event reason, which `nvidia-smi -lgc` / `-ac` set);
     {} without NVML or a GPU. Never raises."""
-    from harness.measure import nvml_device
+    from harness.measurement import nvml_device
 
     out: dict = {}
     with nvml_device(device_index) as opened:

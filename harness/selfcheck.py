@@ -42,7 +42,7 @@ import torch.nn as nn
 import yaml
 
 import variants
-from harness import measure
+from harness import measurement as measure
 from harness.environment import capture_environment, code_version, device_name
 from variants.registry import VariantUnavailable
 from variants.registry import backends as variant_backends

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 import variants
 from harness.cells import DEFAULT_MODEL_VARIANT, MODEL_VARIANT_KEY
-from harness.measure import DTYPES, MIB
+from harness.measurement import DTYPES
+from harness.units import MIB
 from variants.model import ReformerLMConfig, build_layer_stack
 
 BACKWARD_FLOPS_FACTOR = 2

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from harness import measure
+from harness import measurement as measure
 from harness.cells import (
     CPU_FLOP_S,
     CUDA_FLOP_S,
@@ -38,8 +38,9 @@ from harness.cells import (
     variant_fields,
 )
 from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
-from harness.isolation import GIB, MIB, default_memory_limit_bytes, start_memory_limit
+from harness.isolation import default_memory_limit_bytes, start_memory_limit
 from harness.safe_io import parse_json
+from harness.units import GIB, MIB
 from variants.registry import VariantUnavailable
 
 MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s), when the suite asks for it

@@ -17,7 +17,8 @@ import torch
 
 import variants
 import variants.attention.lsh as lsh_module
-from harness import cli, measure, selfcheck
+from harness import cli, selfcheck
+from harness import measurement as measure
 from harness.selfcheck import DTYPES, LSH_ROUNDS, Context, LshCase, Tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
