@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from harness.measurement import nvml_snapshot
+from harness.units import GIB
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # this package's repository (its code version), never a data root
 _GIT_TIMEOUT_S = 30.0
 
 
@@ -196,7 +197,7 @@ def _host_resources() -> dict:
         return {
             "cpu_cores_physical": psutil.cpu_count(logical=False),
             "cpu_cores_logical": psutil.cpu_count(logical=True),
-            "ram_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
+            "ram_total_gib": round(psutil.virtual_memory().total / GIB, 2),
         }
     except Exception:
         return {"cpu_cores_physical": None, "cpu_cores_logical": os.cpu_count(), "ram_total_gib": None}

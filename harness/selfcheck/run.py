@@ -23,6 +23,7 @@ from harness.selfcheck.measurement_checks import check_device, check_nvml, check
 from harness.selfcheck.references import CHECKED_DTYPES
 from harness.selfcheck.runner_checks import check_oom, check_pool, check_suite
 from harness.selfcheck.variant_checks import check_variant
+from harness.suites.common import resolve_device
 
 SUMMARY_FILE = "selfcheck.json"
 
@@ -84,9 +85,9 @@ def select_checks(checks: list[Check], only: list[str] | None) -> list[Check]:
 
 
 def selfcheck_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; SelfcheckError for a CUDA device this machine does not have."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The device under test: `auto` -> cuda when available, else cpu (harness.suites.common.resolve_device);
+    SelfcheckError for a name that is no device and for a CUDA device this machine does not have."""
+    device = resolve_device(device)
     try:
         resolved = torch.device(device)
     except RuntimeError:
