@@ -38,6 +38,7 @@ class MemoryReading:
     method: str  # "cuda_max_memory_allocated" | "vmhwm_clear_refs" | "ru_maxrss"
 
     def as_row(self) -> dict:
+        """Result-row columns: the peak and reserved peak (MiB) and how the peak was read."""
         return {
             "peak_mem_mib": self.peak_mib,
             "peak_reserved_mib": self.reserved_mib,

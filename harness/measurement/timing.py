@@ -74,10 +74,12 @@ class Timing:
 
     @property
     def n_repeats(self) -> int:
+        """Timed calls."""
         return len(self.samples_ms)
 
     @property
     def median_ms(self) -> float:
+        """Median of the samples, ms."""
         return _quantile(self._sorted, 0.5)
 
     @property
@@ -87,14 +89,17 @@ class Timing:
 
     @property
     def min_ms(self) -> float:
+        """Fastest sample, ms (NaN without samples)."""
         return self._sorted[0] if self._sorted else math.nan
 
     @property
     def max_ms(self) -> float:
+        """Slowest sample, ms (NaN without samples)."""
         return self._sorted[-1] if self._sorted else math.nan
 
     @property
     def mean_ms(self) -> float:
+        """Mean of the samples, ms (NaN without samples)."""
         return sum(self.samples_ms) / len(self.samples_ms) if self.samples_ms else math.nan
 
     @property

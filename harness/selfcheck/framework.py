@@ -46,6 +46,7 @@ class CheckResult:
         return f"{self.status}  {self.name.ljust(name_width)}  {self.detail}  {self.seconds:.2f}s"
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as selfcheck.json lists it (seconds rounded to 0.1 ms)."""
         return {"name": self.name, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 4), "data": self.data}
 
 
@@ -84,6 +85,7 @@ class Summary:
 
     @property
     def counts(self) -> dict[str, int]:
+        """Results so far per status: {"PASS": n, "FAIL": n, "SKIP": n}."""
         return {status: sum(r.status == status for r in self.results) for status in ("PASS", "FAIL", "SKIP")}
 
     @property
@@ -92,6 +94,7 @@ class Summary:
         return 1 if self.counts["FAIL"] else 0
 
     def as_dict(self) -> dict[str, Any]:
+        """The document selfcheck.json holds: the plan, the results so far, counts, the environment."""
         return {
             "device": self.device,
             "device_name": device_name(self.device),
@@ -110,5 +113,6 @@ class Summary:
 
 
 def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), at most 300 characters."""
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]

@@ -61,6 +61,8 @@ def check_timer(context: Context) -> Outcome:
 
 
 def cuda_timer(device: torch.device, settings: TimingSettings) -> Outcome:
+    """The CUDA half of `check_timer`: CUDA-event times of a train of [2048, 2048] matmuls (>= 10 ms) against
+    the synchronised wall time of the same calls, and twice the matmuls against twice the time."""
     a = torch.randn(2048, 2048, device=device)
     b, c = torch.randn_like(a), torch.empty_like(a)
 

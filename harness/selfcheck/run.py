@@ -29,6 +29,7 @@ SUMMARY_FILE = "selfcheck.json"
 
 
 def causal_word(causal: bool) -> str:
+    """How a check's name says the masking: "causal" or "bidirectional"."""
     return "causal" if causal else "bidirectional"
 
 
