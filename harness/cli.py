@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a suite: one isolated process per cell, results under --out")
-    run.add_argument("suite", help="suite YAML file, e.g. suites/seq_length.yaml")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/seq_length.yaml")  # not a column: the argument
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override the suite's device")
     run.add_argument("--dry-run", action="store_true", help="list the cells and a rough time estimate, run nothing")
     run.add_argument(
@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=run_command.main)
 
-    status = commands.add_parser("status", help="done / running / failed / pending cells of a run (any executor)")
+    status = commands.add_parser(
+        "status",  # not a column: the subcommand
+        help="done / running / failed / pending cells of a run (any executor)",
+    )
     status.add_argument("run", help="run folder, run id or suite folder (its latest run)")
     status.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     status.set_defaults(handler=status_command.main)
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=compare_command.main)
 
     prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
-    prof.add_argument("suite", help="suite YAML file")
+    prof.add_argument("suite", help="suite YAML file")  # not a column: the argument
     prof.add_argument(
         "--filter",
         metavar="EXPR",

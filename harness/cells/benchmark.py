@@ -37,9 +37,10 @@ from harness.cells import (
     model_fields,
     variant_fields,
 )
-from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
+from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
 from harness.isolation import default_memory_limit_bytes, start_memory_limit
 from harness.safe_io import parse_json
+from harness.store.schema import OPTIONAL_PACKAGES as OPTIONAL_PACKAGES_COLUMN
 from harness.units import GIB, MIB
 from variants.registry import VariantUnavailable
 

@@ -224,7 +224,8 @@ def train_cell(cell: QualityCell, store: RunStore, code_version: str, verbose: b
     import torch
 
     from harness.data import build_data
-    from harness.environment import OPTIONAL_PACKAGES_COLUMN, apply_float32_matmul_precision, device_name, optional_package_versions
+    from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
+    from harness.store.schema import OPTIONAL_PACKAGES as OPTIONAL_PACKAGES_COLUMN
     from harness.training import EvalConfig, TrainConfig, build_model, evaluate, slim_checkpoint, train, with_attention
 
     if cell.train.get("threads"):

@@ -9,6 +9,7 @@ after a back-off while the cell's time allows. The rule is described in docs/arc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,6 +20,17 @@ import torch
 
 from harness.measurement.nvml import gpu_load_snapshot
 from harness.measurement.timing import Timing, TimingSettings, median_of, time_callable, usable_cores
+from harness.store.schema import (
+    CONTENDED,
+    CONTENTION,
+    CONTENTION_RETRIES_USED,
+    GPU_OTHER_PROCESSES,
+    GPU_OTHER_SM_UTIL_PCT,
+    LOAD_AVG_1M,
+    OTHER_BUSY_PROCESSES,
+    OTHER_CPU_CORES,
+    RUN_CPU_CORES,
+)
 
 # NVML clock-event reasons that mean something slowed the GPU beyond its own power draw (the software
 # power cap, 0x4, is what every busy GPU reaches, so it is not one): bit -> name.
@@ -51,7 +63,7 @@ class ContentionSettings:
     @classmethod
     def from_measure(cls, measure: Mapping[str, Any]) -> ContentionSettings:
         """From a cell's `measure` settings (`contention_cpu_share`, ...); missing keys: the defaults."""
-        names = ("cpu_share", "other_cores", "spare_busy", "gpu_other_util_pct", "retries", "backoff_s")
+        names = [setting.name for setting in dataclasses.fields(cls)]
         return cls(**{name: measure[f"contention_{name}"] for name in names if measure.get(f"contention_{name}") is not None})
 
 
@@ -83,10 +95,10 @@ class MachineLoad:
     def as_row(self) -> dict[str, Any]:
         """`other_cpu_cores`, `run_cpu_cores` (cores), `other_busy_processes` ("name cores, ..."), `load_avg_1m`."""
         return {
-            "other_cpu_cores": self.other_cores,
-            "run_cpu_cores": self.family_cores,
-            "other_busy_processes": ", ".join(f"{name} {cores:.2f}" for name, cores in self.busy_processes),
-            "load_avg_1m": self.load_avg_1m,
+            OTHER_CPU_CORES: self.other_cores,
+            RUN_CPU_CORES: self.family_cores,
+            OTHER_BUSY_PROCESSES: ", ".join(f"{name} {cores:.2f}" for name, cores in self.busy_processes),
+            LOAD_AVG_1M: self.load_avg_1m,
         }
 
 
@@ -197,8 +209,8 @@ def gpu_contention_verdict(before: Mapping[str, Any], after: Mapping[str, Any], 
     """(contended, reason) of a CUDA timing from two `gpu_load_snapshot`s (before and after it):
     other processes on the GPU (busy, or of unknown utilisation) or a slowdown clock-event reason."""
     reasons = []
-    others = max(int(before.get("gpu_other_processes") or 0), int(after.get("gpu_other_processes") or 0))
-    util = after.get("gpu_other_sm_util_pct")
+    others = max(int(before.get(GPU_OTHER_PROCESSES) or 0), int(after.get(GPU_OTHER_PROCESSES) or 0))
+    util = after.get(GPU_OTHER_SM_UTIL_PCT)
     if util is not None and util >= settings.gpu_other_util_pct:
         reasons.append(f"other processes used the GPU (SM utilisation up to {util:g}%)")
     elif util is None and others:
@@ -239,8 +251,8 @@ def time_watched(
         timing, columns = _timed_once(fn, device, settings, contention, family_of)
         took = time.monotonic() - begin
         out_of_time = deadline is not None and time.monotonic() + contention.backoff_s + took > deadline
-        if not columns["contended"] or retries >= contention.retries or out_of_time:
-            return timing, {**columns, "contention_retries_used": retries}
+        if not columns[CONTENDED] or retries >= contention.retries or out_of_time:
+            return timing, {**columns, CONTENTION_RETRIES_USED: retries}
         retries += 1
         sleep(contention.backoff_s)
 
@@ -256,13 +268,13 @@ def _timed_once(
         timing = time_callable(fn, device, settings)
         after = gpu_load_snapshot(index, since_us)
         contended, reason = gpu_contention_verdict(before, after, contention)
-        columns = {k: after[k] for k in ("gpu_other_processes", "gpu_other_sm_util_pct") if k in after}
-        if "gpu_other_processes" in before:
-            columns["gpu_other_processes"] = max(before["gpu_other_processes"], columns.get("gpu_other_processes", 0))
-        return timing, {**columns, "contended": contended, "contention": reason}
+        columns = {k: after[k] for k in (GPU_OTHER_PROCESSES, GPU_OTHER_SM_UTIL_PCT) if k in after}
+        if GPU_OTHER_PROCESSES in before:
+            columns[GPU_OTHER_PROCESSES] = max(before[GPU_OTHER_PROCESSES], columns.get(GPU_OTHER_PROCESSES, 0))
+        return timing, {**columns, CONTENDED: contended, CONTENTION: reason}
     before = machine_snapshot(family_of=family_of)
     timing = time_callable(fn, device, settings)
     load = machine_load(before, machine_snapshot(family_of=family_of))
     args = (timing.cpu_shares, load.other_cores, load.load_avg_1m, load.busy_processes, contention)
     contended, reason = contention_verdict(*args, threads=timing.threads or 1, cores=usable_cores())
-    return timing, {**load.as_row(), "contended": contended, "contention": reason}
+    return timing, {**load.as_row(), CONTENDED: contended, CONTENTION: reason}

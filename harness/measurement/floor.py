@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from harness.measurement.timing import TimingSettings, time_callable
+from harness.store.schema import MATMUL_GFLOPS, MATMUL_N
 
 # The matmul probe: largest square size, time budget and timed repeats per device type.
 MATMUL_MAX_N = {"cpu": 2048, "cuda": 8192}
@@ -32,7 +33,7 @@ class MatmulReading:
 
     def as_row(self) -> dict:
         """Result-row columns: `matmul_gflops` (GFLOP/s) and `matmul_n` (the square size)."""
-        return {"matmul_gflops": self.gflops, "matmul_n": self.n}
+        return {MATMUL_GFLOPS: self.gflops, MATMUL_N: self.n}
 
 
 # Suite dtype names -> torch dtypes (harness.suites.benchmark's DType); a table, so no name reaches getattr.

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from harness.store.schema import MEM_METHOD, PEAK_MEM_MIB, PEAK_RESERVED_MIB
 from harness.units import MIB
 
 _OOM_MESSAGES = (
@@ -40,9 +41,9 @@ class MemoryReading:
     def as_row(self) -> dict:
         """Result-row columns: the peak and reserved peak (MiB) and how the peak was read."""
         return {
-            "peak_mem_mib": self.peak_mib,
-            "peak_reserved_mib": self.reserved_mib,
-            "mem_method": self.method,
+            PEAK_MEM_MIB: self.peak_mib,
+            PEAK_RESERVED_MIB: self.reserved_mib,
+            MEM_METHOD: self.method,
         }
 
 

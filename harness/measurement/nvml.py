@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
+from harness.store.schema import GPU_OTHER_PROCESSES, GPU_OTHER_SM_UTIL_PCT
+
 
 @contextmanager
 def nvml_device(device_index: int = 0) -> Iterator[tuple[Any, Any] | None]:
@@ -116,12 +118,12 @@ def gpu_load_snapshot(device_index: int = 0, since_us: int | None = None) -> dic
             return snap  # NVML cannot list processes here: nothing to say
         ours_unlisted = me not in pids and torch.cuda.is_initialized()
         others = [p for p in pids if p != me]
-        snap["gpu_other_processes"] = max(0, len(others) - (1 if ours_unlisted else 0))
+        snap[GPU_OTHER_PROCESSES] = max(0, len(others) - (1 if ours_unlisted else 0))
         try:
             samples = pynvml.nvmlDeviceGetProcessUtilization(handle, int(since_us or 0))
             other_util = [float(s.smUtil) for s in samples if int(s.pid) != me]
             if not ours_unlisted:  # else our own samples cannot be told apart: leave it unknown
-                snap["gpu_other_sm_util_pct"] = max(other_util, default=0.0)
+                snap[GPU_OTHER_SM_UTIL_PCT] = max(other_util, default=0.0)
         except Exception:
             pass  # not supported here: the process count stands alone
         try:

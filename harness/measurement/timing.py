@@ -16,6 +16,21 @@ from typing import Callable, Sequence
 
 import torch
 
+from harness.store.schema import (
+    CPU_SHARE,
+    CPU_SHARE_SAMPLES,
+    CPU_TIME_MS_MEDIAN,
+    CPU_TIME_MS_SAMPLES,
+    N_REPEATS,
+    TIME_MS_IQR,
+    TIME_MS_MAX,
+    TIME_MS_MEAN,
+    TIME_MS_MEDIAN,
+    TIME_MS_MIN,
+    TIME_MS_SAMPLES,
+    TIME_NOISY,
+    TIMER,
+)
 from harness.units import MIB
 
 NOISE_THRESHOLD = 0.10  # IQR / median above which a timing is flagged, as torch.utils.benchmark does
@@ -124,24 +139,24 @@ class Timing:
     def as_row(self) -> dict:
         """Result-row columns (times in ms)."""
         return {
-            "time_ms_median": self.median_ms,
-            "time_ms_iqr": self.iqr_ms,
-            "time_ms_min": self.min_ms,
-            "time_ms_max": self.max_ms,
-            "time_ms_mean": self.mean_ms,
-            "time_ms_samples": list(self.samples_ms),
-            "n_repeats": self.n_repeats,
-            "time_noisy": self.noisy,
-            "timer": self.timer,
+            TIME_MS_MEDIAN: self.median_ms,
+            TIME_MS_IQR: self.iqr_ms,
+            TIME_MS_MIN: self.min_ms,
+            TIME_MS_MAX: self.max_ms,
+            TIME_MS_MEAN: self.mean_ms,
+            TIME_MS_SAMPLES: list(self.samples_ms),
+            N_REPEATS: self.n_repeats,
+            TIME_NOISY: self.noisy,
+            TIMER: self.timer,
             **(
                 {}
                 if self.cpu_samples_ms is None
                 else {
-                    "cpu_time_ms_samples": [float(s) for s in self.cpu_samples_ms],
-                    "cpu_time_ms_median": _quantile(sorted(self.cpu_samples_ms), 0.5),
+                    CPU_TIME_MS_SAMPLES: [float(s) for s in self.cpu_samples_ms],
+                    CPU_TIME_MS_MEDIAN: _quantile(sorted(self.cpu_samples_ms), 0.5),
                 }
             ),
-            **({"cpu_share_samples": self.cpu_shares, "cpu_share": median_of(self.cpu_shares)} if self.cpu_shares else {}),
+            **({CPU_SHARE_SAMPLES: self.cpu_shares, CPU_SHARE: median_of(self.cpu_shares)} if self.cpu_shares else {}),
         }
 
 

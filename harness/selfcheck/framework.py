@@ -47,7 +47,7 @@ class CheckResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The result as selfcheck.json lists it (seconds rounded to 0.1 ms)."""
-        return {"name": self.name, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 4), "data": self.data}
+        return dict(name=self.name, status=self.status, detail=self.detail, seconds=round(self.seconds, 4), data=self.data)
 
 
 @dataclass
@@ -95,21 +95,21 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         """The document selfcheck.json holds: the plan, the results so far, counts, the environment."""
-        return {
-            "device": self.device,
-            "device_name": device_name(self.device),
-            "quick": self.quick,
-            "started_at": self.started_at,
-            "wall_s": round(self.wall_s, 3),
-            "finished": self.finished,
-            "ok": self.finished and self.exit_code == 0,
-            "counts": self.counts,
-            "planned": self.planned,
-            "code_version": self.code_version,
-            "command": list(sys.argv),
-            "checks": [r.as_dict() for r in self.results],
-            "environment": self.environment,
-        }
+        return dict(  # selfcheck.json's keys
+            device=self.device,
+            device_name=device_name(self.device),
+            quick=self.quick,
+            started_at=self.started_at,
+            wall_s=round(self.wall_s, 3),
+            finished=self.finished,
+            ok=self.finished and self.exit_code == 0,
+            counts=self.counts,
+            planned=self.planned,
+            code_version=self.code_version,
+            command=list(sys.argv),
+            checks=[r.as_dict() for r in self.results],
+            environment=self.environment,
+        )
 
 
 def first_line(error: BaseException) -> str:

@@ -38,7 +38,7 @@ class LshCase:
 
 
 LSH_TRITON_ROUNDS = (1, 4)
-LONG_LSH = {"batch": 1, "seq_len": 4096, "head_dim": 32, "bucket_size": 64, "n_buckets": 64}
+LONG_LSH = dict(batch=1, seq_len=4096, head_dim=32, bucket_size=64, n_buckets=64)  # LshCase fields of the long case
 MAX_REDRAWS = 500
 
 

@@ -53,7 +53,7 @@ def check_timer(context: Context) -> Outcome:
     if context.device.type != "cuda":
         known_ms = 10.0
         timing = time_callable(partial(busy_wait, known_ms / 1e3), context.device, settings)
-        data = {"timer": timing.timer, "known_ms": known_ms, "median_ms": timing.median_ms, "min_ms": timing.min_ms}
+        data = dict(timer=timing.timer, known_ms=known_ms, median_ms=timing.median_ms, min_ms=timing.min_ms)
         detail = f"{timing.timer}: {known_ms:g} ms busy wait timed {timing.min_ms:.2f}-{timing.median_ms:.2f} ms (min-median)"
         ok = timing.timer == "perf_counter_ns" and known_ms <= timing.min_ms and timing.median_ms <= 1.5 * known_ms
         return Outcome("PASS" if ok else "FAIL", detail + ("" if ok else f"; expected {known_ms:g}-{1.5 * known_ms:g} ms"), data)
@@ -85,14 +85,14 @@ def cuda_timer(device: torch.device, settings: TimingSettings) -> Outcome:
     wall_ms = sorted(walls)[len(walls) // 2]
     ratio = double.median_ms / single.median_ms
     tflops = 2 * 2048**3 * count / (single.median_ms / 1e3) / 1e12
-    data = {
-        "timer": single.timer,
-        "matmuls": count,
-        "event_ms": single.median_ms,
-        "wall_ms": wall_ms,
-        "double_ratio": ratio,
-        "tflops": tflops,
-    }
+    data = dict(
+        timer=single.timer,
+        matmuls=count,
+        event_ms=single.median_ms,
+        wall_ms=wall_ms,
+        double_ratio=ratio,
+        tflops=tflops,
+    )
     detail = (
         f"{single.timer}: {count} matmuls 2048^2 {single.median_ms:.2f} ms (wall {wall_ms:.2f} ms, "
         f"{tflops:.1f} TFLOP/s), twice as many x{ratio:.2f}"

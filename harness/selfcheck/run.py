@@ -30,7 +30,7 @@ SUMMARY_FILE = "selfcheck.json"
 
 def causal_word(causal: bool) -> str:
     """How a check's name says the masking: "causal" or "bidirectional"."""
-    return "causal" if causal else "bidirectional"
+    return "causal" if causal else "bidirectional"  # not a column: words of check names
 
 
 def plan_checks(quick: bool = False) -> list[Check]:
@@ -41,8 +41,8 @@ def plan_checks(quick: bool = False) -> list[Check]:
     except ImportError as error:  # a plugin named in REFORMER_HARNESS_PLUGINS that does not import
         raise SelfcheckError(str(error)) from None
     checks = [
-        Check("device", check_device),
-        Check("timer", check_timer),
+        Check("device", check_device),  # not a column: check names
+        Check("timer", check_timer),  # not a column: check names
         Check("peak_memory", check_peak_memory),
         Check("nvml", check_nvml),
     ]
@@ -68,7 +68,7 @@ def plan_checks(quick: bool = False) -> list[Check]:
                 "lsh/dup_correction/rounds=4/bidirectional/float32", partial(check_lsh, LshCase(4, False, dup_correction=True), "float32")
             )
         )
-    checks += [Check("oom", check_oom), Check("pool", check_pool), Check("suite", check_suite)]
+    checks += [Check("oom", check_oom), Check("pool", check_pool), Check("suite", check_suite)]  # not a column: check names
     return checks
 
 

@@ -17,10 +17,11 @@ import yaml
 import variants
 from harness.environment import REPO_ROOT
 from harness.selfcheck.framework import Context, Outcome, Skip, first_line
+from harness.store.schema import D_MODEL, DEVICE_NAME, MEMORY_LIMIT_MIB, MESSAGE, STATUS, STATUS_OK, STATUS_OOM, THREADS
 
 # The self-check's cells check code paths, not timings: a contended one is not re-measured.
 FAST_MEASURE = {"warmup": 1, "min_repeats": 3, "min_time_s": 0.0, "max_time_s": 5.0, "timeout_s": 300.0, "contention_retries": 0}
-SMALL_MODEL = {"d_model": 32, "n_heads": 2}
+SMALL_MODEL = dict(d_model=32, n_heads=2)  # the suites' `model:` block
 
 
 def probe_attention_variant() -> str:
@@ -31,7 +32,7 @@ def probe_attention_variant() -> str:
     built_in = [n for n in names if variants.spec(n).module_cls.__module__.startswith("variants.")]
     for name in built_in + [n for n in names if n not in built_in]:
         try:
-            x = torch.randn(1, 64, SMALL_MODEL["d_model"], requires_grad=True)
+            x = torch.randn(1, 64, SMALL_MODEL[D_MODEL], requires_grad=True)
             variants.build(name, **SMALL_MODEL)(x).sum().backward()
             return name
         except Exception:  # noqa: BLE001 - unavailable or broken here: try the next one
@@ -43,16 +44,16 @@ def write_suite(
     folder: Path, name: str, device: torch.device, sweep: dict, model: dict | None = None, mode: str = "forward", **measure_settings: Any
 ) -> Path:
     """A one-variant attention suite file `folder/name.yaml` for `device` (fast measure settings)."""
-    suite = {
-        "name": name,
-        "device": device.type,
-        "mode": mode,
-        "workload": "attention",
-        "model": model or SMALL_MODEL,
-        "sweep": sweep,
-        "variants": [{"name": probe_attention_variant()}],
-        "measure": {**FAST_MEASURE, **measure_settings},
-    }
+    suite = dict(  # the suite file's keys
+        name=name,
+        device=device.type,
+        mode=mode,
+        workload="attention",
+        model=model or SMALL_MODEL,
+        sweep=sweep,
+        variants=[{"name": probe_attention_variant()}],
+        measure={**FAST_MEASURE, **measure_settings},
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
@@ -70,20 +71,20 @@ def check_oom(context: Context) -> Outcome:
         context.workdir / "oom",
         "selfcheck_oom",
         context.device,
-        {"seq_len": [2**20], "batch": [1]},
-        model={"d_model": 1024, "n_heads": 4},
+        dict(seq_len=[2**20], batch=[1]),
+        model=dict(d_model=1024, n_heads=4),
         memory_limit_gib=0.25,
         timeout_s=120.0,
     )
     row = execute_isolated(load_suite(path).cells()[0], str(context.workdir / "oom"), "oom", "selfcheck")
-    message = re.sub(r"\[enforce fail at [^\]]*\] (err == 0\. )?", "", " ".join(str(row.get("message") or "").split()))
-    limit = f"limit {row['memory_limit_mib'] / 1024:.3g} GiB" if row.get("memory_limit_mib") else "no memory limit set"
-    detail = f"{row['status']} row ({limit}, 4 GiB of inputs): {message[:140]}"
-    ok = row["status"] == "oom" and "memory limit" in message
+    message = re.sub(r"\[enforce fail at [^\]]*\] (err == 0\. )?", "", " ".join(str(row.get(MESSAGE) or "").split()))
+    limit = f"limit {row[MEMORY_LIMIT_MIB] / 1024:.3g} GiB" if row.get(MEMORY_LIMIT_MIB) else "no memory limit set"
+    detail = f"{row[STATUS]} row ({limit}, 4 GiB of inputs): {message[:140]}"
+    ok = row[STATUS] == STATUS_OOM and "memory limit" in message
     return Outcome(
         "PASS" if ok else "FAIL",
         detail + ("" if ok else "; expected an oom row naming the memory limit"),
-        {"row": {k: row.get(k) for k in ("status", "message", "memory_limit_mib")}},
+        {"row": {k: row.get(k) for k in (STATUS, MESSAGE, MEMORY_LIMIT_MIB)}},
     )
 
 
@@ -107,16 +108,16 @@ def check_pool(context: Context) -> Outcome:
 
     on_cuda = context.device.type == "cuda"
     slots = pool_slots(context.device.type, None if on_cuda else 2)
-    cells = load_suite(write_suite(context.workdir / "pool", "selfcheck_pool", context.device, {"seq_len": [64], "batch": [1, 2]})).cells()
+    cells = load_suite(write_suite(context.workdir / "pool", "selfcheck_pool", context.device, dict(seq_len=[64], batch=[1, 2]))).cells()
     store = RunStore(context.workdir / "pool" / "results", "selfcheck_pool", "pool")
     lines: list[str] = []
     rows = run_pool(cells, store, RunOptions(code_version="selfcheck", run_id="pool", print_line=lines.append), slots)
-    statuses = [row["status"] for row in rows]
+    statuses = [row[STATUS] for row in rows]
     problems = (
         []
-        if statuses == ["ok", "ok"]
+        if statuses == [STATUS_OK, STATUS_OK]
         else [
-            f"statuses {statuses}: " + "; ".join(first_line(Exception(row.get("message") or "")) for row in rows if row["status"] != "ok")
+            f"statuses {statuses}: " + "; ".join(first_line(Exception(row.get(MESSAGE) or "")) for row in rows if row[STATUS] != STATUS_OK)
         ]
     )
     if on_cuda:
@@ -124,19 +125,19 @@ def check_pool(context: Context) -> Outcome:
         if pinned != visible_gpus():
             problems.append(f"slots pin {pinned}, visible GPUs are {visible_gpus()}")
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
-        problems += [f"a cell ran on {row.get('device_name')!r}" for row in rows if row.get("device_name") not in names]
+        problems += [f"a cell ran on {row.get(DEVICE_NAME)!r}" for row in rows if row.get(DEVICE_NAME) not in names]
         detail = f"{statuses.count('ok')}/2 cells ok on {len(slots)} slot(s) pinned to CUDA_VISIBLE_DEVICES={','.join(pinned)}"
     else:
         threads = [int(slot[THREADS_ENV]) for slot in slots]
         problems += [
-            f"a cell ran with {row.get('threads')} threads, its slot gives {threads[0]}"
+            f"a cell ran with {row.get(THREADS)} threads, its slot gives {threads[0]}"
             for row in rows
-            if row.get("status") == "ok" and row.get("threads") != threads[0]
+            if row.get(STATUS) == STATUS_OK and row.get(THREADS) != threads[0]
         ]
         if len(slots) != 2:
             problems.append(f"{len(slots)} slots for --workers 2")
         detail = f"{statuses.count('ok')}/2 cells ok on {len(slots)} slots of {threads[0]} thread(s)"
-    data = {"slots": slots, "rows": [{k: row.get(k) for k in ("status", "threads", "device_name")} for row in rows]}
+    data = {"slots": slots, "rows": [{k: row.get(k) for k in (STATUS, THREADS, DEVICE_NAME)} for row in rows]}
     return Outcome("FAIL" if problems else "PASS", detail + ("; " + "; ".join(problems) if problems else ""), data)
 
 
@@ -146,8 +147,8 @@ def check_suite(context: Context) -> Outcome:
     from harness.report import render_report
     from harness.results import load
 
-    folder = context.workdir / "suite"
-    path = write_suite(folder, "selfcheck_suite", context.device, {"seq_len": [64, 128], "batch": [1]}, mode="forward_backward")
+    folder = context.workdir / "suite"  # not a column: the check's scratch folder
+    path = write_suite(folder, "selfcheck_suite", context.device, dict(seq_len=[64, 128], batch=[1]), mode="forward_backward")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "harness", "run", str(path), "--out", str(folder / "results")]
     completed = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=600)
@@ -163,7 +164,7 @@ def check_suite(context: Context) -> Outcome:
     report = render_report([runs[-1]], out=folder / "report")
     figures = sorted(p.name for p in report.glob("*.png"))
     documents = [name for name in ("report.md", "index.html") if (report / name).is_file()]
-    statuses = rows["status"].tolist()
+    statuses = rows[STATUS].tolist()
     detail = f"{statuses.count('ok')}/2 cells ok, report with {', '.join(documents) or 'no documents'} and {len(figures)} figures"
-    ok = statuses == ["ok", "ok"] and len(documents) == 2 and figures
+    ok = statuses == [STATUS_OK, STATUS_OK] and len(documents) == 2 and figures
     return Outcome("PASS" if ok else "FAIL", detail, {"statuses": statuses, "figures": figures})

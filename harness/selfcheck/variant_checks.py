@@ -14,6 +14,7 @@ import variants
 from harness.measurement import DTYPES
 from harness.selfcheck.framework import Context, Outcome, Skip, first_line
 from harness.selfcheck.references import SEED, TOLERANCES, judge, tensor_errors, widened
+from harness.store.schema import CAUSAL, D_FF, D_MODEL, FFN_CHUNKS, MAX_SEQ_LEN, N_HEADS, N_LAYERS, VOCAB_SIZE
 from variants.registry import VariantUnavailable
 
 VARIANT_BATCH, VARIANT_SEQ_LEN = 2, 32
@@ -21,16 +22,16 @@ VARIANT_BATCH, VARIANT_SEQ_LEN = 2, 32
 # hash round an LSH layer has two chunks that see each other, so its output does not depend on its
 # (device-drawn) rotations and a CPU reference can reproduce it; `lsh/*` checks the hashing itself.
 SMALL_SETTINGS: dict[str, Any] = {
-    "d_model": 32,
-    "n_heads": 2,
-    "d_ff": 64,
-    "n_layers": 2,
-    "vocab_size": 61,
-    "max_seq_len": 64,
+    D_MODEL: 32,
+    N_HEADS: 2,
+    D_FF: 64,
+    N_LAYERS: 2,
+    VOCAB_SIZE: 61,
+    MAX_SEQ_LEN: 64,
     "bucket_size": VARIANT_SEQ_LEN // 2,
     "n_hashes": 1,
     "n_chunks": 2,
-    "ffn_chunks": 2,
+    FFN_CHUNKS: 2,
 }
 
 
@@ -53,8 +54,8 @@ def small_settings(name: str, causal: bool | None) -> dict[str, Any]:
     """The SMALL_SETTINGS that variant `name` takes, with `causal` where it has that field."""
     fields = variants.spec(name).parameters()
     settings = {k: v for k, v in SMALL_SETTINGS.items() if k in fields}
-    if causal is not None and "causal" in fields:
-        settings["causal"] = causal
+    if causal is not None and CAUSAL in fields:
+        settings[CAUSAL] = causal
     return settings
 
 
@@ -72,8 +73,8 @@ def build_small(name: str, causal: bool | None) -> nn.Module:
     torch.manual_seed(SEED)
     variant = variants.spec(name)
     settings = small_settings(name, causal)
-    if variant.kind == "residual":
-        layers = [(ProbeLayer(SMALL_SETTINGS["d_model"]), ProbeLayer(SMALL_SETTINGS["d_model"])) for _ in range(2)]
+    if variant.kind == "residual":  # not a column: the variant kind
+        layers = [(ProbeLayer(SMALL_SETTINGS[D_MODEL]), ProbeLayer(SMALL_SETTINGS[D_MODEL])) for _ in range(2)]
         module = variant.module_cls(variants.make_config(name, **settings), layers)
     else:
         module = variants.build(name, **settings)
@@ -84,8 +85,8 @@ def variant_inputs(kind: str, module: nn.Module) -> torch.Tensor:
     """float64 inputs of a small module: tokens [B, L] for a model, else activations [B, L, d_model]."""
     generator = torch.Generator().manual_seed(SEED + 1)
     if kind == "model":
-        return torch.randint(0, SMALL_SETTINGS["vocab_size"], (VARIANT_BATCH, VARIANT_SEQ_LEN), generator=generator)
-    return torch.randn(VARIANT_BATCH, VARIANT_SEQ_LEN, SMALL_SETTINGS["d_model"], generator=generator, dtype=torch.float64)
+        return torch.randint(0, SMALL_SETTINGS[VOCAB_SIZE], (VARIANT_BATCH, VARIANT_SEQ_LEN), generator=generator)
+    return torch.randn(VARIANT_BATCH, VARIANT_SEQ_LEN, SMALL_SETTINGS[D_MODEL], generator=generator, dtype=torch.float64)
 
 
 def forward_backward(module: nn.Module, inputs: torch.Tensor, probe_seed: int = SEED + 2) -> dict[str, torch.Tensor | None]:
@@ -146,10 +147,10 @@ def reference_run(name: str, master: nn.Module, inputs: torch.Tensor, dtype: tor
 def check_variant(name: str, dtype_name: str, context: Context) -> Outcome:
     """Forward + backward of variant `name` on the device in `dtype_name` against its float64 CPU reference."""
     variant = variants.spec(name)
-    if variant.kind not in ("attention", "feedforward", "residual", "model"):
+    if variant.kind not in ("attention", "feedforward", "residual", "model"):  # not a column: variant kinds
         raise Skip(f"kind {variant.kind!r}: no recipe to build and feed it")
     dtype = DTYPES[dtype_name]
-    causal_settings = tuple(c for c in ((False, True) if "causal" in variant.parameters() else (None,)) if takes_settings(name, c))
+    causal_settings = tuple(c for c in ((False, True) if CAUSAL in variant.parameters() else (None,)) if takes_settings(name, c))
     if not causal_settings:
         raise Skip("its config rejects the small settings in both masking modes")
     errors: dict[str, float] = {}
