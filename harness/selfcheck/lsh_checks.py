@@ -10,7 +10,7 @@ import torch
 
 from harness.measurement import DTYPES
 from harness.selfcheck.framework import Context, Outcome, Skip
-from harness.selfcheck.references import SEED, TOLERANCES, judge, tensor_errors, widened
+from harness.selfcheck.references import BASE_SEED, TOLERANCES, judge, tensor_errors, widened
 from variants.registry import VariantUnavailable
 
 LSH_ROUNDS = (1, 2, 4, 8)
@@ -55,7 +55,7 @@ def lsh_inputs(case: LshCase, dtype_name: str) -> tuple[torch.Tensor, torch.Tens
     """float64 qk, v and rotations holding values exact in `dtype_name`; qk rows are redrawn until every
     hash clears HASH_MARGINS[dtype_name], so the device's rounding cannot move an item to another bucket."""
     dtype = DTYPES[dtype_name]
-    generator = torch.Generator().manual_seed(SEED + 7 * case.n_hashes + case.causal)
+    generator = torch.Generator().manual_seed(BASE_SEED + 7 * case.n_hashes + case.causal)
 
     def draw(*shape: int) -> torch.Tensor:
         return widened(torch.randn(*shape, generator=generator, dtype=torch.float64), dtype)
@@ -88,7 +88,7 @@ def lsh_run(case: LshCase, qk: torch.Tensor, v: torch.Tensor, rotations: torch.T
         dup_correction=case.dup_correction,
         backend=case.backend,
     )
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 3), dtype=torch.float64)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(BASE_SEED + 3), dtype=torch.float64)
     (out * probe.to(out.device, out.dtype)).sum().backward()
     return {"output": out.detach(), "qk": qk.grad, "v": v.grad}
 

@@ -12,7 +12,7 @@ import torch
 from harness.selfcheck.framework import Outcome
 
 CHECKED_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes every numerics check runs in, by suite name
-SEED = 0  # every input, weight and probe the numerics checks draw is seeded from it
+BASE_SEED = 0  # every input, weight and probe the numerics checks draw is seeded from it
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import variants
 from harness.measurement import DTYPES
 from harness.selfcheck.framework import Context, Outcome, Skip, first_line
-from harness.selfcheck.references import SEED, TOLERANCES, judge, tensor_errors, widened
+from harness.selfcheck.references import BASE_SEED, TOLERANCES, judge, tensor_errors, widened
 from harness.store.schema import CAUSAL, D_FF, D_MODEL, FFN_CHUNKS, MAX_SEQ_LEN, N_HEADS, N_LAYERS, VOCAB_SIZE
 from variants.registry import VariantUnavailable
 
@@ -70,7 +70,7 @@ def takes_settings(name: str, causal: bool | None) -> bool:
 
 def build_small(name: str, causal: bool | None) -> nn.Module:
     """Variant `name` at small sizes in float64 on the CPU, seeded (residual stacks get two ProbeLayer pairs)."""
-    torch.manual_seed(SEED)
+    torch.manual_seed(BASE_SEED)
     variant = variants.spec(name)
     settings = small_settings(name, causal)
     if variant.kind == "residual":  # not a column: the variant kind
@@ -83,17 +83,17 @@ def build_small(name: str, causal: bool | None) -> nn.Module:
 
 def variant_inputs(kind: str, module: nn.Module) -> torch.Tensor:
     """float64 inputs of a small module: tokens [B, L] for a model, else activations [B, L, d_model]."""
-    generator = torch.Generator().manual_seed(SEED + 1)
+    generator = torch.Generator().manual_seed(BASE_SEED + 1)
     if kind == "model":
         return torch.randint(0, SMALL_SETTINGS[VOCAB_SIZE], (VARIANT_BATCH, VARIANT_SEQ_LEN), generator=generator)
     return torch.randn(VARIANT_BATCH, VARIANT_SEQ_LEN, SMALL_SETTINGS[D_MODEL], generator=generator, dtype=torch.float64)
 
 
-def forward_backward(module: nn.Module, inputs: torch.Tensor, probe_seed: int = SEED + 2) -> dict[str, torch.Tensor | None]:
+def forward_backward(module: nn.Module, inputs: torch.Tensor, probe_seed: int = BASE_SEED + 2) -> dict[str, torch.Tensor | None]:
     """Output and gradients of sum(module(inputs) * probe) (probe: fixed random, like the workloads):
     {"output": ..., "input": d/d inputs (float inputs only), "<parameter name>": its gradient}."""
     module.train()
-    torch.manual_seed(SEED)  # randomness inside the layer (dropout is 0; unseeded rotations) drawn alike
+    torch.manual_seed(BASE_SEED)  # randomness inside the layer (dropout is 0; unseeded rotations) drawn alike
     inputs = inputs.detach().requires_grad_(inputs.is_floating_point())
     output = module(inputs)
     probe = torch.randn(output.shape, generator=torch.Generator().manual_seed(probe_seed), dtype=torch.float64)
