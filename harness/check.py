@@ -40,13 +40,15 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from harness.cells.benchmark import CONFIG_COLUMNS, config_key_of, model_defaults
 from harness.check_rules import RATIO_SAMPLES, ChecksError, ChecksSpec, RatioRule, checks_from_suite_text, load_checks_file
 from harness.environment import device_slug
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError, StoredRun, cell_rows, file_mode, read_run, to_json
 from harness.safe_io import InputFileError, parse_json
 from harness.stats import mann_whitney_u, median, min_p_value
+from harness.store.files import ResultsError, file_mode, to_json
+from harness.store.reader import StoredRun, cell_rows, read_run
+from harness.store.schema import CONFIG_COLUMNS, model_defaults
+from harness.store.schema import config_key as config_key_of
 from harness.tables import row_contended
 
 BASELINES_DIR = "baselines"

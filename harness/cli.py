@@ -29,9 +29,9 @@ from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
 from harness.export import EXPORT_FORMATS, ExportError
 from harness.overrides import OverrideError
-from harness.results import CorruptCellWarning, ResultsError
 from harness.safe_io import InputFileError
 from harness.safe_yaml import YAMLInputError
+from harness.store.files import CorruptCellWarning, ResultsError
 from harness.suites import SuiteError
 from variants.registry import PluginError
 

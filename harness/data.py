@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from harness.safe_io import LIMITS, InputFileError, check_regular
+from harness.store.schema import SEED, SEQ_LEN, VOCAB_SIZE
 
 SPLITS = ("train", "valid", "test")
 ENWIK8_BYTES = 100_000_000
@@ -417,12 +418,12 @@ def build_data(task: dict) -> LMData:
     settings = {k: v for k, v in task.items() if k != "name"}
     name = task["name"]
     if name == "duplication":
-        return DuplicationData(settings["seq_len"], settings.get("vocab_size", 128))
+        return DuplicationData(settings[SEQ_LEN], settings.get(VOCAB_SIZE, 128))
     if name == "bytes":
-        return bytes_data(settings.get("path"), settings["seq_len"], settings.get("split", (0.9, 0.05, 0.05)))
+        return bytes_data(settings.get("path"), settings[SEQ_LEN], settings.get("split", (0.9, 0.05, 0.05)))
     if name == "text":
         return text_data(
-            settings["seq_len"], settings.get("n_bytes", 2_000_000), settings.get("seed", 0), settings.get("split", (0.9, 0.05, 0.05))
+            settings[SEQ_LEN], settings.get("n_bytes", 2_000_000), settings.get(SEED, 0), settings.get("split", (0.9, 0.05, 0.05))
         )
     if name == "images":
         return image_data(
@@ -431,6 +432,6 @@ def build_data(task: dict) -> LMData:
             settings.get("image_size"),
             settings.get("n_images", 256),
             settings.get("split", (0.9, 0.05, 0.05)),
-            settings.get("seed", 0),
+            settings.get(SEED, 0),
         )
     raise DataError(f"unknown task {name!r}; tasks: duplication, bytes, text, images")

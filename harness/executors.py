@@ -15,7 +15,7 @@
 Skip-after-OOM needs a group's cells (same configuration, increasing seq_len) in order, so the
 unit handed out is a group: its cells run one after another in one slot / job, groups in parallel.
 Cells measured in rounds (`measure.rounds`): `local` and `pool` run round after round over all
-cells (the pool hands out round 1 by group, later rounds cell by cell, in the sweep's shuffled
+cells (the pool hands out round 1 by group, later rounds cell by cell, in the runner's shuffled
 order, and starts round r + 1 once round r has ended); a `submitit` task runs the rounds of its own
 group, interleaved within that group.
 """
@@ -33,9 +33,12 @@ from typing import Any, Iterator
 
 from harness.cells import Cell
 from harness.isolation import THREADS_ENV, interrupt_guard, kill_live_cells
-from harness.results import JOBS_FILE, RunStore, atomic_write_json, read_submissions
+from harness.runner import CellRunner, RunOptions, run_cells
 from harness.slurm import SlurmUnavailable, job_states
-from harness.sweep import RunOptions, Sweep, run_cells
+from harness.store.files import JOBS_FILE, atomic_write_json
+from harness.store.reader import read_submissions
+from harness.store.schema import CELL_KEY, CODE_VERSION, MESSAGE, RUN_ID, STARTED_AT, STATUS, STATUS_ERROR, SUITE
+from harness.store.writer import RunStore
 
 EXECUTORS = ("local", "pool", "submitit")
 SUBMITIT_DIR = "submitit"  # submitit's pickles and job logs, inside the run folder
@@ -79,12 +82,12 @@ def pool_slots(device: str, workers: int | None = None) -> list[dict[str, str]]:
 def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: list[dict[str, str]]) -> list[dict]:
     """Run the pending cells with one thread per slot, groups handed out as slots free up; return the new rows.
 
-    Cells measured in rounds: all of round r (its units from `Sweep.round_groups`) end before round
+    Cells measured in rounds: all of round r (its units from `CellRunner.round_groups`) end before round
     r + 1 starts. On an interrupt the running cell processes are killed and their cells are not recorded.
     """
     if options.in_process:
         raise ExecutorError("--in-process runs cells one at a time: use --executor local")
-    sweep = Sweep(cells, store, options)
+    runner = CellRunner(cells, store, options)
     free: queue.Queue[dict[str, str]] = queue.Queue()
     for slot in slots:
         free.put(slot)
@@ -93,7 +96,7 @@ def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: lis
         env = free.get()
         try:
             for cell in group:
-                if sweep.run_one(cell, env, number) is None:
+                if runner.run_one(cell, env, number) is None:
                     return
         finally:
             free.put(env)
@@ -101,22 +104,22 @@ def run_pool(cells: list[Cell], store: RunStore, options: RunOptions, slots: lis
     pool = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="harness-slot")
     futures: list = []
     try:
-        for number in range(1, sweep.max_rounds + 1):
-            futures = [pool.submit(run_group, group, number) for group in sweep.round_groups(number)]
+        for number in range(1, runner.max_rounds + 1):
+            futures = [pool.submit(run_group, group, number) for group in runner.round_groups(number)]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
                 future.result()  # a bug in a slot (not a cell failure, those are rows) stops the run
-            if sweep.stopped.is_set():
+            if runner.stopped.is_set():
                 break
     except BaseException:
-        sweep.stopped.set()
+        runner.stopped.set()
         for future in futures:
             future.cancel()
         kill_live_cells()
         raise
     finally:
         pool.shutdown(wait=True)
-    return sweep.rows
+    return runner.rows
 
 
 # --------------------------------------------------------------------------- submitit / Slurm
@@ -137,7 +140,7 @@ class GroupJob:
         store = RunStore(root, suite, run_id)
         options = RunOptions(code_version=code_version, run_id=run_id)
         with interrupt_guard():  # SIGTERM -> KeyboardInterrupt, which submitit does not turn into a result
-            return [row["status"] for row in run_cells(cells, store, options)]
+            return [row[STATUS] for row in run_cells(cells, store, options)]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Requeue with the same arguments (the stored rows are the checkpoint)."""
@@ -185,13 +188,13 @@ def slurm_parameters(slurm: dict[str, Any], device: str) -> dict[str, Any]:
 def _failure_row(cell: Cell, options: RunOptions, message: str) -> dict[str, Any]:
     return {
         **cell.to_row(),
-        "run_id": options.run_id,
-        "suite": cell.suite,
-        "cell_key": cell.key(options.code_version),
-        "code_version": options.code_version,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "error",
-        "message": message[:4000],
+        RUN_ID: options.run_id,
+        SUITE: cell.suite,
+        CELL_KEY: cell.key(options.code_version),
+        CODE_VERSION: options.code_version,
+        STARTED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        STATUS: STATUS_ERROR,
+        MESSAGE: message[:4000],
     }
 
 
@@ -299,7 +302,7 @@ def wait_for_jobs(jobs: list[Any], cluster: str, poll_s: float, look_s: float = 
 
 def _record_unfinished(store: RunStore, options: RunOptions, group: list[Cell], message: str) -> int:
     """Store an `error` row with `message` for each cell of `group` without a row; return how many."""
-    stored = {r.get("cell_key") for r in store.rows()}
+    stored = {r.get(CELL_KEY) for r in store.rows()}
     missing = [cell for cell in group if cell.key(options.code_version) not in stored]
     for cell in missing:
         store.append(_failure_row(cell, options, message))
@@ -346,8 +349,8 @@ def run_submitit(
         raise ExecutorError("--executor submitit needs submitit: pip install 'reformer-harness[slurm]'") from None
     if options.in_process:
         raise ExecutorError("--in-process runs cells one at a time: use --executor local")
-    sweep = Sweep(cells, store, options)  # resume state, stale rows cleaned up
-    groups = sweep.groups()
+    runner = CellRunner(cells, store, options)  # resume state, stale rows cleaned up
+    groups = runner.groups()
     if not groups:
         return []
     _make_importable_in_jobs()
@@ -361,7 +364,7 @@ def run_submitit(
         store, executor.cluster, folder, [(str(j.job_id), [c.key(options.code_version) for c in g]) for j, g in zip(jobs, groups)]
     )
     options.print_line(
-        f"submitted {len(jobs)} {executor.cluster} job(s) for {len(sweep.pending)} cells; "
+        f"submitted {len(jobs)} {executor.cluster} job(s) for {len(runner.pending)} cells; "
         f"follow with: python -m harness status {store.path}"
     )
     by_job = {id(job): group for job, group in zip(jobs, groups)}
@@ -383,8 +386,8 @@ def run_submitit(
             )
         raise
     store.rebuild()  # the jobs' own rebuilds may have raced
-    keys = {c.key(options.code_version) for c in sweep.pending}
-    return [row for row in store.rows() if row.get("cell_key") in keys]
+    keys = {c.key(options.code_version) for c in runner.pending}
+    return [row for row in store.rows() if row.get(CELL_KEY) in keys]
 
 
 def run_with_executor(

@@ -27,6 +27,7 @@ import psutil
 import torch
 
 from harness import measurement as measure
+from harness.store.schema import MEMORY_LIMIT_MIB, MESSAGE, STATUS, STATUS_ERROR, STATUS_OOM, STATUS_TIMEOUT
 from harness.units import GIB, MIB
 
 DEFAULT_MEMORY_FRACTION = 0.75  # of total RAM, per CPU cell, when the suite sets no limit ...
@@ -90,10 +91,10 @@ class ResidentMemoryWatch:
     def oom_row(self) -> dict[str, Any]:
         """The row of a cell killed at the limit."""
         return {
-            "status": "oom",
-            "memory_limit_mib": self.limit / MIB,
+            STATUS: STATUS_OOM,
+            MEMORY_LIMIT_MIB: self.limit / MIB,
             "rss_peak_mib": self.peak / MIB,
-            "message": f"resident memory {self.peak / MIB:.0f} MiB above the cell's start passed its memory limit "
+            MESSAGE: f"resident memory {self.peak / MIB:.0f} MiB above the cell's start passed its memory limit "
             f"{self.limit / GIB:.3g} GiB (measure.memory_limit_gib); the cell process was killed",
         }
 
@@ -137,7 +138,7 @@ def _child(work: Callable[..., dict], args: tuple, connection: Any, parent_pid: 
         try:
             row = work(*args, report_baseline=lambda rss: connection.send({BASELINE_MESSAGE: rss}))
         except BaseException as error:  # noqa: BLE001 - report rather than die with a traceback
-            row = {"status": "error", "message": f"{type(error).__name__}: {error}"}
+            row = {STATUS: STATUS_ERROR, MESSAGE: f"{type(error).__name__}: {error}"}
         connection.send(row)
     finally:
         connection.close()
@@ -199,13 +200,13 @@ def run_isolated(
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return {"status": "timeout", "message": f"{what} did not finish within timeout_s={timeout_s:g}"}
+                return {STATUS: STATUS_TIMEOUT, MESSAGE: f"{what} did not finish within timeout_s={timeout_s:g}"}
             if receiver.poll(min(WATCH_INTERVAL_S, remaining)):
                 try:
                     message = receiver.recv()
                 except EOFError:  # the child died before sending
                     process.join(30)
-                    return {"status": "error", "message": _describe_exit(process.exitcode)}
+                    return {STATUS: STATUS_ERROR, MESSAGE: _describe_exit(process.exitcode)}
                 if isinstance(message, dict) and BASELINE_MESSAGE in message:
                     if watch is not None:
                         watch.baseline = int(message[BASELINE_MESSAGE])

@@ -37,8 +37,9 @@ import pandas as pd
 from harness import figures, paper, stats
 from harness.check import for_check, rules_for
 from harness.overrides import overrides_text
-from harness.results import RUN_INFO, ResultsError, StoredRun, atomic_write_text, cell_rows, latest_run, load_run_info, read_run
 from harness.safe_io import InputFileError, check_name, check_under, parse_json
+from harness.store.files import RUN_INFO, ResultsError, atomic_write_text
+from harness.store.reader import StoredRun, cell_rows, latest_run, load_run_info, read_run
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, series_label
 from harness.targets import evaluate_targets
 

@@ -1,7 +1,7 @@
 """`python -m harness status RUN`: which cells of a run are done, running, failed or pending.
 
 Works for every executor while the run goes on or after it stopped: the planned cells come from
-run.json (`cell_keys`, `cell_labels`), finished ones from the stored rows (harness.results), running ones from the
+run.json (`cell_keys`, `cell_labels`), finished ones from the stored rows (harness.store), running ones from the
 running/*.json notes the runner leaves while a cell is measured, and Slurm jobs still queued from
 jobs.json (their state asked of Slurm itself, harness.slurm: scontrol, then sacct, so it works
 on clusters without accounting storage too).
@@ -16,9 +16,10 @@ from typing import Any
 
 import psutil
 
-from harness.cells import ROUND_ROW
-from harness.results import RunStore, load_run_info, read_submissions
 from harness.slurm import SlurmUnavailable, job_states
+from harness.store.reader import load_run_info, read_submissions
+from harness.store.schema import BATCH, CELL_KEY, MESSAGE, ROUND_ROW, ROW_TYPE, SEQ_LEN, STARTED_AT, STATUS, STATUS_ERROR, VARIANT_LABEL
+from harness.store.writer import RunStore
 
 DONE, RUNNING, FAILED, PENDING, CORRUPT = "done", "running", "failed", "pending", "corrupt"
 
@@ -85,9 +86,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
     info = load_run_info(run_dir)
     store = RunStore(run_dir.parent.parent, run_dir.parent.name, run_dir.name, create=False)  # reads only
     stored_rows, unreadable = store.rows(), store.corrupt_cells()
-    rows = {r["cell_key"]: r for r in stored_rows if "cell_key" in r}
+    rows = {r[CELL_KEY]: r for r in stored_rows if CELL_KEY in r}
     corrupt = {file.stem for file in unreadable}
-    cell_keys = info.get("cell_keys") or [k for k, r in rows.items() if r.get("row_type") != ROUND_ROW]  # rounds are not cells
+    cell_keys = info.get("cell_keys") or [k for k, r in rows.items() if r.get(ROW_TYPE) != ROUND_ROW]  # rounds are not cells
     planned = list(cell_keys) + sorted(corrupt - set(cell_keys))
     labels = dict(info.get("cell_labels") or {})
     running = {k: n for k, n in store.running().items() if _alive(n)}
@@ -96,7 +97,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     queued: dict[str, str] = {}
     for key in planned:
         row = rows.get(key)
-        if row is not None and row.get("status") != "error":
+        if row is not None and row.get(STATUS) != STATUS_ERROR:
             states[key] = DONE
         elif key in running:
             states[key] = RUNNING
@@ -110,7 +111,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
             if job is not None and job in job_states:
                 queued[key] = f"job {job} {job_states[job]}"
         if row is not None and key not in labels:
-            labels[key] = f"{row.get('variant_label')} L={row.get('seq_len')} B={row.get('batch')}"
+            labels[key] = f"{row.get(VARIANT_LABEL)} L={row.get(SEQ_LEN)} B={row.get(BATCH)}"
     return RunStatus(run_dir, states, labels, rows, running, queued, job_states)
 
 
@@ -118,7 +119,7 @@ def format_status(status: RunStatus, limit: int = 20) -> str:
     """Human summary: counts, then the running, failed and pending cells (at most `limit` each)."""
     counts = status.counts()
     lines = [f"{status.path}", f"{len(status.states)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
-    done = [str(status.rows[k].get("status")) for k in status.keys(DONE)]
+    done = [str(status.rows[k].get(STATUS)) for k in status.keys(DONE)]
     if done:
         lines.append("done: " + ", ".join(f"{done.count(s)} {s}" for s in dict.fromkeys(done)))
 
@@ -134,11 +135,11 @@ def format_status(status: RunStatus, limit: int = 20) -> str:
     def where(key: str) -> str:
         note = status.running[key]
         job = f" (Slurm job {note['slurm_job_id']})" if note.get("slurm_job_id") else ""
-        return f"on {note.get('host')} pid {note.get('pid')}{job} since {note.get('started_at')}"
+        return f"on {note.get('host')} pid {note.get('pid')}{job} since {note.get(STARTED_AT)}"
 
     def why(key: str) -> str:
-        message = str(status.rows[key].get("message") or "").strip().splitlines()
-        return message[0][:200] if message else "error"
+        message = str(status.rows[key].get(MESSAGE) or "").strip().splitlines()
+        return message[0][:200] if message else STATUS_ERROR
 
     section(RUNNING, where)
     section(CORRUPT, lambda k: f"unreadable {status.path / 'cells' / (k + '.json')}; --resume measures it again")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from harness.check_rules import TargetRule
 from harness.expressions import ExpressionError, both, select_rows
-from harness.results import ResultsError
+from harness.store.files import ResultsError
 from harness.tables import row_contended
 
 TIMED_METRICS = ("time", "floor_ratio", "time_per_token")  # the metrics other load on the machine moves

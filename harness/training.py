@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from harness.data import Batch, LMData
 from harness.safe_io import InputFileError, check_regular
+from harness.store.schema import ACCURACY, BATCH_SIZE, BPD, EVAL_ACCURACY, EVAL_BPD, GRAD_ACCUM, LR, STEP, TOKENS_SEEN, TRAIN_BPD, WALL_S
 from variants.model import ReformerLM, ReformerLMConfig, bits_per_dim
 
 Schedule = Literal["cosine", "inverse_sqrt", "constant"]
@@ -67,12 +68,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError when the fields are inconsistent."""
-        for name in ("steps", "batch_size", "grad_accum", "eval_every"):
+        for name in ("steps", BATCH_SIZE, GRAD_ACCUM, "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup_steps and checkpoint_every must be >= 0")
-        for name in ("lr", "min_lr_ratio", "weight_decay", *(("grad_clip",) if self.grad_clip is not None else ())):
+        for name in (LR, "min_lr_ratio", "weight_decay", *(("grad_clip",) if self.grad_clip is not None else ())):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not all(math.isfinite(beta) and 0 <= beta < 1 for beta in self.betas):
@@ -116,8 +117,9 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 # --------------------------------------------------------------------------- models
 
 
-def model_config(model: dict[str, Any], attention: str, attention_params: dict[str, Any]) -> ReformerLMConfig:
-    """A validated ReformerLMConfig from model settings plus one attention variant and its params."""
+def training_model_config(model: dict[str, Any], attention: str, attention_params: dict[str, Any]) -> ReformerLMConfig:
+    """The validated ReformerLMConfig a training cell trains: its model settings plus one attention
+    variant and its params (every layer). A benchmark cell's: `harness.workloads.workload_model_config`."""
     config = ReformerLMConfig(**model, attention=attention, attention_params={attention: dict(attention_params)})
     config.validate()
     return config
@@ -126,7 +128,7 @@ def model_config(model: dict[str, Any], attention: str, attention_params: dict[s
 def build_model(model: dict[str, Any], attention: str, attention_params: dict[str, Any], seed: int | None = None) -> ReformerLM:
     """ReformerLM with every layer using `attention` (a registered attention variant) and its params;
     with `seed`, its initial weights are drawn under torch.manual_seed(seed) (same seed, same weights)."""
-    config = model_config(model, attention, attention_params)
+    config = training_model_config(model, attention, attention_params)
     if seed is None:
         return ReformerLM(config)
     with torch.random.fork_rng(devices=[]):
@@ -189,7 +191,7 @@ def evaluate(model: nn.Module, data: LMData, config: EvalConfig, device: torch.d
             bits, correct, count = bits + b, correct + c, count + n
     model.train(was_training)
     accuracy = 100.0 * correct / count if data.has_accuracy else math.nan
-    return {"bpd": bits / count, "accuracy": accuracy, "symbols": count}
+    return {BPD: bits / count, ACCURACY: accuracy, "symbols": count}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -350,13 +352,13 @@ def train(
     def point(lr: float) -> None:
         metrics = evaluate(model, data, eval_config, device)
         row = {
-            "step": progress.step,
-            "train_bpd": progress.bits_sum / progress.bits_steps if progress.bits_steps else math.nan,
-            "eval_bpd": metrics["bpd"],
-            "eval_accuracy": metrics["accuracy"],
-            "lr": lr,
-            "wall_s": progress.wall_s,
-            "tokens_seen": progress.tokens_seen,
+            STEP: progress.step,
+            TRAIN_BPD: progress.bits_sum / progress.bits_steps if progress.bits_steps else math.nan,
+            EVAL_BPD: metrics[BPD],
+            EVAL_ACCURACY: metrics[ACCURACY],
+            LR: lr,
+            WALL_S: progress.wall_s,
+            TOKENS_SEEN: progress.tokens_seen,
         }
         progress.bits_sum, progress.bits_steps = 0.0, 0
         curve.append(row)
@@ -375,7 +377,7 @@ def train(
         started = time.perf_counter()
         lr = config.lr * lr_multiplier(progress.step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group.update(lr=lr)  # torch's own key
         optimizer.zero_grad(set_to_none=True)
         step_bits = 0.0
         for _ in range(config.grad_accum):

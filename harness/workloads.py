@@ -28,15 +28,21 @@ import torch
 import torch.nn as nn
 
 import variants
-from harness.cells import DEFAULT_MODEL_VARIANT, MODEL_VARIANT_KEY
 from harness.measurement import DTYPES
+from harness.store.schema import (
+    ATTENTION_BACKEND,
+    D_MODEL,
+    DEFAULT_MODEL_VARIANT,
+    GRAD_MEM_MIB,
+    MODEL_VARIANT,
+    OPTIM_MEM_MIB,
+    PARAM_MEM_MIB,
+    VOCAB_SIZE,
+)
 from harness.units import MIB
 from variants.model import ReformerLMConfig, build_layer_stack
 
 BACKWARD_FLOPS_FACTOR = 2
-
-
-ATTENTION_BACKEND_COLUMN = "attention_backend"  # result-row column: which code ran the attention core
 
 
 def tensor_mib(tensors: Iterable[torch.Tensor]) -> float:
@@ -67,21 +73,21 @@ class Workload:
         grads = [p.grad for p in params if p.grad is not None]
         state = [v for s in (self.optimizer.state.values() if self.optimizer else ()) for v in s.values() if torch.is_tensor(v)]
         return {
-            "param_mem_mib": tensor_mib([*params, *self.module.buffers()]),
-            "grad_mem_mib": tensor_mib(grads),
-            "optim_mem_mib": tensor_mib(state),
+            PARAM_MEM_MIB: tensor_mib([*params, *self.module.buffers()]),
+            GRAD_MEM_MIB: tensor_mib(grads),
+            OPTIM_MEM_MIB: tensor_mib(state),
         }
 
     def attention_backends(self) -> dict[str, str]:
-        """{ATTENTION_BACKEND_COLUMN: what ran} from the modules that set `attention_backend` in their
+        """{ATTENTION_BACKEND: what ran} from the modules that set `attention_backend` in their
         last forward (several distinct ones joined by ' + '); {} when none does."""
-        used = sorted({m.attention_backend for m in self.module.modules() if getattr(m, "attention_backend", None)})
-        return {ATTENTION_BACKEND_COLUMN: " + ".join(used)} if used else {}
+        used = sorted({m.attention_backend for m in self.module.modules() if getattr(m, ATTENTION_BACKEND, None)})
+        return {ATTENTION_BACKEND: " + ".join(used)} if used else {}
 
 
 def model_variant_of(cell: Any) -> str:
-    """Name of the model-kind variant a cell builds: cell.model["model_variant"], default ours."""
-    return str(cell.model.get(MODEL_VARIANT_KEY, DEFAULT_MODEL_VARIANT))
+    """Name of the model-kind variant a cell builds: cell.model[MODEL_VARIANT], default ours."""
+    return str(cell.model.get(MODEL_VARIANT, DEFAULT_MODEL_VARIANT))
 
 
 def build_model_variant(name: str, config: ReformerLMConfig) -> nn.Module:
@@ -91,16 +97,18 @@ def build_model_variant(name: str, config: ReformerLMConfig) -> nn.Module:
     ValueError for a name that is not a registered model; VariantUnavailable from peers that cannot run."""
     spec = variants.spec(name)
     if spec.kind != "model":
-        raise ValueError(f"{MODEL_VARIANT_KEY} {name!r} is a {spec.kind} variant; model variants: {', '.join(variants.available('model'))}")
+        raise ValueError(f"{MODEL_VARIANT} {name!r} is a {spec.kind} variant; model variants: {', '.join(variants.available('model'))}")
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(ReformerLMConfig)}
     return spec.module_cls(variants.make_config(name, **values))
 
 
-def model_config(cell: Any) -> ReformerLMConfig:
-    """The ReformerLMConfig of a cell: its model block (less `model_variant`) with the cell's attention variant."""
-    model = {k: v for k, v in cell.model.items() if k != MODEL_VARIANT_KEY}
+def workload_model_config(cell: Any) -> ReformerLMConfig:
+    """The ReformerLMConfig a benchmark cell's block or model workload builds: its model block (less
+    `model_variant`) with the cell's attention variant, validated by the registry (`make_config`).
+    A training cell's model: `harness.training.training_model_config`."""
+    model = {k: v for k, v in cell.model.items() if k != MODEL_VARIANT}
     return variants.make_config(
-        "reformer_lm",
+        DEFAULT_MODEL_VARIANT,
         **model,
         attention=cell.variant,
         attention_params={cell.variant: dict(cell.variant_params)},
@@ -110,10 +118,10 @@ def model_config(cell: Any) -> ReformerLMConfig:
 def _build_module(cell: Any) -> nn.Module:
     if cell.workload == "attention":
         return variants.build(cell.variant, **cell.attention_params())
-    config = model_config(cell)
+    config = workload_model_config(cell)
     if cell.workload == "block":
         if model_variant_of(cell) != DEFAULT_MODEL_VARIANT:
-            raise ValueError(f"{MODEL_VARIANT_KEY} applies to workload 'model' only (the block workload is our layer stack)")
+            raise ValueError(f"{MODEL_VARIANT} applies to workload 'model' only (the block workload is our layer stack)")
         return build_layer_stack(config)
     return build_model_variant(model_variant_of(cell), config)
 
@@ -128,7 +136,7 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
     module.train(training)
 
     if cell.workload == "model":
-        vocab = cell.model.get("vocab_size", 256)
+        vocab = cell.model.get(VOCAB_SIZE, 256)
         tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
         inputs: torch.Tensor = tokens
 
@@ -185,4 +193,4 @@ def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:
 
 def module_width(cell: Any) -> int:
     """d_model of a cell (the variant's own override, else the model block's)."""
-    return int(cell.attention_params().get("d_model", cell.model.get("d_model", 256)))
+    return int(cell.attention_params().get(D_MODEL, cell.model.get(D_MODEL, 256)))

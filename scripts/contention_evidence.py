@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.results import cell_rows, load  # noqa: E402
+from harness.store.reader import cell_rows, load  # noqa: E402
 from harness.tables import row_contended  # noqa: E402
 
 TOLERANCE = 0.15  # loaded time within 15% of the quiet time, or flagged

@@ -1,8 +1,8 @@
 """Cells: the unit of work of a run, one protocol for every kind of suite.
 
-A suite (harness.suites) expands into cells; the sweep (harness.sweep) and the executors
+A suite (harness.suites) expands into cells; the cell runner (harness.runner) and the executors
 (harness.executors) run them, each in its own process (harness.isolation), and store one row per
-cell under its key (harness.results). Two kinds implement the protocol:
+cell under its key (harness.store). Two kinds implement the protocol:
 
 - `harness.cells.benchmark.BenchmarkCell`: one measured call (time, peak memory) of a workload;
 - `harness.cells.quality.QualityCell`: one training run (learning curve, evaluations), whose
@@ -19,15 +19,15 @@ import json
 import typing
 from typing import Any, Callable, Protocol, runtime_checkable
 
-# Taken from a suite's `model:` rather than from a variant entry; the attention variant gets them from there.
-MODEL_ATTENTION_KEYS = ("d_model", "n_heads", "causal")
-NOT_MODEL_KEYS = ("attention", "attention_params")  # set by `variants:`
-# A benchmark cell's model may name the model-kind variant a `model` workload builds (a peer LM);
-# absent means ours. It travels in the cell's model dict, so it is part of the key and a row column.
-MODEL_VARIANT_KEY = "model_variant"
-DEFAULT_MODEL_VARIANT = "reformer_lm"
+from harness.store.schema import CAUSAL, D_MODEL, N_HEADS
 
-ROUND_ROW = "round"  # row_type of the row of one round of a cell measured in rounds (harness.sweep); readers skip it
+# Taken from a suite's `model:` rather than from a variant entry; the attention variant gets them from there.
+MODEL_ATTENTION_KEYS = (D_MODEL, N_HEADS, CAUSAL)
+NOT_MODEL_KEYS = ("attention", "attention_params")  # set by `variants:`
+# A benchmark cell's model may name the model-kind variant a `model` workload builds (a peer LM,
+# harness.store.schema.MODEL_VARIANT); absent means ours (DEFAULT_MODEL_VARIANT). It travels in the
+# cell's model dict, so it is part of the key and a row column.
+
 CPU_FLOP_S = 50e9  # deliberately round guesses of achieved throughput, for a-priori estimates
 CUDA_FLOP_S = 100e12
 PROCESS_START_S = 3.0  # spawning a subprocess and importing torch
@@ -35,7 +35,7 @@ PROCESS_START_S = 3.0  # spawning a subprocess and importing torch
 
 @runtime_checkable
 class Cell(Protocol):
-    """What the sweep, the executors and the store need of a cell, whatever its kind.
+    """What the runner, the executors and the store need of a cell, whatever its kind.
 
     A cell is a frozen, picklable value (executors send it to other processes). Its row (the
     `cell_key` `key(code_version)`) is `to_row()` plus the columns `execute` returns.
@@ -96,10 +96,10 @@ class Cell(Protocol):
         """The outcome part of a progress line for its finished row."""
         ...
 
-    # Optional (harness.sweep.cell_rounds; a cell without them is measured once):
-    # measure_rounds() -> int: how many rounds the sweep measures it in; round_seed() -> int: the
+    # Optional (harness.runner.cell_rounds; a cell without them is measured once):
+    # measure_rounds() -> int: how many rounds the runner measures it in; round_seed() -> int: the
     # seed of the shuffled order of rounds 2..K; combine_rounds(rows) -> dict: its own row from the
-    # ok rows of its rounds (row_type ROUND_ROW), in round order.
+    # ok rows of its rounds (row_type harness.store.schema.ROUND_ROW), in round order.
 
 
 def execute_in_cell_process(
@@ -115,11 +115,6 @@ def execute_in_cell_process(
 def jsonable(value: Any) -> Any:
     """Tuples -> lists recursively, so configs compare and hash the same after a JSON round trip."""
     return json.loads(json.dumps(value))
-
-
-def canonical_json(data: Any) -> str:
-    """Compact JSON with sorted keys: the text that cell keys are hashed from."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def model_fields() -> dict[str, tuple[Any, Any]]:

@@ -2,7 +2,7 @@
 
 run (benchmark and quality suites), status, list, env, report, compare, check, baseline, profile,
 selfcheck, export. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suites,
-harness.sweep, harness.executors, harness.results, harness.report, harness.check, ...) and raises
+harness.runner, harness.executors, harness.store, harness.report, harness.check, ...) and raises
 `UsageError` for bad command-line input (exit status 2).
 """
 

@@ -1,9 +1,9 @@
 """`harness run SUITE`: expand a suite into cells, run them into a run folder, summarise.
 
 One path for every kind of suite (benchmark and quality): harness.suites loads it, its cells go to
-an executor (harness.executors: local, pool, submitit), which runs the sweep (harness.sweep), each
+an executor (harness.executors: local, pool, submitit), which runs the cell runner (harness.runner), each
 cell in its own process (harness.isolation), each outcome a row in the run folder
-(harness.results). The run folder is opened or created by `open_store` (a `--resume` id must be a
+(harness.store). The run folder is opened or created by `open_store` (a `--resume` id must be a
 run of that suite), locked for the whole run, and `record_start` writes run.json (or a resume
 entry) under the lock; a finished run's rows are folded into results.parquet.
 """
@@ -29,11 +29,31 @@ from harness.environment import REPO_ROOT, capture_environment, code_version, de
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.overrides import Override
-from harness.results import RUN_INFO, RunStore, cell_rows, load_run_info, new_run_id, resume_store
+from harness.runner import RunOptions, cell_rounds
 from harness.safe_yaml import read_yaml_text
+from harness.store.files import RUN_INFO
+from harness.store.reader import cell_rows, load_run_info
+from harness.store.schema import (
+    BATCH,
+    BATCH_SIZE,
+    CODE_VERSION,
+    CONFIG_KEY,
+    KIND,
+    KIND_QUALITY,
+    ROW_TYPE,
+    SEQ_LEN,
+    STARTED_AT,
+    STATUS,
+    STATUS_ERROR,
+    SUITE,
+    TASK_PARAMS,
+    TRAIN_CONFIG,
+    VARIANT_LABEL,
+    VARIANT_PARAMS,
+)
+from harness.store.writer import RunStore, new_run_id, resume_store
 from harness.suites import Suite, filter_cells
 from harness.suites.resolved import changed_cells, config_yaml, load_with_overrides, resume_problem
-from harness.sweep import RunOptions, cell_rounds
 from harness.tables import CONTENDED_MARK, is_contended, pivot_metric, summary_tables
 
 
@@ -41,7 +61,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-DRY_RUN_HIDDEN = ("variant_params", "task_params", "train_config", "config_key", "row_type", "kind")  # JSON text, shown in labels
+DRY_RUN_HIDDEN = (VARIANT_PARAMS, TASK_PARAMS, TRAIN_CONFIG, CONFIG_KEY, ROW_TYPE, KIND)  # JSON text, shown in labels
 
 
 def dry_run_table(cells: list[Cell], version: str) -> pd.DataFrame:
@@ -49,8 +69,8 @@ def dry_run_table(cells: list[Cell], version: str) -> pd.DataFrame:
     cells of one label (what the label shows, the variant and its parameters, is not repeated),
     the time estimate (s, all its rounds) and the key."""
     rows = pd.DataFrame([c.to_row() for c in cells]).astype(str)
-    first = [c for c in ("variant_label", "seq_len", "batch", "batch_size") if c in rows]
-    by_label = rows.groupby("variant_label")
+    first = [c for c in (VARIANT_LABEL, SEQ_LEN, BATCH, BATCH_SIZE) if c in rows]
+    by_label = rows.groupby(VARIANT_LABEL)
     varying = [c for c in rows if c not in first and c not in DRY_RUN_HIDDEN and by_label[c].nunique().max() > 1]
     table = rows[first + varying].copy()
     table["estimate_s"] = [round(c.estimate_seconds() * cell_rounds(c), 1) for c in cells]  # every round
@@ -138,19 +158,19 @@ def record_start(args: argparse.Namespace, store: RunStore, run_info: dict, envi
         resumes = load_run_info(store.path).get("resumes", [])
         planned = {k: v for k, v in run_info.items() if k in ("cell_keys", "cell_labels")}
         store.update_run_info(
-            resumes=[*resumes, {"at": _now(), "code_version": run_info["code_version"], "command": command_line(args)}], **planned
+            resumes=[*resumes, {"at": _now(), CODE_VERSION: run_info[CODE_VERSION], "command": command_line(args)}], **planned
         )
         for file in store.corrupt_cells():
             print(f"warning: {file}: unreadable cell file; that cell is measured again", file=sys.stderr)
         return
     store.write_run_info(
         {
-            "suite": store.suite,
+            SUITE: store.suite,
             "suite_path": str(args.suite),
             "suite_text": read_yaml_text(args.suite, "suite file"),
             **run_info,
             "command": command_line(args),
-            "started_at": _now(),
+            STARTED_AT: _now(),
             "environment": environment(),
         }
     )
@@ -194,7 +214,7 @@ def resume_command(args: argparse.Namespace, run_id: str) -> str:
 def check_task_files(args: argparse.Namespace, suite: Suite) -> None:
     """A quality suite's data files exist (harness.data.check_files): a UsageError if not, a
     warning with --dry-run. Benchmark suites read no files."""
-    if suite.kind != "quality":
+    if suite.kind != KIND_QUALITY:
         return
     try:
         check_files(suite.task)
@@ -292,9 +312,9 @@ def _run(
             args,
             store,
             {
-                "kind": suite.kind,
+                KIND: suite.kind,
                 "description": suite.description,
-                "code_version": version,
+                CODE_VERSION: version,
                 "n_cells": len(cells),
                 **planned_cells(cells, version),
                 "executor": args.executor,
@@ -353,7 +373,7 @@ def _run(
         from harness.export import export_run
 
         print(f"export ({target}): {export_run(store.path, target, root=args.out)}")
-    if new_rows and all(row["status"] == "error" for row in new_rows):
+    if new_rows and all(row[STATUS] == STATUS_ERROR for row in new_rows):
         print("error: every cell failed with an error (see the messages above); nothing was measured", file=sys.stderr)
         return 1
     return 0

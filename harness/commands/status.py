@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from harness.commands import UsageError
-from harness.results import read_run
 from harness.status import format_status, run_status
+from harness.store.reader import read_run
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     path = export_run("results/hashes/20261204T022814Z-amd-epyc", "tensorboard")   # -> exports/tensorboard/
 
-The run is read through harness.results.read_run; `export_cells` turns its rows into one
+The run is read through harness.store.reader.read_run; `export_cells` turns its rows into one
 `ExportCell` per cell the tools show as a run: a training cell of a quality suite (its learning
 curve over steps, its evaluations at the last step), or a series of a benchmark suite (the cells
 that differ only in seq_len: each metric over seq_len, which TensorBoard and MLflow plot as their
@@ -25,42 +25,86 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results import RUN_ID_PATTERN, ResultsError, StoredRun, cell_rows, read_run
 from harness.safe_io import check_name
+from harness.store.files import RUN_ID_PATTERN, ResultsError
+from harness.store.reader import StoredRun, read_run
+from harness.store.schema import (
+    ACCURACY,
+    ACTIVATION_MEM_MIB,
+    BATCH,
+    BPD,
+    CELL_KEY,
+    CELL_WALL_S,
+    CODE_VERSION,
+    DEVICE_NAME,
+    EVAL_ACCURACY,
+    EVAL_BPD,
+    EVAL_VARIANT,
+    FLOOR_RATIO,
+    LR,
+    MATMUL_GFLOPS,
+    MESSAGE,
+    PEAK_MEM_MIB,
+    PEAK_RESERVED_MIB,
+    RECORDED_AT,
+    ROW_TYPE,
+    ROWS_WRITTEN,
+    RUN_ID,
+    SEQ_LEN,
+    STARTED_AT,
+    STATUS,
+    STATUS_OK,
+    STEP,
+    SUITE,
+    TFLOPS_PER_S,
+    TIME_MS_IQR,
+    TIME_MS_MEDIAN,
+    TIME_MS_MIN,
+    TIME_MS_SAMPLES,
+    TOKENS_PER_BATCH,
+    TOKENS_PER_S,
+    TOKENS_SEEN,
+    TRAIN_BPD,
+    TRAIN_KEY,
+    VARIANT_LABEL,
+    WALL_S,
+    RowsByKind,
+    split,
+)
 from harness.tables import series_label
 
 EXPORT_FORMATS = ("csv", "tensorboard", "mlflow")
-CURVE_METRICS = ("train_bpd", "eval_bpd", "eval_accuracy", "lr", "tokens_seen", "wall_s")  # quality curve columns, over step
-EVAL_METRICS = {"eval_bpd": "bpd", "accuracy": "accuracy"}  # eval row column -> name under eval/<variant>/
+CURVE_METRICS = (TRAIN_BPD, EVAL_BPD, EVAL_ACCURACY, LR, TOKENS_SEEN, WALL_S)  # quality curve columns, over step
+EVAL_METRICS = {EVAL_BPD: BPD, ACCURACY: ACCURACY}  # eval row column -> name under eval/<variant>/
 BENCHMARK_METRICS = (
-    "time_ms_median",
-    "time_ms_iqr",
-    "time_ms_min",
-    "peak_mem_mib",
-    "peak_reserved_mib",
-    "activation_mem_mib",
-    "tokens_per_s",
-    "tflops_per_s",
-    "matmul_gflops",
-    "floor_ratio",
+    TIME_MS_MEDIAN,
+    TIME_MS_IQR,
+    TIME_MS_MIN,
+    PEAK_MEM_MIB,
+    PEAK_RESERVED_MIB,
+    ACTIVATION_MEM_MIB,
+    TOKENS_PER_S,
+    TFLOPS_PER_S,
+    MATMUL_GFLOPS,
+    FLOOR_RATIO,
 )
 # Bookkeeping columns that are neither a cell's configuration nor a metric.
 NOT_PARAMS = (
-    "run_id",
-    "suite",
-    "cell_key",
-    "train_key",
-    "status",
-    "message",
-    "recorded_at",
-    "started_at",
-    "row_type",
-    "step",
-    "code_version",
-    "device_name",
-    "rows_written",
-    "cell_wall_s",
-    "time_ms_samples",
+    RUN_ID,
+    SUITE,
+    CELL_KEY,
+    TRAIN_KEY,
+    STATUS,
+    MESSAGE,
+    RECORDED_AT,
+    STARTED_AT,
+    ROW_TYPE,
+    STEP,
+    CODE_VERSION,
+    DEVICE_NAME,
+    ROWS_WRITTEN,
+    CELL_WALL_S,
+    TIME_MS_SAMPLES,
 )
 
 
@@ -81,7 +125,7 @@ class ExportCell:
     x: str
     params: dict[str, Any]
     metrics: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)
-    status: str = "ok"
+    status: str = STATUS_OK
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -124,44 +168,39 @@ def _params(frame: pd.DataFrame, metrics: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
-def _row_kinds(rows: pd.DataFrame) -> pd.Series:
-    kind = rows["row_type"].astype(object) if "row_type" in rows else pd.Series(None, index=rows.index, dtype=object)
-    return kind.where(kind.notna(), "benchmark")
-
-
 def _series(values: pd.DataFrame, x: str, metric: str) -> list[tuple[int, float, int]]:
     """(x, value, time ms) of the rows where both `x` and `metric` are numbers, x ascending."""
     steps = pd.to_numeric(values[x], errors="coerce")
     numbers = pd.to_numeric(values[metric], errors="coerce")
-    stamps = values["recorded_at"] if "recorded_at" in values else values.get("started_at", pd.Series(None, index=values.index))
+    stamps = values[RECORDED_AT] if RECORDED_AT in values else values.get(STARTED_AT, pd.Series(None, index=values.index))
     kept = steps.notna() & numbers.notna()
     return sorted((int(s), float(v), _millis(t)) for s, v, t in zip(steps[kept], numbers[kept], stamps[kept]))
 
 
-def _quality_cells(rows: pd.DataFrame, kinds: pd.Series) -> list[ExportCell]:
+def _quality_cells(parts: RowsByKind) -> list[ExportCell]:
     cells = []
-    curve, evals, train = rows[kinds == "curve"], rows[kinds == "eval"], rows[kinds == "train"]
-    keys = list(dict.fromkeys([*curve.get("train_key", pd.Series(dtype=object)).dropna(), *train["cell_key"].dropna()]))
+    curve, evals, train = parts.curves, parts.evals, parts.trains
+    keys = list(dict.fromkeys([*curve.get(TRAIN_KEY, pd.Series(dtype=object)).dropna(), *train[CELL_KEY].dropna()]))
     for key in keys:
         key = check_name(key, "training cell key")
-        points = curve[curve["train_key"] == key] if "train_key" in curve else curve.iloc[0:0]
-        trained = train[train["cell_key"] == key]
+        points = curve[curve[TRAIN_KEY] == key] if TRAIN_KEY in curve else curve.iloc[0:0]
+        trained = train[train[CELL_KEY] == key]
         config_rows = points if not points.empty else trained
-        label = str(config_rows["variant_label"].iloc[0]) if "variant_label" in config_rows else key
-        cell = ExportCell(f"{slug(label)}-{key}", key, label, "step", _params(config_rows, CURVE_METRICS))
+        label = str(config_rows[VARIANT_LABEL].iloc[0]) if VARIANT_LABEL in config_rows else key
+        cell = ExportCell(f"{slug(label)}-{key}", key, label, STEP, _params(config_rows, CURVE_METRICS))
         for metric in CURVE_METRICS:
-            series = _series(points, "step", metric) if metric in points else []
+            series = _series(points, STEP, metric) if metric in points else []
             if series:
                 cell.metrics[metric] = series
-        mine = evals[evals["train_key"] == key] if "train_key" in evals else evals.iloc[0:0]
-        variants = mine["eval_variant"].fillna("eval") if "eval_variant" in mine else pd.Series("eval", index=mine.index)
+        mine = evals[evals[TRAIN_KEY] == key] if TRAIN_KEY in evals else evals.iloc[0:0]
+        variants = mine[EVAL_VARIANT].fillna("eval") if EVAL_VARIANT in mine else pd.Series("eval", index=mine.index)
         for variant, group in mine.groupby(variants.astype(str), sort=False):
             for column, name in EVAL_METRICS.items():
-                series = _series(group, "step", column) if column in group else []
+                series = _series(group, STEP, column) if column in group else []
                 if series:
                     cell.metrics.setdefault(f"eval/{slug(variant)}/{name}", []).extend(series)
-        bad = [s for s in trained.get("status", pd.Series(dtype=object)).astype(str) if s != "ok"]
-        cell.status = bad[0] if bad else "ok"
+        bad = [s for s in trained.get(STATUS, pd.Series(dtype=object)).astype(str) if s != STATUS_OK]
+        cell.status = bad[0] if bad else STATUS_OK
         cells.append(cell)
     return cells
 
@@ -169,35 +208,34 @@ def _quality_cells(rows: pd.DataFrame, kinds: pd.Series) -> list[ExportCell]:
 def _benchmark_cells(rows: pd.DataFrame) -> list[ExportCell]:
     import hashlib
 
-    series = series_label(rows, x="seq_len")
-    if "batch" in rows and rows["batch"].nunique() > 1 and not ("tokens_per_batch" in rows and rows["tokens_per_batch"].notna().any()):
-        series = series + " batch=" + rows["batch"].astype(str)
+    series = series_label(rows, x=SEQ_LEN)
+    if BATCH in rows and rows[BATCH].nunique() > 1 and not (TOKENS_PER_BATCH in rows and rows[TOKENS_PER_BATCH].notna().any()):
+        series = series + " batch=" + rows[BATCH].astype(str)
     cells = []
     for label, group in rows.groupby(series, sort=False):
-        key = hashlib.sha256("\n".join(sorted(group["cell_key"].astype(str))).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\n".join(sorted(group[CELL_KEY].astype(str))).encode()).hexdigest()[:16]
         params = _params(group, BENCHMARK_METRICS)
-        params.pop("seq_len", None)
-        cell = ExportCell(f"{slug(str(label))}-{key}", key, str(label), "seq_len", params)
+        params.pop(SEQ_LEN, None)
+        cell = ExportCell(f"{slug(str(label))}-{key}", key, str(label), SEQ_LEN, params)
         for metric in BENCHMARK_METRICS:
             if metric in group:
-                points = _series(group[group["status"] == "ok"], "seq_len", metric)
+                points = _series(group[group[STATUS] == STATUS_OK], SEQ_LEN, metric)
                 if points:
                     cell.metrics[metric] = points
-        bad = [s for s in group["status"].astype(str) if s != "ok"]
-        cell.status = bad[0] if bad else "ok"
+        bad = [s for s in group[STATUS].astype(str) if s != STATUS_OK]
+        cell.status = bad[0] if bad else STATUS_OK
         cells.append(cell)
     return cells
 
 
 def export_cells(run: StoredRun) -> list[ExportCell]:
     """The run's cells as the tools show them (module docstring), in the run's order."""
-    rows = cell_rows(run.rows)
-    if rows.empty or "cell_key" not in rows:
+    parts = split(run.rows)
+    if parts.without_rounds.empty or CELL_KEY not in run.rows:
         raise ExportError(f"{run.path}: no rows to export")
-    kinds = _row_kinds(rows)
-    cells = _quality_cells(rows, kinds)
-    bench = rows[kinds == "benchmark"]
-    if not bench.empty and "variant_label" in bench:
+    cells = _quality_cells(parts)
+    bench = parts.cells
+    if not bench.empty and VARIANT_LABEL in bench:
         cells += _benchmark_cells(bench)
     return cells
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from harness.export import run_names, scalar
-from harness.results import StoredRun, atomic_write_text, cell_rows
+from harness.store.files import atomic_write_text
+from harness.store.reader import StoredRun
+from harness.store.schema import CURVE_ROW, ROUND_ROW, split
 
 ROWS_FILE = "rows.csv"
 CURVES_FILE = "curves.csv"
@@ -34,9 +36,9 @@ def export_csv(run: StoredRun, dest: Path) -> Path:
     suite, run_id = run_names(run)
     folder = dest / suite / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    rows = cell_rows(run.rows)
-    is_curve = rows["row_type"].astype(object).eq("curve") if "row_type" in rows else pd.Series(False, index=rows.index)
-    atomic_write_text(folder / ROWS_FILE, tidy(rows[~is_curve]).to_csv(index=False))
-    if is_curve.any():
-        atomic_write_text(folder / CURVES_FILE, tidy(rows[is_curve]).to_csv(index=False))
+    parts = split(run.rows)
+    curves = parts.curves
+    atomic_write_text(folder / ROWS_FILE, tidy(parts.frame[~parts.kinds.isin((ROUND_ROW, CURVE_ROW))]).to_csv(index=False))
+    if not curves.empty:
+        atomic_write_text(folder / CURVES_FILE, tidy(curves).to_csv(index=False))
     return folder

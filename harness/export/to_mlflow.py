@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.export import ExportCell, ExportError, export_cells, missing_package, run_names
-from harness.results import RUN_INFO, StoredRun
+from harness.store.files import RUN_INFO
+from harness.store.reader import StoredRun
+from harness.store.schema import STATUS_OK
 
 RUN_TAG = "harness.run_id"
 CELL_TAG = "harness.cell"  # the cell's key; "run" on the parent run
@@ -86,7 +88,7 @@ def export_mlflow(run: StoredRun, dest: Path, tracking_uri: str | None = None, r
                 client, experiment_id, run_id, cell.key, cell.name, {**tags, "mlflow.parentRunId": parent, "harness.label": cell.label}
             )
             _log_cell(client, child, cell)
-            client.set_terminated(child, status="FINISHED" if cell.status == "ok" else "FAILED")
+            client.set_terminated(child, status="FINISHED" if cell.status == STATUS_OK else "FAILED")
         # run.json as read and checked by read_run (never the file again: it may be a link elsewhere)
         client.log_text(parent, json.dumps(run.info, indent=1, default=str), RUN_INFO)
         report = reports / suite / run_id if reports is not None else None

@@ -14,14 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.export import ExportCell, export_cells, missing_package, run_names
-from harness.results import StoredRun
+from harness.store.reader import StoredRun
+from harness.store.schema import CODE_VERSION, DEVICE
 
 EVENT_PREFIX = "events.out.tfevents."
 
 
 def _config_text(run: StoredRun, cell: ExportCell) -> str:
     lines = ["| key | value |", "|---|---|"]
-    meta = {"run": f"{run.suite}/{run.run_id}", "code_version": run.code_version, "device": run.device_name, "cell": cell.key}
+    meta = {"run": f"{run.suite}/{run.run_id}", CODE_VERSION: run.code_version, DEVICE: run.device_name, "cell": cell.key}
     for key, value in {**meta, **cell.params}.items():
         lines.append(f"| {key} | {str(value).replace('|', '/')} |")
     return "\n".join(lines)

@@ -176,7 +176,7 @@ def run_selfcheck(
 
 def write_summary(summary: Summary, out: Path) -> Path:
     """Write `out/selfcheck.json` atomically (`Summary.as_dict`); return its path."""
-    from harness.results import atomic_write_json
+    from harness.store.files import atomic_write_json
 
     path = out / SUMMARY_FILE
     atomic_write_json(path, summary.as_dict())

@@ -64,8 +64,8 @@ def check_oom(context: Context) -> Outcome:
     """A cell whose inputs (4 GiB) exceed its 0.25 GiB memory limit comes back from its own process as an
     `oom` row, not a crash: on CPU the allocation passes the address-space backstop (RLIMIT_AS) of the
     limit, on CUDA the caching allocator's per-process memory fraction."""
+    from harness.runner import execute_isolated
     from harness.suites import load_suite
-    from harness.sweep import execute_isolated
 
     path = write_suite(
         context.workdir / "oom",
@@ -102,9 +102,9 @@ def check_pool(context: Context) -> Outcome:
     the GPU its slot pins."""
     from harness.executors import pool_slots, run_pool
     from harness.isolation import THREADS_ENV
-    from harness.results import RunStore
+    from harness.runner import RunOptions
+    from harness.store.writer import RunStore
     from harness.suites import load_suite
-    from harness.sweep import RunOptions
 
     on_cuda = context.device.type == "cuda"
     slots = pool_slots(context.device.type, None if on_cuda else 2)
@@ -145,7 +145,7 @@ def check_suite(context: Context) -> Outcome:
     """A two-cell suite run end to end (`python -m harness run` in its own process, each cell in its own)
     into a temporary folder, then its report (report.md, index.html, figures)."""
     from harness.report import render_report
-    from harness.results import load
+    from harness.store.reader import load
 
     folder = context.workdir / "suite"  # not a column: the check's scratch folder
     path = write_suite(folder, "selfcheck_suite", context.device, dict(seq_len=[64, 128], batch=[1]), mode="forward_backward")

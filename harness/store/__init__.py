@@ -6,5 +6,5 @@
 - `writer`: `RunStore` (journal, fold into results.parquet, run.json, the run's lock), run ids.
 - `reader`: `read_run` -> `StoredRun`, `load`, `latest_run`: how every command opens a run.
 
-Layout of a run folder: see `harness.store.writer`.
+Layout of a run folder: see `harness.store.files`.
 """

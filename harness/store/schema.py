@@ -20,12 +20,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import pandas as pd
-
-from harness.results import ResultsError
 from harness.safe_io import InputFileError, parse_json
+from harness.store.files import ResultsError
+
+if TYPE_CHECKING:  # pandas is imported where rows are split, not into cell processes that only need names
+    import pandas as pd
 
 # --------------------------------------------------------------------------- identity and bookkeeping
 
@@ -77,7 +78,6 @@ MODEL_COLUMNS = (VOCAB_SIZE, D_MODEL, N_HEADS, D_FF, N_LAYERS, MAX_SEQ_LEN, RESI
 
 STATUS = "status"  # text: one of STATUSES
 MESSAGE = "message"  # text: why a cell is not ok (first line the reason), or a probe's failure; "" when ok
-ERROR = "error"  # text: never written by this code; checked as text where a stored row has it
 STATUS_OK, STATUS_OOM, STATUS_TIMEOUT, STATUS_ERROR, STATUS_SKIPPED = "ok", "oom", "timeout", "error", "skipped"
 STATUSES = (STATUS_OK, STATUS_OOM, STATUS_TIMEOUT, STATUS_ERROR, STATUS_SKIPPED)
 
@@ -180,7 +180,7 @@ FINAL_ACCURACY = "final_accuracy"  # % (train row)
 TRAIN_BPD = "train_bpd"  # bits per dim of the training loss since the last point
 EVAL_BPD = "eval_bpd"  # bits per dim on the evaluation batches
 EVAL_ACCURACY = "eval_accuracy"  # % of scored symbols predicted right (NaN where the task has none)
-LR = "lr"  # learning rate of the last step
+LR = "lr"  # learning rate of the last step (the train block's `lr` is the schedule's peak: PEAK_LR)
 WALL_S = "wall_s"  # s of training so far
 TOKENS_SEEN = "tokens_seen"  # input tokens trained on so far
 # eval rows
@@ -202,16 +202,17 @@ EVAL_ROW = "eval"  # the trained model evaluated with one attention
 ROW_KINDS = (CELL_ROW, ROUND_ROW, TRAIN_ROW, CURVE_ROW, EVAL_ROW)
 KIND_BENCHMARK, KIND_QUALITY = "benchmark", "quality"  # suite kinds (the suite's `kind:`; KIND on quality rows)
 
-NOT_COLUMNS = ("STATUS_", "KIND_", "DEFAULT_")  # prefixes of the constants above that are values, not columns
+_VALUE_PREFIXES = ("STATUS_", "KIND_", "DEFAULT_")  # constants above that are values, not columns
 COLUMNS = frozenset(  # every column name: the upper-case text constants above, less values, row kinds and prefixes
     value
     for name, value in dict(globals()).items()
-    if name.isupper() and isinstance(value, str) and not name.startswith(NOT_COLUMNS) and not name.endswith(("_ROW", "_PREFIX"))
+    if name.isupper() and isinstance(value, str) and not name.startswith(_VALUE_PREFIXES) and not name.endswith(("_ROW", "_PREFIX"))
 ) | frozenset(NVML_COLUMNS)
 
-# What the readers require of the values of a column (missing values are always allowed).
+# What the readers require of the values of a column (missing values are always allowed); "error",
+# which this code never writes, is held to text where a foreign row has it.
 TEXT_COLUMNS = (
-    CELL_KEY, STATUS, VARIANT, VARIANT_LABEL, ROW_TYPE, SUITE, RUN_ID, ERROR, MESSAGE, WORKLOAD, MODE, DEVICE, DTYPE,
+    CELL_KEY, STATUS, VARIANT, VARIANT_LABEL, ROW_TYPE, SUITE, RUN_ID, "error", MESSAGE, WORKLOAD, MODE, DEVICE, DTYPE,
     CODE_VERSION, DEVICE_NAME, CONFIG_KEY, TASK, EVAL_VARIANT, TRAIN_VARIANT, CONTENTION, TIMER, MEM_METHOD, RESIDUAL,
 )  # fmt: skip
 NUMERIC_COLUMNS = (
@@ -323,6 +324,8 @@ def row_kinds(frame: pd.DataFrame) -> pd.Series:
     A row without a row_type is a benchmark cell's (CELL_ROW); a frame stored without the column
     at all (older quality runs) is read by its columns: `eval_variant` set -> EVAL_ROW, else `step`
     set -> CURVE_ROW."""
+    import pandas as pd
+
     if ROW_TYPE in frame:
         kinds = frame[ROW_TYPE].astype(object)
         return kinds.where(kinds.notna(), CELL_ROW)
@@ -385,19 +388,21 @@ class RowsByKind:
     @property
     def failed_trains(self) -> pd.DataFrame:
         """Rows of a kind other than cell, round, curve and eval (train rows) whose status is not ok."""
-        status = self.frame[STATUS] if STATUS in self.frame else pd.Series(None, index=self.frame.index, dtype=object)
+        status = self.frame[STATUS] if STATUS in self.frame else self.kinds.map(lambda _: None)
         return self.frame[~self.kinds.isin((CELL_ROW, ROUND_ROW, CURVE_ROW, EVAL_ROW)) & status.ne(STATUS_OK)]
 
     @property
     def unevaluated_trains(self) -> pd.DataFrame:
         """Train rows of cells that stored no eval row (they failed before evaluating)."""
         trains, evals = self.trains, self.evals
-        return trains[~trains[CELL_KEY].isin(evals.get(TRAIN_KEY, pd.Series(dtype=object)))]
+        return trains[~trains[CELL_KEY].isin(evals[TRAIN_KEY] if TRAIN_KEY in evals else [])]
 
     def keyed(self) -> pd.DataFrame:
         """The rows two runs are paired on, each with its identity in CONFIG_KEY (a new frame):
         a benchmark run's cell rows keyed by `config_key`; a quality run's eval rows plus the train
         rows of cells that stored no eval row, keyed by `quality_key` (curves are not paired)."""
+        import pandas as pd
+
         if self.is_quality:
             rows = pd.concat([self.evals, self.unevaluated_trains], ignore_index=True)
             rows[CONFIG_KEY] = [quality_key(row) for row in rows.to_dict("records")]
@@ -410,5 +415,7 @@ class RowsByKind:
 def split(frame: pd.DataFrame | Iterable[Mapping[str, Any]]) -> RowsByKind:
     """A run's rows (a DataFrame, or row dicts) sorted by kind: `.cells`, `.rounds`, `.trains`,
     `.curves`, `.evals`, `.without_rounds`, `.own_rows`, `.keyed()` (see RowsByKind)."""
+    import pandas as pd
+
     frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(list(frame))
     return RowsByKind(frame, row_kinds(frame))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.overrides import Override, OverrideError, apply_overrides
+from harness.store.schema import DEVICE, KIND_QUALITY
 from harness.suites.benchmark import BenchmarkSuite, load_benchmark_suite
 from harness.suites.common import Locator, SuiteError, filter_cells, parse_suite_yaml, suite_kind
 from harness.suites.quality import QualitySuite, load_quality_suite
@@ -39,9 +40,9 @@ def load_suite(path: str | Path, device: str | None = None, overrides: Sequence[
         apply_overrides(data, [o for o in overrides if o.early])
     except OverrideError as error:
         raise SuiteError(str(error), path) from None
-    if suite_kind(data, locator) == "quality":
+    if suite_kind(data, locator) == KIND_QUALITY:
         suite: Suite = load_quality_suite(path, data, locator, device)
     else:
         suite = load_benchmark_suite(path, data, locator, device)
-    suite.resolved_config = {**locator.merged, "device": suite.device}
+    suite.resolved_config = {**locator.merged, DEVICE: suite.device}
     return suite

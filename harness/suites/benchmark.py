@@ -25,19 +25,22 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
-from harness.cells import (
-    DEFAULT_MODEL_VARIANT,
-    MODEL_ATTENTION_KEYS,
-    MODEL_VARIANT_KEY,
-    NOT_MODEL_KEYS,
-    canonical_json,
-    jsonable,
-    model_fields,
-    variant_fields,
-)
+from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, jsonable, model_fields, variant_fields
 from harness.cells.benchmark import BenchmarkCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
+from harness.store.schema import (
+    AXIAL_SHAPE,
+    BATCH,
+    DEFAULT_MODEL_VARIANT,
+    FLOAT32_MATMUL_PRECISION,
+    KIND_BENCHMARK,
+    MAX_SEQ_LEN,
+    MODEL_VARIANT,
+    SEQ_LEN,
+    TOKENS_PER_BATCH,
+    canonical_json,
+)
 from harness.suites.common import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -56,15 +59,15 @@ from harness.suites.common import (
     format_path,
     merged_for_device,
     pydantic_error,
-    values_text,
 )
+from harness.suites.variant_entries import VariantExpansion, expand_variants, expansion_labels
 from variants.registry import type_matches, type_name
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 Mode = Literal["forward", "forward_backward", "train_step"]
 Workload = Literal["attention", "block", "model"]
 
-SHAPE_KEYS = ("seq_len", "batch", "tokens_per_batch")
+SHAPE_KEYS = (SEQ_LEN, BATCH, TOKENS_PER_BATCH)
 
 
 # --------------------------------------------------------------------------- schema
@@ -101,7 +104,7 @@ class MeasureSpec(Strict):
     contention_gpu_other_util_pct: float = Field(5.0, ge=0, le=100)
     contention_retries: int = Field(2, ge=0, le=100)
     contention_backoff_s: float = Field(1.0, ge=0, le=MAX_SECONDS)
-    # Rounds (harness.sweep): every cell measured `rounds` times, round after round over all cells
+    # Rounds (harness.runner): every cell measured `rounds` times, round after round over all cells
     # (rounds after the first in an order shuffled with `rounds_seed`); the cell's median is over rounds.
     rounds: int = Field(1, ge=1, le=MAX_ROUNDS)
     rounds_seed: int = 0
@@ -156,7 +159,7 @@ SCHEMAS: dict[KeyPath, type[BaseModel]] = {
 class BenchmarkSuite:
     """A validated benchmark suite; `cells()` lists its expansion."""
 
-    kind: typing.ClassVar[str] = "benchmark"
+    kind: typing.ClassVar[str] = KIND_BENCHMARK
 
     name: str
     description: str
@@ -193,8 +196,8 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
 
     name = check_suite_name(spec.name if spec.name is not None else path.stem, locator)
     measure = spec.measure.model_dump()
-    if measure["float32_matmul_precision"] is None:
-        del measure["float32_matmul_precision"]  # unset: cells keep the keys they had before the setting existed
+    if measure[FLOAT32_MATMUL_PRECISION] is None:
+        del measure[FLOAT32_MATMUL_PRECISION]  # unset: cells keep the keys they had before the setting existed
     if measure["min_repeats"] > measure["max_repeats"]:
         raise locator.error(
             ("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}"
@@ -203,7 +206,7 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
     fields = model_fields()
     model = check_model_keys(spec.model, fields, locator)
     sweep = _check_sweep(spec.sweep, fields, locator)
-    entries = _expand_variants(spec.variants, locator, sweep)
+    entries = expand_variants(spec.variants, locator, sweep)
     suite = BenchmarkSuite(
         name,
         spec.description,
@@ -257,136 +260,11 @@ def _check_sweep(sweep: dict[str, Any], fields: dict[str, tuple[Any, Any]], loca
                 raise locator.error(("sweep", key, i), f"{key} values must be {type_name(fields[key][0])}, got {value!r}")
             if value in values[:i]:
                 raise locator.error(("sweep", key, i), f"duplicate value {value!r}")
-    if "seq_len" not in sweep:
-        raise locator.error(("sweep", "seq_len"), "required key 'seq_len' is missing (e.g. seq_len: [1024, 2048])")
-    if "batch" in sweep and "tokens_per_batch" in sweep:
-        raise locator.error(("sweep", "tokens_per_batch"), "give either batch or tokens_per_batch, not both")
+    if SEQ_LEN not in sweep:
+        raise locator.error(("sweep", SEQ_LEN), "required key 'seq_len' is missing (e.g. seq_len: [1024, 2048])")
+    if BATCH in sweep and TOKENS_PER_BATCH in sweep:
+        raise locator.error(("sweep", TOKENS_PER_BATCH), "give either batch or tokens_per_batch, not both")
     return {k: list(v) for k, v in sweep.items()}
-
-
-@dataclass
-class _Expansion:
-    index: int  # position in `variants:`
-    name: str
-    params: dict[str, Any]
-    value_index: dict[str, int]  # param -> index into its list, for list-valued params
-    label: str | None
-    varying_in_entry: list[str]  # list-valued params with more than one value
-    seq_lens: list[int] | None = None  # the entry's own `seq_len:` list, replacing sweep.seq_len
-    model_variant: str | None = None  # the entry's `model_variant:` (workload model): which LM to build
-
-
-def _expand_variants(entries: list[dict[str, Any]], locator: Locator, sweep: dict[str, list]) -> list[_Expansion]:
-    """The expansions of the `variants:` entries (list-valued parameters: one per combination),
-    after checking (`check_cell_count`) that with `sweep` they make at most MAX_CELLS cells."""
-    import variants
-
-    registered = variants.available("attention")
-    if not entries:
-        raise locator.error(("variants",), f"empty list: name at least one variant ({', '.join(registered)})")
-    planned = []
-    for i, entry in enumerate(entries):
-        name = entry.get("name")
-        if name is None:
-            raise locator.error(("variants", i), f"missing 'name'; registered attention variants: {', '.join(registered)}")
-        if name not in registered:
-            raise locator.error(
-                ("variants", i, "name"),
-                f"unknown variant {name!r}{did_you_mean(name, registered)}; registered attention variants: {', '.join(registered)}",
-            )
-        fields = variant_fields(name)
-        label = entry.get("label")
-        if label is not None and (not isinstance(label, str) or not label.strip()):
-            raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
-        seq_lens = entry.get("seq_len")
-        if seq_lens is not None:
-            if not isinstance(seq_lens, list) or not seq_lens:
-                raise locator.error(
-                    ("variants", i, "seq_len"),
-                    f"must be a non-empty list of lengths replacing sweep.seq_len for this entry, got {seq_lens!r}",
-                )
-            check_cell_count(len(seq_lens), locator, ("variants", i, "seq_len"), f"{len(seq_lens):,} values of seq_len")
-            for j, value in enumerate(seq_lens):
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value in seq_lens[:j]:
-                    raise locator.error(("variants", i, "seq_len", j), f"seq_len values must be distinct positive integers, got {value!r}")
-        model_variant = _check_model_variant(entry.get(MODEL_VARIANT_KEY), ("variants", i, MODEL_VARIANT_KEY), locator)
-        choices: dict[str, list[Any]] = {}
-        expanded: set[str] = set()
-        for key, value in entry.items():
-            if key in ("name", "label", "seq_len", MODEL_VARIANT_KEY):
-                continue
-            where = ("variants", i, key)
-            if key in MODEL_ATTENTION_KEYS:
-                raise locator.error(where, f"{key!r} comes from `model:` (set model.{key} or sweep it), not from a variant entry")
-            if key not in fields:
-                allowed = describe_fields({k: v for k, v in fields.items() if k not in MODEL_ATTENTION_KEYS})
-                raise locator.error(
-                    where, f"variant {name!r} does not take {key!r}{did_you_mean(key, fields)}; its parameters: {allowed}, plus label"
-                )
-            annotation = fields[key][0]
-            takes_sequence = typing.get_origin(annotation) in (list, tuple) or any(
-                typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation)
-            )
-            # A list expands into one variant per value, except a flat list for a sequence-typed parameter.
-            expands = isinstance(value, list) and (not takes_sequence or all(isinstance(v, list) for v in value))
-            if expands and not value:
-                raise locator.error(where, "empty list: give at least one value")
-            choices[key] = value if expands else [value]
-            if expands:
-                expanded.add(key)
-        planned.append((i, name, choices, expanded, label, seq_lens, model_variant))
-    other = math.prod(len(values) for key, values in sweep.items() if key != "seq_len")
-    count = sum(math.prod(map(len, p[2].values())) * len(p[5] or sweep["seq_len"]) * other for p in planned)
-    sizes = " x ".join(f"{len(values)} {key}" for key, values in sweep.items())
-    check_cell_count(count, locator, ("variants",), f"{sizes} per variant expansion; list-valued variant parameters multiply")
-    out = []
-    for i, name, choices, expanded, label, seq_lens, model_variant in planned:
-        varying = [k for k in choices if k in expanded and len(choices[k]) > 1]
-        for combo in itertools.product(*(enumerate(v) for v in choices.values())):
-            params = {k: v for k, (_, v) in zip(choices, combo)}
-            value_index = {k: j for k, (j, _) in zip(choices, combo) if k in expanded}
-            out.append(_Expansion(i, name, params, value_index, label, varying, seq_lens, model_variant))
-    return out
-
-
-def _check_model_variant(value: Any, where: KeyPath, locator: Locator) -> str | None:
-    """A variant entry's `model_variant`: a registered model-kind variant (the LM a `model` cell
-    builds: `reformer_lm`, ours, or a peer such as `hf_reformer_lm`), or None when not given."""
-    import variants
-
-    if value is None:
-        return None
-    models = variants.available("model")
-    if value not in models:
-        raise locator.error(where, f"unknown model variant {value!r}{did_you_mean(value, models)}; model variants: {', '.join(models)}")
-    return str(value)
-
-
-def _labels(expansions: list[_Expansion], locator: Locator) -> list[str]:
-    """Entry label (plus what varies within the entry) or auto: name + params that vary across
-    all expansions of that variant name."""
-    effective = []
-    for e in expansions:
-        defaults = {k: d for k, (_, d) in variant_fields(e.name).items() if k not in MODEL_ATTENTION_KEYS}
-        effective.append(jsonable(defaults | e.params))
-    labels = []
-    for e, eff in zip(expansions, effective):
-        if e.label is not None:
-            labels.append(" ".join([e.label] + [f"{k}={values_text(e.params[k])}" for k in e.varying_in_entry]))
-            continue
-        same = [f for x, f in zip(expansions, effective) if x.name == e.name]
-        shown = [k for k in eff if len({values_text(f.get(k)) for f in same}) > 1]
-        name = e.name if e.model_variant is None else f"{e.model_variant} {e.name}"
-        labels.append(" ".join([name] + [f"{k}={values_text(eff[k])}" for k in shown]))
-    first: dict[str, tuple[int, dict]] = {}
-    for e, label in zip(expansions, labels):
-        identity = e.params | {"name": e.name, MODEL_VARIANT_KEY: e.model_variant}
-        if label in first and first[label][1] != identity:
-            raise locator.error(
-                ("variants", e.index), f"label {label!r} is also used by variants[{first[label][0]}]; give one a distinct `label:`"
-            )
-        first.setdefault(label, (e.index, identity))
-    return labels
 
 
 def _mentioned(keys: typing.Iterable[str], message: str) -> str | None:
@@ -402,7 +280,7 @@ def _model_path(key: str | None, swept_at: dict[str, int], suite: BenchmarkSuite
 
 
 def _check_model_config(
-    model: dict[str, Any], e: _Expansion, swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
+    model: dict[str, Any], e: VariantExpansion, swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
 ) -> Any:
     """The model's config through its own consistency check (residual/activation names,
     divisibility, ...): ReformerLMConfig, or the entry's `model_variant`'s config (a peer's own
@@ -424,7 +302,7 @@ def _check_model_config(
 
 
 def _check_variant(
-    e: _Expansion, model: dict[str, Any], swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
+    e: VariantExpansion, model: dict[str, Any], swept_at: dict[str, int], suite: BenchmarkSuite, cache: dict[str, Any], locator: Locator
 ) -> Any:
     """The expanded parameters through `variants.make_config`, errors mapped to their key path;
     returns the config (cached by its parameters)."""
@@ -453,7 +331,7 @@ def _check_variant(
     return config
 
 
-def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, locator: Locator) -> None:
+def _check_seq_len(config: Any, e: VariantExpansion, seq_len: int, where: KeyPath, locator: Locator) -> None:
     """The variant's own length rule (`check_seq_len`, e.g. LSH's bucket_size must divide seq_len)."""
     check = getattr(config, "check_seq_len", None)
     if check is None:
@@ -466,50 +344,50 @@ def _check_seq_len(config: Any, e: _Expansion, seq_len: int, where: KeyPath, loc
 
 def _max_len(model: dict[str, Any]) -> int:
     """Longest sequence the LM's positional embedding covers (mirrors ReformerLM.max_len)."""
-    axial = model.get("axial_shape")
-    return model["max_seq_len"] if axial is None else min(model["max_seq_len"], math.prod(axial))
+    axial = model.get(AXIAL_SHAPE)
+    return model[MAX_SEQ_LEN] if axial is None else min(model[MAX_SEQ_LEN], math.prod(axial))
 
 
 def _build_cells(
-    suite: BenchmarkSuite, expansions: list[_Expansion], fields: dict[str, tuple[Any, Any]], locator: Locator
+    suite: BenchmarkSuite, expansions: list[VariantExpansion], fields: dict[str, tuple[Any, Any]], locator: Locator
 ) -> list[BenchmarkCell]:
     missing = [k for k, (_, d) in fields.items() if d is dataclasses.MISSING and k not in suite.model and k not in suite.sweep]
     if missing:
         raise locator.error(("model",), f"required model key(s) missing: {', '.join(missing)}")
     base_model = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING} | suite.model
-    labels = _labels(expansions, locator)
-    other_keys = [k for k in suite.sweep if k != "seq_len"]
+    labels = expansion_labels(expansions, locator)
+    other_keys = [k for k in suite.sweep if k != SEQ_LEN]
     cache: dict[str, Any] = {}
     cells: list[BenchmarkCell] = []
     seen: dict[str, int] = {}
     for e, label in zip(expansions, labels):
         # An entry's own seq_len list replaces the sweep's (e.g. the longest lengths for one variant only).
-        seq_len_at: KeyPath = ("variants", e.index, "seq_len") if e.seq_lens else ("sweep", "seq_len")
-        seq_lens = sorted(enumerate(e.seq_lens or suite.sweep["seq_len"]), key=lambda iv: iv[1])
+        seq_len_at: KeyPath = ("variants", e.index, SEQ_LEN) if e.seq_lens else ("sweep", SEQ_LEN)
+        seq_lens = sorted(enumerate(e.seq_lens or suite.sweep[SEQ_LEN]), key=lambda iv: iv[1])
         for combo in itertools.product(*(enumerate(suite.sweep[k]) for k in other_keys)):
             chosen = {k: v for k, (_, v) in zip(other_keys, combo)}
             swept_at = {k: i for k, (i, _) in zip(other_keys, combo)}
             model = base_model | {k: v for k, v in chosen.items() if k not in SHAPE_KEYS}
             if e.model_variant is not None and suite.workload != "model":
                 raise locator.error(
-                    ("variants", e.index, MODEL_VARIANT_KEY),
+                    ("variants", e.index, MODEL_VARIANT),
                     f"model_variant chooses the LM of workload 'model'; this suite's is {suite.workload!r}",
                 )
             model_config = _check_model_config(model, e, swept_at, suite, cache, locator)
             config = _check_variant(e, model, swept_at, suite, cache, locator)
             for j, seq_len in seq_lens:
-                tokens = chosen.get("tokens_per_batch")
+                tokens = chosen.get(TOKENS_PER_BATCH)
                 if tokens is not None:
                     if tokens % seq_len:
                         raise locator.error(
-                            ("sweep", "tokens_per_batch", swept_at["tokens_per_batch"]),
+                            ("sweep", TOKENS_PER_BATCH, swept_at[TOKENS_PER_BATCH]),
                             f"tokens_per_batch={tokens} is not divisible by seq_len={seq_len} "
                             f"({format_path(locator.source(seq_len_at + (j,)))}); "
                             "use a multiple of every seq_len",
                         )
                     batch = tokens // seq_len
                 else:
-                    batch = chosen.get("batch", 1)
+                    batch = chosen.get(BATCH, 1)
                 _check_seq_len(config, e, seq_len, seq_len_at + (j,), locator)
                 if e.model_variant is not None:
                     _check_seq_len(model_config, e, seq_len, seq_len_at + (j,), locator)
@@ -517,8 +395,8 @@ def _build_cells(
                     raise locator.error(
                         seq_len_at + (j,),
                         f"seq_len={seq_len} exceeds what the model's positional embedding covers "
-                        f"({_max_len(model)}: max_seq_len={model['max_seq_len']}, "
-                        f"axial_shape={model.get('axial_shape')})",
+                        f"({_max_len(model)}: max_seq_len={model[MAX_SEQ_LEN]}, "
+                        f"axial_shape={model.get(AXIAL_SHAPE)})",
                     )
                 cell = BenchmarkCell(
                     suite.name,
@@ -529,7 +407,7 @@ def _build_cells(
                     seq_len,
                     batch,
                     tokens,
-                    jsonable(model | ({MODEL_VARIANT_KEY: e.model_variant} if e.model_variant else {})),
+                    jsonable(model | ({MODEL_VARIANT: e.model_variant} if e.model_variant else {})),
                     e.name,
                     jsonable(e.params),
                     label,

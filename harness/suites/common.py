@@ -15,15 +15,16 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.cells import NOT_MODEL_KEYS, Cell, canonical_json
+from harness.cells import NOT_MODEL_KEYS, Cell
 from harness.expressions import ExpressionError, parse_expression, select_rows
 from harness.overrides import Override, OverrideError, apply_overrides
 from harness.safe_yaml import YAMLInputError, compose_yaml, read_yaml_text
+from harness.store.schema import DEVICE, KIND, KIND_BENCHMARK, KIND_QUALITY, canonical_json
 from variants.registry import type_matches, type_name
 
 Device = Literal["auto", "cpu", "cuda"]
 KeyPath = tuple[Any, ...]  # a key path: ("variants", 2, "n_hashes")
-SUITE_KINDS = ("benchmark", "quality")
+SUITE_KINDS = (KIND_BENCHMARK, KIND_QUALITY)
 
 
 class SuiteError(Exception):
@@ -259,9 +260,9 @@ def merged_for_device(
     devices = typing.get_args(Device)
     if device is not None and device not in devices:
         raise SuiteError(f"device override {device!r} is not one of: {', '.join(devices)}", locator.file)
-    requested = device or data.get("device", "auto")
+    requested = device or data.get(DEVICE, "auto")
     if requested not in devices:
-        raise locator.error(("device",), f"{requested!r} is not one of: {', '.join(devices)}")
+        raise locator.error((DEVICE,), f"{requested!r} is not one of: {', '.join(devices)}")
     resolved = resolve_device(requested)
     merged = {k: v for k, v in data.items() if k not in ("cpu", "cuda")}
     override = data.get(resolved)
@@ -285,10 +286,10 @@ def merged_for_device(
 def suite_kind(data: Any, locator: Locator) -> str:
     """ "benchmark" or "quality": the `kind:` key, else "quality" when there is a `train:` block."""
     if not isinstance(data, dict):
-        return "benchmark"
-    kind = data.get("kind", "quality" if "train" in data else "benchmark")
+        return KIND_BENCHMARK
+    kind = data.get(KIND, KIND_QUALITY if "train" in data else KIND_BENCHMARK)
     if kind not in SUITE_KINDS:
-        raise locator.error(("kind",), f"unknown suite kind {kind!r}{did_you_mean(kind, SUITE_KINDS)}; kinds: {', '.join(SUITE_KINDS)}")
+        raise locator.error((KIND,), f"unknown suite kind {kind!r}{did_you_mean(kind, SUITE_KINDS)}; kinds: {', '.join(SUITE_KINDS)}")
     return kind
 
 

@@ -23,7 +23,7 @@ sequence length, or an eval variant whose weights cannot be loaded from the trai
 `SuiteError` naming the file, line and key path; `python -m harness run` exits 2 on it.
 
 Each expansion is one training cell (harness.cells.quality.QualityCell), run like any cell by the
-sweep and the executors, each in its own process.
+cell runner (harness.runner) and the executors, each in its own process.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field, ValidationError
 from harness.cells import MODEL_ATTENTION_KEYS, jsonable, model_fields, variant_fields
 from harness.cells.quality import AttentionChoice, QualityCell
 from harness.check_rules import CHECK_SCHEMAS, ChecksSpec
+from harness.store.schema import DEVICE, FLOAT32_MATMUL_PRECISION, KIND_QUALITY, MAX_SEQ_LEN, SEED, SEQ_LEN, TASK, VOCAB_SIZE
 from harness.suites.common import (
     MAX_SECONDS,
     MAX_THREADS,
@@ -190,7 +191,7 @@ SCHEMAS: dict[KeyPath, type[BaseModel]] = {
 class QualitySuite:
     """A validated quality suite; `cells()` lists its training cells."""
 
-    kind: typing.ClassVar[str] = "quality"
+    kind: typing.ClassVar[str] = KIND_QUALITY
 
     name: str
     description: str
@@ -329,32 +330,30 @@ def _parameter_shapes(choice: AttentionChoice, model: dict[str, Any]) -> dict[st
 
 def _check_task(task: Any, locator: Locator) -> dict[str, Any]:
     if not isinstance(task, dict) or "name" not in task:
-        raise locator.error(("task",), f"task must be a mapping with a `name` ({', '.join(TASKS)}), got {task!r}")
+        raise locator.error((TASK,), f"task must be a mapping with a `name` ({', '.join(TASKS)}), got {task!r}")
     if task["name"] not in TASK_SCHEMAS:
-        raise locator.error(
-            ("task", "name"), f"unknown task {task['name']!r}{did_you_mean(task['name'], TASKS)}; tasks: {', '.join(TASKS)}"
-        )
+        raise locator.error((TASK, "name"), f"unknown task {task['name']!r}{did_you_mean(task['name'], TASKS)}; tasks: {', '.join(TASKS)}")
     schema = TASK_SCHEMAS[task["name"]]
     try:
         spec = schema.model_validate(task)
     except ValidationError as error:
-        raise pydantic_error(error, locator, {("task",): schema}, ("task",)) from None
+        raise pydantic_error(error, locator, {(TASK,): schema}, (TASK,)) from None
     out = spec.model_dump()
     if "split" in out:
         split = out["split"]
         if len(split) != 3 or any(f < 0 for f in split) or sum(split) > 1 + 1e-9:
-            raise locator.error(("task", "split"), f"split must be three fractions (train, valid, test) summing to at most 1, got {split}")
-    if out["name"] == "duplication" and out["seq_len"] % 2:
-        raise locator.error(("task", "seq_len"), f"duplication needs an even seq_len (0 w 0 w), got {out['seq_len']}")
+            raise locator.error((TASK, "split"), f"split must be three fractions (train, valid, test) summing to at most 1, got {split}")
+    if out["name"] == "duplication" and out[SEQ_LEN] % 2:
+        raise locator.error((TASK, SEQ_LEN), f"duplication needs an even seq_len (0 w 0 w), got {out[SEQ_LEN]}")
     return out
 
 
 def _check_model(model: Any, fields: dict[str, tuple[Any, Any]], task: dict[str, Any], locator: Locator) -> dict[str, Any]:
     model = check_model_keys(model, fields, locator)
-    task_vocab = task.get("vocab_size", 256)
-    if model.get("vocab_size", task_vocab) != task_vocab:
+    task_vocab = task.get(VOCAB_SIZE, 256)
+    if model.get(VOCAB_SIZE, task_vocab) != task_vocab:
         raise locator.error(
-            ("model", "vocab_size"), f"the {task['name']} task has {task_vocab} symbols, model.vocab_size={model['vocab_size']}"
+            ("model", VOCAB_SIZE), f"the {task['name']} task has {task_vocab} symbols, model.vocab_size={model[VOCAB_SIZE]}"
         )
     return dict(model)
 
@@ -363,15 +362,15 @@ def _check_sweep(sweep: Any, fields: dict[str, tuple[Any, Any]], locator: Locato
     if not isinstance(sweep, dict):
         raise locator.error(("sweep",), f"sweep must be a mapping of key: [values], got {sweep!r}")
     for key, values in sweep.items():
-        if key != "seed" and key not in fields:
+        if key != SEED and key not in fields:
             raise locator.error(
                 ("sweep", key),
-                f"unknown sweep key {key!r}{did_you_mean(key, [*fields, 'seed'])}; allowed: seed and the model keys {', '.join(fields)}",
+                f"unknown sweep key {key!r}{did_you_mean(key, [*fields, SEED])}; allowed: seed and the model keys {', '.join(fields)}",
             )
         if not isinstance(values, list) or not values:
             raise locator.error(("sweep", key), f"must be a non-empty list of values, got {values!r}")
         check_cell_count(len(values), locator, ("sweep", key), f"{len(values):,} values of {key}")
-        annotation = int if key == "seed" else fields[key][0]
+        annotation = int if key == SEED else fields[key][0]
         for i, value in enumerate(values):
             if not type_matches(value, annotation):
                 raise locator.error(("sweep", key, i), f"{key} values must be {type_name(annotation)}, got {value!r}")
@@ -385,8 +384,8 @@ def load_quality_suite(path: Path, data: Any, locator: Locator, device: str | No
     `device` (auto|cpu|cuda) overrides the file's. Raises SuiteError (never anything else)."""
     if not isinstance(data, dict):
         raise locator.error((), "a quality suite must be a mapping; required keys: kind, task, variants")
-    merged, resolved = merged_for_device(data, device, locator, OverrideSpec, SCHEMAS, replace_whole=("task",))
-    merged["device"] = resolved
+    merged, resolved = merged_for_device(data, device, locator, OverrideSpec, SCHEMAS, replace_whole=(TASK,))
+    merged[DEVICE] = resolved
     try:
         spec = QualitySuiteSpec.model_validate(merged)
     except ValidationError as error:
@@ -406,27 +405,27 @@ def load_quality_suite(path: Path, data: Any, locator: Locator, device: str | No
     if len(spec.train.betas) != 2 or not all(0 <= b < 1 for b in spec.train.betas):
         raise locator.error(("train", "betas"), f"betas must be two numbers in [0, 1), got {spec.train.betas}")
     train = spec.train.model_dump()
-    if train["float32_matmul_precision"] is None:
-        del train["float32_matmul_precision"]  # unset: cells keep the keys they had before the setting existed
+    if train[FLOAT32_MATMUL_PRECISION] is None:
+        del train[FLOAT32_MATMUL_PRECISION]  # unset: cells keep the keys they had before the setting existed
     evaluation = spec.eval.model_dump()
     name = check_suite_name(spec.name or path.stem, locator)
     slurm = (spec.slurm or SlurmSpec()).model_dump()
     suite = QualitySuite(name, spec.description, path, resolved, task, train, evaluation, spec.checks, slurm)
 
     base = {k: d for k, (_, d) in fields.items() if d is not dataclasses.MISSING}
-    base.update(vocab_size=task.get("vocab_size", 256))
+    base[VOCAB_SIZE] = task.get(VOCAB_SIZE, 256)
     seq_len = QualityCell("", "", task, {}, AttentionChoice("", {}, ""), train, evaluation, ()).seq_len
-    base.update(max_seq_len=seq_len if seq_len is not None else base["max_seq_len"])
+    base[MAX_SEQ_LEN] = seq_len if seq_len is not None else base[MAX_SEQ_LEN]
     base.update(model)
-    if seq_len is not None and base["max_seq_len"] < seq_len:
-        raise locator.error(("model", "max_seq_len"), f"max_seq_len={base['max_seq_len']} is shorter than the task's seq_len={seq_len}")
+    if seq_len is not None and base[MAX_SEQ_LEN] < seq_len:
+        raise locator.error(("model", MAX_SEQ_LEN), f"max_seq_len={base[MAX_SEQ_LEN]} is shorter than the task's seq_len={seq_len}")
     sweep_keys = list(sweep)
     cells = []
     seen: set[str] = set()
     for combo in itertools.product(*(enumerate(sweep[k]) for k in sweep_keys)):
         chosen = {k: v for k, (_, v) in zip(sweep_keys, combo)}
-        cell_model = base | {k: v for k, v in chosen.items() if k != "seed"}
-        cell_train = train | ({"seed": chosen["seed"]} if "seed" in chosen else {})
+        cell_model = base | {k: v for k, v in chosen.items() if k != SEED}
+        cell_train = train | ({SEED: chosen[SEED]} if SEED in chosen else {})
         trained = _expand_attention(spec.variants, "variants", cell_model, seq_len, locator)
         evals = (
             [c for _, c in _expand_attention(spec.eval_variants, "eval_variants", cell_model, seq_len, locator)]

@@ -42,7 +42,7 @@ import numpy as np
 
 from harness.cells import model_fields
 from harness.cells.benchmark import BenchmarkCell, floor_columns
-from harness.results import RunStore
+from harness.store.writer import RunStore
 
 # --------------------------------------------------------------------------- environment (run.json)
 

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from harness import cli
-from harness.cells.benchmark import config_key_of
 from harness.check import (
     IMPROVEMENT,
     INCONCLUSIVE,
@@ -27,7 +26,8 @@ from harness.check import (
     run_check,
 )
 from harness.check_rules import ChecksSpec, parse_checks
-from harness.results import RunStore
+from harness.store.schema import config_key as config_key_of
+from harness.store.writer import RunStore
 from harness.suites import SuiteError, load_suite
 
 REPO = Path(__file__).resolve().parents[2]
@@ -479,7 +479,7 @@ def test_rules_come_from_the_suite_text_of_the_run(tmp_path, cells):
 def test_config_key_ignores_code_version_and_survives_parquet(tmp_path, cells):
     run = make_run(tmp_path, "run", cells, seed=1, code_version="v1")
     other = make_run(tmp_path, "other", cells, seed=1, code_version="v2")
-    from harness.results import load
+    from harness.store.reader import load
 
     keys = {config_key_of(r) for r in load(run).to_dict("records")}
     assert keys == {config_key_of(r) for r in load(other).to_dict("records")} == {c.config_key() for c in cells}

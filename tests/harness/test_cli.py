@@ -16,12 +16,14 @@ import pytest
 import tomllib
 import torch
 import yaml
-from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli
 from harness.report import render_report
-from harness.results import PARQUET, CorruptCellWarning, RunStore, load, load_run_info
 from harness.status import format_status, run_status
+from harness.store.files import PARQUET, CorruptCellWarning
+from harness.store.reader import load, load_run_info
+from harness.store.writer import RunStore
 from tests.harness.suites.test_quality_suite import BASE as QUALITY_SUITE
 
 
@@ -357,16 +359,17 @@ def test_an_installed_package_writes_results_and_reports_where_the_user_is(tmp_p
 def failing_writes(monkeypatch, code: int, when=lambda path: True) -> None:
     """Every result-file write for which `when(path)` holds raises OSError(code), as a full disk
     (ENOSPC) or a read-only mount (EROFS) would; the others are written."""
-    import harness.results
+    from harness.store import files, writer
 
-    real = harness.results.atomic_write_bytes
+    real = files.atomic_write_bytes
 
     def write(path, data):
         if when(Path(path)):
             raise OSError(code, os.strerror(code), str(path))
         real(path, data)
 
-    monkeypatch.setattr(harness.results, "atomic_write_bytes", write)
+    for module in (files, writer):  # json files through files, the parquet through writer
+        monkeypatch.setattr(module, "atomic_write_bytes", write)
 
 
 def test_a_disk_full_mid_run_stops_with_the_resume_command_and_loses_nothing(tmp_path, capsys, monkeypatch):

@@ -13,15 +13,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_sweep import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, statuses, write_suite  # noqa: F401 - a fixture, used by name
 
-from harness import cli, executors, isolation, slurm, sweep
+from harness import cli, executors, isolation, runner, slurm
 from harness.commands.run import planned_cells
 from harness.executors import pool_slots, run_pool, slurm_parameters
-from harness.results import RunStore, load
+from harness.runner import RunOptions, run_cells
 from harness.status import run_status
+from harness.store.reader import load
+from harness.store.writer import RunStore
 from harness.suites import SuiteError, load_suite
-from harness.sweep import RunOptions, run_cells
 
 
 def options(lines: list[str] | None = None) -> RunOptions:
@@ -41,7 +42,7 @@ def test_pool_matches_local_and_a_killed_workers_cell_is_an_error(tmp_path, misb
     crashed = next(r for r in pooled if r["status"] == "error")
     assert "killed by signal SIGKILL" in crashed["message"]
     assert sorted(load(store.path)["cell_key"]) == sorted(by_key(local)) and not store.running()
-    ok = next(r for r in pooled if r["status"] == "ok")  # its sweep and the other worker's cell: the run's own load
+    ok = next(r for r in pooled if r["status"] == "ok")  # its runner and the other worker's cell: the run's own load
     assert ok["run_cpu_cores"] >= 0 and ok["other_cpu_cores"] >= 0 and isinstance(ok["contended"], bool)
 
 
@@ -55,7 +56,7 @@ def test_pool_runs_groups_in_parallel_and_keeps_skip_after_oom(tmp_path, monkeyp
             seen.append((cell.label, cell.seq_len, env))
         return {"status": outcomes[cell.seq_len] if cell.variant == "full" else "ok", "message": "stub"}
 
-    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    monkeypatch.setattr(runner, "execute_isolated", isolated)
     cells = load_suite(write_suite(tmp_path, "groups", [{"name": "full"}, {"name": "sdpa"}], [64, 128, 256])).cells()
     rows = run_pool(cells, RunStore(tmp_path / "out", "groups", "run"), options(), pool_slots("cpu", 2))
     assert sorted(statuses(rows)) == sorted(
@@ -213,7 +214,7 @@ def test_pool_runs_rounds_one_after_another_and_resumes_them(tmp_path, monkeypat
             n = seen.count((cell.label, cell.seq_len))
         return {"status": "ok", "message": "", "time_ms_samples": [float(n)], "time_ms_median": float(n), "contended": False}
 
-    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    monkeypatch.setattr(runner, "execute_isolated", isolated)
     cells = load_suite(write_suite(tmp_path, "pooled", [{"name": "full"}, {"name": "sdpa"}], [64, 128], rounds=3)).cells()
     store = RunStore(tmp_path / "out", "pooled", "run")
     rows = run_pool(cells[:3], store, options(), pool_slots("cpu", 2))  # "interrupted": one cell not yet planned

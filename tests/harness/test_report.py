@@ -34,7 +34,8 @@ from harness.report import (
     sweep_axes,
     with_series,
 )
-from harness.results import ResultsError, load
+from harness.store.files import ResultsError
+from harness.store.reader import load
 from harness.tables import pivot_metric
 from tests.harness import report_fixtures as fx
 
@@ -545,7 +546,8 @@ def test_index_html_opens_in_headless_chromium_with_every_image(rendered, seq, t
 def disturbed(results_root, seq) -> Path:
     """The seq_length run again, as if measured in 3 rounds on a busy machine: two lsh cells stayed
     contended (CPU share 0.50), every ok cell has a round drift of 2% (4% for full at 1K)."""
-    from harness.results import RunStore, load_run_info
+    from harness.store.reader import load_run_info
+    from harness.store.writer import RunStore
 
     store = RunStore(results_root, fx.SEQ_SUITE, "20260302T120000Z-disturbed")
     store.write_run_info(load_run_info(seq))

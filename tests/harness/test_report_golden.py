@@ -36,7 +36,10 @@ def test_a_committed_run_renders_the_report_it_rendered_before_the_move(suite: s
     out = tmp_path / suite
     done = subprocess.run(
         [sys.executable, "-m", "harness", "report", RUNS[suite], "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert without_paths((out / "report.md").read_text()) == without_paths((GOLDEN / f"{suite}.md").read_text())

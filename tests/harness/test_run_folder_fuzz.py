@@ -26,7 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import cli
-from harness.results import CELLS_DIR, JOBS_FILE, PARQUET, RUN_INFO, RUN_INFO_TYPES, RunStore
+from harness.store.files import CELLS_DIR, JOBS_FILE, PARQUET, RUN_INFO
+from harness.store.reader import RUN_INFO_TYPES
+from harness.store.writer import RunStore
 from harness.suites import load_suite
 from tests.harness.test_check import SUITE, make_run
 

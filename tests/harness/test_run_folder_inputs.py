@@ -15,7 +15,8 @@ import pytest
 
 from harness import cli
 from harness.report import render_report
-from harness.results import CELLS_DIR, PARQUET, RUN_INFO, RunStore
+from harness.store.files import CELLS_DIR, PARQUET, RUN_INFO
+from harness.store.writer import RunStore
 from harness.suites import load_suite
 from tests.harness.test_check import SUITE, make_run
 
@@ -179,12 +180,12 @@ def test_report_and_compare_out_that_cannot_be_written_exit_2(where, finished, t
     else:
         import errno
 
-        import harness.results
+        from harness.store import files
 
         def read_only(path, data):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-        monkeypatch.setattr(harness.results, "atomic_write_bytes", read_only)
+        monkeypatch.setattr(files, "atomic_write_bytes", read_only)
     for argv in (["report", str(finished), "--out", str(out)], ["compare", str(finished), str(finished), "--out", str(out)]):
         code = cli.main(argv)
         err = capsys.readouterr().err

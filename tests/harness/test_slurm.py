@@ -24,12 +24,13 @@ from typing import Callable, Iterator
 
 import pytest
 from slurm_cluster import slurm_cluster, slurm_local  # noqa: F401 - a fixture, used by name
-from test_sweep import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
+from test_runner import ROOT, misbehaving_variants, write_suite  # noqa: F401 - a fixture, used by name
 
 from harness import cli, executors
 from harness.environment import CODE_VERSION_ENV
-from harness.results import RunStore, load
 from harness.status import RUNNING, run_status
+from harness.store.reader import load
+from harness.store.writer import RunStore
 from harness.suites import load_suite
 from tests.processes import default_sigint
 

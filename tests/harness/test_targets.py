@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from harness.check_rules import ChecksError, TargetRule, parse_checks
-from harness.results import ResultsError
+from harness.store.files import ResultsError
 from harness.targets import evaluate_targets, format_targets
 
 

@@ -37,7 +37,7 @@ def test_step_flops_match_the_flop_counter(name, options, mode):
 
 def _cell(tmp_path, mode: str, seq_len: int = 64, **measure):
     from harness.suites import load_suite
-    from tests.harness.test_sweep import write_suite
+    from tests.harness.test_runner import write_suite
 
     return load_suite(write_suite(tmp_path, f"mem_{mode}", [{"name": "full"}], [seq_len], mode=mode, **measure)).cells()[0]
 

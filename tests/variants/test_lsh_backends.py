@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import variants
-from harness.workloads import ATTENTION_BACKEND_COLUMN, Workload
+from harness.store.schema import ATTENTION_BACKEND as ATTENTION_BACKEND_COLUMN
+from harness.workloads import Workload
 from variants.attention import lsh_cpu, lsh_triton
 from variants.attention.lsh import lsh_attention
 from variants.attention.lsh_backends import resolve_backend
@@ -81,7 +82,7 @@ def test_rows_record_the_backend_the_module_ran():
 def test_benchmark_rows_carry_the_asked_and_the_used_backend(tmp_path):
     from harness.cells import benchmark
     from harness.suites import load_suite
-    from tests.harness.test_sweep import write_suite
+    from tests.harness.test_runner import write_suite
 
     lsh = {"name": "lsh", "n_hashes": 1, "bucket_size": 16, "backend": ["ops", "auto"]}
     cells = load_suite(write_suite(tmp_path, "backends", [lsh, {"name": "full"}], [32], mode="forward_backward")).cells()

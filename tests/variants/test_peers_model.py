@@ -17,7 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
-from harness.workloads import MODEL_VARIANT_KEY, build_model_variant, build_workload, model_config, step_flops
+from harness.store.schema import MODEL_VARIANT as MODEL_VARIANT_KEY
+from harness.workloads import build_model_variant, build_workload, step_flops, workload_model_config
 from variants.peers_model import HF_MODULE, REFORMER_PYTORCH_MODULE, hf_config_kwargs, reformer_pytorch_kwargs
 
 VOCAB, D, HEADS, D_FF, LAYERS, L = 256, 64, 4, 256, 2, 128
@@ -318,7 +319,7 @@ def test_workload_builds_the_cells_model_variant_and_steps(name):
 
 def test_build_model_variant_takes_any_reformer_lm_config():
     pytest.importorskip(REFORMER_PYTORCH_MODULE)
-    config = model_config(cell("reformer_pytorch_lm"))  # our ReformerLMConfig, without the key
+    config = workload_model_config(cell("reformer_pytorch_lm"))  # our ReformerLMConfig, without the key
     model = build_model_variant("reformer_pytorch_lm", config)
     assert type(model.config) is variants.spec("reformer_pytorch_lm").config_cls and model.config.n_layers == LAYERS
     with pytest.raises(ValueError, match="model variants"):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 import psutil
-import pytest
 
 from harness.cells import benchmark
 from harness.suites import load_suite
-from tests.harness.test_sweep import write_suite
+from tests.harness.test_runner import write_suite
 
 
 def test_default_memory_limit_is_a_safe_fraction_of_ram(tmp_path):
@@ -33,10 +32,6 @@ def test_without_matmul_rate_no_floor_columns_and_a_failed_probe_keeps_the_cell(
     assert row["status"] == "ok" and row["time_ms_median"] > 0
     assert "matmul_rate probe failed: RuntimeError: no matmul today" in row["message"]
     assert all(pd.isna(row[c]) for c in ("matmul_gflops", "floor_s", "floor_ratio"))
-    assert benchmark.floor_columns({"flops": 2e9, "time_ms_median": 30.0, "matmul_gflops": 100.0}) == {
-        "floor_s": pytest.approx(0.02),
-        "floor_ratio": pytest.approx(1.5),
-    }
 
 
 def test_progress_line_says_contended(tmp_path):
@@ -48,28 +43,3 @@ def test_progress_line_says_contended(tmp_path):
     )
     gpu = {**row, "contended": True, "contention": "1 other compute process on the GPU", "contention_retries_used": 0}
     assert cell.progress_text(gpu).endswith("CONTENDED (1 other compute process on the GPU)")
-
-
-def test_combined_rounds_recompute_the_rates_from_the_median_over_rounds():
-    def one(n: int, median: float, **extra) -> dict:
-        return {
-            "round": n,
-            "row_type": "round",
-            "cell_key": f"k-r{n}",
-            "time_ms_samples": [median, median],
-            "time_ms_median": median,
-            "flops": 2e9,
-            "tokens_per_s": 1000 / (median / 1e3),  # 1000 tokens per step
-            "matmul_gflops": 100.0 * n,
-            "peak_mem_mib": 10.0 * n,
-            "contended": False,
-            "contention": "",
-            **extra,
-        }
-
-    row = benchmark.combine_rounds([one(1, 10.0, started_at="t1"), one(2, 30.0, message="probe failed"), one(3, 20.0)])
-    assert row["time_ms_median"] == 20.0 and row["round_medians_ms"] == [10.0, 30.0, 20.0] and row["round_drift"] == 2.0
-    assert row["tokens_per_s"] == pytest.approx(1000 / 0.02) and row["tflops_per_s"] == pytest.approx(2e9 / 0.02 / 1e12)
-    assert row["matmul_gflops"] == 200.0 and row["peak_mem_mib"] == 20.0 and row["floor_ratio"] == pytest.approx(0.02 / (2e9 / 200e9))
-    assert row["started_at"] == "t1" and row["message"] == "probe failed" and "row_type" not in row and "round" not in row
-    assert row["contended"] is False and row["contention"] == "" and row["n_repeats"] == 6

@@ -14,7 +14,8 @@ import pytest
 
 from harness import cli
 from harness.export import export_cells, export_run
-from harness.results import ResultsError, read_run
+from harness.store.files import ResultsError
+from harness.store.reader import read_run
 from tests.harness import report_fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -240,7 +240,7 @@ def test_a_cell_beside_cpu_burners_is_flagged(tmp_path) -> None:
     undisturbed, and so does their median (the rule follows the median share)."""
     from harness.cells import benchmark
     from harness.suites import load_suite
-    from tests.harness.test_sweep import write_suite
+    from tests.harness.test_runner import write_suite
 
     suite = write_suite(
         tmp_path, "burn", [{"name": "full"}], [1024], threads=1, min_time_s=0.4, contention_retries=1, contention_backoff_s=0.2

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from harness.cli import main
-from harness.results import load
+from harness.store.reader import load
 from harness.suites import SuiteError, load_suite
 from harness.tables import accuracy_table
 from tests.processes import default_sigint

@@ -1,4 +1,4 @@
-"""The sweep: the cells of a run still to do, run one by one (or by an executor, several at once),
+"""The cell runner: the cells of a run still to do, run one by one (or by an executor, several at once),
 each in its own process (`harness.isolation`), each outcome stored as its row.
 
 What it shares across the cells of a run: resume (a cell whose row is stored with a status other
@@ -17,17 +17,36 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.cells import ROUND_ROW, Cell, execute_in_cell_process
+from harness.cells import Cell, execute_in_cell_process
 from harness.isolation import run_isolated
+from harness.store.schema import (
+    CELL_KEY,
+    CELL_WALL_S,
+    CODE_VERSION,
+    MESSAGE,
+    ROUND,
+    ROUND_DRIFT,
+    ROUND_ROW,
+    ROUNDS,
+    ROW_TYPE,
+    RUN_ID,
+    STARTED_AT,
+    STATUS,
+    STATUS_OK,
+    STATUS_OOM,
+    STATUS_SKIPPED,
+    STATUS_TIMEOUT,
+    SUITE,
+)
 
 if TYPE_CHECKING:  # pandas is not imported into cell processes: it would slow every start
-    from harness.results import RunStore
+    from harness.store.writer import RunStore
 
-FAILED_STATUSES = ("oom", "timeout")  # statuses after which longer lengths of a group are skipped
+FAILED_STATUSES = (STATUS_OOM, STATUS_TIMEOUT)  # statuses after which longer lengths of a group are skipped
 
 
 def cell_rounds(cell: Cell) -> int:
-    """How many rounds the sweep measures `cell` in: its `measure_rounds()`, 1 for cells without one."""
+    """How many rounds the runner measures `cell` in: its `measure_rounds()`, 1 for cells without one."""
     rounds = getattr(cell, "measure_rounds", None)
     return max(1, int(rounds())) if callable(rounds) else 1
 
@@ -47,7 +66,7 @@ class RunOptions:
     print_line: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
-# --------------------------------------------------------------------------- the sweep
+# --------------------------------------------------------------------------- the runner
 
 
 def _format_eta(seconds: float) -> str:
@@ -61,13 +80,13 @@ def progress_line(done: int, total: int, eta_s: float, cell: Cell, row: dict[str
     width = 20
     filled = int(width * done / max(total, 1))
     bar = "#" * filled + "-" * (width - filled)
-    if row["status"] == "ok":
+    if row[STATUS] == STATUS_OK:
         result = cell.progress_text(row)
-        if isinstance(row.get("round_drift"), float):
-            result += f"  ({row.get('rounds')} rounds, drift {100 * row['round_drift']:.1f}%)"
+        if isinstance(row.get(ROUND_DRIFT), float):
+            result += f"  ({row.get(ROUNDS)} rounds, drift {100 * row[ROUND_DRIFT]:.1f}%)"
     else:
-        message = str(row.get("message") or "")
-        result = f"{row['status'].upper()}  {message.splitlines()[0][:70] if message else ''}"
+        message = str(row.get(MESSAGE) or "")
+        result = f"{row[STATUS].upper()}  {message.splitlines()[0][:70] if message else ''}"
     return f"[{bar}] {done:>3}/{total} ETA {_format_eta(eta_s):>7} | {round_text}{cell.describe()} {result}"
 
 
@@ -77,8 +96,8 @@ LONG_CELL_S = 60.0  # cells estimated to take longer get a line when they start,
 def stale_keys(cells: list[Cell], rows: list[dict], code_version: str) -> dict[str, list[str]]:
     """Current key of a cell -> keys of stored `rows` holding the same cell (or one of its rounds)
     under another code version."""
-    stored = {r.get("cell_key") for r in rows}
-    versions = {r.get("code_version") for r in rows} - {code_version, None}
+    stored = {r.get(CELL_KEY) for r in rows}
+    versions = {r.get(CODE_VERSION) for r in rows} - {code_version, None}
     out: dict[str, list[str]] = {}
     for cell in cells:
         candidates = [cell.key(version) for version in sorted(versions)]
@@ -89,7 +108,7 @@ def stale_keys(cells: list[Cell], rows: list[dict], code_version: str) -> dict[s
     return out
 
 
-class Sweep:
+class CellRunner:
     """The cells of one `run_cells` call still to run, and what they share: resume state, skips
     after OOM, stale rows to replace, rounds, progress and ETA. `run_one` is thread-safe so
     executors can run several groups at once (the cells of one group must run in order, in one thread).
@@ -105,7 +124,7 @@ class Sweep:
     def __init__(self, cells: list[Cell], store: RunStore, options: RunOptions):
         self.store, self.options = store, options
         self.version = version = options.code_version
-        stored = {r["cell_key"]: r for r in store.rows() if "cell_key" in r}
+        stored = {r[CELL_KEY]: r for r in store.rows() if CELL_KEY in r}
         finished = store.finished_keys()
         self.stale = stale_keys(cells, list(stored.values()), version)
         done_stale = [key for cell in cells if cell.key(version) in finished for key in self.stale.get(cell.key(version), [])]
@@ -115,7 +134,7 @@ class Sweep:
         for cell in cells:
             row = stored.get(cell.key(version))
             if row is not None:
-                self.note_failure(cell, str(row.get("status")))
+                self.note_failure(cell, str(row.get(STATUS)))
         self.cells = list(cells)
         self.pending = [c for c in cells if c.key(version) not in finished]
         self.rounds = {c.key(version): cell_rounds(c) for c in cells}
@@ -126,9 +145,9 @@ class Sweep:
             key = cell.key(version)
             if self.rounds[key] > 1:
                 keys = {n: round_key(key, n) for n in range(1, self.rounds[key] + 1)}
-                self.round_rows[key] = {n: stored[k] for n, k in keys.items() if stored.get(k, {}).get("status") == "ok"}
+                self.round_rows[key] = {n: stored[k] for n, k in keys.items() if stored.get(k, {}).get(STATUS) == STATUS_OK}
             self.todo[key] = [n for n in range(1, self.rounds[key] + 1) if n not in self.round_rows.get(key, {})]
-        self.ended: set[str] = set()  # pending cells whose own row this sweep has stored
+        self.ended: set[str] = set()  # pending cells whose own row this runner has stored
         self.total = sum(len(t) for t in self.todo.values())  # measurements (cells x rounds) to make
         self.estimates = {c.key(version): c.estimate_seconds() for c in self.pending}
         self.remaining_estimate = sum(self.estimates[k] * len(t) for k, t in self.todo.items())
@@ -187,9 +206,9 @@ class Sweep:
         with self._lock:
             failed = self.failed_groups.get(cell.group_key())
         if number == 1 and failed and cell.seq_len is not None and cell.seq_len > failed[0]:
-            metrics, ran = {"status": "skipped", "message": f"skipped after {failed[1]}"}, False
+            metrics, ran = {STATUS: STATUS_SKIPPED, MESSAGE: f"skipped after {failed[1]}"}, False
         else:
-            self.store.mark_running(key, **({"round": number} if rounds > 1 else {}))
+            self.store.mark_running(key, **({ROUND: number} if rounds > 1 else {}))
             if self.estimates[key] > LONG_CELL_S:
                 self.options.print_line(f"starting {cell.describe()} (key {key}, estimate {_format_eta(self.estimates[key])})")
             metrics = self.execute(cell, env)
@@ -198,16 +217,16 @@ class Sweep:
             return None
         row = {
             **cell.to_row(),
-            "run_id": self.options.run_id,
-            "suite": cell.suite,
-            "cell_key": key,
-            "code_version": self.version,
-            "started_at": stamp,
-            "cell_wall_s": time.monotonic() - begin,
+            RUN_ID: self.options.run_id,
+            SUITE: cell.suite,
+            CELL_KEY: key,
+            CODE_VERSION: self.version,
+            STARTED_AT: stamp,
+            CELL_WALL_S: time.monotonic() - begin,
             **metrics,
         }
         with self._lock:
-            self.note_failure(cell, metrics["status"])
+            self.note_failure(cell, metrics[STATUS])
             self.todo[key].remove(number)
             self.remaining_estimate -= self.estimates[key]
             if ran:
@@ -225,20 +244,20 @@ class Sweep:
     def _record(self, cell: Cell, row: dict, number: int) -> dict | None:
         """Store round `number`'s `row` of `cell` (under the lock): the cell's own row when this
         ends the cell (one round, a failure, or its last round: returned), else a round row."""
-        key, rounds = row["cell_key"], self.rounds[row["cell_key"]]
+        key, rounds = row[CELL_KEY], self.rounds[row[CELL_KEY]]
         if rounds == 1:
             self._store_final(key, row)
             return row
-        if row["status"] != "ok":  # the cell ends here: its later rounds are not measured
+        if row[STATUS] != STATUS_OK:  # the cell ends here: its later rounds are not measured
             dropped = len(self.todo[key])
             self.todo[key].clear()
             self.total -= dropped
             self.remaining_estimate -= dropped * self.estimates[key]
-            message = f"round {number} of {rounds}: {row.get('message') or ''}".strip()
-            final = {**row, "round": number, "rounds": rounds, "message": message}
+            message = f"round {number} of {rounds}: {row.get(MESSAGE) or ''}".strip()
+            final = {**row, ROUND: number, ROUNDS: rounds, MESSAGE: message}
             self._store_final(key, final)
             return final
-        row.update(cell_key=round_key(key, number), row_type=ROUND_ROW, round=number, rounds=rounds)
+        row.update({CELL_KEY: round_key(key, number), ROW_TYPE: ROUND_ROW, ROUND: number, ROUNDS: rounds})
         self.store.append(row)
         self.store.clear_running(key)
         self.round_rows[key][number] = row
@@ -252,7 +271,7 @@ class Sweep:
         """The cell's own row from its stored round rows (`cell.combine_rounds`)."""
         key = cell.key(self.version)
         rows = [self.round_rows[key][n] for n in sorted(self.round_rows[key])]
-        return {**cell.combine_rounds(rows), "cell_key": key}
+        return {**cell.combine_rounds(rows), CELL_KEY: key}
 
     def _store_final(self, key: str, row: dict) -> None:
         """Store a cell's own row (replacing rows of it from older code versions); it ends the cell."""
@@ -295,11 +314,11 @@ def run_cells(cells: list[Cell], store: RunStore, options: RunOptions) -> list[d
     the same cell under another code version is replaced by the new row. After a cell ends `oom` or
     `timeout`, longer lengths of its group (same config but seq_len/batch) are recorded as
     `skipped` when the cell says so (`skip_after_failure`), also across a resume. Cells measured in
-    rounds run round after round (`Sweep.round_cells`). harness.executors runs the same `Sweep` in
+    rounds run round after round (`CellRunner.round_cells`). harness.executors runs the same `CellRunner` in
     parallel.
     """
-    sweep = Sweep(cells, store, options)
-    for number in range(1, sweep.max_rounds + 1):
-        for cell in sweep.round_cells(number):
-            sweep.run_one(cell, number=number)
-    return sweep.rows
+    runner = CellRunner(cells, store, options)
+    for number in range(1, runner.max_rounds + 1):
+        for cell in runner.round_cells(number):
+            runner.run_one(cell, number=number)
+    return runner.rows

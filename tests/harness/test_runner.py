@@ -1,4 +1,4 @@
-"""harness.sweep (with harness.isolation): one spawned process per cell, failures as rows, skips after OOM, resume, atomic files.
+"""harness.runner (with harness.isolation): one spawned process per cell, failures as rows, skips after OOM, resume, atomic files.
 
 Cells are tiny (d_model 32, seq_len 64-128, 2 repeats); most of the time goes into starting the
 cell processes (a Python interpreter importing torch, ~3 s each on a busy machine).
@@ -18,12 +18,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import cli, sweep
+from harness import cli, runner
 from harness.cells import benchmark
 from harness.commands import run as run_command
-from harness.results import PARQUET, RunStore, cell_rows, load
+from harness.runner import RunOptions, run_cells
+from harness.store.files import PARQUET
+from harness.store.reader import cell_rows, load
+from harness.store.writer import RunStore
 from harness.suites import load_suite
-from harness.sweep import RunOptions, run_cells
 from variants import registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +82,7 @@ def statuses(rows: list[dict]) -> list[tuple[str, int, str]]:
     return [(r["variant_label"], r["seq_len"], r["status"]) for r in rows]
 
 
-def test_sweep_runs_every_cell_in_a_spawned_process(tmp_path, monkeypatch, capsys):
+def test_the_runner_runs_every_cell_in_a_spawned_process(tmp_path, monkeypatch, capsys):
     def not_here(*args, **kwargs):
         raise AssertionError("measure_cell ran in the parent process")
 
@@ -97,7 +99,7 @@ def test_sweep_runs_every_cell_in_a_spawned_process(tmp_path, monkeypatch, capsy
     assert "2/2 ETA" in out and "2 cells: 2 ok" in out and "median time per call" in out
 
 
-def test_crashed_cell_is_an_error_naming_the_signal_and_the_sweep_goes_on(tmp_path, misbehaving_variants):
+def test_crashed_cell_is_an_error_naming_the_signal_and_the_run_goes_on(tmp_path, misbehaving_variants):
     suite = write_suite(tmp_path, "crash", [{"name": "test_crash"}, {"name": "full"}], [64])
     store, rows, lines = run(suite, tmp_path)
     assert statuses(rows) == [("test_crash", 64, "error"), ("full", 64, "ok")]
@@ -152,7 +154,7 @@ def fake_outcomes(monkeypatch, outcomes: dict[int, str]) -> list[int]:
         calls.append(cell.seq_len)
         return {"status": outcomes[cell.seq_len], "message": "stub"}
 
-    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    monkeypatch.setattr(runner, "execute_isolated", isolated)
     return calls
 
 
@@ -271,7 +273,7 @@ def fake_rounds(monkeypatch, fail: dict[tuple[int, int], str] | None = None) -> 
             "contention_retries_used": 2 if n == 2 and cell.seq_len == 128 else 0,
         }
 
-    monkeypatch.setattr(sweep, "execute_isolated", isolated)
+    monkeypatch.setattr(runner, "execute_isolated", isolated)
     return calls
 
 
@@ -306,7 +308,7 @@ def test_rounds_interleave_the_cells_and_combine_each_cells_rounds(tmp_path, mon
 
 
 def _previous_order(cells, seed):
-    """Rounds 2 and 3 as the sweep orders them (harness.sweep.Sweep.round_cells)."""
+    """Rounds 2 and 3 as the runner orders them (harness.runner.CellRunner.round_cells)."""
     import random
 
     out = []

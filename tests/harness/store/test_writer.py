@@ -1,28 +1,15 @@
-"""harness.results: atomic writes, the run store, loading, fallbacks and resume keys."""
+"""harness.store.writer: the run store (journal, fold, run.json, lock), run ids and resume."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.results import (
-    ResultsError,
-    RunLockedError,
-    RunStore,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_run_id,
-    latest_run,
-    load,
-    load_run_info,
-    new_run_id,
-    resume_store,
-)
+from harness.store.files import CorruptCellWarning, ResultsError, RunLockedError
+from harness.store.reader import load, load_run_info
+from harness.store.writer import RunStore, check_run_id, new_run_id, resume_store
 
 
 def row(key: str, status: str = "ok", **extra) -> dict:
@@ -35,28 +22,6 @@ def row(key: str, status: str = "ok", **extra) -> dict:
         "time_ms_samples": [1.0, 1.5, 2.0],
         **extra,
     }
-
-
-def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
-    target = tmp_path / "data.json"
-    atomic_write_json(target, {"a": 1})
-    atomic_write_json(target, {"a": 2})
-    assert json.loads(target.read_text()) == {"a": 2}
-    assert os.listdir(tmp_path) == ["data.json"]
-
-
-def test_failed_atomic_write_keeps_old_content(tmp_path, monkeypatch):
-    target = tmp_path / "data.bin"
-    atomic_write_bytes(target, b"old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(results.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk gone"):
-        atomic_write_bytes(target, b"new content")
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["data.bin"]
 
 
 def test_new_run_id_format_and_uniqueness(tmp_path):
@@ -120,78 +85,6 @@ def test_finished_keys_excludes_errors(tmp_path):
     assert RunStore(tmp_path, "demo", "r1").finished_keys() == {"a", "c", "d", "e"}  # reopened
 
 
-def test_suite_folder_loads_its_latest_run(tmp_path):
-    RunStore(tmp_path, "demo", "20240101T000000Z-cpu").append(row("old"))
-    RunStore(tmp_path, "demo", "20240301T000000Z-cpu").append(row("new"))
-    RunStore(tmp_path, "demo", "20240201T000000Z-cpu").append(row("middle"))
-    assert latest_run(tmp_path, "demo").name == "20240301T000000Z-cpu"
-    assert latest_run(tmp_path, "absent") is None
-    assert load(tmp_path / "demo")["cell_key"].tolist() == ["new"]
-    assert load("demo", root=tmp_path)["cell_key"].tolist() == ["new"]
-    both = load(tmp_path / "demo" / "20240101T000000Z-cpu", tmp_path / "demo")
-    assert both["cell_key"].tolist() == ["old", "new"]
-    assert both["run_id"].tolist() == ["20240101T000000Z-cpu", "20240301T000000Z-cpu"]
-
-
-def test_missing_folder_gives_results_error(tmp_path):
-    with pytest.raises(ResultsError, match="nope"):
-        load(tmp_path / "nope", root=tmp_path)
-    with pytest.raises(ResultsError, match="not found"):
-        load_run_info(tmp_path)
-
-
-def test_corrupt_parquet_falls_back_to_cells(tmp_path):
-    store = RunStore(tmp_path, "demo", "r1")
-    store.append(row("aaa"))
-    store.append(row("bbb"))
-    (store.path / "results.parquet").write_bytes(b"not a parquet file")
-    frame = load(store.path)
-    assert frame["cell_key"].tolist() == ["aaa", "bbb"]
-    assert frame["time_ms_samples"].tolist() == [[1.0, 1.5, 2.0]] * 2
-
-
-def test_missing_parquet_falls_back_to_cells(tmp_path):
-    store = RunStore(tmp_path, "demo", "r1")
-    store.append(row("aaa"))
-    (store.path / "results.parquet").unlink()
-    assert load(store.path)["cell_key"].tolist() == ["aaa"]
-
-
-def test_stale_parquet_is_superseded_by_cells(tmp_path):
-    # Killed after the cell json was written but before the parquet was rewritten.
-    store = RunStore(tmp_path, "demo", "r1")
-    store.append(row("aaa"))
-    stale = (store.path / "results.parquet").read_bytes()
-    store.append(row("bbb"))
-    (store.path / "results.parquet").write_bytes(stale)
-    assert load(store.path)["cell_key"].tolist() == ["aaa", "bbb"]
-
-
-def test_corrupt_parquet_without_cells_is_an_error(tmp_path):
-    run = tmp_path / "demo" / "r1"
-    run.mkdir(parents=True)
-    (run / "results.parquet").write_bytes(b"garbage")
-    with pytest.raises(ResultsError, match="unreadable parquet"):
-        load(run)
-    with pytest.raises(ResultsError, match="unreadable parquet"):
-        load(run / "results.parquet")
-
-
-def test_empty_run_is_an_error(tmp_path):
-    store = RunStore(tmp_path, "demo", "r1")
-    store.write_run_info({})
-    with pytest.raises(ResultsError, match="no results yet"):
-        load(store.path)
-
-
-def test_load_returns_a_dataframe_of_all_suites_by_default(tmp_path):
-    RunStore(tmp_path, "one", "r1").append(row("a"))
-    RunStore(tmp_path, "two", "r1").append(row("b"))
-    frame = load(root=tmp_path)
-    assert isinstance(frame, pd.DataFrame)
-    assert sorted(zip(frame["suite"], frame["cell_key"])) == [("one", "a"), ("two", "b")]
-
-
 def test_run_info_updates_from_many_threads_lose_nothing(tmp_path):
     """run.json is read-modify-written under its own lock: concurrent updaters all land."""
     from concurrent.futures import ThreadPoolExecutor
@@ -232,9 +125,6 @@ def test_the_run_lock_is_exclusive_and_released(tmp_path):
         pass
 
 
-# --------------------------------------------------------------------------- the journal and the fold
-
-
 def test_a_finished_run_stores_each_row_once_and_a_resume_goes_on_from_parquet_and_journal(tmp_path):
     store = RunStore(tmp_path, "demo", "r1")
     store.append(row("aaa"))
@@ -270,5 +160,5 @@ def test_an_unreadable_parquet_stops_a_run_but_load_falls_back_to_the_journal(tm
     (store.path / "results.parquet").write_bytes(b"garbage")
     with pytest.raises(ResultsError, match="move it away"):
         store.rows()
-    with pytest.warns(results.CorruptCellWarning, match="only the journal's rows"):
+    with pytest.warns(CorruptCellWarning, match="only the journal's rows"):
         assert load(store.path)["cell_key"].tolist() == ["aaa"]

@@ -1,0 +1,146 @@
+"""A benchmark cell's derived columns: the compute floor (`floor_columns`) and, for a cell measured
+in rounds, its row combined from the rows of its rounds (`combine_rounds`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from harness import measurement as measure
+from harness.store.schema import (
+    ACTIVATION_MEM_MIB,
+    CELL_WALL_S,
+    CONTENDED,
+    CONTENTION,
+    CONTENTION_RETRIES_USED,
+    CPU_SHARE,
+    CPU_SHARE_SAMPLES,
+    CPU_TIME_MS_SAMPLES,
+    FLOOR_RATIO,
+    FLOOR_S,
+    FLOPS,
+    GPU_OTHER_PROCESSES,
+    GPU_OTHER_SM_UTIL_PCT,
+    LOAD_AVG_1M,
+    MATMUL_GFLOPS,
+    MESSAGE,
+    OTHER_BUSY_PROCESSES,
+    OTHER_CPU_CORES,
+    PEAK_MEM_MIB,
+    PEAK_RESERVED_MIB,
+    ROUND,
+    ROUND_DRIFT,
+    ROUND_MEDIANS_MS,
+    ROUNDS,
+    ROW_TYPE,
+    STARTED_AT,
+    TFLOPS_PER_S,
+    TIME_MS_MEDIAN,
+    TIME_MS_SAMPLES,
+    TIMER,
+    TOKENS_PER_S,
+    plain_value,
+)
+
+
+def numbers_of(rows: list[dict[str, Any]], column: str) -> list[float]:
+    """The finite values of `column` in `rows`."""
+    values = [row.get(column) for row in rows]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def union_of(rows: list[dict[str, Any]], column: str) -> list[float] | None:
+    """The list columns `column` of `rows` concatenated in round order; None when a round lacks it."""
+    lists = [plain_value(row.get(column)) for row in rows]
+    if any(not isinstance(values, list) for values in lists):
+        return None
+    return [float(v) for values in lists for v in values]
+
+
+def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of a cell measured in rounds (`measure.rounds`), from the ok rows of its rounds in
+    round order (docs/architecture.md, "Rounds"):
+
+    - samples (`time_ms_samples`, `cpu_time_ms_samples`, `cpu_share_samples`) are the union, and the
+      spread columns (`time_ms_iqr`, min, max, mean, `time_noisy`) are those of the union;
+    - `time_ms_median` is the median of the round medians (`round_medians_ms`, ms); `round_drift` =
+      max / min of the round medians - 1; `rounds` the number of rounds;
+    - `contended` when any round stayed contended, `contention` its reasons ("round 2: ...");
+      `contention_retries_used` summed; the machine-load columns the worst round's;
+    - peak memory and the matmul rate: medians over the rounds; throughput, `tflops_per_s` and the
+      floor columns from the combined median; `cell_wall_s` summed, `started_at` the first round's.
+    """
+    first, last = rows[0], rows[-1]
+    out = {k: v for k, v in last.items() if k not in (ROW_TYPE, ROUND)}
+    samples = union_of(rows, TIME_MS_SAMPLES) or []
+    cpu = union_of(rows, CPU_TIME_MS_SAMPLES)
+    out.update(measure.Timing(samples, timer=str(last.get(TIMER) or "perf_counter_ns"), cpu_samples_ms=cpu).as_row())
+    medians = numbers_of(rows, TIME_MS_MEDIAN)
+    median = measure.median_of(medians)
+    out.update(
+        {
+            TIME_MS_MEDIAN: median,
+            ROUND_MEDIANS_MS: medians,
+            ROUND_DRIFT: max(medians) / min(medians) - 1 if medians and min(medians) > 0 else math.nan,
+            ROUNDS: len(rows),
+            STARTED_AT: first.get(STARTED_AT),
+            CELL_WALL_S: sum(numbers_of(rows, CELL_WALL_S)),
+            MESSAGE: next((str(r[MESSAGE]) for r in reversed(rows) if r.get(MESSAGE)), ""),
+        }
+    )
+    shares = union_of(rows, CPU_SHARE_SAMPLES)
+    if shares is not None:
+        out.update({CPU_SHARE_SAMPLES: shares, CPU_SHARE: measure.median_of(shares)})
+    contended = [r for r in rows if r.get(CONTENDED)]
+    out.update(
+        {
+            CONTENDED: bool(contended),
+            CONTENTION: "; ".join(f"round {r.get(ROUND)}: {r.get(CONTENTION)}" for r in contended),
+            CONTENTION_RETRIES_USED: int(sum(numbers_of(rows, CONTENTION_RETRIES_USED))),
+        }
+    )
+    worst = max(rows, key=lambda r: numbers_of([r], OTHER_CPU_CORES) or [-1.0])
+    for column in (OTHER_CPU_CORES, OTHER_BUSY_PROCESSES, LOAD_AVG_1M):
+        if column in worst:
+            out[column] = worst[column]
+    for column in (GPU_OTHER_PROCESSES, GPU_OTHER_SM_UTIL_PCT):
+        if numbers_of(rows, column):
+            out[column] = max(numbers_of(rows, column))
+    for column in (PEAK_MEM_MIB, ACTIVATION_MEM_MIB, PEAK_RESERVED_MIB, MATMUL_GFLOPS):
+        if numbers_of(rows, column):
+            out[column] = measure.median_of(numbers_of(rows, column))
+    seconds = median / 1e3
+    last_seconds = float(last.get(TIME_MS_MEDIAN) or math.nan) / 1e3
+    if numbers_of([last], TOKENS_PER_S) and seconds > 0:
+        out[TOKENS_PER_S] = float(last[TOKENS_PER_S]) * last_seconds / seconds
+    if numbers_of([last], FLOPS) and seconds > 0:
+        out[TFLOPS_PER_S] = float(last[FLOPS]) / seconds / 1e12
+    out.update(floor_columns(out))
+    return out
+
+
+def floor_columns(row: Mapping[str, Any]) -> dict[str, float]:
+    """The compute-floor columns of a result row that has `matmul_gflops` (else {}), the one place
+    they are defined:
+
+    - `floor_s` = flops / (matmul_gflops * 1e9): seconds the cell's analytic FLOPs (forward, plus
+      2x those with a backward, `workloads.step_flops`) would take at the measured matmul rate;
+    - `floor_ratio` = (time_ms_median / 1e3) / floor_s: the median time per step over that floor
+      (1 = the step runs at the matmul rate; a target "within 1.5x of the floor" is floor_ratio <= 1.5).
+
+    NaN where an input is missing, not finite or not positive.
+    """
+    if MATMUL_GFLOPS not in row:
+        return {}
+
+    def number(key: str) -> float:
+        value = row.get(key)
+        try:
+            value = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return math.nan
+        return value if math.isfinite(value) and value > 0 else math.nan
+
+    flops, gflops, median_ms = number(FLOPS), number(MATMUL_GFLOPS), number(TIME_MS_MEDIAN)
+    floor_s = flops / (gflops * 1e9)
+    return {FLOOR_S: floor_s, FLOOR_RATIO: median_ms / 1e3 / floor_s}
