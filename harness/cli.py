@@ -41,10 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a suite: one isolated process per cell, results under --out")
-    run.add_argument("suite", help="suite YAML file, e.g. suites/seq_length.yaml")
+    run.add_argument("suite", help="suite YAML file, e.g. suites/seq_length.yaml")  # not a column: the argument
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override the suite's device")
     run.add_argument("--dry-run", action="store_true", help="list the cells and a rough time estimate, run nothing")
-    run.add_argument("--filter", help="pandas query over cell columns, e.g. \"variant == 'lsh' and seq_len <= 4096\"")
+    run.add_argument(
+        "--filter",
+        metavar="EXPR",
+        help="run only the cells whose columns satisfy EXPR, in the safe selection language of harness/expressions.py "
+        "(comparisons, in [...], and/or/not, arithmetic), e.g. \"variant == 'lsh' and seq_len <= 4096\"",
+    )
     run.add_argument("--resume", metavar="RUN_ID", help="continue a run: only cells not finished with this code version")
     run.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     run.add_argument(
@@ -86,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=run_command.main)
 
-    status = commands.add_parser("status", help="done / running / failed / pending cells of a run (any executor)")
+    status = commands.add_parser(
+        "status",  # not a column: the subcommand
+        help="done / running / failed / pending cells of a run (any executor)",
+    )
     status.add_argument("run", help="run folder, run id or suite folder (its latest run)")
     status.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     status.set_defaults(handler=status_command.main)
@@ -95,10 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=list_command.main)
 
     env = commands.add_parser("env", help="print the environment capture stored with every run")
-    env.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    env.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="the device to describe (default: cuda when available)"
+    )
     env.set_defaults(handler=env_command.main)
 
-    check = commands.add_parser("check", help="compare a run with a baseline; exit 1 on a regression, 2 on unusable input")
+    check = commands.add_parser(
+        "check",
+        help="compare a run with a baseline, or check its own targets; exit 1 on a regression or a missed target, 2 on unusable input",
+    )
     check.add_argument("run", help="run folder, suite folder (its latest run), run id or results.parquet")
     check.add_argument("--baseline", help="baseline folder, or a name under <root>/baselines/<device slug>/")
     check.add_argument(
@@ -106,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of a baseline: the checks' absolute `targets:` within the run (exit 1 if one is missed)",
     )
-    check.add_argument("--any-device", action="store_true", help="compare even when the device names differ (memory, ratio checks)")
-    check.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    check.add_argument(
+        "--any-device",
+        action="store_true",
+        help="compare even when the device names differ (meant for memory, ratio and status checks); "
+        "a baseline name is then also found under another device's folder",
+    )
+    check.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="output format (default: text)")
     check.add_argument("--checks", metavar="FILE", help="YAML checks block to use instead of the suite's `checks:`")
     check.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     check.set_defaults(handler=check_command.main)
 
-    baseline = commands.add_parser("baseline", help="promote a run to results/baselines/<device slug>/NAME/")
+    baseline = commands.add_parser("baseline", help="promote a run to <root>/baselines/<device slug>/NAME/ (root: --root, default results)")
     baseline.add_argument("run", help="run folder, suite folder (its latest run) or run id")
     baseline.add_argument("--name", required=True, help="baseline name, e.g. the suite name")
     baseline.add_argument("--force", action="store_true", help="replace an existing baseline / promote an unfinished run")
@@ -137,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=compare_command.main)
 
     prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
-    prof.add_argument("suite", help="suite YAML file")
-    prof.add_argument("--filter", help="pandas query over cell columns selecting the cells to profile")
+    prof.add_argument("suite", help="suite YAML file")  # not a column: the argument
+    prof.add_argument(
+        "--filter",
+        metavar="EXPR",
+        help="the cells to profile: those whose columns satisfy EXPR (the selection language of run --filter, "
+        "harness/expressions.py), e.g. \"variant == 'lsh' and seq_len == 4096\"",
+    )
     prof.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override the suite's device")
     prof.add_argument("--steps", type=int, default=1, choices=range(1, 1001), metavar="N", help="profiled calls (default 1)")
     prof.add_argument("--top", type=int, default=25, choices=range(1, 1001), metavar="N", help="table rows (default 25)")

@@ -14,9 +14,20 @@ from pathlib import Path
 
 import torch
 
-from harness.measure import nvml_snapshot
+from harness.measurement import nvml_snapshot
+from harness.store.schema import (
+    CODE_VERSION,
+    DETERMINISTIC_ALGORITHMS,
+    DEVICE,
+    DEVICE_NAME,
+    FLOAT32_MATMUL_PRECISION,
+    OPTIONAL_PACKAGES,
+    TF32_CUDA_MATMUL,
+    TF32_CUDNN,
+)
+from harness.units import GIB
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # this package's repository (its code version), never a data root
 _GIT_TIMEOUT_S = 30.0
 
 
@@ -80,7 +91,7 @@ def git_state(repo_root: Path | None = None) -> dict:
     try:
         top = Path(_git(root, "rev-parse", "--show-toplevel").decode().strip())
     except Exception:
-        return {"git_sha": None, "git_dirty": None, "code_version": package_version()}
+        return {"git_sha": None, "git_dirty": None, CODE_VERSION: package_version()}
     try:
         try:
             sha: str | None = _git(top, "rev-parse", "--verify", "HEAD").decode().strip()
@@ -91,11 +102,11 @@ def git_state(repo_root: Path | None = None) -> dict:
             base = _git(top, "hash-object", "-t", "tree", "/dev/null").decode().strip()
         dirty = _dirty_hash(top, base)
     except Exception:
-        return {"git_sha": None, "git_dirty": None, "code_version": "unknown"}
+        return {"git_sha": None, "git_dirty": None, CODE_VERSION: "unknown"}
     version = sha[:12] if sha else "nocommit"
     if dirty is not None:
         version += f"+dirty.{dirty}"
-    return {"git_sha": sha, "git_dirty": dirty is not None, "code_version": version}
+    return {"git_sha": sha, "git_dirty": dirty is not None, CODE_VERSION: version}
 
 
 CODE_VERSION_ENV = "REFORMER_HARNESS_CODE_VERSION"
@@ -112,7 +123,7 @@ def code_version(repo_root: Path | None = None) -> str:
     declared = os.environ.get(CODE_VERSION_ENV)
     if declared:
         return f"{declared} (declared)"
-    return git_state(repo_root)["code_version"]
+    return git_state(repo_root)[CODE_VERSION]
 
 
 # --------------------------------------------------------------------------- devices
@@ -196,7 +207,7 @@ def _host_resources() -> dict:
         return {
             "cpu_cores_physical": psutil.cpu_count(logical=False),
             "cpu_cores_logical": psutil.cpu_count(logical=True),
-            "ram_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
+            "ram_total_gib": round(psutil.virtual_memory().total / GIB, 2),
         }
     except Exception:
         return {"cpu_cores_physical": None, "cpu_cores_logical": os.cpu_count(), "ram_total_gib": None}
@@ -209,12 +220,12 @@ def _variant_backends() -> dict:
 
         return backends()
     except Exception as error:  # a description must never stop a run
-        return {"error": f"{type(error).__name__}: {error}"}
+        return {"error": f"{type(error).__name__}: {error}"}  # not a column: the backends' description
 
 
 # The optional packages whose versions change numbers (pyproject extras `peers` and `slurm`, plus
 # triton): distribution names; the import name is the same with '-' as '_'.
-OPTIONAL_PACKAGES = (
+OPTIONAL_PACKAGE_NAMES = (
     "transformers",
     "reformer-pytorch",
     "local-attention",
@@ -224,17 +235,16 @@ OPTIONAL_PACKAGES = (
     "triton",
     "submitit",
 )
-OPTIONAL_PACKAGES_COLUMN = "optional_packages"  # result-row column: JSON {package: version} of those the cell imported
 FLOAT32_MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 
 
 def optional_package_versions(imported_only: bool = False) -> dict[str, str]:
-    """{distribution: version} of the OPTIONAL_PACKAGES installed here; with `imported_only`, only
+    """{distribution: version} of the OPTIONAL_PACKAGE_NAMES installed here; with `imported_only`, only
     those this process has imported (what a cell actually used). Reads metadata, imports nothing."""
     from importlib import metadata
 
     versions = {}
-    for name in OPTIONAL_PACKAGES:
+    for name in OPTIONAL_PACKAGE_NAMES:
         if imported_only and name.replace("-", "_") not in sys.modules:
             continue
         try:
@@ -248,10 +258,10 @@ def numerics_settings() -> dict:
     """The torch settings that change float32 results: matmul precision, TF32 for CUDA matmuls
     and cuDNN convolutions, deterministic algorithms."""
     return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "tf32_cuda_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
-        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
-        "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+        FLOAT32_MATMUL_PRECISION: torch.get_float32_matmul_precision(),
+        TF32_CUDA_MATMUL: bool(torch.backends.cuda.matmul.allow_tf32),
+        TF32_CUDNN: bool(torch.backends.cudnn.allow_tf32),
+        DETERMINISTIC_ALGORITHMS: bool(torch.are_deterministic_algorithms_enabled()),
     }
 
 
@@ -302,7 +312,7 @@ def gpu_clock_lock(device_index: int = 0) -> dict:
     "app_clock_sm_mhz", "app_clock_default_sm_mhz"} (application clocks changed from their default,
     or the "applications clocks setting" clock-event reason, which `nvidia-smi -lgc` / `-ac` set);
     {} without NVML or a GPU. Never raises."""
-    from harness.measure import nvml_device
+    from harness.measurement import nvml_device
 
     out: dict = {}
     with nvml_device(device_index) as opened:
@@ -340,8 +350,8 @@ def capture_environment(device: str) -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cudnn": _cudnn_version(),
-        "device": str(device),
-        "device_name": device_name(device),
+        DEVICE: str(device),
+        DEVICE_NAME: device_name(device),
         "gpu_driver": _driver_version() if on_cuda else None,
         "nvml": nvml_snapshot(dev.index or 0) if on_cuda else {},
         "cpu_model": cpu_model(),
@@ -350,7 +360,7 @@ def capture_environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "variant_backends": _variant_backends(),
         "numerics": numerics_settings(),  # this process's; a suite's measure.float32_matmul_precision applies in its cells (rows)
-        OPTIONAL_PACKAGES_COLUMN: optional_package_versions(),  # installed; the rows' `optional_packages`: what each cell imported
+        OPTIONAL_PACKAGES: optional_package_versions(),  # installed; the rows' `optional_packages`: what each cell imported
         "cpu_frequency": cpu_frequency_settings(),
         "gpu_clocks": gpu_clock_lock(dev.index or 0) if on_cuda else {},
         "command": list(sys.argv),

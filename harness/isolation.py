@@ -26,13 +26,12 @@ from typing import Any, Callable, Iterator
 import psutil
 import torch
 
-from harness import measure
+from harness import measurement as measure
 from harness.store.schema import MEMORY_LIMIT_MIB, MESSAGE, STATUS, STATUS_ERROR, STATUS_OOM, STATUS_TIMEOUT
+from harness.units import GIB, MIB
 
 DEFAULT_MEMORY_FRACTION = 0.75  # of total RAM, per CPU cell, when the suite sets no limit ...
 AVAILABLE_MEMORY_FRACTION = 0.9  # ... and at most this much of what is available when it starts
-GIB = 1024**3
-MIB = 1024**2
 WATCH_INTERVAL_S = 0.05  # how often the parent reads a CPU cell's resident memory
 
 BACKSTOP_FACTOR, BACKSTOP_EXTRA = 2, 2 * GIB  # address space allowed: factor x limit + extra

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-MIB = 1024 * 1024
+from harness.units import MIB
+
 # Size caps per kind of file, in bytes: generous for what the harness writes, small enough that a
 # hostile file cannot exhaust memory. A run.json holds the suite text (<= 1 MiB) and the environment.
 LIMITS = {

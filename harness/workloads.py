@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import variants
-from harness.measure import DTYPES, MIB
+from harness.measurement import DTYPES
 from harness.store.schema import (
     ATTENTION_BACKEND,
     D_MODEL,
@@ -39,6 +39,7 @@ from harness.store.schema import (
     PARAM_MEM_MIB,
     VOCAB_SIZE,
 )
+from harness.units import MIB
 from variants.model import ReformerLMConfig, build_layer_stack
 
 BACKWARD_FLOPS_FACTOR = 2

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import variants
-from harness.measure import matmul_rate
+from harness.measurement import matmul_rate
 from harness.workloads import step_flops
 from variants.attention import lsh, lsh_cpu
 

@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from harness import measure
+from harness import measurement as measure
 from harness.cells import CPU_FLOP_S, CUDA_FLOP_S, MODEL_ATTENTION_KEYS, PROCESS_START_S, jsonable, variant_fields
 from harness.cells.benchmark_rows import combine_rounds, floor_columns
 from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
-from harness.isolation import GIB, MIB, default_memory_limit_bytes, start_memory_limit
+from harness.isolation import default_memory_limit_bytes, start_memory_limit
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
     BATCH,
@@ -78,6 +78,7 @@ from harness.store.schema import (
     canonical_json,
     config_key,
 )
+from harness.units import GIB, MIB
 from variants.registry import VariantUnavailable
 
 MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s), when the suite asks for it

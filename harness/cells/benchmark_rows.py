@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from harness import measure
+from harness import measurement as measure
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
     CELL_WALL_S,

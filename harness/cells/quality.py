@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from harness.cells import CPU_FLOP_S, CUDA_FLOP_S, PROCESS_START_S, jsonable, variant_fields
 from harness.isolation import default_memory_limit_bytes, start_memory_limit
-from harness.measure import is_oom_error
+from harness.measurement import is_oom_error
 from harness.store.schema import (
     ACCURACY,
     BATCH_SIZE,

@@ -1,14 +1,10 @@
 """The subcommands of `python -m harness`, one module each (the parser is harness.cli):
 
 run (benchmark and quality suites), status, list, env, report, compare, check, baseline, profile,
-selfcheck. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suites,
-harness.sweep, harness.executors, harness.results, harness.report, harness.check, ...) and raises
+selfcheck, export. Each module's `main(args) -> int` is the handler; it calls the engine (harness.suites,
+harness.runner, harness.executors, harness.store, harness.report, harness.check, ...) and raises
 `UsageError` for bad command-line input (exit status 2).
 """
-
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]  # this package's repository (its code version), never a data root
 
 
 class UsageError(Exception):

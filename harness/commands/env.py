@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 
 from harness.environment import capture_environment, format_environment
+from harness.suites.common import resolve_device
 
 
 def main(args: argparse.Namespace) -> int:
     """The handler of this subcommand (module docstring); returns the exit status."""
-    import torch
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(format_environment(capture_environment(device)))
+    print(format_environment(capture_environment(resolve_device(args.device))))
     return 0

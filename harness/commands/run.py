@@ -24,9 +24,9 @@ import pandas as pd
 
 from harness.analysis.tables import CONTENDED_MARK, is_contended, pivot_metric, quality_summary_tables
 from harness.cells import Cell
-from harness.commands import REPO_ROOT, UsageError
+from harness.commands import UsageError
 from harness.data import DataError, check_files
-from harness.environment import capture_environment, code_version, device_name, device_slug
+from harness.environment import REPO_ROOT, capture_environment, code_version, device_name, device_slug
 from harness.executors import ExecutorError, run_with_executor
 from harness.isolation import interrupt_guard
 from harness.overrides import Override

@@ -285,11 +285,11 @@ def test_optional_packages_cover_the_optional_extras() -> None:
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    from harness.environment import OPTIONAL_PACKAGES, optional_package_versions
+    from harness.environment import OPTIONAL_PACKAGE_NAMES, optional_package_versions
 
     extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     named = {re.split(r"[<>=\[ ]", spec)[0] for extra in ("peers", "slurm") for spec in extras[extra]}
-    assert named <= set(OPTIONAL_PACKAGES) and "triton" in OPTIONAL_PACKAGES
+    assert named <= set(OPTIONAL_PACKAGE_NAMES) and "triton" in OPTIONAL_PACKAGE_NAMES
     installed = optional_package_versions()
     for name, version in installed.items():
         assert version == metadata.version(name)

@@ -282,7 +282,7 @@ def test_a_training_cell_runs_and_records_with_the_suites_precision(tmp_path: Pa
     import json
     from importlib import metadata
 
-    from harness.environment import OPTIONAL_PACKAGES_COLUMN
+    from harness.store.schema import OPTIONAL_PACKAGES as OPTIONAL_PACKAGES_COLUMN
 
     trained = rows[rows["row_type"].isin(["curve", "eval"])]  # the rows the training cell writes itself
     assert len(trained) == 4 and trained[OPTIONAL_PACKAGES_COLUMN].notna().all()

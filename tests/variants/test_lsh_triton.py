@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from harness.selfcheck import LshCase, lsh_inputs  # noqa: E402
+from harness.selfcheck.lsh_checks import LshCase, lsh_inputs  # noqa: E402
 from variants.attention import lsh_triton  # noqa: E402
 from variants.attention.lsh import lsh_attention_packed  # noqa: E402
 from variants.attention.lsh_backends import resolve_backend  # noqa: E402

@@ -530,7 +530,7 @@ def test_cpu_timer_records_process_cpu_time_per_repeat():
 
     import torch
 
-    from harness.measure import TimingSettings, time_callable
+    from harness.measurement import TimingSettings, time_callable
 
     def spin() -> None:
         end = time.perf_counter() + 0.004
