@@ -35,7 +35,7 @@ MAX_POWER_EXPONENT = 64  # `10**6` is fine, `10**10**10` is not
 
 FUNCTIONS: dict[str, tuple[int, int]] = {  # name -> (fewest, most) arguments
     "abs": (1, 1),
-    "round": (1, 2),
+    "round": (1, 2),  # not a column: the function round()
     "min": (2, 2),
     "max": (2, 2),
     "log2": (1, 1),
@@ -335,7 +335,7 @@ class _Evaluator:
             if not all(_is_number(a) for a in arguments):
                 raise TypeError(f"{node.func.id}() needs numbers")  # type: ignore[attr-defined]
             name = node.func.id  # type: ignore[attr-defined]
-            if name == "round":
+            if name == "round":  # not a column: the function round()
                 return np.round(arguments[0], int(arguments[1]) if len(arguments) > 1 else 0)
             if name in ("min", "max"):
                 return (np.minimum if name == "min" else np.maximum)(*arguments)

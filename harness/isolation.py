@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import torch
 
-from harness import measurement as measure
+from harness import measurement
 from harness.store.schema import MEMORY_LIMIT_MIB, MESSAGE, STATUS, STATUS_ERROR, STATUS_OOM, STATUS_TIMEOUT
 from harness.units import GIB, MIB
 
@@ -52,7 +52,7 @@ def start_memory_limit(limit: int, report_baseline: Callable[[int], None] | None
     resident memory now (bytes) through `report_baseline`, the point the parent's watch counts from."""
     _limit_address_space(limit)
     if report_baseline is not None:
-        report_baseline(measure.read_proc_status_kib("VmRSS") * 1024)
+        report_baseline(measurement.read_proc_status_kib("VmRSS") * 1024)
 
 
 def _limit_address_space(limit: int) -> None:
@@ -61,7 +61,7 @@ def _limit_address_space(limit: int) -> None:
     and mappings reserve far more than they touch), so this only stops an allocation too large and
     too fast for the RSS watch; beyond it allocations fail (recorded as `oom`). An existing hard
     limit is kept (it cannot be raised)."""
-    current = measure.read_proc_status_kib("VmSize") * 1024
+    current = measurement.read_proc_status_kib("VmSize") * 1024
     allowed = current + BACKSTOP_FACTOR * limit + BACKSTOP_EXTRA
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     soft = allowed if hard == resource.RLIM_INFINITY else min(allowed, hard)

@@ -23,7 +23,7 @@ from typing import Any
 
 from harness.safe_yaml import YAMLInputError, load_yaml
 
-EARLY_KEYS = ("cpu", "cuda", "device", "kind")  # overrides applied before the cpu:/cuda: merge
+EARLY_KEYS = ("cpu", "cuda", "device", "kind")  # not a column: suite keys; overrides applied before the cpu:/cuda: merge
 MAX_OVERRIDES = 256
 _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|\d+")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from harness import measurement as measure
+from harness import measurement
 from harness.cells import CPU_FLOP_S, CUDA_FLOP_S, MODEL_ATTENTION_KEYS, PROCESS_START_S, jsonable, variant_fields
 from harness.cells.benchmark_rows import combine_rounds, floor_columns
 from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
@@ -291,12 +291,12 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     began = time.monotonic()
     try:
         device = torch.device(cell.device)
-        row[THREADS] = measure.set_cpu_threads(cell.measure.get(THREADS))
+        row[THREADS] = measurement.set_cpu_threads(cell.measure.get(THREADS))
         row.update(apply_float32_matmul_precision(cell.measure.get(FLOAT32_MATMUL_PRECISION)))
         row[DEVICE_NAME] = device_name(cell.device)
         limit = None
         if device.type == "cuda":
-            row.update({NVML_BEFORE_PREFIX + k: v for k, v in measure.nvml_snapshot(device.index or 0).items()})
+            row.update({NVML_BEFORE_PREFIX + k: v for k, v in measurement.nvml_snapshot(device.index or 0).items()})
             if limit_memory:
                 limit = _limit_cuda_memory(cell, device)
         elif limit_memory:
@@ -305,30 +305,30 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         if limit is not None:
             row[MEMORY_LIMIT_MIB] = limit / MIB
         workload = build_workload(cell, device)
-        settings = measure.TimingSettings(
+        settings = measurement.TimingSettings(
             **{k: cell.measure[k] for k in ("warmup", "min_repeats", "min_time_s", "max_repeats", "max_time_s", "flush_l2")}
         )
         # On CPU the memory step and its warm-up run with freed memory returned to the OS (else VmHWM
         # counts re-touched heap holes); timing then gets its own warm-up under the usual thresholds.
-        with measure.freed_memory_returned() if device.type == "cpu" else nullcontext():
+        with measurement.freed_memory_returned() if device.type == "cpu" else nullcontext():
             for _ in range(settings.warmup):
                 workload.step()
-            memory = measure.measure_peak_memory(workload.step, device)
+            memory = measurement.measure_peak_memory(workload.step, device)
         if device.type == "cpu":
             for _ in range(settings.warmup):
                 workload.step()
-        timing, contention = measure.time_watched(
+        timing, contention = measurement.time_watched(
             workload.step,
             device,
             replace(settings, warmup=0),
-            measure.ContentionSettings.from_measure(cell.measure),
+            measurement.ContentionSettings.from_measure(cell.measure),
             deadline=_retry_deadline(cell, began),
             family_of=os.getppid() if limit_memory else None,  # its own process: the runner's other cells are the run's own load
         )
     except VariantUnavailable as error:  # not applicable here (missing optional package, no kernel)
         return {**row, STATUS: STATUS_SKIPPED, MESSAGE: f"variant unavailable: {error}"[:4000]}
     except Exception as error:  # every failure becomes data
-        status = STATUS_OOM if measure.is_oom_error(error) else STATUS_ERROR
+        status = STATUS_OOM if measurement.is_oom_error(error) else STATUS_ERROR
         message = f"{type(error).__name__}: {error}"
         if status == STATUS_OOM and MEMORY_LIMIT_MIB in row:
             message += f" (memory limit {row[MEMORY_LIMIT_MIB] / 1024:.3g} GiB)"
@@ -353,7 +353,7 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     )
     row[OPTIONAL_PACKAGES] = canonical_json(optional_package_versions(imported_only=True))  # what this cell imported
     if device.type == "cuda":  # the clocks right after the timing, before any matmul probe
-        row.update({NVML_AFTER_PREFIX + k: v for k, v in measure.nvml_snapshot(device.index or 0).items()})
+        row.update({NVML_AFTER_PREFIX + k: v for k, v in measurement.nvml_snapshot(device.index or 0).items()})
     if cell.measure.get("matmul_rate"):
         del workload  # its memory is released first, so the probe cannot run out of it
         row.update(_probe_matmul(cell, device))
@@ -375,8 +375,8 @@ def _probe_matmul(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     else:
-        measure.release_free_heap()
+        measurement.release_free_heap()
     try:
-        return measure.measure_matmul(device, cell.dtype).as_row()
+        return measurement.measure_matmul(device, cell.dtype).as_row()
     except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
         return {MATMUL_GFLOPS: math.nan, MATMUL_N: None, MESSAGE: f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from harness import measurement as measure
+from harness import measurement
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
     CELL_WALL_S,
@@ -74,9 +74,9 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: v for k, v in last.items() if k not in (ROW_TYPE, ROUND)}
     samples = union_of(rows, TIME_MS_SAMPLES) or []
     cpu = union_of(rows, CPU_TIME_MS_SAMPLES)
-    out.update(measure.Timing(samples, timer=str(last.get(TIMER) or "perf_counter_ns"), cpu_samples_ms=cpu).as_row())
+    out.update(measurement.Timing(samples, timer=str(last.get(TIMER) or "perf_counter_ns"), cpu_samples_ms=cpu).as_row())
     medians = numbers_of(rows, TIME_MS_MEDIAN)
-    median = measure.median_of(medians)
+    median = measurement.median_of(medians)
     out.update(
         {
             TIME_MS_MEDIAN: median,
@@ -90,7 +90,7 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     )
     shares = union_of(rows, CPU_SHARE_SAMPLES)
     if shares is not None:
-        out.update({CPU_SHARE_SAMPLES: shares, CPU_SHARE: measure.median_of(shares)})
+        out.update({CPU_SHARE_SAMPLES: shares, CPU_SHARE: measurement.median_of(shares)})
     contended = [r for r in rows if r.get(CONTENDED)]
     out.update(
         {
@@ -108,7 +108,7 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[column] = max(numbers_of(rows, column))
     for column in (PEAK_MEM_MIB, ACTIVATION_MEM_MIB, PEAK_RESERVED_MIB, MATMUL_GFLOPS):
         if numbers_of(rows, column):
-            out[column] = measure.median_of(numbers_of(rows, column))
+            out[column] = measurement.median_of(numbers_of(rows, column))
     seconds = median / 1e3
     last_seconds = float(last.get(TIME_MS_MEDIAN) or math.nan) / 1e3
     if numbers_of([last], TOKENS_PER_S) and seconds > 0:

@@ -56,7 +56,7 @@ def new_run_id(device_slug: str, parent: str | Path | None = None) -> str:
     """`YYYYmmddTHHMMSSZ-<device_slug>` in UTC. With `parent` (the suite folder) the id is reserved:
     its folder is created atomically (mkdir, no check-then-create race), and a `-2`, `-3`, ...
     suffix is added while a folder of that name already exists, so concurrent starts get distinct ids."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device_slug).strip("-.") or "device"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", device_slug).strip("-.") or "device"  # not a column: the fallback slug
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{slug}"
     if parent is None:
         return run_id

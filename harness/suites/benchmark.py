@@ -78,7 +78,7 @@ MAX_ROUNDS = 1000
 
 
 class MeasureSpec(Strict):
-    """How each cell is timed (see harness.measure) and guarded (see harness.isolation)."""
+    """How each cell is timed (see harness.measurement) and guarded (see harness.isolation)."""
 
     warmup: int = Field(2, ge=0, le=MAX_REPEATS)
     min_repeats: int = Field(5, ge=1, le=MAX_REPEATS)
@@ -90,10 +90,10 @@ class MeasureSpec(Strict):
     timeout_s: float = Field(900.0, gt=0, le=MAX_SECONDS)
     memory_limit_gib: Optional[float] = Field(None, gt=0, le=2**20)  # up to 1 PiB
     skip_after_oom: bool = True
-    # Measure the matmul rate (harness.measure.matmul_rate) in each cell's process after its timing:
+    # Measure the matmul rate (harness.measurement.matmul_rate) in each cell's process after its timing:
     # result columns matmul_gflops, matmul_n, floor_s, floor_ratio (the time over the compute floor).
     matmul_rate: bool = False
-    # Contention (harness.measure.ContentionSettings): a CPU cell while other processes kept at least
+    # Contention (harness.measurement.ContentionSettings): a CPU cell while other processes kept at least
     # contention_other_cores cores busy and either its median CPU share (process CPU time / (wall x
     # threads)) was below contention_cpu_share or they kept contention_spare_busy of the cores it does
     # not use busy, or a CUDA cell beside other GPU processes or slowed clocks, is timed again after

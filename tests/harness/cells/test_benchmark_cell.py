@@ -26,7 +26,7 @@ def test_without_matmul_rate_no_floor_columns_and_a_failed_probe_keeps_the_cell(
     def broken(*args, **kwargs):
         raise RuntimeError("no matmul today")
 
-    monkeypatch.setattr(benchmark.measure, "measure_matmul", broken)
+    monkeypatch.setattr(benchmark.measurement, "measure_matmul", broken)
     probed = load_suite(write_suite(tmp_path, "probed", [{"name": "full"}], [64], matmul_rate=True)).cells()[0]
     row = benchmark.measure_cell(probed, limit_memory=False)
     assert row["status"] == "ok" and row["time_ms_median"] > 0
