@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from harness.analysis.drift import CALIBRATION_MATMUL, CALIBRATIONS
 from harness.commands import UsageError
 from harness.commands import baseline as baseline_command
 from harness.commands import check as check_command
@@ -147,10 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     report.set_defaults(handler=report_command.main)
 
-    compare = commands.add_parser("compare", help="time ratio B/A per matched cell of two runs, marking differences within noise")
-    compare.add_argument("run_a", help="run A (the reference): run folder, suite folder, run id or results.parquet")
-    compare.add_argument("run_b", help="run B")
-    compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>/)")
+    compare = commands.add_parser(
+        "compare", help="every run against the first: time ratio per matched cell, 95%% interval, verdict with between-run drift"
+    )
+    compare.add_argument(
+        "runs", nargs="+", metavar="RUN", help="runs A B [C ...], A the reference: run folders, suite folders, run ids or results.parquet"
+    )
+    compare.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=CALIBRATION_MATMUL,
+        help="normalise each run by its median matmul rate (default; when both runs recorded one) or not at all",
+    )
+    compare.add_argument(
+        "--reference",
+        metavar="EXPR",
+        help="calibrate on these cells instead, declared unchanged (selection language), e.g. \"variant == 'sdpa'\"",
+    )
+    compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>[-vs-<C>...]/)")
     compare.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     compare.set_defaults(handler=compare_command.main)
 

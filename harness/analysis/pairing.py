@@ -19,6 +19,11 @@ noise rule"):
 - BEYOND (beyond noise) when a two-sided Mann-Whitney U test on the two sets of samples
   (`harness.analysis.stats`) gives p < alpha (NOISE_ALPHA, 0.01), WITHIN otherwise.
 
+Each finished pair also carries a 95% interval of its time ratio: a seeded bootstrap over both sides'
+samples (`bootstrap_log_ratios`), and the bootstrap's spread of the log ratio. That judges one run
+against another within the runs' own spread; across runs, `judge_pair` adds the between-run drift
+(harness.analysis.drift): a calibration offset and a drift scale, and says which it used.
+
 A pair where either cell did not finish is UNFINISHED, without ratios. `harness compare` renders the
 pairs (harness.report.compare_report); `harness check` judges them with its thresholds on top
 (harness.check.regression). Nothing here knows about either.
@@ -33,7 +38,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from harness.analysis.stats import NOISE_ALPHA, mann_whitney_u, median, min_p_value
+from harness.analysis.stats import (
+    BOOTSTRAP_SEED,
+    NOISE_ALPHA,
+    bootstrap_log_ratios,
+    mann_whitney_u,
+    median,
+    min_p_value,
+    quantile,
+    student_t3_quantile,
+    student_t3_sf,
+)
 from harness.analysis.tables import row_contended
 from harness.safe_io import InputFileError, parse_json
 from harness.store.schema import (
@@ -57,6 +72,9 @@ WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED = "within noise", "beyond nois
 NOISE_VERDICTS = (WITHIN, BEYOND, TOO_FEW, INCONCLUSIVE, UNFINISHED)
 # The per-cell columns a paired frame carries from both runs, as <column>_a and <column>_b.
 PAIRED_COLUMNS = (STATUS, TIME_MS_MEDIAN, TIME_MS_IQR, TIME_MS_SAMPLES, PEAK_MEM_MIB, CONTENDED, CONTENTION)
+INTERVAL_LEVEL = 0.95  # the intervals shown beside ratios
+WITHIN_RUN = "within-run spread"  # the basis of a judgement without between-run drift
+T3_INTERVAL = student_t3_quantile(0.5 + INTERVAL_LEVEL / 2)  # 3.18: half-width of a 95% t3 interval, in scales
 
 
 # --------------------------------------------------------------------------- identity
@@ -138,6 +156,8 @@ class Pair:
     samples_b: tuple[float, ...] = ()
     p_value: float | None = None
     noise: str = UNFINISHED
+    interval: tuple[float, float] = (math.nan, math.nan)
+    log_sd: float = math.nan
 
     @property
     def matched(self) -> bool:
@@ -174,7 +194,70 @@ def pair_cells(key: str, a: dict | None, b: dict | None, alpha: float = NOISE_AL
         p, noise = None, INCONCLUSIVE
     else:
         p, noise = noise_test(samples_a, samples_b, alpha)
-    return Pair(key, a, b, ratio, memory_ratio, tuple(samples_a), tuple(samples_b), p, noise)
+    interval, log_sd = bootstrap_interval(samples_a, samples_b, ratio)
+    return Pair(key, a, b, ratio, memory_ratio, tuple(samples_a), tuple(samples_b), p, noise, interval, log_sd)
+
+
+def bootstrap_interval(
+    a: Sequence[float], b: Sequence[float], ratio: float, seed: int = BOOTSTRAP_SEED
+) -> tuple[tuple[float, float], float]:
+    """((low, high), sd of the log ratio) of the ratio of medians B / A: the INTERVAL_LEVEL percentile
+    interval of a seeded bootstrap over both sides' samples, shifted so that it surrounds `ratio` (the
+    stored medians' ratio, which a combined round row may take from its rounds); NaNs without samples."""
+    replicates = bootstrap_log_ratios(a, b, seed)
+    if not replicates or not math.isfinite(ratio) or ratio <= 0:
+        return (math.nan, math.nan), math.nan
+    centre = math.log(median(b) / median(a))
+    shift = math.log(ratio) - centre
+    tail = (1 - INTERVAL_LEVEL) / 2
+    low, high = quantile(replicates, tail), quantile(replicates, 1 - tail)
+    mean = sum(replicates) / len(replicates)
+    sd = math.sqrt(sum((r - mean) ** 2 for r in replicates) / max(len(replicates) - 1, 1))
+    return (math.exp(low + shift), math.exp(high + shift)), sd
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A pair judged across runs: the (calibrated) ratio, its INTERVAL_LEVEL interval, the p-value and
+    verdict (NOISE_VERDICTS) and `basis`: what the interval and verdict account for, in words."""
+
+    ratio: float
+    interval: tuple[float, float]
+    p_value: float | None
+    noise: str
+    basis: str
+
+
+def judge_log_ratio(log_ratio: float, log_sd: float, scale: float, alpha: float = NOISE_ALPHA) -> tuple[float, tuple[float, float]]:
+    """(two-sided p, interval) of a calibrated log ratio against no change, when the between-run drift
+    is a t with 3 df of `scale` and the within-run error has sd `log_sd` (added in quadrature)."""
+    spread = math.hypot(scale, log_sd if math.isfinite(log_sd) else 0.0)
+    p = min(1.0, 2 * student_t3_sf(abs(log_ratio) / spread))
+    return p, (math.exp(log_ratio - T3_INTERVAL * spread), math.exp(log_ratio + T3_INTERVAL * spread))
+
+
+def judge_pair(
+    pair: Pair, offset: float = 0.0, scale: float | None = None, basis: str = WITHIN_RUN, alpha: float = NOISE_ALPHA
+) -> Judgement:
+    """Judge a pair across runs: its ratio with the calibration `offset` taken out (log(B / A) - offset);
+    with a drift `scale` (harness.analysis.drift), p and interval from `judge_log_ratio` and BEYOND when
+    p < alpha and the within-run test does not say WITHIN; without one, the pair's own bootstrap
+    interval and within-run verdict. Contended and unfinished pairs keep their verdicts."""
+    if not pair.finished or not math.isfinite(pair.ratio) or pair.ratio <= 0:
+        return Judgement(math.nan, (math.nan, math.nan), None, pair.noise, basis)
+    factor = math.exp(-offset)
+    ratio = pair.ratio * factor
+    if scale is None:
+        low, high = pair.interval
+        return Judgement(ratio, (low * factor, high * factor), pair.p_value, pair.noise, basis)
+    p, interval = judge_log_ratio(math.log(ratio), pair.log_sd, scale, alpha)
+    if pair.noise in (INCONCLUSIVE, UNFINISHED):
+        noise = pair.noise
+    elif not pair.samples_a or not pair.samples_b:
+        noise = TOO_FEW
+    else:
+        noise = BEYOND if p < alpha and pair.noise != WITHIN else WITHIN
+    return Judgement(ratio, interval, p, noise, basis)
 
 
 @dataclass(frozen=True)
@@ -202,7 +285,8 @@ class Pairing:
     def frame(self) -> pd.DataFrame:
         """One row per matched pair: A's row (its configuration columns as they are), PAIRED_COLUMNS
         from both runs as `<column>_a` / `<column>_b`, `ratio`, `memory_ratio`, `p_value` (NaN when
-        untested), `noise`, `within_noise` (True / False, None unless WITHIN or BEYOND),
+        untested), `ci_low` / `ci_high` (the bootstrap interval of `ratio`),
+        `noise`, `within_noise` (True / False, None unless WITHIN or BEYOND),
         `inconclusive` and `status` (ok when both finished, else the first failure: "oom" ...)."""
         records = []
         for pair in self.matched:
@@ -215,6 +299,8 @@ class Pairing:
                 ratio=pair.ratio,
                 memory_ratio=pair.memory_ratio,
                 p_value=np.nan if pair.p_value is None else pair.p_value,
+                ci_low=pair.interval[0],
+                ci_high=pair.interval[1],
                 noise=pair.noise,
                 within_noise={WITHIN: True, BEYOND: False}.get(pair.noise),
                 inconclusive=pair.noise == INCONCLUSIVE,

@@ -1,4 +1,5 @@
-"""`harness compare RUN_A RUN_B`: time ratio B/A per paired cell, with its noise verdict (harness.report.compare_report)."""
+"""`harness compare A B [C ...]`: every run against the first, time ratios with 95% intervals and verdicts that
+account for between-run drift (harness.report.compare_report, harness.analysis.comparison)."""
 
 from __future__ import annotations
 
@@ -11,5 +12,6 @@ def main(args: argparse.Namespace) -> int:
     from harness.report.compare_report import render_compare
 
     out = Path(args.out) if args.out else None
-    print(f"comparison: {render_compare(args.run_a, args.run_b, out=out, root=args.root, echo=print)}")
+    folder = render_compare(*args.runs, out=out, root=args.root, echo=print, calibration=args.calibration, reference=args.reference)
+    print(f"comparison: {folder}")
     return 0

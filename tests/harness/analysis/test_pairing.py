@@ -175,6 +175,6 @@ def test_compare_and_check_pair_exactly_the_same_cells(tmp_path, capsys):
     assert (only_a, only_b) == (len(fx.SEQ_LENS), 1)
     assert f"{len(expected)} cells matched" in summary and f"{only_a} cell(s) only in A and {only_b} only in B" in summary
     # and they judge the pairs alike: lsh-1 is beyond noise in compare and a regression in check
-    beyond = {(cells[0].strip("| "), int(cells[1])) for cells in table if cells[5].strip() == "NO"}
+    beyond = {(cells[0].strip("| "), int(cells[1])) for cells in table if cells[6].strip() == "NO"}
     regressions = {cell(c["cell"]) for c in data["comparisons"] if c["verdict"] == "regression"}
     assert beyond == regressions == {("lsh n_hashes=1", n) for n in fx.SEQ_LENS}

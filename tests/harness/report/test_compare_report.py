@@ -40,11 +40,20 @@ def test_three_repeats_are_too_few_to_judge(layers, tmp_path):
     frame = pair_runs(rows, rows).frame()
     assert (frame["noise"] == TOO_FEW).all() and frame["within_noise"].isna().all()
     assert frame["p_value"].eq(1.0).all() and np.allclose(frame["ratio"], 1.0)
+    # across runs, a drift scale needs at least 8 deviations: with 12 cells that agree, the cells' spread gives
+    # one (zero here) and every cell is judged on the interval instead; with fewer cells the within-run verdict stands
     lines: list[str] = []
     text = (render_compare(layers, layers, out=tmp_path / "layers", echo=lines.append) / "report.md").read_text()
-    assert f"{len(rows)} with too few repeats for the test to tell" in lines[0]
-    assert text.count("| too few repeats |") == len(rows) and "0 of them differ beyond noise" in text
-    assert "no marker: too few repeats to tell" in text
+    assert "12 finished in both, 0 of them differ beyond noise." in lines[0] and "from 12 log ratios between all cells" in lines[0]
+    assert text.count("| too few repeats |") == 0 and text.count("| yes |") == len(rows)
+    few = tmp_path / "layers_memory" / "20260301T130000Z-few"
+    few.mkdir(parents=True)
+    (few / "run.json").write_text((layers / "run.json").read_text())
+    rows.head(5).to_parquet(few / "results.parquet", index=False)
+    lines.clear()
+    text = (render_compare(few, few, out=tmp_path / "few", echo=lines.append) / "report.md").read_text()
+    assert "5 with too few repeats for the test to tell" in lines[0] and "within-run spread only" in lines[0]
+    assert text.count("| too few repeats |") == 5 and "no marker: too few repeats to tell" in text
 
 
 def test_compare_flags_a_real_slowdown_and_matches_on_config_not_cell_key(seq, tmp_path):
