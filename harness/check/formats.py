@@ -19,7 +19,7 @@ from harness.report.document import Document, Heading, Items, Paragraph, Table, 
 from harness.report.folders import shown_path
 from harness.store.schema import CODE_VERSION, DEVICE_NAME, PEAK_MEM_MIB, STATUS
 
-HEADER = ["cell", "metric", "baseline", "now", "now/base", "p", "verdict", "note"]
+HEADER = ["cell", "metric", "baseline", "now", "now/base [95% interval]", "p", "verdict", "note"]
 
 
 def _fmt(value: Any, metric: str = "") -> str:
@@ -40,6 +40,7 @@ def comparisons_table(report: CheckReport, text: str = "pandas") -> Table:
     for c in report.comparisons:
         p = "-" if c.p_value is None else (f"{c.p_value:.2g}" if c.p_value >= 1e-4 else "<1e-4")
         ratio = "-" if c.ratio is None or not math.isfinite(c.ratio) else f"{c.ratio:.3f}x"
+        ratio += f" [{c.interval[0]:.3f}-{c.interval[1]:.3f}]" if c.interval is not None and ratio != "-" else ""
         verdict = c.verdict.upper() if c.verdict == REGRESSION else c.verdict
         rows.append([c.cell, c.metric, _fmt(c.baseline, c.metric), _fmt(c.now, c.metric), ratio, p, verdict, c.note])
     frame = pd.DataFrame(rows, columns=HEADER)

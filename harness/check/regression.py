@@ -27,6 +27,7 @@ input (CheckError, a ResultsError, which the CLI turns into 2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -88,7 +89,8 @@ def _time_comparison(pair: Pair, rules: ChecksSpec, label: str) -> Comparison:
         return Comparison(label, "time_ms", *values, pair.ratio, None, UNTESTED, "no samples to compare", pair.key)
     sizes = (len(pair.samples_b), len(pair.samples_a))
     verdict, note = verdict_of(pair.ratio, pair.noise, sizes, rules.time.threshold, rules.time.p_value)
-    return Comparison(label, "time_ms", *values, pair.ratio, pair.p_value, verdict, note, pair.key)
+    interval = pair.interval if all(math.isfinite(v) for v in pair.interval) else None
+    return Comparison(label, "time_ms", *values, pair.ratio, pair.p_value, verdict, note, pair.key, interval)
 
 
 def compare_cells(pair: Pair, rules: ChecksSpec, label: str) -> list[Comparison]:

@@ -56,6 +56,7 @@ class Comparison:
     verdict: str = SAME
     note: str = ""
     config_key: str = ""
+    interval: tuple[float, float] | None = None  # the 95% bootstrap interval of `ratio` (time comparisons with samples)
 
     def as_dict(self) -> dict[str, Any]:
         """The comparison as JSON-able values (NaN and infinities as None)."""
