@@ -26,6 +26,7 @@ from harness.commands import list as list_command
 from harness.commands import profile as profile_command
 from harness.commands import report as report_command
 from harness.commands import run as run_command
+from harness.commands import runs as runs_command
 from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
 from harness.export import EXPORT_FORMATS, ExportError
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run", help="run folder, run id or suite folder (its latest run)")
     status.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
     status.set_defaults(handler=status_command.main)
+
+    runs = commands.add_parser(
+        "runs", help="one line per stored run: suite, run id, device, code version, started, cells ok/failed/contended/unfinished"
+    )
+    runs.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
+    runs.add_argument("--suite", metavar="NAME", help="only the runs of this suite")
+    runs.set_defaults(handler=runs_command.main)
 
     listing = commands.add_parser("list", help="registered variants and their parameters")
     listing.set_defaults(handler=list_command.main)

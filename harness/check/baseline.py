@@ -17,11 +17,12 @@ from pathlib import Path
 
 from harness.check.verdicts import CheckError
 from harness.environment import device_slug
+from harness.store.files import BASELINES_DIR as STORE_BASELINES_DIR
 from harness.store.files import file_mode, to_json
 from harness.store.reader import read_run
 from harness.store.schema import CODE_VERSION, DEVICE_NAME, RUN_ID
 
-BASELINES_DIR = "baselines"
+BASELINES_DIR = STORE_BASELINES_DIR  # the name harness.store.files keeps (the run catalog reads it too)
 BASELINE_INFO = "baseline.json"
 
 

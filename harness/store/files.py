@@ -34,6 +34,7 @@ CELLS_DIR = "cells"
 RUNNING_DIR = "running"  # running/<key>.json: a cell being measured now (host, pid, job), gone once stored
 PARQUET = "results.parquet"
 LOCK_FILE = ".lock"
+BASELINES_DIR = "baselines"  # <results root>/baselines/<device slug>/<name>/: promoted runs (harness.check.baseline)
 JOBS_FILE = "jobs.json"  # submitted job ids, per submission (harness.executors), for `harness status`
 ROWS_LOCK = ".rows.lock"  # held while results.parquet is read, merged with the journal and rewritten
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
