@@ -22,6 +22,7 @@ from harness.commands import check as check_command
 from harness.commands import compare as compare_command
 from harness.commands import env as env_command
 from harness.commands import export as export_command
+from harness.commands import history as history_command
 from harness.commands import list as list_command
 from harness.commands import profile as profile_command
 from harness.commands import report as report_command
@@ -176,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: reports/compare/<A>-vs-<B>[-vs-<C>...]/)")
     compare.add_argument("--root", default="results", help="results root (default: results/ in the working directory)")
     compare.set_defaults(handler=compare_command.main)
+
+    history = commands.add_parser(
+        "history", help="a metric of every configuration across a suite's runs, per device, with step changes between code versions"
+    )
+    history.add_argument("suite", help="suite name (its folder under --out)")  # not a column: the argument
+    history.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
+    history.add_argument("--metric", default="time", help="time (default), memory, bpd, accuracy, or a numeric result column")
+    history.add_argument("--filter", metavar="EXPR", help="only the configurations whose columns satisfy EXPR (selection language)")
+    history.add_argument("--threshold", type=float, default=0.10, help="smallest relative change a step must have (default 0.10)")
+    history.add_argument("--report", metavar="DIR", help="output folder (default: reports/history/<suite>/ beside the results root)")
+    history.add_argument("--fail-on-step", action="store_true", help="exit 1 when the latest code version has a step for the worse")
+    history.set_defaults(handler=history_command.main)
 
     prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
     prof.add_argument("suite", help="suite YAML file")  # not a column: the argument
