@@ -25,6 +25,7 @@ from harness.commands import export as export_command
 from harness.commands import history as history_command
 from harness.commands import list as list_command
 from harness.commands import profile as profile_command
+from harness.commands import publish as publish_command
 from harness.commands import report as report_command
 from harness.commands import run as run_command
 from harness.commands import runs as runs_command
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--report", metavar="DIR", help="output folder (default: reports/history/<suite>/ beside the results root)")
     history.add_argument("--fail-on-step", action="store_true", help="exit 1 when the latest code version has a step for the worse")
     history.set_defaults(handler=history_command.main)
+
+    publish = commands.add_parser("publish", help="a static site of every run: index, history pages, run reports, baseline comparisons")
+    publish.add_argument("--out", default="results", help="results root (default: results/ in the working directory)")
+    publish.add_argument("--site", default="site", help="site folder, replaced as a whole (default: site/)")
+    publish.set_defaults(handler=publish_command.main)
 
     prof = commands.add_parser("profile", help="torch.profiler table of selected cells, run in this process (diagnostic)")
     prof.add_argument("suite", help="suite YAML file")  # not a column: the argument
