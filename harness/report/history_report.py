@@ -125,7 +125,7 @@ def history_blocks(history: History, folder: Path, stem: str, links: dict[str, s
     blocks.append(Figure(stem, f"{history.metric.name} of every configuration over the runs; red rings: step changes."))
     worse = len([s for s in history.steps if s.worse])
     blocks.append(
-        Paragraph(f"**{len(history.steps)} step change(s)**, {worse} for the worse.")
+        Paragraph(f"{len(history.steps)} step change(s), {worse} for the worse.")
         if history.steps
         else Paragraph("No step change between consecutive code versions.")
     )
