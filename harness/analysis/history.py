@@ -39,6 +39,7 @@ from harness.store.schema import (
     COLUMNS,
     EVAL_BPD,
     PEAK_MEM_MIB,
+    RUN_ID,
     STATUS,
     STATUS_OK,
     TIME_MS_MEDIAN,
@@ -150,7 +151,7 @@ def _points(ordered: list[tuple[str, list[RunEntry]]], metric: Metric, selection
         noisy = rows[TIME_NOISY].eq(True) if TIME_NOISY in rows and metric.samples else False
         frames.append(
             rows.assign(
-                run_id=entry.run.run_id,
+                **{RUN_ID: entry.run.run_id},
                 version=entry.run.code_version,
                 position=position,
                 value=values,
@@ -183,8 +184,8 @@ def _replicates(points: pd.DataFrame, ordered: list[tuple[str, list[RunEntry]]])
     deviations = []
     for _, group in ordered:
         for first, second in zip(group, group[1:]):
-            a = points[points["run_id"] == first.run.run_id].set_index(KEY)["calibrated"]
-            b = points[points["run_id"] == second.run.run_id].set_index(KEY)["calibrated"]
+            a = points[points[RUN_ID] == first.run.run_id].set_index(KEY)["calibrated"]
+            b = points[points[RUN_ID] == second.run.run_id].set_index(KEY)["calibrated"]
             both = a.index.intersection(b.index)
             deviations += [math.log(b[k] / a[k]) for k in both if a[k] > 0 and b[k] > 0]
     return deviations

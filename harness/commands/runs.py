@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
             "started": e.started[:19],
             "ok": e.ok,
             "failed": e.failed,
-            "contended": e.contended,
+            "contended": e.contended,  # not a column: the count of contended cells
             "unfinished": e.unfinished,
             "baseline": "baseline" if e.baseline else "",
         }

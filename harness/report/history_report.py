@@ -22,6 +22,7 @@ from harness.report.figure_axes import new_figure, set_title, slug, theme
 from harness.report.folders import RESULTS_ROOT, output_folder, reports_root, staged, writing
 from harness.report.palette import series_palette
 from harness.store.files import ResultsError
+from harness.store.schema import RUN_ID
 from harness.store.versions import version_sha
 
 STEP_COLOUR = "#d62728"
@@ -60,7 +61,7 @@ def plot_history(history: History, folder: Path, stem: str, links: dict[str, str
                     some["position"], some["value"], s=28, color="white" if hollow else colour, edgecolors=colour, linewidths=1.4, zorder=3
                 )
                 if links:
-                    marks.set_urls([links.get(run_id) for run_id in some["run_id"]])
+                    marks.set_urls([links.get(run_id) for run_id in some[RUN_ID]])
             ring = part[[(k, v) in stepped for k, v in zip(part[KEY], part["version"])]]
             ax.scatter(ring["position"], ring["value"], s=140, facecolors="none", edgecolors=STEP_COLOUR, linewidths=2, zorder=4)
         ax.set_xticks(range(len(history.runs)), [short_version(e.run.code_version) for e in history.runs], rotation=45, ha="right")
@@ -100,7 +101,7 @@ def values_table(history: History) -> Table:
     """Configuration x run: the metric as stored (contended or noisy values marked *)."""
     columns = dict(zip([e.run.run_id for e in history.runs], run_columns(history)))
     shown = history.points.assign(text=[f"{v:.4g}" + ("*" if h else "") for v, h in zip(history.points["value"], history.points["hollow"])])
-    table = shown.pivot_table(index="label", columns="run_id", values="text", aggfunc="first", sort=False)
+    table = shown.pivot_table(index="label", columns=RUN_ID, values="text", aggfunc="first", sort=False)
     table = table.reindex(columns=[c for c in columns if c in table.columns]).rename(columns=columns)
     table.index.name, table.columns.name = "configuration", None
     return Table(table.fillna(""))

@@ -3,12 +3,14 @@ slowdown in one configuration (history_fixtures), and the drift model against in
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from harness import cli
 from harness.analysis.catalog import find_runs
 from harness.analysis.comparison import compare_runs
 from harness.analysis.drift import CELLS, REPLICATES, drift_scale
@@ -88,3 +90,19 @@ def test_compare_of_three_runs_has_intervals_around_the_planted_ratio(history_ro
     others = changed[~planted & (changed["status"] == "ok")]
     assert not (others["noise"] == BEYOND).any()
     assert ((others["ci_low"] < 1) & (others["ci_high"] > 1)).mean() >= 0.9  # 95% intervals: about all contain no change
+
+
+def test_check_prints_the_interval_beside_each_ratio(history_root, capsys):
+    base, now = (history_root / "seq_length" / hx.RUNS[i][0] for i in (0, 2))
+    args = ["check", str(now), "--baseline", str(base), "--root", str(history_root)]
+    assert cli.main([*args, "--format", "json"]) == 1  # the planted slowdown is a regression
+    data = json.loads(capsys.readouterr().out)
+    planted = [c for c in data["comparisons"] if c["cell"].startswith(f"{hx.PLANTED[0]} L={hx.PLANTED[1]}") and c["metric"] == "time_ms"]
+    (comparison,) = planted
+    low, high = comparison["interval"]
+    assert low < comparison["ratio"] < high and comparison["verdict"] == "regression"
+    cli.main(args)
+    line = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{hx.PLANTED[0]} L={hx.PLANTED[1]}") and "time_ms" in line
+    )
+    assert f"x [{low:.3f}-{high:.3f}]" in line
