@@ -100,7 +100,8 @@ class Step:
 class History:
     """One suite's metric on one device: `versions` in order, with their run ids; `points` one row per
     (run, configuration): KEY, `label`, run_id, `version`, `position` (the run's place on the x axis),
-    `value` (as stored), `calibrated`, `hollow` (contended or noisy), `samples`; the steps; the drift."""
+    `value` (as stored), `calibrated`, `hollow` (contended or noisy: drawn hollow),
+    `inconclusive` (contended: no step from it), `samples`; the steps; the drift."""
 
     suite: str
     device: str
@@ -157,6 +158,7 @@ def _points(ordered: list[tuple[str, list[RunEntry]]], metric: Metric, selection
                 value=values,
                 calibrated=values * factor,
                 hollow=is_contended(rows) | noisy,
+                inconclusive=is_contended(rows),
                 samples=[[v * factor for v in samples_of(r, metric.samples)] if metric.samples else [] for r in rows.to_dict("records")],
             )
         )
@@ -172,11 +174,11 @@ def _points(ordered: list[tuple[str, list[RunEntry]]], metric: Metric, selection
 
 
 def _by_version(points: pd.DataFrame, version: str) -> dict[str, tuple[float, list[float], bool]]:
-    """key -> (median calibrated value over the version's runs, pooled samples, all points hollow)."""
+    """key -> (median calibrated value over the version's runs, pooled samples, every point contended)."""
     out = {}
     for key, part in points[points["version"] == version].groupby(KEY, sort=False):
         samples = [v for s in part["samples"] for v in s]
-        out[key] = (median(part["calibrated"].tolist()), samples, bool(part["hollow"].all()))
+        out[key] = (median(part["calibrated"].tolist()), samples, bool(part["inconclusive"].all()))
     return out
 
 
@@ -197,8 +199,8 @@ def _steps(points: pd.DataFrame, versions: list[str], metric: Metric, drift: Dri
     for before, after in zip(versions, versions[1:]):
         old, new = _by_version(points, before), _by_version(points, after)
         for key in [k for k in old if k in new]:
-            (a, samples_a, hollow_a), (b, samples_b, hollow_b) = old[key], new[key]
-            if hollow_a or hollow_b or not (a > 0 and b > 0):
+            (a, samples_a, contended_a), (b, samples_b, contended_b) = old[key], new[key]
+            if contended_a or contended_b or not (a > 0 and b > 0):
                 continue  # contended both ways, or no value: no verdict
             ratio = b / a
             interval, log_sd = bootstrap_interval(samples_a, samples_b, ratio) if samples_a and samples_b else ((math.nan,) * 2, 0.0)
