@@ -38,8 +38,9 @@ NOISE_RULE = (
     "tested against the between-run drift, a t distribution (3 df) whose scale comes from runs of the same code version "
     "where there are several, else from the spread of all cells' ratios, with the bootstrap spread of the samples "
     f"added: beyond noise when p < {NOISE_ALPHA} (and the within-run test does not say within). The "
-    f"{INTERVAL_LEVEL:.0%} interval beside each ratio is the same model's; without a drift estimate, a seeded bootstrap "
-    "over the stored samples. Peak memory is one measurement per cell: its ratio has no noise estimate."
+    f"{INTERVAL_LEVEL:.0%} interval beside each ratio is the same model's (so a cell whose interval just excludes 1 can "
+    f"still be within noise at p < {NOISE_ALPHA}); without a drift estimate, a seeded bootstrap over the stored samples. "
+    "Peak memory is one measurement per cell: its ratio has no noise estimate."
 )
 LETTERS = string.ascii_uppercase
 
