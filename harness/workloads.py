@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import variants
-from harness.measurement import DTYPES, PhasedStep
+from harness.measurement import DTYPES, TIMER_SETTING, PhasedStep
 from harness.store.schema import (
     ATTENTION_BACKEND,
     BACKWARD_BYTES,
@@ -190,7 +190,7 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
                 param.grad = torch.zeros_like(param)
         if cell.mode == "train_step":
             # capturable: its step stays on the device, so the `graphs` timer can capture it (CUDA only)
-            capturable = device.type == "cuda" and cell.measure.get("timer") == "graphs"
+            capturable = device.type == "cuda" and cell.measure.get(TIMER_SETTING) == "graphs"
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, capturable=capturable)
             optimizer.step()  # materialises AdamW's state on zero gradients (only weight decay moves the weights)
         trained = optimizer

@@ -172,7 +172,7 @@ class BenchmarkCell:
 
     def timer(self) -> str:
         """The suite's `measure.timer` (harness.measurement.TIMERS); "events" when unset."""
-        return str(self.measure.get("timer") or "events")
+        return str(self.measure.get(measurement.TIMER_SETTING) or "events")
 
     def timeout_s(self) -> float:
         """The suite's `measure.timeout_s` (seconds, default 900)."""

@@ -33,7 +33,7 @@ from harness.measurement.contention import (
     time_watched,
 )
 from harness.measurement.floor import DTYPES, MatmulReading, matmul_rate, measure_matmul
-from harness.measurement.gpu_timers import CUDA_ONLY_TIMERS, TIMERS, GraphCaptureError, time_step
+from harness.measurement.gpu_timers import CUDA_ONLY_TIMERS, TIMER_SETTING, TIMERS, GraphCaptureError, time_step
 from harness.measurement.memory import (
     MemoryReading,
     freed_memory_returned,
@@ -59,6 +59,7 @@ __all__ = [
     "CUDA_ONLY_TIMERS",
     "GraphCaptureError",
     "TIMERS",
+    "TIMER_SETTING",
     "BandwidthReading",
     "DTYPES",
     "GPU_SLOWDOWN_REASONS",

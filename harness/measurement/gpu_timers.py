@@ -23,6 +23,7 @@ import torch
 
 from harness.measurement.timing import PhasedStep, Timing, TimingSettings, repeats_done, time_callable
 
+TIMER_SETTING = "timer"  # not a column: the key of a suite's measure.timer
 TIMERS = ("events", "kernels", "graphs")  # not a column: the values of a suite's measure.timer
 CUDA_ONLY_TIMERS = ("kernels", "graphs")  # not a column: the timers a CPU cell refuses
 RANGE_PREFIX = "harness.repeat."  # not a column: the record_function ranges `time_kernels` marks phases with

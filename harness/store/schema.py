@@ -202,7 +202,7 @@ BACKWARD_MS_IQR = "backward_ms_iqr"  # ms
 BACKWARD_MS_SAMPLES = "backward_ms_samples"  # list of ms, one per repeat
 FORWARD_FLOPS = "forward_flops"  # analytic FLOPs of the forward phase
 BACKWARD_FLOPS = "backward_flops"  # analytic FLOPs of the backward phase (0 in mode forward)
-BYTES = "bytes"  # analytic bytes read + written by one call (forward + backward; variants/traffic.py)
+BYTES = "step_bytes"  # analytic bytes read + written by one call (forward + backward; variants/traffic.py)
 FORWARD_BYTES = "forward_bytes"  # of the forward phase
 BACKWARD_BYTES = "backward_bytes"  # of the backward phase (with AdamW's state in train_step)
 INTENSITY = "intensity"  # FLOP / byte: flops / bytes
@@ -211,7 +211,7 @@ MEMBW_GBYTES_PER_S = "membw_gbytes_per_s"  # GB/s of a streaming triad in the ce
 MEMBW_MIB = "membw_mib"  # MiB: the triad's three buffers together
 COMPUTE_FRACTION = "compute_fraction"  # tflops_per_s over the matmul rate (the compute roof)
 MEMORY_FRACTION = "memory_fraction"  # gbytes_per_s over the measured bandwidth (the memory roof)
-BOUND = "bound"  # text: compute | memory: the roof the cell's intensity puts under it
+BOUND = "roof_bound"  # text: compute | memory: the roof the cell's intensity puts under it
 ROOF_FRACTION = "roof_fraction"  # achieved FLOP/s over min(compute roof, intensity x bandwidth)
 
 # --------------------------------------------------------------------------- row kinds

@@ -29,7 +29,7 @@ from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, jsonable, model_
 from harness.cells.benchmark import BenchmarkCell
 from harness.check.rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
-from harness.measurement.gpu_timers import CUDA_ONLY_TIMERS
+from harness.measurement.gpu_timers import CUDA_ONLY_TIMERS, TIMER_SETTING
 from harness.store.schema import (
     AXIAL_SHAPE,
     BATCH,
@@ -203,13 +203,13 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
 
     name = check_suite_name(spec.name if spec.name is not None else path.stem, locator)
     measure = spec.measure.model_dump()
-    for setting in (FLOAT32_MATMUL_PRECISION, "bandwidth", "timer"):  # not columns: measure settings
+    for setting in (FLOAT32_MATMUL_PRECISION, "bandwidth", TIMER_SETTING):
         if measure[setting] is None:
             del measure[setting]  # unset: cells keep the keys they had before the setting existed
-    if resolved != "cuda" and measure.get("timer") in CUDA_ONLY_TIMERS:
+    if resolved != "cuda" and measure.get(TIMER_SETTING) in CUDA_ONLY_TIMERS:
         raise locator.error(
-            ("measure", "timer"),
-            f"timer {measure['timer']!r} needs a CUDA device (this suite runs on {resolved}); on CPU use 'events' (perf_counter_ns)",
+            ("measure", TIMER_SETTING),
+            f"timer {measure[TIMER_SETTING]!r} needs a CUDA device (this suite runs on {resolved}); on CPU use 'events' (perf_counter_ns)",
         )
     if measure["min_repeats"] > measure["max_repeats"]:
         raise locator.error(
