@@ -174,7 +174,7 @@ def roofline_point(flops: float, bytes_moved: float, seconds: float, gflops_roof
     fraction of the roof that bounds it. NaN (bound None) where an input is missing."""
     intensity = flops / bytes_moved
     achieved_gflops = flops / seconds / 1e9
-    attainable = min(gflops_roof, intensity * gbytes_roof)
+    attainable = min(gflops_roof, intensity * gbytes_roof) if not math.isnan(gflops_roof + gbytes_roof) else math.nan
     bound = None if math.isnan(attainable) else ("memory" if intensity * gbytes_roof < gflops_roof else "compute")
     return {
         INTENSITY: intensity,

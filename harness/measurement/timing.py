@@ -263,10 +263,10 @@ def _time_cpu(fn: Callable[[], object], settings: TimingSettings) -> Timing:
             tm = t1 = time.perf_counter_ns()
         else:
             out = phased.forward()
-            tm = time.perf_counter_ns()
+            tm = t1 = time.perf_counter_ns()
             if phased.backward is not None:
                 out = phased.backward(out)
-            t1 = time.perf_counter_ns()
+                t1 = time.perf_counter_ns()
         c1 = time.process_time_ns()
         del out  # free the result outside the timed region
         samples.append((t1 - t0) / 1e6)
