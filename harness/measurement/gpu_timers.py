@@ -1,4 +1,4 @@
-"""The timers of `measure.timer` (docs/architecture.md, "Timers"): `time_step` picks one.
+"""The timers of `measure.timer` (docs/decisions.md, "Where the time goes"): `time_step` picks one.
 
 - `events` (the default): `time_callable`, CUDA events around each repeat (and its phases) on
   GPU, perf_counter_ns on CPU. Includes the gaps between kernels (launch latency, host work).
