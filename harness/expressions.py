@@ -26,7 +26,7 @@ import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:  # pandas is imported lazily: harness.check_rules validates with this module
+if TYPE_CHECKING:  # pandas is imported lazily: harness.check.rules validates with this module
     import pandas as pd
 
 MAX_LENGTH = 2000  # characters; a selection expression is a line, not a program

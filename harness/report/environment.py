@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pandas as pd
@@ -25,6 +26,16 @@ from harness.store.schema import (
     TF32_CUDNN,
     split,
 )
+
+# An absolute path inside a recorded description (e.g. the CPU kernel's cache file under the home
+# folder of whoever ran it): the report shows its last part, so it names no machine or user.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s()/]+/)+([^\s()/]+)")
+
+
+def without_machine_paths(text: Any) -> Any:
+    """`text` with each absolute path replaced by its file name ("(/root/.cache/x/k.so)" -> "(k.so)");
+    anything that is not a string is returned as it is."""
+    return ABSOLUTE_PATH.sub(r"\1", text) if isinstance(text, str) else text
 
 
 def machine_load_text(rows: pd.DataFrame) -> str:
@@ -102,7 +113,7 @@ def environment_table(info: dict, rows: pd.DataFrame) -> pd.DataFrame:
         ("CUDA (torch build)", env.get("torch_cuda")),
         ("cuDNN", env.get("cudnn")),
         ("threads (torch)", env.get("torch_threads")),
-        *((f"backend: {name}", value) for name, value in (env.get("variant_backends") or {}).items()),
+        *((f"backend: {name}", without_machine_paths(value)) for name, value in (env.get("variant_backends") or {}).items()),
         ("CPU", f"{env.get('cpu_model', '?')} ({cores})"),
         ("CPU vector extensions", env.get("cpu_simd")),
         ("RAM (GiB)", env.get("ram_total_gib")),

@@ -148,7 +148,7 @@ class SuiteSpec(Strict):
     measure: MeasureSpec = MeasureSpec()
     cpu: Optional[OverrideSpec] = None
     cuda: Optional[OverrideSpec] = None
-    checks: Optional[ChecksSpec] = None  # regression-check rules (harness.check_rules)
+    checks: Optional[ChecksSpec] = None  # regression-check rules (harness.check.rules)
     slurm: Optional[SlurmSpec] = None  # Slurm resources for --executor submitit (harness.executors)
 
 
