@@ -138,6 +138,7 @@ def plot_roofline(
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("arithmetic intensity (FLOP / byte, analytic)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
@@ -213,7 +214,7 @@ def roofline_sections(rows: pd.DataFrame, folder: Path, palette: dict[str, Any])
     blocks += [
         Paragraph("Fraction of the bounding roof each cell reached, whole step (`roof_fraction`; * contended):"),
         Table(pivot_metric(rows, ROOF_FRACTION, columns=x, fmt="{:.2f}", mark_contended=True)),
-        Paragraph("The roof that bounds each cell at its intensity (`bound`):"),
+        Paragraph("The roof that bounds each cell at its intensity (`roof_bound`):"),
         Table(pivot_metric(rows, BOUND, columns=x, fmt="{}")),
     ]
     return blocks
