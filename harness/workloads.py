@@ -15,24 +15,31 @@ stay 0), so parameters, gradients and optimizer state all persist between steps:
 above the state before it is its activations and temporaries (`activation_mem_mib`), and
 `Workload.state_memory_mib` gives the other three parts exactly.
 FLOPs count 2 per multiply-add; backward is counted as twice the forward (`step_flops`: less
-what has no backward, LSH's hashing matmul).
+what has no backward, LSH's hashing matmul). Bytes moved are the module's `bytes_moved`
+(variants/traffic.py), plus AdamW's state in train_step (`step_bytes`).
+The step is a `PhasedStep`: forward (the loss), then backward (and the optimizer step), timed apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
 import variants
-from harness.measurement import DTYPES
+from harness.measurement import DTYPES, TIMER_SETTING, PhasedStep
 from harness.store.schema import (
     ATTENTION_BACKEND,
+    BACKWARD_BYTES,
+    BACKWARD_FLOPS,
+    BYTES,
     D_MODEL,
     DEFAULT_MODEL_VARIANT,
+    FORWARD_BYTES,
+    FORWARD_FLOPS,
     GRAD_MEM_MIB,
     MODEL_VARIANT,
     OPTIM_MEM_MIB,
@@ -41,6 +48,7 @@ from harness.store.schema import (
 )
 from harness.units import MIB
 from variants.model import ReformerLMConfig, build_layer_stack
+from variants.traffic import adamw_step
 
 BACKWARD_FLOPS_FACTOR = 2
 
@@ -56,14 +64,32 @@ def tensor_mib(tensors: Iterable[torch.Tensor]) -> float:
 
 @dataclass
 class Workload:
-    """The measured call of a cell, and what one call does (tokens, analytic FLOPs); `optimizer` in
-    mode train_step."""
+    """The measured call of a cell (a `PhasedStep`: forward, then backward), and what one call does
+    (tokens, analytic FLOPs); `optimizer` in mode train_step."""
 
-    step: Callable[[], Any]
+    step: PhasedStep
     module: nn.Module
     tokens: int
     flops: int
     optimizer: torch.optim.Optimizer | None = None
+    batch: int = 0
+    seq_len: int = 0
+    mode: str = "forward"
+    element_size: int = 4
+
+    def phase_columns(self) -> dict[str, int | None]:
+        """`forward_flops`, `backward_flops` (`step_flops` apart) and `bytes`, `forward_bytes`,
+        `backward_bytes` (`step_bytes`; None where the module declares no `bytes_moved`). Call it
+        after a step: a variant's byte count may depend on the backend its forward ran."""
+        forward = step_flops(self.module, self.batch, self.seq_len, "forward")
+        traffic = step_bytes(self.module, self.batch, self.seq_len, self.element_size, self.mode, self.optimizer)
+        return {
+            FORWARD_FLOPS: forward,
+            BACKWARD_FLOPS: self.flops - forward,
+            BYTES: None if traffic is None else sum(traffic),
+            FORWARD_BYTES: None if traffic is None else traffic[0],
+            BACKWARD_BYTES: None if traffic is None else traffic[1],
+        }
 
     def state_memory_mib(self) -> dict[str, float]:
         """What persists between steps, MiB: `param_mem_mib` (the module's parameters and buffers),
@@ -153,29 +179,39 @@ def build_workload(cell: Any, device: torch.device, seed: int = 0) -> Workload:
     optimizer = None
     if cell.mode == "forward":
 
-        def step() -> Any:
+        def forward() -> Any:
             with torch.no_grad():
                 return module(inputs)
+
+        step = PhasedStep(forward)
     elif cell.mode in ("forward_backward", "train_step"):
         for param in module.parameters():
             if param.requires_grad:
                 param.grad = torch.zeros_like(param)
         if cell.mode == "train_step":
-            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+            # capturable: its step stays on the device, so the `graphs` timer can capture it (CUDA only)
+            capturable = device.type == "cuda" and cell.measure.get(TIMER_SETTING) == "graphs"
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, capturable=capturable)
             optimizer.step()  # materialises AdamW's state on zero gradients (only weight decay moves the weights)
         trained = optimizer
 
-        def step() -> Any:
+        def forward() -> torch.Tensor:
             module.zero_grad(set_to_none=False)  # in place: gradients persist between steps, like the weights
             inputs.grad = None
-            loss_of().backward()
+            return loss_of()
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
             if trained is not None:
                 trained.step()
+
+        step = PhasedStep(forward, backward)
     else:
         raise ValueError(f"unknown mode {cell.mode!r}")
 
     flops = step_flops(module, batch, seq_len, cell.mode)
-    return Workload(step=step, module=module, tokens=batch * seq_len, flops=flops, optimizer=optimizer)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return Workload(step, module, batch * seq_len, flops, optimizer, batch, seq_len, cell.mode, element_size)
 
 
 def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:
@@ -189,6 +225,24 @@ def step_flops(module: nn.Module, batch: int, seq_len: int, mode: str) -> int:
         return forward
     no_backward = sum(int(m.no_backward_flops(batch, seq_len)) for m in module.modules() if hasattr(m, "no_backward_flops"))
     return forward + BACKWARD_FLOPS_FACTOR * (forward - no_backward)
+
+
+def step_bytes(
+    module: nn.Module, batch: int, seq_len: int, element_size: int, mode: str, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[int, int] | None:
+    """Analytic (forward, backward) bytes read and written by one step on [batch, seq_len]: the
+    module's `bytes_moved` (variants/traffic.py), backward 0 in mode forward, and with an optimizer
+    one AdamW step over the trainable parameters (their state in their own dtype) in backward.
+    None when the module declares no `bytes_moved` (a plugin variant)."""
+    if not hasattr(module, "bytes_moved"):
+        return None
+    traffic = module.bytes_moved(batch, seq_len, element_size)
+    if mode == "forward":
+        return int(traffic.forward), 0
+    backward = int(traffic.backward)
+    if optimizer is not None:
+        backward += sum(adamw_step(p.numel(), p.element_size()) for p in module.parameters() if p.requires_grad)
+    return int(traffic.forward), backward
 
 
 def module_width(cell: Any) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a short GPU lease should produce, in one call of at most ~8 minutes (docs/benchmarks.md):
+# Everything a short GPU lease should produce, in one call of at most ~9.5 minutes (docs/benchmarks.md):
 #   1. preflight: python, torch, the GPU (nvidia-smi -q, harness env: numerics / TF32, NVML clock lock)
 #   2. harness selfcheck --device cuda (every CUDA path, full list)          budget  90 s
 #   3. suites/ci_gpu.yaml, its check against results/baselines/<gpu>/ci_gpu
@@ -8,9 +8,13 @@
 #      30 cells), its targets (harness check --targets), report, and
 #      harness profile of its 32K LSH-8 Triton cell (the lsh/* stage shares) budget 160 s + 20 s + 20 s + 25 s
 #   5. suites/seq_length.yaml on CUDA at 32K (6 cells: LSH on its default
-#      backend, Triton where installed), report                              budget  45 s + 20 s
+#      backend, Triton where installed), report (forward / backward split,
+#      roofline with both roofs measured)                                    budget  45 s + 20 s
+#   6. the same 6 cells with measure.timer=kernels, compared with step 5,
+#      and their report                                                      budget  50 s + 20 s + 20 s
+#      (the selfcheck of step 2 has `gpu_timers`: events vs kernels vs graphs on a matmul train)
 # (suites/peers.yaml, ~100 s, left out for the kernel step: run it alone on a lease of its own.)
-# Each step runs under `timeout` within an overall deadline (LEASE_SECONDS, default 480: steps that
+# Each step runs under `timeout` within an overall deadline (LEASE_SECONDS, default 560: steps that
 # would pass it get less, or are skipped); a suite cut short keeps its finished cells, which still get
 # their report. Everything goes under one folder:
 #   OUT_DIR/{summary.txt,steps.tsv,logs/,selfcheck/,results/,check/,reports/,env.txt,nvidia-smi.txt}
@@ -32,7 +36,7 @@ if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 if [ "$DRY_RUN" = 1 ]; then DEFAULT_OUT="results/_scratch/gpu-lease-dry-run-$STAMP"; else DEFAULT_OUT="${OUT:-results/_scratch/gpu-lease-$STAMP}"; fi
 LEASE_OUT="${1:-$DEFAULT_OUT}"
-LEASE_SECONDS="${LEASE_SECONDS:-480}"
+LEASE_SECONDS="${LEASE_SECONDS:-560}"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x "${REFORMER_VENV:-.venv}/bin/python" ]; then PY="${REFORMER_VENV:-.venv}/bin/python"; else PY=python3; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # harness importable without an install
 RESULTS="$LEASE_OUT/results"
@@ -153,6 +157,21 @@ fi
 # Figure 5's longest length only (the full 36 cells need ~170 s): LSH on its default backend.
 suite seq_length 45 --filter "seq_len == 32768"
 report seq_length
+
+# 6. The same cells timed with measure.timer kernels (device kernel time from torch.profiler: launch
+# gaps and host overhead left out) beside the events run above, and `harness compare` of the two:
+# the gap between the timers per cell (docs/performance.md, "Where the time goes").
+KERNELS="$RESULTS/timer-kernels"
+if [ "$DRY_RUN" = 1 ]; then
+    step seq_length-kernels 60 "$PY" -m harness run suites/seq_length.yaml --device cuda --dry-run --filter "seq_len == 32768" --set measure.timer=kernels
+    planned compare-timers "$PY" -m harness compare "$RESULTS/seq_length" "$KERNELS/seq_length" --out "$LEASE_OUT/reports/compare-timers"
+else
+    step seq_length-kernels 50 "$PY" -m harness run suites/seq_length.yaml --device cuda --out "$KERNELS" --filter "seq_len == 32768" --set measure.timer=kernels
+    if [ -d "$RESULTS/seq_length" ] && [ -d "$KERNELS/seq_length" ]; then
+        step compare-timers 20 "$PY" -m harness compare "$RESULTS/seq_length" "$KERNELS/seq_length" --out "$LEASE_OUT/reports/compare-timers"
+        step report-seq_length-kernels 20 "$PY" -m harness report "$KERNELS/seq_length" --out "$LEASE_OUT/reports/seq_length-kernels"
+    fi
+fi
 
 # --------------------------------------------------------------------------- summary
 say "done in $(( $(date +%s) - START ))s -> $LEASE_OUT"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from variants.registry import register
 from variants.residual import autocast_state, capture_rng, restored_rng
+from variants.traffic import Traffic, linear, pointwise
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu}
 
@@ -106,6 +107,13 @@ class _ChunkedFeedForward(torch.autograd.Function):
         return (torch.cat(grad_x_chunks, dim=1), *grad_weights, None, None, None, None)
 
 
+def _split_lengths(length: int, parts: int) -> list[range]:
+    """The index ranges `torch.tensor_split` cuts `length` positions into `parts` pieces with."""
+    size, extra = divmod(length, parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
 @register("ffn", config=FeedForwardConfig, kind="feedforward")
 class FeedForward(nn.Module):
     """Position-wise feed-forward Linear -> act -> Linear, chunked along the sequence when n_chunks > 1."""
@@ -136,3 +144,20 @@ class FeedForward(nn.Module):
     def flops(self, batch: int, seq_len: int) -> int:
         """Analytic forward FLOPs (2 per multiply-add) of the two projections on [batch, seq_len, d_model]."""
         return 2 * 2 * batch * seq_len * self.config.d_model * self.config.d_ff
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Analytic bytes per forward and backward (variants/traffic.py), per chunk of the sequence:
+        fc_in (with bias) writes the [rows, d_ff] hidden layer, the activation reads it and writes it
+        again (saving its input for backward), fc_out (with bias) reads it. Chunked (n_chunks > 1),
+        backward first recomputes each chunk's forward, so its bytes count in backward too. Dropout
+        (0 in benchmarks) is not counted."""
+        c = self.config
+        n_chunks = min(c.n_chunks, seq_len)
+        traffic = Traffic()
+        for rows in (batch * len(part) for part in _split_lengths(seq_len, n_chunks)):
+            traffic = traffic + linear(rows, c.d_model, c.d_ff, element_size, bias=True)
+            traffic = traffic + pointwise(rows * c.d_ff, element_size, saved=1)
+            traffic = traffic + linear(rows, c.d_ff, c.d_model, element_size, bias=True)
+        if n_chunks > 1:
+            traffic = Traffic(traffic.forward, traffic.backward + traffic.forward)
+        return traffic

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from variants.feedforward import ACTIVATIONS
 from variants.registry import available, build, make_config, register, spec
+from variants.traffic import Traffic, embedding, layer_norm, linear, pointwise, softmax
 
 # Filled in from ReformerLMConfig for every attention layer; attention_params may not override them.
 _ATTENTION_SHAPE_KEYS = ("d_model", "n_heads", "causal")
@@ -110,6 +111,11 @@ class PreNorm(nn.Module):
     def flops(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of the wrapped module (the LayerNorm's elementwise work is not counted)."""
         return self.module.flops(batch, seq_len)
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """The LayerNorm's bytes plus the wrapped module's (variants/traffic.py)."""
+        d = self.norm.normalized_shape[0]
+        return layer_norm(batch * seq_len, d, element_size) + self.module.bytes_moved(batch, seq_len, element_size)
 
 
 class LearnedPositions(nn.Module):
@@ -238,3 +244,15 @@ class ReformerLM(nn.Module):
     def flops(self, batch: int, seq_len: int) -> int:
         """Analytic forward FLOPs (2 per multiply-add): the layer stack plus the vocab projection."""
         return self.stack.flops(batch, seq_len) + 2 * batch * seq_len * self.config.d_model * self.config.vocab_size
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Analytic bytes per forward and backward of `loss_bpd` (variants/traffic.py): the token
+        lookup, the position embeddings added, the stack, the final LayerNorm, the vocab projection
+        (with bias) and the loss (a float32 log-softmax over the [rows, vocab] logits: read,
+        written, read for the targets' entries; backward writes the logits' gradient)."""
+        c = self.config
+        rows = batch * seq_len
+        inputs = embedding(rows, c.d_model, element_size) + pointwise(rows * c.d_model, element_size, inputs=2)
+        head = layer_norm(rows, c.d_model, element_size) + linear(rows, c.d_model, c.vocab_size, element_size, bias=True)
+        loss = softmax(rows * c.vocab_size, 4)
+        return inputs + self.stack.bytes_moved(batch, seq_len, element_size) + head + loss

@@ -27,10 +27,12 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from variants.attention.lsh import LSHAttentionConfig
+from variants.attention.full import full_attention_bytes
+from variants.attention.lsh import LSHAttentionConfig, lsh_attention_bytes
 from variants.attention.peers import hf_auto_num_buckets, require
 from variants.model import AxialPositions, ReformerLM, ReformerLMConfig
 from variants.registry import VariantUnavailable, make_config, register
+from variants.traffic import Traffic, embedding, layer_norm, linear, pointwise, softmax, total_traffic
 
 # Our attention variants that compute full attention; a peer runs them as its own full attention.
 FULL_ATTENTION = ("full", "sdpa")
@@ -101,6 +103,29 @@ class _PeerLM(nn.Module):
     def n_lsh_layers(self) -> int:
         """How many layers run LSH attention."""
         return self.config.n_layers - self.n_full_layers()
+
+    def peer_bytes(self, batch: int, seq_len: int, element_size: int, lsh_core: Traffic | None, head_width: int) -> Traffic:
+        """Analytic bytes per forward and backward of a peer's `loss_bpd` (variants/traffic.py), as
+        ReformerLM's with a reversible stack: per layer two LayerNorms, the attention (LSH layers:
+        qk, v and output projections, the head merge and `lsh_core`, or full attention where
+        `lsh_core` is None; full layers: four projections and `full_attention_bytes`), the FFN and
+        two residual additions, recomputed in backward; then the final LayerNorm over
+        `head_width` features, the vocab projection and the loss."""
+        c = self.config
+        rows, d = batch * seq_len, c.d_model
+        heads = batch * c.n_heads
+        merge = pointwise(rows * d, element_size)
+        full = full_attention_bytes(heads, seq_len, d // c.n_heads, element_size)
+        lsh = linear(rows, d, d, element_size).times(3) + merge + (full if lsh_core is None else lsh_core)
+        local = linear(rows, d, d, element_size).times(4) + merge + full
+        ffn = linear(rows, d, c.d_ff, element_size, bias=True) + pointwise(rows * c.d_ff, element_size, saved=1)
+        ffn = ffn + linear(rows, c.d_ff, d, element_size, bias=True)
+        per_layer = layer_norm(rows, d, element_size).times(2) + ffn + pointwise(rows * d, element_size, inputs=2).times(2)
+        layers = total_traffic([lsh.times(self.n_lsh_layers()), local.times(self.n_full_layers()), per_layer.times(c.n_layers)])
+        layers = layers + Traffic(0, layers.forward)  # reversible: every layer recomputed in backward
+        inputs = embedding(rows, d, element_size) + pointwise(rows * d, element_size, inputs=2)
+        head = layer_norm(rows, head_width, element_size) + linear(rows, head_width, c.vocab_size, element_size, bias=True)
+        return inputs + layers + head + softmax(rows * c.vocab_size, 4)
 
 
 # --------------------------------------------------------------------------- HuggingFace
@@ -294,6 +319,21 @@ class HFReformerLM(_PeerLM):
         per_layer = 2 * batch * seq_len * self.config.d_model * self.hf_config.num_hashes * (rotations // 2)
         return self.n_lsh_layers() * per_layer
 
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`peer_bytes` with HF's LSH core op by op (`lsh_attention_bytes`, its rotations) and the
+        LM head on the 2 x d_model concatenated streams."""
+        buckets = self.num_buckets(seq_len)
+        core = None
+        if buckets is not None:
+            rotations = (buckets if isinstance(buckets, int) else sum(buckets)) // 2
+            h = self.hf_config
+            heads = batch * self.config.n_heads
+            head_dim = self.config.d_model // self.config.n_heads
+            core = lsh_attention_bytes(
+                heads, seq_len, head_dim, element_size, n_hashes=h.num_hashes, bucket_size=h.lsh_attn_chunk_length, rotations=rotations
+            )
+        return self.peer_bytes(batch, seq_len, element_size, core, 2 * self.config.d_model)
+
 
 # --------------------------------------------------------------------------- lucidrains
 
@@ -438,6 +478,20 @@ class ReformerPytorchLM(_PeerLM):
             return 0
         per_layer = 2 * batch * seq_len * self.config.d_model * lsh.n_hashes * ((seq_len // lsh.bucket_size) // 2)
         return self.config.n_layers * per_layer
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`peer_bytes` with lucidrains' LSH core op by op (`lsh_attention_bytes`, (seq_len //
+        bucket_size) / 2 rotations per round; full attention at seq_len <= bucket_size)."""
+        lsh = attention_configs(self.config).get(LSH_ATTENTION)
+        core = None
+        if lsh is not None and seq_len > lsh.bucket_size:
+            heads = batch * self.config.n_heads
+            head_dim = self.config.d_model // self.config.n_heads
+            rotations = (seq_len // lsh.bucket_size) // 2
+            core = lsh_attention_bytes(
+                heads, seq_len, head_dim, element_size, n_hashes=lsh.n_hashes, bucket_size=lsh.bucket_size, rotations=rotations
+            )
+        return self.peer_bytes(batch, seq_len, element_size, core, self.config.d_model)
 
 
 @contextmanager

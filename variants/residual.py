@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from variants.registry import register
+from variants.traffic import Traffic, pointwise, total_traffic
 
 Layers = Sequence[tuple[nn.Module, nn.Module]]
 
@@ -90,10 +91,22 @@ class _ResidualStack(nn.Module):
         """Analytic forward FLOPs (2 per multiply-add) of all f and g; additions are not counted."""
         return sum(f.flops(batch, seq_len) + g.flops(batch, seq_len) for f, g in self.layers)
 
+    def layer_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Bytes of all f and g and of the residual additions (one pass of two [B, L, d_model]
+        inputs into one each), per forward and backward (variants/traffic.py)."""
+        parts = [f.bytes_moved(batch, seq_len, element_size) + g.bytes_moved(batch, seq_len, element_size) for f, g in self.layers]
+        width = self.layers[0][0].norm.normalized_shape[0] if len(self.layers) else 0
+        additions = pointwise(batch * seq_len * width, element_size, inputs=2).times(2 * len(self.layers))
+        return total_traffic(parts) + additions
+
 
 @register("standard", config=ResidualConfig, kind="residual")
 class StandardResidual(_ResidualStack):
     """Ordinary pre-norm residual stack: x = x + f(x); x = x + g(x) per layer."""
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`layer_bytes`: every layer's f, g and residual additions, per forward and backward."""
+        return self.layer_bytes(batch, seq_len, element_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq_len, d_model] -> [batch, seq_len, d_model]."""
@@ -180,6 +193,15 @@ class _ReversibleStackFunction(torch.autograd.Function):
 @register("reversible", config=ResidualConfig, kind="residual")
 class ReversibleResidual(_ResidualStack):
     """Reversible two-stream residual stack (RevNet); activation memory independent of depth."""
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`layer_bytes` plus, in backward, every f and g recomputed (their forward bytes again) and
+        each layer's two inputs rebuilt by a subtraction; the streams' final average is one pass."""
+        layers = self.layer_bytes(batch, seq_len, element_size)
+        width = self.layers[0][0].norm.normalized_shape[0] if len(self.layers) else 0
+        rebuild = pointwise(batch * seq_len * width, element_size, inputs=2).times(2 * len(self.layers))
+        average = pointwise(batch * seq_len * width, element_size, inputs=2)
+        return layers + average + Traffic(0, layers.forward + rebuild.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq_len, d_model] -> mean (or sum) of the two final streams, same shape."""

@@ -24,12 +24,14 @@ from harness.store.files import ResultsError
 from harness.store.reader import StoredRun
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
+    BACKWARD_MS_MEDIAN,
     BATCH,
     BPD,
     CONTENTION,
     DEVICE,
     EVAL_BPD,
     FLOOR_RATIO,
+    FORWARD_MS_MEDIAN,
     PEAK_MEM_MIB,
     SEQ_LEN,
     STATUS,
@@ -38,7 +40,7 @@ from harness.store.schema import (
     VARIANT_LABEL,
 )
 
-TIMED_METRICS = ("time", FLOOR_RATIO, "time_per_token")  # the metrics other load on the machine moves
+TIMED_METRICS = ("time", "forward_time", "backward_time", FLOOR_RATIO, "time_per_token")  # the metrics other load on the machine moves
 
 
 def suite_checks(run: StoredRun) -> tuple[ChecksSpec, str]:
@@ -81,6 +83,10 @@ def metric_value(row: dict[str, Any], metric: str) -> float:
 
     if metric == "time":
         return number(TIME_MS_MEDIAN) / 1e3
+    if metric == "forward_time":
+        return number(FORWARD_MS_MEDIAN) / 1e3
+    if metric == "backward_time":
+        return number(BACKWARD_MS_MEDIAN) / 1e3
     if metric == "peak_mem":
         return number(PEAK_MEM_MIB)
     if metric == "activation_mem":

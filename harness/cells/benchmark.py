@@ -24,7 +24,7 @@ import torch
 
 from harness import measurement
 from harness.cells import CPU_FLOP_S, CUDA_FLOP_S, MODEL_ATTENTION_KEYS, PROCESS_START_S, jsonable, variant_fields
-from harness.cells.benchmark_rows import combine_rounds, floor_columns
+from harness.cells.benchmark_rows import combine_rounds, floor_columns, roofline_columns
 from harness.environment import apply_float32_matmul_precision, device_name, optional_package_versions
 from harness.isolation import default_memory_limit_bytes, start_memory_limit
 from harness.store.schema import (
@@ -46,6 +46,8 @@ from harness.store.schema import (
     FLOPS,
     MATMUL_GFLOPS,
     MATMUL_N,
+    MEMBW_GBYTES_PER_S,
+    MEMBW_MIB,
     MEMORY_LIMIT_MIB,
     MESSAGE,
     MODE,
@@ -82,6 +84,7 @@ from harness.units import GIB, MIB
 from variants.registry import VariantUnavailable
 
 MATMUL_PROBE_S = 1.5  # measure.matmul_rate's time budget (CPU 1.5 s, CUDA 2 s), when the suite asks for it
+BANDWIDTH_PROBE_S = 1.5  # measure.bandwidth's probe: buffers filled, one warm-up and up to 1 s of triads
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,15 @@ class BenchmarkCell:
     def estimate_seconds(self) -> float:
         """`estimate_seconds(self)`: analytic FLOPs at a round throughput (seconds)."""
         return estimate_seconds(self)
+
+    def measures_bandwidth(self) -> bool:
+        """The suite's `measure.bandwidth`; unset (None), the same as `measure.matmul_rate`: the two roofs together."""
+        setting = self.measure.get("bandwidth")
+        return bool(self.measure.get("matmul_rate")) if setting is None else bool(setting)
+
+    def timer(self) -> str:
+        """The suite's `measure.timer` (harness.measurement.TIMERS); "events" when unset."""
+        return str(self.measure.get(measurement.TIMER_SETTING) or "events")
 
     def timeout_s(self) -> float:
         """The suite's `measure.timeout_s` (seconds, default 900)."""
@@ -256,7 +268,8 @@ def estimate_seconds(cell: BenchmarkCell) -> float:
     repeats = max(m["min_repeats"], m["min_time_s"] / per_iter if per_iter > 0 else m["min_repeats"])
     repeats = min(repeats, m["max_repeats"])
     measured = min(repeats * per_iter, max(m["max_time_s"], m["min_repeats"] * per_iter))
-    total = PROCESS_START_S + m["warmup"] * per_iter + measured + (MATMUL_PROBE_S if m.get("matmul_rate") else 0.0)
+    probes = (MATMUL_PROBE_S if m.get("matmul_rate") else 0.0) + (BANDWIDTH_PROBE_S if cell.measures_bandwidth() else 0.0)
+    total = PROCESS_START_S + m["warmup"] * per_iter + measured + probes
     return float(min(total, m["timeout_s"]))
 
 
@@ -317,14 +330,18 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         if device.type == "cpu":
             for _ in range(settings.warmup):
                 workload.step()
-        timing, contention = measurement.time_watched(
-            workload.step,
-            device,
-            replace(settings, warmup=0),
-            measurement.ContentionSettings.from_measure(cell.measure),
+        timed = dict(
             deadline=_retry_deadline(cell, began),
             family_of=os.getppid() if limit_memory else None,  # its own process: the runner's other cells are the run's own load
         )
+        contention_settings = measurement.ContentionSettings.from_measure(cell.measure)
+        try:
+            timing, contention = measurement.time_watched(
+                workload.step, device, replace(settings, warmup=0), contention_settings, timer=cell.timer(), **timed
+            )
+        except measurement.GraphCaptureError as error:  # measure.timer graphs: not capturable, so timed with events
+            row[MESSAGE] = f"timer graphs: {error}; timed with CUDA events instead"[:4000]
+            timing, contention = measurement.time_watched(workload.step, device, replace(settings, warmup=0), contention_settings, **timed)
     except VariantUnavailable as error:  # not applicable here (missing optional package, no kernel)
         return {**row, STATUS: STATUS_SKIPPED, MESSAGE: f"variant unavailable: {error}"[:4000]}
     except Exception as error:  # every failure becomes data
@@ -341,10 +358,11 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     row.update(memory.as_row())
     row.update(workload.state_memory_mib(), **{ACTIVATION_MEM_MIB: memory.peak_mib})  # the memory breakdown
     row.update(workload.attention_backends())
+    row.update(workload.phase_columns())
     row.update(
         {
             STATUS: STATUS_OK,
-            MESSAGE: "",
+            MESSAGE: row.get(MESSAGE, ""),
             FLOPS: workload.flops,
             TOKENS_PER_S: workload.tokens / seconds if seconds > 0 else math.nan,
             TFLOPS_PER_S: workload.flops / seconds / 1e12 if seconds > 0 else math.nan,
@@ -354,17 +372,20 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
     row[OPTIONAL_PACKAGES] = canonical_json(optional_package_versions(imported_only=True))  # what this cell imported
     if device.type == "cuda":  # the clocks right after the timing, before any matmul probe
         row.update({NVML_AFTER_PREFIX + k: v for k, v in measurement.nvml_snapshot(device.index or 0).items()})
+    del workload  # its memory is released first, so the probes cannot run out of it
     if cell.measure.get("matmul_rate"):
-        del workload  # its memory is released first, so the probe cannot run out of it
         row.update(_probe_matmul(cell, device))
         row.update(floor_columns(row))
+    if cell.measures_bandwidth():
+        row.update(_probe_bandwidth(cell, device))
+    row.update(roofline_columns(row))
     return row
 
 
 def _retry_deadline(cell: BenchmarkCell, began: float) -> float:
     """time.monotonic() after which a contended cell is not timed again: 80% of its timeout (counted
     from its process start, about PROCESS_START_S before `began`), less the matmul probe's budget."""
-    probe = MATMUL_PROBE_S if cell.measure.get("matmul_rate") else 0.0
+    probe = (MATMUL_PROBE_S if cell.measure.get("matmul_rate") else 0.0) + (BANDWIDTH_PROBE_S if cell.measures_bandwidth() else 0.0)
     return began - PROCESS_START_S + 0.8 * cell.timeout_s() - probe
 
 
@@ -380,3 +401,18 @@ def _probe_matmul(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:
         return measurement.measure_matmul(device, cell.dtype).as_row()
     except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
         return {MATMUL_GFLOPS: math.nan, MATMUL_N: None, MESSAGE: f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}
+
+
+def _probe_bandwidth(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:
+    """`membw_gbytes_per_s` / `membw_mib` of `measurement.measure_bandwidth` in the cell's dtype and
+    threads, measured after its timing (the memory roof); a failed probe leaves the cell ok, with
+    NaN and the reason appended to `message`."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        measurement.release_free_heap()
+    try:
+        return measurement.measure_bandwidth(device, cell.dtype).as_row()
+    except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
+        return {MEMBW_GBYTES_PER_S: math.nan, MEMBW_MIB: None, MESSAGE: f"bandwidth probe failed: {type(error).__name__}: {error}"[:4000]}

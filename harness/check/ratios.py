@@ -78,7 +78,7 @@ def compare_ratios(base: pd.DataFrame, now: pd.DataFrame, rule: RatioRule, label
             continue
         column = RATIO_SAMPLES[rule.metric]
         vague = contention_note(bn, bd, nn, nd, names=("baseline numerator", "baseline denominator", "numerator", "denominator"))
-        if vague and rule.metric == "time":  # CPU-time ratios are meant for shared machines: they stand
+        if vague and rule.metric != "cpu_time":  # CPU-time ratios are meant for shared machines: they stand
             out.append(Comparison(name, metric, None, None, verdict=INCONCLUSIVE, note=vague, config_key="/".join(key)))
             continue
         nn_s, nd_s, bn_s, bd_s = (samples_of(r, column) for r in (nn, nd, bn, bd))

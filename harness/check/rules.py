@@ -37,7 +37,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.analysis.stats import NOISE_ALPHA
 from harness.expressions import parse_expression
 from harness.safe_yaml import YAMLInputError, load_yaml, read_yaml_text
-from harness.store.schema import BATCH, BPD, CPU_TIME_MS_SAMPLES, EVAL_BPD, FLOOR_RATIO, SEQ_LEN, TIME_MS_SAMPLES
+from harness.store.schema import (
+    BACKWARD_MS_SAMPLES,
+    BATCH,
+    BPD,
+    CPU_TIME_MS_SAMPLES,
+    EVAL_BPD,
+    FLOOR_RATIO,
+    FORWARD_MS_SAMPLES,
+    SEQ_LEN,
+    TIME_MS_SAMPLES,
+)
 
 
 class _Rule(BaseModel):
@@ -84,7 +94,8 @@ class RatioRule(_Rule):
 
     metric "time" uses the wall-time samples (`time_ms_samples`); "cpu_time" the process CPU time
     of each repeat (`cpu_time_ms_samples`, CPU cells only), which other processes on a shared
-    machine barely move.
+    machine barely move; "forward_time" / "backward_time" one phase of each repeat
+    (`forward_ms_samples` / `backward_ms_samples`, cells that timed their phases apart).
     """
 
     numerator: str = Field(min_length=1)
@@ -92,14 +103,19 @@ class RatioRule(_Rule):
     at: Optional[str] = None
     match_on: list[str] = Field(default_factory=lambda: [SEQ_LEN, BATCH])
     name: Optional[str] = None
-    metric: Literal["time", "cpu_time"] = "time"
+    metric: Literal["time", "cpu_time", "forward_time", "backward_time"] = "time"
     threshold: float = Field(0.10, gt=0)
     p_value: float = Field(NOISE_ALPHA, gt=0, le=1)
 
     _expressions = field_validator("numerator", "denominator", "at")(_expression)
 
 
-RATIO_SAMPLES = {"time": TIME_MS_SAMPLES, "cpu_time": CPU_TIME_MS_SAMPLES}
+RATIO_SAMPLES = {
+    "time": TIME_MS_SAMPLES,
+    "cpu_time": CPU_TIME_MS_SAMPLES,
+    "forward_time": FORWARD_MS_SAMPLES,
+    "backward_time": BACKWARD_MS_SAMPLES,
+}
 
 
 class TargetRule(_Rule):
@@ -108,7 +124,8 @@ class TargetRule(_Rule):
     value = metric of each `numerator` cell, divided (when `denominator` is given) by the metric of
     the matching denominator cell (same `match_on` columns; of several ok ones, the fastest: "the
     fastest peer"). The target holds when every value is <= `max` (and >= `min`). Metrics: time
-    (median s per step), peak_mem (MiB, the step's peak above what was allocated before it),
+    (median s per step), forward_time / backward_time (median s of that phase), peak_mem (MiB, the step's peak above
+    what was allocated before it),
     activation_mem (MiB, `activation_mem_mib`: the peak above parameters, gradients and optimizer
     state; the same number as peak_mem for a step measured from its steady state), floor_ratio (time over the compute floor),
     time_per_token (median s / (seq_len * batch)), bpd (a quality run's final eval bits per dim, per
@@ -120,7 +137,7 @@ class TargetRule(_Rule):
     denominator: Optional[str] = None
     at: Optional[str] = None
     match_on: list[str] = Field(default_factory=lambda: [SEQ_LEN, BATCH])
-    metric: Literal["time", "peak_mem", "activation_mem", FLOOR_RATIO, "time_per_token", BPD] = "time"
+    metric: Literal["time", "forward_time", "backward_time", "peak_mem", "activation_mem", FLOOR_RATIO, "time_per_token", BPD] = "time"
     max: Optional[float] = None
     min: Optional[float] = None
 

@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from harness.measurement.gpu_timers import time_step
 from harness.measurement.nvml import gpu_load_snapshot
-from harness.measurement.timing import Timing, TimingSettings, median_of, time_callable, usable_cores
+from harness.measurement.timing import Timing, TimingSettings, median_of, usable_cores
 from harness.store.schema import (
     CONTENDED,
     CONTENTION,
@@ -230,8 +231,10 @@ def time_watched(
     deadline: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     family_of: int | None = None,
+    timer: str = "events",
 ) -> tuple[Timing, dict[str, Any]]:
-    """`time_callable` with the machine watched: (timing, its contention columns).
+    """`time_callable` (or the `timer` of harness.measurement.gpu_timers.time_step) with the
+    machine watched: (timing, its contention columns).
 
     Around the timing loop it takes `machine_snapshot`s (CPU) or `gpu_load_snapshot`s (CUDA) and
     applies `contention_verdict` / `gpu_contention_verdict`. While the timing is contended it is
@@ -248,7 +251,7 @@ def time_watched(
     retries = 0
     while True:
         begin = time.monotonic()
-        timing, columns = _timed_once(fn, device, settings, contention, family_of)
+        timing, columns = _timed_once(fn, device, settings, contention, family_of, timer)
         took = time.monotonic() - begin
         out_of_time = deadline is not None and time.monotonic() + contention.backoff_s + took > deadline
         if not columns[CONTENDED] or retries >= contention.retries or out_of_time:
@@ -258,14 +261,19 @@ def time_watched(
 
 
 def _timed_once(
-    fn: Callable[[], object], device: torch.device, settings: TimingSettings, contention: ContentionSettings, family_of: int | None = None
+    fn: Callable[[], object],
+    device: torch.device,
+    settings: TimingSettings,
+    contention: ContentionSettings,
+    family_of: int | None = None,
+    timer: str = "events",
 ) -> tuple[Timing, dict]:
-    """One `time_callable` loop and its contention columns (see `time_watched`)."""
+    """One timing loop (`time_step` with `timer`) and its contention columns (see `time_watched`)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         since_us = int(time.time() * 1e6)
         before = gpu_load_snapshot(index)
-        timing = time_callable(fn, device, settings)
+        timing = time_step(fn, device, settings, timer)
         after = gpu_load_snapshot(index, since_us)
         contended, reason = gpu_contention_verdict(before, after, contention)
         columns = {k: after[k] for k in (GPU_OTHER_PROCESSES, GPU_OTHER_SM_UTIL_PCT) if k in after}
@@ -273,7 +281,7 @@ def _timed_once(
             columns[GPU_OTHER_PROCESSES] = max(before[GPU_OTHER_PROCESSES], columns.get(GPU_OTHER_PROCESSES, 0))
         return timing, {**columns, CONTENDED: contended, CONTENTION: reason}
     before = machine_snapshot(family_of=family_of)
-    timing = time_callable(fn, device, settings)
+    timing = time_step(fn, device, settings, timer)
     load = machine_load(before, machine_snapshot(family_of=family_of))
     args = (timing.cpu_shares, load.other_cores, load.load_avg_1m, load.busy_processes, contention)
     contended, reason = contention_verdict(*args, threads=timing.threads or 1, cores=usable_cores())

@@ -12,15 +12,21 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from harness.store.schema import (
+    BACKWARD_MS_IQR,
+    BACKWARD_MS_MEDIAN,
+    BACKWARD_MS_SAMPLES,
     CPU_SHARE,
     CPU_SHARE_SAMPLES,
     CPU_TIME_MS_MEDIAN,
     CPU_TIME_MS_SAMPLES,
+    FORWARD_MS_IQR,
+    FORWARD_MS_MEDIAN,
+    FORWARD_MS_SAMPLES,
     N_REPEATS,
     TIME_MS_IQR,
     TIME_MS_MAX,
@@ -69,6 +75,44 @@ def median_of(values: Sequence[float]) -> float:
     return _quantile(sorted(v for v in values if math.isfinite(v)), 0.5)
 
 
+@dataclass(frozen=True)
+class PhasedStep:
+    """A step in two phases: `forward()` returns what `backward(it)` needs (the loss); `backward`
+    None for a step without one. Calling it runs both, so it is a plain step too; `time_callable`
+    times each phase apart within every repeat (one clock reading, or CUDA event, between them)."""
+
+    forward: Callable[[], Any]
+    backward: Callable[[Any], Any] | None = None
+
+    def __call__(self) -> Any:
+        out = self.forward()
+        return out if self.backward is None else self.backward(out)
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The names of its phases: ("forward",) or ("forward", "backward")."""
+        return PHASES[:1] if self.backward is None else PHASES
+
+
+PHASES = ("forward", "backward")  # not a column: the phase names of a PhasedStep
+PHASE_COLUMNS = {  # phase -> (median, IQR, samples) columns
+    "forward": (FORWARD_MS_MEDIAN, FORWARD_MS_IQR, FORWARD_MS_SAMPLES),
+    "backward": (BACKWARD_MS_MEDIAN, BACKWARD_MS_IQR, BACKWARD_MS_SAMPLES),
+}
+
+
+def phase_columns(phase_samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Result-row columns of per-phase samples (ms): median, IQR and samples of each phase."""
+    row: dict[str, Any] = {}
+    for phase, samples in phase_samples.items():
+        median, iqr, column = PHASE_COLUMNS[phase]
+        ordered = sorted(float(v) for v in samples)
+        row.update(
+            {median: _quantile(ordered, 0.5), iqr: _quantile(ordered, 0.75) - _quantile(ordered, 0.25), column: [float(v) for v in samples]}
+        )
+    return row
+
+
 @dataclass
 class Timing:
     """Per-repeat wall times in milliseconds and their summary statistics."""
@@ -81,6 +125,8 @@ class Timing:
     # CPU only: the threads the call may use (torch threads, at most the cores this process may run
     # on): the divisor of each repeat's CPU share.
     threads: int | None = None
+    # A PhasedStep's phases: phase name -> its time in each repeat, ms (the repeats of samples_ms).
+    phase_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     _sorted: list[float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,10 +203,12 @@ class Timing:
                 }
             ),
             **({CPU_SHARE_SAMPLES: self.cpu_shares, CPU_SHARE: median_of(self.cpu_shares)} if self.cpu_shares else {}),
+            **phase_columns(self.phase_samples_ms),
         }
 
 
-def _done(n: int, elapsed_s: float, s: TimingSettings) -> bool:
+def repeats_done(n: int, elapsed_s: float, s: TimingSettings) -> bool:
+    """Whether a repeat loop that took `n` repeats in `elapsed_s` seconds is done under `s`."""
     if n < 1:
         return False
     if n >= s.max_repeats or elapsed_s >= s.max_time_s:
@@ -177,6 +225,10 @@ def time_callable(fn: Callable[[], object], device: torch.device, settings: Timi
     GPU sees). With ``flush_l2`` a 256 MB buffer is zeroed before the start event. On CPU
     each call is bracketed by ``time.perf_counter_ns``. The min/max time limits count
     wall-clock time spent in the repeat loop (including flushes and synchronizes).
+
+    A `PhasedStep` is timed phase by phase within each repeat: one more clock reading (CPU) or
+    CUDA event (GPU) between its forward and its backward, so the phases of a repeat add up to
+    its total (`Timing.phase_samples_ms`).
     """
     settings = settings or TimingSettings()
     device = torch.device(device)
@@ -199,17 +251,30 @@ def _time_cpu(fn: Callable[[], object], settings: TimingSettings) -> Timing:
         fn()
     samples: list[float] = []
     cpu_samples: list[float] = []
+    phased = fn if isinstance(fn, PhasedStep) else None
+    forward: list[float] = []
+    backward: list[float] = []
     start = time.perf_counter()
-    while not _done(len(samples), time.perf_counter() - start, settings):
+    while not repeats_done(len(samples), time.perf_counter() - start, settings):
         c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
-        out = fn()
-        t1 = time.perf_counter_ns()
+        if phased is None:
+            out = fn()
+            tm = t1 = time.perf_counter_ns()
+        else:
+            out = phased.forward()
+            tm = t1 = time.perf_counter_ns()
+            if phased.backward is not None:
+                out = phased.backward(out)
+                t1 = time.perf_counter_ns()
         c1 = time.process_time_ns()
         del out  # free the result outside the timed region
         samples.append((t1 - t0) / 1e6)
         cpu_samples.append((c1 - c0) / 1e6)
-    return Timing(samples, timer="perf_counter_ns", cpu_samples_ms=cpu_samples, threads=threads)
+        forward.append((tm - t0) / 1e6)
+        backward.append((t1 - tm) / 1e6)
+    phases = {} if phased is None else dict(zip(phased.phases, (forward, backward)))
+    return Timing(samples, timer="perf_counter_ns", cpu_samples_ms=cpu_samples, threads=threads, phase_samples_ms=phases)
 
 
 def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingSettings) -> Timing:
@@ -219,23 +284,35 @@ def _time_cuda(fn: Callable[[], object], device: torch.device, settings: TimingS
         torch.cuda.synchronize()
         flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device) if settings.flush_l2 else None
         samples: list[float] = []
+        phased = fn if isinstance(fn, PhasedStep) else None
+        forward: list[float] = []
+        backward: list[float] = []
         start_wall = time.perf_counter()
-        while not _done(len(samples), time.perf_counter() - start_wall, settings):
+        while not repeats_done(len(samples), time.perf_counter() - start_wall, settings):
             if flush_buf is not None:
                 flush_buf.zero_()  # enqueued before the start event, so not timed
-            begin = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            begin, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
             begin.record()
-            out = fn()
+            if phased is None:
+                out = fn()
+            else:
+                out = phased.forward()
+                middle.record()
+                if phased.backward is not None:
+                    out = phased.backward(out)
             end.record()
             torch.cuda.synchronize()
             del out
             samples.append(begin.elapsed_time(end))
+            if phased is not None:
+                forward.append(begin.elapsed_time(middle))
+                backward.append(middle.elapsed_time(end))
         if flush_buf is not None:
             # Hand the flush buffer back so it does not inflate a later reserved-memory reading.
             del flush_buf
             torch.cuda.empty_cache()
-    return Timing(samples, timer="cuda_event")
+    phases = {} if phased is None else dict(zip(phased.phases, (forward, backward)))
+    return Timing(samples, timer="cuda_event", phase_samples_ms=phases)
 
 
 def set_cpu_threads(n: int | None) -> int:

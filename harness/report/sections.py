@@ -23,6 +23,7 @@ from harness.report.document import Block, Figure, Heading, Paragraph, Table
 from harness.report.figure_axes import format_count
 from harness.report.labels import AXIS_TEXT, failed_table, legend_names, subtitle, what_was_measured
 from harness.report.palette import series_order
+from harness.report.roofline import roofline_sections
 from harness.store.schema import (
     ACTIVATION_MEM_MIB,
     CONTENDED,
@@ -80,6 +81,7 @@ def benchmark_sections(bench: pd.DataFrame, folder: Path, palette: dict[str, Any
     blocks += _contention_blocks(bench, x)
     blocks += _drift_blocks(bench, x)
     blocks += _floor_blocks(bench, folder, palette)
+    blocks += roofline_sections(bench, folder, palette)
     blocks += _fit_blocks(bench)
     blocks += paper_blocks
     if (bench[STATUS] != STATUS_OK).any():

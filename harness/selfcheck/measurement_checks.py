@@ -1,4 +1,4 @@
-"""`device`, `timer`, `peak_memory`, `nvml`: the measurement machinery (harness.measurement) against
+"""`device`, `timer`, `gpu_timers`, `peak_memory`, `nvml`: the measurement machinery (harness.measurement) against
 known quantities: a busy wait of known length, CUDA work that doubles, a known allocation, NVML."""
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ from functools import partial
 import torch
 
 from harness.environment import capture_environment, device_name
-from harness.measurement import TimingSettings, measure_peak_memory, nvml_snapshot, time_callable
+from harness.measurement import (
+    CUDA_ONLY_TIMERS,
+    TIMERS,
+    PhasedStep,
+    TimingSettings,
+    measure_peak_memory,
+    nvml_snapshot,
+    time_callable,
+    time_step,
+)
 from harness.selfcheck.framework import Context, Outcome, Skip, first_line
 from harness.units import MIB
 from variants.registry import backends as variant_backends
@@ -147,3 +156,45 @@ def check_nvml(context: Context) -> Outcome:
     )
     data = {"driver": driver, "nvml": snapshot}
     return Outcome("FAIL" if missing else "PASS", detail + (f"; missing {', '.join(missing)}" if missing else ""), data)
+
+
+def check_gpu_timers(context: Context) -> Outcome:
+    """CUDA: `measure.timer` kernels and graphs against events on a known kernel, a back-to-back train
+    of [2048, 2048] matmuls timed as a forward (the train) and a backward (one more matmul): kernel
+    time within 90-102% of event time (the train leaves the GPU no gaps, and kernel time cannot
+    exceed it), graph replays within 80-110%, every phase timed. CPU: both are refused (ValueError),
+    and the check is skipped."""
+    settings = TimingSettings(warmup=2, min_repeats=5 if context.quick else 15, min_time_s=0.0)
+    if context.device.type != "cuda":
+        refused = []
+        for timer in CUDA_ONLY_TIMERS:
+            try:
+                time_step(lambda: None, context.device, settings, timer)
+            except ValueError:
+                refused.append(timer)
+        if refused != list(CUDA_ONLY_TIMERS):
+            return Outcome("FAIL", f"on {context.device.type} the timers {set(CUDA_ONLY_TIMERS) - set(refused)} were not refused")
+        raise Skip(f"device {context.device.type}: kernels and graphs are refused here (CUDA only); runs with --device cuda")
+    a = torch.randn(2048, 2048, device=context.device)
+    b, c = torch.randn_like(a), torch.empty_like(a)
+
+    def train() -> torch.Tensor:
+        for _ in range(8):
+            torch.mm(a, b, out=c)
+        return c
+
+    step = PhasedStep(train, lambda out: torch.mm(out, b))
+    readings = {timer: time_step(step, context.device, settings, timer) for timer in TIMERS}
+    events, kernels, graphs = (readings[t].median_ms for t in TIMERS)
+    phases = all(len(readings[t].phase_samples_ms.get(p, [])) == readings[t].n_repeats for t in TIMERS for p in ("forward", "backward"))
+    data = {f"{t}_ms": readings[t].median_ms for t in TIMERS} | {f"{t}_timer": readings[t].timer for t in TIMERS}
+    detail = (
+        f"9 matmuls 2048^2: events {events:.3f} ms, kernels {kernels:.3f} ms ({kernels / events:.1%}), "
+        f"graphs {graphs:.3f} ms ({graphs / events:.1%})"
+    )
+    ok = 0.9 * events <= kernels <= 1.02 * events and 0.8 * events <= graphs <= 1.1 * events and phases
+    return Outcome(
+        "PASS" if ok else "FAIL",
+        detail + ("" if ok else "; expected kernels 90-102% and graphs 80-110% of events, every phase timed"),
+        data,
+    )

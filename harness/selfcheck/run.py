@@ -19,7 +19,7 @@ import variants
 from harness.environment import REPO_ROOT, capture_environment, code_version, device_name
 from harness.selfcheck.framework import Check, CheckResult, Context, Outcome, SelfcheckError, Skip, Summary, first_line
 from harness.selfcheck.lsh_checks import LONG_LSH, LSH_ROUNDS, LSH_TRITON_ROUNDS, LshCase, check_lsh
-from harness.selfcheck.measurement_checks import check_device, check_nvml, check_peak_memory, check_timer
+from harness.selfcheck.measurement_checks import check_device, check_gpu_timers, check_nvml, check_peak_memory, check_timer
 from harness.selfcheck.references import CHECKED_DTYPES
 from harness.selfcheck.runner_checks import check_oom, check_pool, check_suite
 from harness.selfcheck.variant_checks import check_variant
@@ -43,6 +43,7 @@ def plan_checks(quick: bool = False) -> list[Check]:
     checks = [
         Check("device", check_device),  # not a column: check names
         Check("timer", check_timer),  # not a column: check names
+        Check("gpu_timers", check_gpu_timers),
         Check("peak_memory", check_peak_memory),
         Check("nvml", check_nvml),
     ]

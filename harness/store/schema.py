@@ -93,7 +93,7 @@ CPU_TIME_MS_SAMPLES = "cpu_time_ms_samples"  # list of ms of process CPU time, o
 CPU_TIME_MS_MEDIAN = "cpu_time_ms_median"  # ms
 N_REPEATS = "n_repeats"  # timed calls
 TIME_NOISY = "time_noisy"  # bool: IQR / median > 0.10
-TIMER = "timer"  # text: cuda_event | perf_counter_ns
+TIMER = "timer"  # text: what measured the cell: cuda_event | perf_counter_ns | cuda_kernels | cuda_graph
 THREADS = "threads"  # torch intra-op threads of the cell's process
 TOKENS_PER_S = "tokens_per_s"  # tokens / s at the median time
 FLOPS = "flops"  # analytic FLOPs of one call (2 per multiply-add; backward 2x forward)
@@ -192,6 +192,28 @@ EVAL_SYMBOLS = "eval_symbols"  # symbols scored
 EVAL_WALL_S = "eval_wall_s"  # s of the evaluation
 BPD = "bpd"  # bits per dim of runs stored before eval_bpd (the check rules' fallback column)
 
+# --------------------------------------------------------------------------- phases, bytes moved and the roofline (#31)
+
+FORWARD_MS_MEDIAN = "forward_ms_median"  # ms: median forward phase of a repeat (the whole call in mode forward)
+FORWARD_MS_IQR = "forward_ms_iqr"  # ms
+FORWARD_MS_SAMPLES = "forward_ms_samples"  # list of ms, one per repeat (same repeats as time_ms_samples)
+BACKWARD_MS_MEDIAN = "backward_ms_median"  # ms: median backward phase (with the optimizer step in train_step)
+BACKWARD_MS_IQR = "backward_ms_iqr"  # ms
+BACKWARD_MS_SAMPLES = "backward_ms_samples"  # list of ms, one per repeat
+FORWARD_FLOPS = "forward_flops"  # analytic FLOPs of the forward phase
+BACKWARD_FLOPS = "backward_flops"  # analytic FLOPs of the backward phase (0 in mode forward)
+BYTES = "step_bytes"  # analytic bytes read + written by one call (forward + backward; variants/traffic.py)
+FORWARD_BYTES = "forward_bytes"  # of the forward phase
+BACKWARD_BYTES = "backward_bytes"  # of the backward phase (with AdamW's state in train_step)
+INTENSITY = "intensity"  # FLOP / byte: flops / bytes
+GBYTES_PER_S = "gbytes_per_s"  # 1e9 bytes / s at the median time
+MEMBW_GBYTES_PER_S = "membw_gbytes_per_s"  # GB/s of a streaming triad in the cell's process (the memory roof)
+MEMBW_MIB = "membw_mib"  # MiB: the triad's three buffers together
+COMPUTE_FRACTION = "compute_fraction"  # tflops_per_s over the matmul rate (the compute roof)
+MEMORY_FRACTION = "memory_fraction"  # gbytes_per_s over the measured bandwidth (the memory roof)
+BOUND = "roof_bound"  # text: compute | memory: the roof the cell's intensity puts under it
+ROOF_FRACTION = "roof_fraction"  # achieved FLOP/s over min(compute roof, intensity x bandwidth)
+
 # --------------------------------------------------------------------------- row kinds
 
 CELL_ROW = "cell"  # a benchmark cell's own row: stored without a row_type
@@ -213,7 +235,7 @@ COLUMNS = frozenset(  # every column name: the upper-case text constants above, 
 # which this code never writes, is held to text where a foreign row has it.
 TEXT_COLUMNS = (
     CELL_KEY, STATUS, VARIANT, VARIANT_LABEL, ROW_TYPE, SUITE, RUN_ID, "error", MESSAGE, WORKLOAD, MODE, DEVICE, DTYPE,
-    CODE_VERSION, DEVICE_NAME, CONFIG_KEY, TASK, EVAL_VARIANT, TRAIN_VARIANT, CONTENTION, TIMER, MEM_METHOD, RESIDUAL,
+    CODE_VERSION, DEVICE_NAME, CONFIG_KEY, TASK, EVAL_VARIANT, TRAIN_VARIANT, CONTENTION, TIMER, MEM_METHOD, RESIDUAL, BOUND,
 )  # fmt: skip
 NUMERIC_COLUMNS = (
     SEQ_LEN, BATCH, TOKENS_PER_BATCH, TIME_MS_MEDIAN, PEAK_MEM_MIB, ACTIVATION_MEM_MIB, N_REPEATS, STEP, ACCURACY, BPD,

@@ -29,6 +29,7 @@ from harness.cells import MODEL_ATTENTION_KEYS, NOT_MODEL_KEYS, jsonable, model_
 from harness.cells.benchmark import BenchmarkCell
 from harness.check.rules import CHECK_SCHEMAS, ChecksSpec
 from harness.expressions import both
+from harness.measurement.gpu_timers import CUDA_ONLY_TIMERS, TIMER_SETTING
 from harness.store.schema import (
     AXIAL_SHAPE,
     BATCH,
@@ -110,6 +111,12 @@ class MeasureSpec(Strict):
     rounds_seed: int = 0
     # torch.set_float32_matmul_precision in each cell's process (None: torch's default, "highest").
     float32_matmul_precision: Optional[Literal["highest", "high", "medium"]] = None
+    # Measure the streaming memory bandwidth (harness.measurement.measure_bandwidth, the memory roof) in
+    # each cell's process after its timing: membw_gbytes_per_s and the roofline columns. Unset: with matmul_rate.
+    bandwidth: Optional[bool] = None
+    # How the step is timed (harness.measurement.gpu_timers): events (CUDA events / perf_counter_ns),
+    # kernels (device kernel time from torch.profiler, CUDA only), graphs (CUDA graph replays, CUDA only).
+    timer: Optional[Literal["events", "kernels", "graphs"]] = None
 
 
 class OverrideSpec(Strict):
@@ -196,8 +203,14 @@ def load_benchmark_suite(path: Path, data: Any, locator: Locator, device: str | 
 
     name = check_suite_name(spec.name if spec.name is not None else path.stem, locator)
     measure = spec.measure.model_dump()
-    if measure[FLOAT32_MATMUL_PRECISION] is None:
-        del measure[FLOAT32_MATMUL_PRECISION]  # unset: cells keep the keys they had before the setting existed
+    for setting in (FLOAT32_MATMUL_PRECISION, "bandwidth", TIMER_SETTING):
+        if measure[setting] is None:
+            del measure[setting]  # unset: cells keep the keys they had before the setting existed
+    if resolved != "cuda" and measure.get(TIMER_SETTING) in CUDA_ONLY_TIMERS:
+        raise locator.error(
+            ("measure", TIMER_SETTING),
+            f"timer {measure[TIMER_SETTING]!r} needs a CUDA device (this suite runs on {resolved}); on CPU use 'events' (perf_counter_ns)",
+        )
     if measure["min_repeats"] > measure["max_repeats"]:
         raise locator.error(
             ("measure", "max_repeats"), f"max_repeats={measure['max_repeats']} is below min_repeats={measure['min_repeats']}"

@@ -453,3 +453,11 @@ def test_the_run_summary_of_a_cell_that_failed_before_it_had_a_length(capsys):
     print_summary("quality", pd.DataFrame([{**failed, "task": "images", "cell_key": "k1"}]), "images", Path("results/x"))
     out = capsys.readouterr().out
     assert "full (images L=?): error: DataError: bad.npz" in out and "1 cells: 1 error" in out
+
+
+@pytest.mark.parametrize("timer", ["kernels", "graphs"])
+def test_gpu_timers_on_cpu_exit_2_naming_the_key(tmp_path, capsys, timer):
+    suite = write_suite(tmp_path, "timers", [{"name": "full"}], [64], timer=timer)
+    code, out, err = run_cli(capsys, "run", str(suite), "--out", str(tmp_path / "out"))
+    assert code == 2 and f"{suite}:" in err and "measure.timer" in err and f"'{timer}' needs a CUDA device" in err
+    assert "Traceback" not in err + out and not (tmp_path / "out").exists()

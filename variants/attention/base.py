@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from variants.traffic import Traffic, linear, pointwise
+
 
 @dataclass
 class AttentionConfig:
@@ -44,7 +46,8 @@ class AttentionModule(nn.Module):
     """Base for attention variants: fused input projection, head split/merge, output projection.
 
     `n_inputs` is 2 for shared-QK (qk, v) and 3 for separate (q, k, v). Subclasses implement
-    `attend(*heads) -> [batch, heads, seq_len, head_dim]` and `core_flops(batch, seq_len)`.
+    `attend(*heads) -> [batch, heads, seq_len, head_dim]`, `core_flops(batch, seq_len)` and
+    `core_bytes(batch, seq_len, element_size)` (variants/traffic.py).
     A variant whose core has several implementations sets `attention_backend` (a short description
     of the one its last forward ran); benchmark rows record it in their `attention_backend` column.
     """
@@ -84,3 +87,17 @@ class AttentionModule(nn.Module):
         d = self.config.d_model
         projections = 2 * batch * seq_len * d * d * (self.n_inputs + 1)
         return projections + self.core_flops(batch, seq_len)
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Bytes `attend` alone reads and writes per forward and backward (variants/traffic.py)."""
+        raise NotImplementedError
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Analytic bytes read and written per forward and per backward of the whole layer on
+        [batch, seq_len, d_model] in `element_size`-byte elements: the input projection, `attend`
+        (`core_bytes`), the head merge (a copy: [B, H, L, dh] -> [B, L, d]) and the output
+        projection (variants/traffic.py)."""
+        d, rows = self.config.d_model, batch * seq_len
+        projections = linear(rows, d, self.n_inputs * d, element_size) + linear(rows, d, d, element_size)
+        merge = pointwise(rows * d, element_size)
+        return projections + merge + self.core_bytes(batch, seq_len, element_size)

@@ -29,7 +29,9 @@ from typing import Any, Callable
 import torch
 
 from variants.attention.base import AttentionConfig, AttentionModule
+from variants.attention.full import full_attention_bytes
 from variants.registry import VariantUnavailable, register
+from variants.traffic import Traffic, fused_attention
 
 PRESETS = ("none", "causal", "sliding_window", "document")
 TILE = 128  # BlockMask tile (torch's default BLOCK_SIZE)
@@ -199,3 +201,12 @@ class FlexAttention(AttentionModule):
         lengths = torch.clamp(seq_len - torch.arange(0, seq_len, TILE), max=TILE)  # positions per tile
         pairs = int((lengths[:, None] * tiles * lengths[None, :]).sum())
         return 2 * 2 * batch * pairs * c.d_model
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Compiled: a fused kernel (`fused_attention`; the key and value tiles a query tile visits
+        are counted once, as if cached). Eager: the dense scores op by op (`full_attention_bytes`,
+        scaled, one mask pass)."""
+        c = self.config
+        if not c.compile:
+            return full_attention_bytes(batch * c.n_heads, seq_len, c.head_dim, element_size, masks=int(self.mask_mod() is not None))
+        return fused_attention(batch * c.n_heads, seq_len, c.head_dim, element_size)

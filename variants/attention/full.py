@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.registry import register
+from variants.traffic import Traffic, fused_attention, matmul, pointwise, softmax
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -98,6 +99,32 @@ def full_attention(
     return torch.softmax(logits, dim=-1) @ v
 
 
+def full_attention_bytes(
+    batches: int,
+    seq_len: int,
+    head_dim: int,
+    element_size: int,
+    *,
+    scaled: bool = True,
+    masks: int = 0,
+    normalize_keys: bool = False,
+    keys: int | None = None,
+) -> Traffic:
+    """Bytes of `full_attention` run op by op on [batches, seq_len, head_dim] operands (batches =
+    batch x heads; variants/traffic.py): QK^T writes the [seq_len, keys] logits, `scaled` divides
+    them by sqrt(head_dim) (one more pass), each of `masks` masked_fills is a pass, softmax reads and
+    writes them, and PV reads the probabilities. `normalize_keys`: the shared-QK keys are computed
+    from the queries first (a pass over [batches, seq_len, head_dim]). `keys` defaults to seq_len."""
+    keys = seq_len if keys is None else keys
+    scores = batches * seq_len * keys
+    out = matmul(batches, seq_len, head_dim, keys, element_size) + softmax(scores, element_size)
+    out = out + matmul(batches, seq_len, keys, head_dim, element_size)
+    out = out + pointwise(scores, element_size).times(int(scaled) + masks)
+    if normalize_keys:
+        out = out + pointwise(batches * seq_len * head_dim, element_size, saved=1)
+    return out
+
+
 @dataclass
 class FullAttentionConfig(AttentionConfig):
     """AttentionConfig plus shared_qk: one projection for queries and keys (Reformer-style), and for
@@ -142,6 +169,15 @@ class FullAttention(AttentionModule):
         """QK^T and PV matmuls over all seq_len^2 pairs (causal computes them all too)."""
         return 2 * 2 * batch * seq_len * seq_len * self.config.d_model
 
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`full_attention_bytes`: logits and probabilities [seq_len, seq_len] per head, materialised."""
+        c = self.config
+        masks = int(c.causal) + int(c.shared_qk and c.mask_self)
+        normalized = c.shared_qk and c.normalize_keys
+        return full_attention_bytes(
+            batch * c.n_heads, seq_len, c.head_dim, element_size, scaled=not normalized, masks=masks, normalize_keys=normalized
+        )
+
 
 @dataclass
 class SdpaAttentionConfig(AttentionConfig):
@@ -183,3 +219,16 @@ class SdpaAttention(AttentionModule):
         """QK^T and PV matmuls; halved for the is_causal path, whose fused kernels skip masked blocks."""
         flops = 2 * 2 * batch * seq_len * seq_len * self.config.d_model
         return flops // 2 if self.config.causal and not self.config.shared_qk else flops
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """A fused kernel (`fused_attention`: q, k, v read, the output and its logsumexp written); with
+        shared_qk also the key normalisation and the additive [seq_len, seq_len] mask, read by every
+        batch and head in forward and in backward."""
+        c = self.config
+        batches = batch * c.n_heads
+        out = fused_attention(batches, seq_len, c.head_dim, element_size)
+        if c.shared_qk:
+            out = out + pointwise(batches * seq_len * c.head_dim, element_size, saved=1)
+            mask = batches * seq_len * seq_len * element_size
+            out = out + Traffic(mask, mask)
+        return out

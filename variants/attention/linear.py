@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.registry import register
+from variants.traffic import Traffic, matmul, pointwise
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +125,30 @@ def kernel_attention_flops(batch_heads: int, seq_len: int, features: int, head_d
     return batch_heads * total
 
 
+def kernel_attention_bytes(
+    batches: int, seq_len: int, features: int, head_dim: int, element_size: int, causal: bool, chunk_size: int, decay: bool = False
+) -> Traffic:
+    """Bytes of `kernel_attention` op by op (variants/traffic.py) on [batches, seq_len, features]
+    feature maps and [batches, seq_len, head_dim] values: the ones column appended to v, then
+    non-causal the [features, head_dim + 1] state and phi(q) times it; causal, per chunk the
+    [chunk, chunk] scores (masked; with `decay` also scaled), times the values, phi(q) times the
+    state and the state's update; and the normalisation."""
+    width = head_dim + 1
+    out = pointwise(batches * seq_len * width, element_size) + pointwise(batches * seq_len * width, element_size, inputs=1)
+    if not causal:
+        return out + matmul(batches, features, seq_len, width, element_size) + matmul(batches, seq_len, features, width, element_size)
+    for start in range(0, seq_len, chunk_size):
+        c = min(chunk_size, seq_len - start)
+        scores = batches * c * c
+        out = out + matmul(batches, c, features, c, element_size) + pointwise(scores, element_size).times(2 if decay else 1)
+        out = out + matmul(batches, c, c, width, element_size)
+        if start > 0:
+            out = out + matmul(batches, c, features, width, element_size) + pointwise(batches * c * width, element_size, inputs=2)
+        if start + c < seq_len:
+            out = out + matmul(batches, features, c, width, element_size) + pointwise(batches * features * width, element_size, inputs=2)
+    return out + pointwise(batches * seq_len * width, element_size)  # the chunks concatenated
+
+
 @dataclass
 class LinearAttentionConfig(AttentionConfig):
     """AttentionConfig plus eps (added to the normaliser) and chunk_size (causal prefix-sum chunk)."""
@@ -156,3 +181,10 @@ class LinearAttention(AttentionModule):
         """The matmuls of `kernel_attention` with head_dim features (elementwise work not counted)."""
         c = self.config
         return kernel_attention_flops(batch * c.n_heads, seq_len, c.head_dim, c.head_dim, c.causal, c.chunk_size)
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """The feature maps elu + 1 of q and k (two passes each), then `kernel_attention_bytes`."""
+        c = self.config
+        batches = batch * c.n_heads
+        maps = pointwise(batches * seq_len * c.head_dim, element_size, saved=1).times(4)
+        return maps + kernel_attention_bytes(batches, seq_len, c.head_dim, c.head_dim, element_size, c.causal, c.chunk_size)

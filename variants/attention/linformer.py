@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 
 from variants.attention.base import AttentionConfig, AttentionModule
+from variants.attention.full import full_attention_bytes
 from variants.registry import register
+from variants.traffic import Traffic, matmul
 
 
 def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -95,3 +97,11 @@ class LinformerAttention(AttentionModule):
     def core_flops(self, batch: int, seq_len: int) -> int:
         """E K and F V ([k, L] x [L, d] per head), then Q (E K)^T and P (F V) ([L, d] x [d, k] per head)."""
         return 4 * 2 * batch * self.config.k * seq_len * self.config.d_model
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """E K and F V ([k, seq_len] x [seq_len, head_dim] per head; E and F are weights), then
+        `full_attention_bytes` of the queries against those k keys."""
+        c = self.config
+        batches = batch * c.n_heads
+        projections = matmul(batches, c.k, seq_len, c.head_dim, element_size).times(2)
+        return projections + full_attention_bytes(batches, seq_len, c.head_dim, element_size, keys=c.k)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import mask_values, shared_qk_keys
 from variants.registry import register
+from variants.traffic import Traffic, matmul, pointwise, softmax
 
 
 def look_around(blocks: torch.Tensor, back: int, forward: int, fill: float = 0.0) -> torch.Tensor:
@@ -148,3 +149,18 @@ class LocalAttention(AttentionModule):
         """QK^T and PV of every (padded) query against its span of keys, masked ones included."""
         padded = math.ceil(seq_len / self.config.window) * self.config.window
         return 2 * 2 * batch * padded * self.span() * self.config.d_model
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Op by op on the padded blocks: the queries scaled (or the shared-QK keys normalised), the
+        keys and values of each block's span gathered (copies of span x window rows per block),
+        the [window, span] logits, their mask, softmax and PV."""
+        c = self.config
+        batches = batch * c.n_heads
+        padded = math.ceil(seq_len / c.window) * c.window
+        blocks, span = batches * (padded // c.window), self.span()
+        rows = batches * padded * c.head_dim
+        gathers = pointwise(rows * (span // c.window), element_size).times(2)
+        scores = blocks * c.window * span
+        out = pointwise(rows, element_size, saved=int(c.shared_qk)) + gathers
+        out = out + matmul(blocks, c.window, c.head_dim, span, element_size) + pointwise(scores, element_size)
+        return out + softmax(scores, element_size) + matmul(blocks, c.window, span, c.head_dim, element_size)

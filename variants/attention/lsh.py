@@ -46,9 +46,10 @@ from torch.profiler import record_function
 import variants.attention.lsh_cpu as lsh_cpu
 import variants.attention.lsh_triton as lsh_triton
 from variants.attention.base import AttentionConfig, AttentionModule
-from variants.attention.full import full_attention, mask_values, shared_qk_key_scale, shared_qk_keys_backward
+from variants.attention.full import full_attention, full_attention_bytes, mask_values, shared_qk_key_scale, shared_qk_keys_backward
 from variants.attention.lsh_backends import check_backend_name, resolve_backend
 from variants.registry import register, register_backend
+from variants.traffic import INDEX_BYTES, Traffic, linear, matmul, pointwise, softmax
 
 
 def draw_rotations(
@@ -782,6 +783,60 @@ class LSHAttentionConfig(AttentionConfig):
             raise ValueError(f"seq_len={seq_len} is not a multiple of bucket_size={self.bucket_size}")
 
 
+FUSED_BACKENDS = ("cpu_kernel", "triton")  # backends whose chunked core keeps its tiles on chip
+
+
+def lsh_attention_bytes(
+    batches: int,
+    seq_len: int,
+    head_dim: int,
+    element_size: int,
+    *,
+    n_hashes: int,
+    bucket_size: int,
+    rotations: int,
+    causal: bool = False,
+    fused: bool = False,
+    save_probs: bool = True,
+) -> Traffic:
+    """Bytes of the LSH core on [batches, seq_len, head_dim] shared-QK and value operands
+    (batches = batch x heads; variants/traffic.py), with `rotations` columns of the hashing
+    matmul per round. Hashing (no backward): reads qk, writes and re-reads the rotated vectors
+    for the argmax, writes int64 buckets; the sort reads the keys, writes sorted keys and the
+    permutation, and inverts it (5 int64 passes over the n_hashes x seq_len items). The chunked
+    part per item (a query of one round; N items in all): `fused` (the C and Triton kernels) reads
+    its chunk's and the previous chunk's qk and v rows through the index and writes its output row
+    and logsumexp (and, with `save_probs`, its 2 x bucket_size probabilities); backward reads them
+    again with the output gradient and adds gradients onto one query row and two key and two
+    value rows (each read and written). Not fused (the PyTorch ops): the rows gathered into a
+    buffer, then op by op the keys' normalisation, the [bucket_size, 2 bucket_size] logits, their
+    masks, logsumexp and softmax, and PV. The rounds are then combined: each round's output and
+    logsumexp read, one output written."""
+    items = batches * n_hashes * seq_len
+    rows = batches * seq_len * head_dim
+    window = 2 * bucket_size
+    hashing = Traffic((rows + 2 * batches * seq_len * n_hashes * rotations) * element_size + items * INDEX_BYTES, 0)
+    sort = Traffic(5 * items * INDEX_BYTES, 0)
+    combine = Traffic(
+        (items * head_dim + rows) * element_size + items * 4,
+        (rows + 2 * items * head_dim) * element_size + 2 * items * 4,
+    )
+    if fused:
+        probs = window * element_size if save_probs else 0
+        forward = items * ((4 * head_dim + head_dim + probs) * element_size + 2 * INDEX_BYTES + 4)
+        backward = items * ((head_dim + 4 * head_dim + probs + 10 * head_dim) * element_size + 2 * INDEX_BYTES + 4)
+        return hashing + sort + combine + Traffic(forward, backward)
+    chunks = items // bucket_size
+    scores = items * window
+    gather = Traffic(items * (4 * head_dim * element_size + INDEX_BYTES), items * (4 * head_dim * element_size + INDEX_BYTES))
+    keys = pointwise(items * head_dim, element_size, saved=1)
+    logits = matmul(chunks, bucket_size, head_dim, window, element_size)
+    masks = pointwise(scores, element_size).times(1 + int(causal))
+    logsumexp = Traffic(scores * element_size + items * 4, (scores + items) * element_size + scores * element_size)
+    values = matmul(chunks, bucket_size, window, head_dim, element_size)
+    return hashing + sort + combine + gather + keys + logits + masks + logsumexp + softmax(scores, element_size) + values
+
+
 @register("lsh", config=LSHAttentionConfig)
 class LSHAttention(AttentionModule):
     """Reformer LSH attention (shared QK, hashed and chunked; trax / HuggingFace semantics)."""
@@ -849,3 +904,36 @@ class LSHAttention(AttentionModule):
             return 0
         rotations = sum(bucket_factors(c.n_buckets, seq_len, c.bucket_size)) // 2
         return 2 * batch * seq_len * c.d_model * c.n_hashes * rotations
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """`lsh_attention_bytes`, fused when the backend of the last forward was the C or Triton
+        kernel (`attention_backend`; before any forward, the ops path); below bucket_size the
+        shared-QK full attention (`full_attention_bytes`)."""
+        c = self.config
+        if seq_len < c.bucket_size:
+            return full_attention_bytes(
+                batch * c.n_heads, seq_len, c.head_dim, element_size, scaled=False, masks=1 + int(c.causal), normalize_keys=True
+            )
+        fused = any(str(self.attention_backend or "").startswith(name) for name in FUSED_BACKENDS)
+        return lsh_attention_bytes(
+            batch * c.n_heads,
+            seq_len,
+            c.head_dim,
+            element_size,
+            n_hashes=c.n_hashes,
+            bucket_size=c.bucket_size,
+            rotations=sum(bucket_factors(c.n_buckets, seq_len, c.bucket_size)) // 2,
+            causal=c.causal,
+            fused=fused,
+            save_probs=c.save_probs,
+        )
+
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """The base class's bytes less the head merge: at seq_len >= bucket_size the projections write
+        and read the packed [batch, seq_len, heads, 2 head_dim] table directly (no copies)."""
+        c = self.config
+        if seq_len < c.bucket_size:
+            return super().bytes_moved(batch, seq_len, element_size)
+        rows = batch * seq_len
+        projections = linear(rows, c.d_model, 2 * c.d_model, element_size) + linear(rows, c.d_model, c.d_model, element_size)
+        return projections + self.core_bytes(batch, seq_len, element_size)

@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from variants.attention.base import AttentionConfig
-from variants.attention.full import SdpaAttention, SdpaAttentionConfig
-from variants.attention.lsh import bucket_factors
+from variants.attention.full import SdpaAttention, SdpaAttentionConfig, full_attention_bytes
+from variants.attention.lsh import bucket_factors, lsh_attention_bytes
 from variants.registry import VariantUnavailable, register
+from variants.traffic import Traffic, linear, pointwise
 
 PEERS_EXTRA = "pip install -e .[peers]"
 # HF's automatic bucket count (`_set_num_buckets`) factorises the buckets above
@@ -219,6 +220,31 @@ class HFLSHAttention(nn.Module):
         rotations = buckets if isinstance(buckets, int) else sum(buckets)
         return 2 * batch * seq_len * self.config.d_model * self.config.n_hashes * (rotations // 2)
 
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Analytic bytes per forward and backward (variants/traffic.py): the qk, v and output
+        projections, HF's head merge (a copy) and its LSH core op by op (`lsh_attention_bytes`, not
+        fused); at seq_len <= bucket_size shared-QK full attention (`full_attention_bytes`)."""
+        c = self.config
+        rows, d = batch * seq_len, c.d_model
+        out = linear(rows, d, d, element_size).times(3) + pointwise(rows * d, element_size)
+        buckets = self.num_buckets(seq_len)
+        if buckets is None:
+            return out + full_attention_bytes(
+                batch * c.n_heads, seq_len, c.head_dim, element_size, scaled=False, masks=1 + int(c.causal), normalize_keys=True
+            )
+        rotations = (buckets if isinstance(buckets, int) else sum(buckets)) // 2
+        core = lsh_attention_bytes(
+            batch * c.n_heads,
+            seq_len,
+            c.head_dim,
+            element_size,
+            n_hashes=c.n_hashes,
+            bucket_size=c.bucket_size,
+            rotations=rotations,
+            causal=c.causal,
+        )
+        return out + core
+
 
 # --------------------------------------------------------------------------- lucidrains
 
@@ -314,6 +340,30 @@ class ReformerPytorchLSHAttention(nn.Module):
             return 0
         return 2 * batch * seq_len * c.d_model * c.n_hashes * ((seq_len // c.bucket_size) // 2)
 
+    def bytes_moved(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """Analytic bytes per forward and backward (variants/traffic.py): the toqk, tov and to_out
+        (with its bias) projections, the head merge (a copy) and the LSH core op by op
+        (`lsh_attention_bytes`, not fused, (seq_len // bucket_size) / 2 rotations per round); at
+        seq_len <= bucket_size shared-QK full attention (`full_attention_bytes`)."""
+        c = self.config
+        rows, d = batch * seq_len, c.d_model
+        out = linear(rows, d, d, element_size).times(2) + linear(rows, d, d, element_size, bias=True) + pointwise(rows * d, element_size)
+        if seq_len <= c.bucket_size:
+            return out + full_attention_bytes(
+                batch * c.n_heads, seq_len, c.head_dim, element_size, masks=1 + int(c.causal), normalize_keys=True
+            )
+        core = lsh_attention_bytes(
+            batch * c.n_heads,
+            seq_len,
+            c.head_dim,
+            element_size,
+            n_hashes=c.n_hashes,
+            bucket_size=c.bucket_size,
+            rotations=(seq_len // c.bucket_size) // 2,
+            causal=c.causal,
+        )
+        return out + core
+
 
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
@@ -408,3 +458,10 @@ class SdpaMathAttention(_SdpaBackendAttention):
     def core_flops(self, batch: int, seq_len: int) -> int:
         """QK^T and PV over all seq_len^2 pairs: the math backend computes masked blocks too."""
         return 2 * 2 * batch * seq_len * seq_len * self.config.d_model
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """The math backend op by op (`full_attention_bytes`: the queries scaled instead of the
+        logits, the same passes; shared_qk adds its [seq_len, seq_len] mask and normalised keys)."""
+        c = self.config
+        masks = int(c.causal or c.shared_qk)
+        return full_attention_bytes(batch * c.n_heads, seq_len, c.head_dim, element_size, masks=masks, normalize_keys=c.shared_qk)

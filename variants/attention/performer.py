@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from variants.attention.base import AttentionConfig, AttentionModule
-from variants.attention.linear import kernel_attention, kernel_attention_flops
+from variants.attention.linear import kernel_attention, kernel_attention_bytes, kernel_attention_flops
 from variants.registry import register
+from variants.traffic import Traffic, matmul, pointwise
 
 KERNEL_EPS = 1e-6  # the JAX code's numerical_stabilizer (performer-pytorch uses 1e-4)
 
@@ -172,3 +173,14 @@ class PerformerAttention(AttentionModule):
         c = self.config
         projections = 2 * 2 * batch * seq_len * c.d_model * c.n_features
         return projections + kernel_attention_flops(batch * c.n_heads, seq_len, c.n_features, c.head_dim, c.causal, c.chunk_size)
+
+    def core_bytes(self, batch: int, seq_len: int, element_size: int) -> Traffic:
+        """The random-feature projections of q and k ([seq_len, head_dim] x [head_dim, n_features]
+        per head) and their positive features (exp, a pass over [seq_len, n_features] each, saved for
+        backward), then `kernel_attention_bytes` with n_features features (causal: key scales)."""
+        c = self.config
+        batches = batch * c.n_heads
+        projections = matmul(batches, seq_len, c.head_dim, c.n_features, element_size, b_grad=False).times(2)
+        features = pointwise(batches * seq_len * c.n_features, element_size, saved=1).times(2)
+        kernel = kernel_attention_bytes(batches, seq_len, c.n_features, c.head_dim, element_size, c.causal, c.chunk_size, decay=c.causal)
+        return projections + features + kernel

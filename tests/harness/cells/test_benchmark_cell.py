@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import psutil
+import pytest
 
 from harness.cells import benchmark
 from harness.suites import load_suite
@@ -43,3 +44,18 @@ def test_progress_line_says_contended(tmp_path):
     )
     gpu = {**row, "contended": True, "contention": "1 other compute process on the GPU", "contention_retries_used": 0}
     assert cell.progress_text(gpu).endswith("CONTENDED (1 other compute process on the GPU)")
+
+
+def test_a_cell_row_has_its_phases_bytes_and_both_roofs(tmp_path):
+    suite = write_suite(tmp_path, "roofs", [{"name": "full"}], [64], mode="forward_backward", matmul_rate=True)
+    row = benchmark.measure_cell(load_suite(suite).cells()[0], limit_memory=False)
+    assert row["status"] == "ok" and row["message"] == ""
+    for forward, backward, total in zip(row["forward_ms_samples"], row["backward_ms_samples"], row["time_ms_samples"]):
+        assert forward + backward == pytest.approx(total, rel=1e-9)
+    assert row["forward_flops"] + row["backward_flops"] == row["flops"] and row["backward_flops"] == 2 * row["forward_flops"]
+    assert row["forward_bytes"] + row["backward_bytes"] == row["step_bytes"] > 0
+    assert row["membw_gbytes_per_s"] > 0 and row["matmul_gflops"] > 0 and row["roof_bound"] in ("compute", "memory")
+    assert row["intensity"] == pytest.approx(row["flops"] / row["step_bytes"])
+    off = write_suite(tmp_path, "no_bandwidth", [{"name": "full"}], [64], matmul_rate=True, bandwidth=False)
+    row = benchmark.measure_cell(load_suite(off).cells()[0], limit_memory=False)
+    assert "membw_gbytes_per_s" not in row and row["roof_bound"] is None and row["intensity"] > 0

@@ -131,7 +131,7 @@ def timed(*verdicts: bool):
     """A stand-in for contention._timed_once that reports the given verdicts in turn."""
     calls = iter(verdicts)
 
-    def once(fn, device, settings, contention, family_of=None):
+    def once(fn, device, settings, contention, family_of=None, timer="events"):
         contended = next(calls)
         return Timing([1.0]), {"contended": contended, "contention": "CPU share 0.50 < 0.85" if contended else ""}
 
@@ -270,7 +270,7 @@ def test_a_cell_beside_cpu_burners_is_flagged(tmp_path) -> None:
 def test_a_cuda_timing_is_watched_through_nvml(monkeypatch) -> None:
     snapshots = iter([{"gpu_other_processes": 1, "throttle_reasons": 0}, {"gpu_other_processes": 0, "gpu_other_sm_util_pct": 40.0}] * 2)
     monkeypatch.setattr(contention_module, "gpu_load_snapshot", lambda index, since_us=None: next(snapshots))
-    monkeypatch.setattr(contention_module, "time_callable", lambda fn, device, settings: Timing([1.0, 2.0], timer="cuda_event"))
+    monkeypatch.setattr(contention_module, "time_step", lambda fn, device, settings, timer: Timing([1.0, 2.0], timer="cuda_event"))
     settings = ContentionSettings(retries=1, backoff_s=0.0)
     timing, columns = time_watched(lambda: None, torch.device("cuda:0"), TimingSettings(), settings, sleep=lambda s: None)
     assert timing.timer == "cuda_event" and columns["contended"] and columns["contention_retries_used"] == 1

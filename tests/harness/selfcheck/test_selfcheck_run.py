@@ -32,7 +32,7 @@ def test_list_names_every_variant_dtype_lsh_round_and_runner_check(capsys):
     words = ("causal", "bidirectional")
     expected |= {f"lsh/rounds={n}/{word}/{dtype}" for n in (1, 2, 4, 8) for word in words for dtype in CHECKED_DTYPES}
     expected |= {f"lsh_triton/rounds={n}/{word}/{dtype}" for n in (1, 4) for word in words for dtype in CHECKED_DTYPES}
-    expected |= {"device", "timer", "peak_memory", "nvml", "oom", "pool", "suite"}
+    expected |= {"device", "timer", "gpu_timers", "peak_memory", "nvml", "oom", "pool", "suite"}
     assert set(quick) == expected and len(quick) == len(expected)
     assert LSH_ROUNDS == (1, 2, 4, 8)
     assert cli.main(["selfcheck", "--list", "--device", "cuda"]) == 0  # listing needs no GPU

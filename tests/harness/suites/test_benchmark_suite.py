@@ -437,3 +437,22 @@ def test_a_huge_sweep_is_refused_from_its_sizes_before_expansion(tmp_path, capsy
     assert time.monotonic() - begin < 10
     huge_suite(path, 10, 10, 10)  # 1,000 cells: fine
     assert len(load_suite(path).cells()) == 1000
+
+
+def test_timer_and_bandwidth_settings_leave_the_keys_of_suites_that_do_not_set_them(tmp_path):
+    plain = load_suite(write(tmp_path, BASE), device="cpu").cells()[0]
+    assert "timer" not in plain.measure and "bandwidth" not in plain.measure and plain.timer() == "events"
+    assert not plain.measures_bandwidth()
+    events = load_suite(
+        write(
+            tmp_path,
+            BASE.replace("measure: {warmup: 1, min_repeats: 3}", "measure: {warmup: 1, min_repeats: 3, timer: events, matmul_rate: true}"),
+        ),
+        device="cpu",
+    ).cells()[0]
+    assert events.timer() == "events" and events.measures_bandwidth()  # unset bandwidth follows matmul_rate
+    assert events.config_key() == plain.config_key()  # measure settings are not the configuration
+    on_gpu = BASE.replace("cuda:\n  measure: {min_repeats: 10}", "cuda:\n  measure: {min_repeats: 10, timer: kernels}")
+    assert load_suite(write(tmp_path, on_gpu), device="cuda").cells()[0].timer() == "kernels"
+    with pytest.raises(SuiteError, match="measure.timer.*needs a CUDA device"):
+        load_suite(write(tmp_path, BASE.replace("measure: {warmup: 1, min_repeats: 3}", "measure: {timer: graphs}")), device="cpu")
