@@ -374,10 +374,21 @@ def measure_cell(cell: BenchmarkCell, limit_memory: bool = True, report_baseline
         row.update({NVML_AFTER_PREFIX + k: v for k, v in measurement.nvml_snapshot(device.index or 0).items()})
     del workload  # its memory is released first, so the probes cannot run out of it
     if cell.measure.get("matmul_rate"):
-        row.update(_probe_matmul(cell, device))
+        row.update(
+            _probe_roof(
+                device, "matmul_rate", lambda: measurement.measure_matmul(device, cell.dtype), {MATMUL_GFLOPS: math.nan, MATMUL_N: None}
+            )
+        )
         row.update(floor_columns(row))
     if cell.measures_bandwidth():
-        row.update(_probe_bandwidth(cell, device))
+        row.update(
+            _probe_roof(
+                device,
+                "bandwidth",
+                lambda: measurement.measure_bandwidth(device, cell.dtype),
+                {MEMBW_GBYTES_PER_S: math.nan, MEMBW_MIB: None},
+            )
+        )
     row.update(roofline_columns(row))
     return row
 
@@ -389,30 +400,17 @@ def _retry_deadline(cell: BenchmarkCell, began: float) -> float:
     return began - PROCESS_START_S + 0.8 * cell.timeout_s() - probe
 
 
-def _probe_matmul(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:
-    """`matmul_gflops` / `matmul_n` of `measure.measure_matmul` in the cell's dtype, measured right
-    after the cell's timing; a failed probe leaves the cell ok, with NaN and the reason in `message`."""
+def _probe_roof(device: torch.device, what: str, probe: Callable[[], Any], failed: dict[str, Any]) -> dict[str, Any]:
+    """One roof of the cell's device, measured right after its timing with the workload's memory
+    released first: `probe()` (`measurement.measure_matmul` -> `matmul_gflops` / `matmul_n`, or
+    `measurement.measure_bandwidth` -> `membw_gbytes_per_s` / `membw_mib`) as row columns. A failed
+    probe leaves the cell ok: the `failed` columns (NaN) and the reason in `message`."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     else:
         measurement.release_free_heap()
     try:
-        return measurement.measure_matmul(device, cell.dtype).as_row()
+        return probe().as_row()
     except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
-        return {MATMUL_GFLOPS: math.nan, MATMUL_N: None, MESSAGE: f"matmul_rate probe failed: {type(error).__name__}: {error}"[:4000]}
-
-
-def _probe_bandwidth(cell: BenchmarkCell, device: torch.device) -> dict[str, Any]:
-    """`membw_gbytes_per_s` / `membw_mib` of `measurement.measure_bandwidth` in the cell's dtype and
-    threads, measured after its timing (the memory roof); a failed probe leaves the cell ok, with
-    NaN and the reason appended to `message`."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        measurement.release_free_heap()
-    try:
-        return measurement.measure_bandwidth(device, cell.dtype).as_row()
-    except Exception as error:  # e.g. out of memory under a tight memory_limit_gib
-        return {MEMBW_GBYTES_PER_S: math.nan, MEMBW_MIB: None, MESSAGE: f"bandwidth probe failed: {type(error).__name__}: {error}"[:4000]}
+        return {**failed, MESSAGE: f"{what} probe failed: {type(error).__name__}: {error}"[:4000]}

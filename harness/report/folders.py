@@ -24,9 +24,15 @@ def reports_root(results_root: str | Path) -> Path:
 
 
 def shown_path(path: str | Path) -> str:
-    """`path` as a report or summary names it: relative to the working directory, however it was
-    given (absolute or relative), so that nothing written names the machine that wrote it."""
-    return Path(os.path.relpath(Path(path).absolute(), Path.cwd())).as_posix()
+    """`path` as a report or summary names it: relative to the working directory when it lies inside
+    it, however it was given (absolute or relative), so that a report committed with its results
+    names no machine; a path outside the working directory is shown absolute (a `../../` chain would
+    only hide where it is)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(Path.cwd().absolute()).as_posix()
+    except ValueError:
+        return absolute.as_posix()
 
 
 def open_run(arg: str | Path, root: str | Path = RESULTS_ROOT) -> StoredRun:
