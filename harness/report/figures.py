@@ -119,6 +119,22 @@ FLOOR = Metric(FLOOR_RATIO, "time per step / compute floor")
 # --------------------------------------------------------------------------- figures
 
 
+def side_legend(ax: Any, title: str | None, handles: list | None = None, lower: bool = False) -> matplotlib.legend.Legend:
+    """The figures' legend, outside the axes on the right (top corner, or bottom with `lower`), small
+    text, no frame; `handles` labelled by `legend_labels`, or the axes' own labelled artists."""
+    keys: dict[str, Any] = {"handles": handles, "labels": legend_labels(handles)} if handles is not None else {}
+    return ax.legend(
+        **keys,
+        title=title,
+        loc="lower left" if lower else "upper left",
+        bbox_to_anchor=(1.02, 0.0 if lower else 1.0),
+        frameon=False,
+        fontsize=9,
+        title_fontsize=9,
+        alignment="left",
+    )
+
+
 def plot_metric(
     rows: pd.DataFrame,
     x: str,
@@ -201,29 +217,10 @@ def plot_metric(
             )
         if contended:
             handles.append(contended_handle("contended (timing disturbed by other load)"))
-        legend = ax.legend(
-            handles=handles,
-            labels=legend_labels(handles),
-            title=legend_title,
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
-            frameon=False,
-            fontsize=9,
-            title_fontsize=9,
-            alignment="left",
-        )
+        legend = side_legend(ax, legend_title, handles)
         if paper_handles:
             ax.add_artist(legend)
-            ax.legend(
-                handles=paper_handles,
-                title=paper_title,
-                loc="lower left",
-                bbox_to_anchor=(1.02, 0.0),
-                frameon=False,
-                fontsize=9,
-                title_fontsize=9,
-                alignment="left",
-            )
+            side_legend(ax, paper_title, paper_handles, lower=True)
         set_title(ax, title, subtitle)
         return fig
 
@@ -258,9 +255,7 @@ def plot_bpd_curves(
                     )
         ax.set_xlabel("training step")
         ax.set_ylabel("bits per dim (bits/symbol)")
-        ax.legend(
-            loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9, title=legend_title, title_fontsize=9, alignment="left"
-        )
+        side_legend(ax, legend_title)
         set_title(ax, title, subtitle)
         return fig
 
@@ -391,17 +386,7 @@ def plot_ratio(
         if mark_failed(ax, rows, x, palette, names):
             handles.append(Line2D([], [], ls="none", marker="x", markersize=8, mew=2, color="0.35", label="did not finish in A or B"))
         ax.set_ylim(ylim)
-        ax.legend(
-            handles=handles,
-            labels=legend_labels(handles),
-            title=legend_title,
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
-            frameon=False,
-            fontsize=9,
-            title_fontsize=9,
-            alignment="left",
-        )
+        side_legend(ax, legend_title, handles)
         set_title(ax, title, subtitle)
         return fig
 
