@@ -1,7 +1,7 @@
 """Where the fused CPU kernel's time goes: one LSH layer's step taken apart per stage, and A/B of builds.
 
     python scripts/lsh_cpu_stages.py [--seq-len 16384] [--hashes 1 2 4 8] [--repeats 7]
-                                     [--build NAME=CFLAGS_EXTRA ...]
+                                     [--build NAME=CFLAGS_EXTRA ...] [--sections]
 
 The shape of `suites/peers.yaml` (d_model 256, 4 heads of 64, bucket 64, one sequence, non-causal).
 Per stage, each called on its own with the inputs the layer would give it: the projections
@@ -13,6 +13,17 @@ what torch/MKL reach on these shapes). With several --build values each stage ru
 in turn, interleaved repeat by repeat (A, B, A, B, ...), and the medians and their ratios to the
 first build are printed: builds differ only by extra compiler flags (REFORMER_LSH_CPU_CFLAGS_EXTRA,
 e.g. `avx2=-mno-avx512f`). Wall time per call, median over the repeats; prints markdown tables.
+
+Each hash count's table ends with the matmul-only lower bound: the projections as measured (torch's
+own GEMMs), the chunk matmuls (2 per chunk forward, 4 backward, none recomputed) at the in-cache
+batched-matmul rate torch reaches on those shapes, and the hashing matmul at the floor's rate, over
+the floor. No implementation of this algorithm whose matmuls run at torch's rates gets below it,
+before a single gather, exp or gradient add.
+
+--sections builds every kernel with -DLSH_CPU_PROFILE and, after the stage table, times the kernel's
+forward and backward alone once more per repeat, printing where their time went inside the kernel
+(gathers, logits, softmax, each matmul, the combine, the gradient adds): wall ms per call summed
+over the kernel's threads, and each section's share.
 """
 
 from __future__ import annotations
@@ -33,9 +44,11 @@ from harness.workloads import step_flops
 from variants.attention import lsh, lsh_cpu
 
 
-def load_build(spec: str) -> tuple[str, dict]:
-    """NAME[:SOURCE]=EXTRA_CFLAGS -> (NAME, lsh_cpu's loaded module state for that build of SOURCE)."""
+def load_build(spec: str, sections: bool = False) -> tuple[str, dict]:
+    """NAME[:SOURCE]=EXTRA_CFLAGS -> (NAME, lsh_cpu's loaded module state for that build of SOURCE);
+    sections: with -DLSH_CPU_PROFILE (`lsh_cpu.profile_sections`)."""
     name, _, extra = spec.partition("=")
+    extra = f"{extra} -DLSH_CPU_PROFILE" if sections else extra
     name, _, source = name.partition(":")
     default_source = lsh_cpu.SOURCE
     lsh_cpu._state = {}
@@ -184,6 +197,35 @@ def bmm_ceiling(repeats: int) -> list[tuple[str, float]]:
     return rows
 
 
+def in_cache_bmm_rate(repeats: int) -> float:
+    """GFLOP/s of torch.bmm on the kernel's chunk shapes with operands in cache (c = d = 64), the mean
+    over the six products of `bmm_ceiling`."""
+    rows = [gflops for name, gflops in bmm_ceiling(repeats) if "in cache" in name]
+    return statistics.mean(rows)
+
+
+def chunk_matmul_flops(seq_len: int, n_hashes: int, heads: int = 4, c: int = 64, d: int = 64) -> int:
+    """FLOPs of the chunk matmuls of one forward + backward, none recomputed: per chunk [c, d] x [d, 2c]
+    and [c, 2c] x [2c, d] forward, four such products backward."""
+    chunks = heads * n_hashes * seq_len // c
+    return chunks * 6 * 2 * c * 2 * c * d
+
+
+def print_sections(builds: list[str], sections: dict[str, list[dict[str, float]]]) -> None:
+    """Markdown: a row per kernel section, the median over repeats of its ms per call (summed over
+    threads) and its share of its pass (forward or backward), per build."""
+    names = list(sections[builds[0]][0])
+    print("\n| section | " + " | ".join(f"{b} ms | share" for b in builds) + " |")
+    print("|---" * (1 + 2 * len(builds)) + "|")
+    for name in names:
+        cells = []
+        for build in builds:
+            medians = {n: statistics.median(r[n] for r in sections[build]) for n in names}
+            pass_total = sum(v for n, v in medians.items() if n.split()[0] == name.split()[0])
+            cells.append(f"{medians[name]:.1f} | {medians[name] / pass_total:.0%}" if pass_total else "0 | -")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def print_table(builds: list[str], medians: dict[str, list[float]], floor_ms: float, cpu_share: list[float]) -> None:
     """Markdown: a row per stage (median ms per build, then each build over the first), the layer's
     floor ratio and CPU share."""
@@ -211,8 +253,9 @@ def main() -> None:
     )
     parser.add_argument("--cpu-time", action="store_true", help="process CPU time (all threads) instead of wall time per stage")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the batched-matmul table")
+    parser.add_argument("--sections", action="store_true", help="profile builds: where the kernel's time goes inside it")
     args = parser.parse_args()
-    states = dict(load_build(spec) for spec in args.build or ["default="])
+    states = dict(load_build(spec, args.sections) for spec in args.build or ["default="])
     builds = list(states)
     print(f"threads {torch.get_num_threads()}; builds: " + "; ".join(f"{n}: {s['status']}" for n, s in states.items()))
     for n_hashes in args.hashes:
@@ -237,6 +280,29 @@ def main() -> None:
         print(f"(matmul {rate:.0f} GFLOP/s, floor {floor_ms:.0f} ms)\n")
         medians = {stage: [statistics.median(samples[(n, stage)]) for n in builds] for stage in stages}
         print_table(builds, medians, floor_ms, [statistics.median(cpu[n]) for n in builds])
+        bmm_rate = in_cache_bmm_rate(3)
+        chunks_ms = chunk_matmul_flops(args.seq_len, n_hashes) / (bmm_rate * 1e9) * 1e3
+        hashing_ms = module.no_backward_flops(1, args.seq_len) / (rate * 1e9) * 1e3
+        for name in builds:
+            projections_ms = medians["projections fwd+bwd"][builds.index(name)]
+            bound_ms = projections_ms + chunks_ms + hashing_ms
+            print(
+                f"\n{name}: matmul-only lower bound {bound_ms:.0f} ms = {bound_ms / floor_ms:.2f}x the floor: projections "
+                f"{projections_ms:.0f} ms as measured, chunk matmuls {chunks_ms:.0f} ms at the in-cache bmm rate "
+                f"{bmm_rate:.0f} GFLOP/s, hashing matmul {hashing_ms:.1f} ms at the floor's rate"
+            )
+        if args.sections:
+            sections = {name: [] for name in builds}
+            for repeat in range(args.repeats + 1):
+                for name, state in states.items():
+                    lsh_cpu._state, lsh_cpu.KEEP_PROBS = state, state["keep_probs"]
+                    lsh_cpu.profile_sections()  # zero what the stage table left
+                    stages["forward kernel (+ combine)"]()
+                    stages["dY . Y"]()
+                    stages["backward kernel"]()
+                    if repeat:
+                        sections[name].append(lsh_cpu.profile_sections())
+            print_sections(builds, sections)
         del module, x
     if not args.no_ceiling:
         print("\n## Chunk-shaped matmuls through torch (best of repeats)\n\n| shape | GFLOP/s |\n|---|---|")

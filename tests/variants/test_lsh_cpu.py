@@ -6,8 +6,10 @@ PyTorch-ops path in float64 (gradients; itself gradchecked in test_lsh) and argm
 concat([x, -x]) (buckets).
 """
 
+import os
 import platform
 import shutil
+import time
 
 import pytest
 import torch
@@ -86,6 +88,48 @@ def test_extra_flags_are_part_of_the_build(monkeypatch, fresh_state, tmp_path):
     assert len(list(tmp_path.glob("lsh_cpu-*.so"))) == 2
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_profile_build_accounts_for_the_kernels_time(monkeypatch, fresh_state, tmp_path):
+    """A -DLSH_CPU_PROFILE build (scripts/lsh_cpu_stages.py --sections) computes exactly what the plain
+    build does, names the forward's and the backward's sections, and never claims more time than its
+    threads had: a call's sections sum to at most threads x the call's wall time. A read zeroes them;
+    the plain build has no sections."""
+    monkeypatch.setenv("REFORMER_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(lsh_cpu, "KEEP_PROBS", False)  # the backward recomputes: its logits and softmax run
+    qk, v = randn(1, 2, 512, 32, seed=3), randn(1, 2, 512, 32, seed=4)
+    rotations = draw_rotations(2, 32, 2, sum(bucket_factors(None, 512, 16)), seed=5)
+    upstream = randn(1, 512, 2, 32, seed=6).float()
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, dict, dict, float, float]:
+        packed = pack(qk, v).float().requires_grad_()
+        start = time.perf_counter()
+        out = lsh_attention_packed(packed, rotations=rotations, n_hashes=2, bucket_size=16, causal=True, save_probs=True)
+        forward_s = time.perf_counter() - start
+        forward = lsh_cpu.profile_sections()
+        start = time.perf_counter()
+        (grad,) = torch.autograd.grad(out, packed, upstream)
+        backward_s = time.perf_counter() - start
+        return out, grad, forward, lsh_cpu.profile_sections(), forward_s, backward_s
+
+    extra = os.environ.get(lsh_cpu.CFLAGS_EXTRA_ENV, "")  # CI's AVX2 leg: -mno-avx512f, and so its profile build
+    plain_out, plain_grad, *sections = run()
+    assert sections[:2] == [None, None]
+    monkeypatch.setattr(lsh_cpu, "_state", {})
+    monkeypatch.setenv(lsh_cpu.CFLAGS_EXTRA_ENV, f"{extra} -DLSH_CPU_PROFILE")
+    out, grad, forward, backward, forward_s, backward_s = run()
+    assert lsh_cpu.status().startswith("fused C kernel"), lsh_cpu.status()
+    assert torch.equal(out, plain_out) and torch.equal(grad, plain_grad)
+    assert list(forward) == list(backward) and len(forward) == 16
+    passes = {"forward": (forward, forward_s), "backward": (backward, backward_s)}
+    for name, (ms, seconds) in passes.items():
+        mine = {k: v for k, v in ms.items() if k.startswith(name)}
+        others = {k: v for k, v in ms.items() if not k.startswith(name)}
+        assert set(others.values()) == {0.0}, others  # the other pass did not run
+        assert all(v > 0 for k, v in mine.items() if "finish" not in k), mine
+        assert sum(mine.values()) <= lsh_cpu.threads() * seconds * 1e3 * 1.01 + 0.05, (mine, seconds)
+    assert set(lsh_cpu.profile_sections().values()) == {0.0}
+
+
 def _fused_against_references(batch, heads, seq_len, head_dim, n_hashes, bucket, causal, save_probs, seed):
     qk, v = randn(batch, heads, seq_len, head_dim, seed=seed), randn(batch, heads, seq_len, head_dim, seed=seed + 1)
     rotations = draw_rotations(heads, head_dim, n_hashes, sum(bucket_factors(None, seq_len, bucket)), seed=seed + 2, dtype=torch.float64)
@@ -130,6 +174,9 @@ def threads(request):
     # bucket 16 / head_dim 32 in whole blocks only; bucket 12 / head_dim 40: 8 + 4 rows, 32 + 8
     # masked columns of d and 16 + 8 of 2c; bucket 7 / head_dim 48: rows 4 + 1 + 1 + 1 and 8 + 4 + 1 + 1,
     # columns 32 + 16 (a second vector wholly masked off) and 14 (one vector, 2 lanes off).
+    # The AVX-512 gather's 16 x 16 register transposes (head_dim a multiple of 16): bucket 16 spans of
+    # (stretch + 1) * 16 rows in whole blocks; bucket 7 / head_dim 48 spans of 35 rows, two blocks and
+    # 3 rows after; head_dims 6, 8, 20, 40 take the scalar transposes.
     [
         (1, 1, 1, 8, 8),
         (2, 2, 3, 8, 8),

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -77,6 +78,46 @@ typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
 
 /* The instruction set the kernel was compiled for: "avx512", "avx2" or "generic". */
 const char *lsh_cpu_isa(void) { return LSH_CPU_ISA; }
+
+/* Where the forward's and backward's time goes, in a build with -DLSH_CPU_PROFILE (scripts/lsh_cpu_stages.py
+ * --sections): wall nanoseconds per section summed over the threads (a clock_gettime per mark, about
+ * 0.5% of a chunk's time). Without it the marks compile to nothing. */
+#define PROFILE_SECTION_NAMES                                                                                    \
+    "forward gather,forward logits,forward softmax,forward P@V,forward combine,forward finish,"                  \
+    "backward gather,backward logits,backward softmax,backward dY rows,backward dV,backward dP,backward dS,"     \
+    "backward dQ,backward dK,backward add gradients"
+enum {
+    F_GATHER, F_LOGITS, F_SOFTMAX, F_PV, F_COMBINE, F_FINISH,
+    B_GATHER, B_LOGITS, B_SOFTMAX, B_DY_ROWS, B_DV, B_DP, B_DS, B_DQ, B_DK, B_ADD,
+    N_SECTIONS
+};
+#if defined(LSH_CPU_PROFILE)
+static uint64_t section_ns[N_SECTIONS];
+static inline uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+#define PROFILE_START() uint64_t profile_mark = now_ns()
+#define PROFILE_SKIP() (profile_mark = now_ns()) /* the time since the last mark was counted elsewhere */
+#define PROFILE_MARK(section)                                                                                    \
+    do {                                                                                                         \
+        const uint64_t profile_now = now_ns();                                                                   \
+        __atomic_fetch_add(&section_ns[section], profile_now - profile_mark, __ATOMIC_RELAXED);                 \
+        profile_mark = profile_now;                                                                              \
+    } while (0)
+/* Copies the sections' nanoseconds since the last call into ns [N_SECTIONS] and zeroes them; returns N_SECTIONS. */
+int lsh_cpu_profile(uint64_t *ns) {
+    for (int i = 0; i < N_SECTIONS; i++) ns[i] = __atomic_exchange_n(&section_ns[i], 0, __ATOMIC_RELAXED);
+    return N_SECTIONS;
+}
+/* The sections' names, comma-separated, in the order of lsh_cpu_profile's array. */
+const char *lsh_cpu_profile_sections(void) { return PROFILE_SECTION_NAMES; }
+#else
+#define PROFILE_START() (void)0
+#define PROFILE_SKIP() (void)0
+#define PROFILE_MARK(section) (void)0
+#endif
 
 #if defined(__AVX512F__)
 #ifndef MATMUL_MR
@@ -205,29 +246,86 @@ static inline void prefetch_bytes(const void *address, int64_t bytes, int for_wr
     }
 }
 
+#if defined(__AVX512F__)
+/* Writes the [16, 16] block at src (row i at src + i lds, times scale[i] when scale is not NULL)
+ * transposed to dst (column i at dst + i, row j at dst + j ldd): 16 loads, 64 in-register shuffles
+ * and 16 stores of whole cache lines, instead of 256 scalar stores to 16 lines each. */
+static inline void transpose_block16(const float *src, int64_t lds, const float *scale, float *dst, int64_t ldd) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) {
+        r[i] = _mm512_loadu_ps(src + i * lds);
+        if (scale) r[i] = _mm512_mul_ps(r[i], _mm512_set1_ps(scale[i]));
+    }
+    for (int i = 0; i < 8; i++) { /* pairs of rows interleaved */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* quads of rows: each 128-bit lane holds one column of 4 rows */
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 2; i++) /* then the 128-bit lanes across quads */
+        for (int m = 0; m < 4; m++) {
+            t[8 * i + m] = _mm512_shuffle_f32x4(r[8 * i + m], r[8 * i + 4 + m], 0x88);
+            t[8 * i + 4 + m] = _mm512_shuffle_f32x4(r[8 * i + m], r[8 * i + 4 + m], 0xdd);
+        }
+    for (int m = 0; m < 8; m++) {
+        r[m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88);
+        r[8 + m] = _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd);
+    }
+    for (int j = 0; j < 16; j++) _mm512_storeu_ps(dst + j * ldd, r[j]);
+}
+#endif
+
 /* The span's table rows [n, 2d] (qk | v), gathered from the table, with (where not NULL) its keys
  * [n, d], keys transposed [d, ld_t] and values transposed [d, ld_t] (the matmuls' B operands); its
- * rows relative to the first. */
-static void gather_span(const Problem *p, const int64_t *span_rows, int n, float *qkv, float *keys, float *keys_t,
-                        float *values_t, int64_t ld_t, int32_t *span) {
+ * rows relative to the first, and its key scales [n]. rows_end: the end of the head's rows (the rows
+ * past the span, up to it, are prefetched for the next span). */
+static void gather_span(const Problem *p, const int64_t *span_rows, const int64_t *rows_end, int n, float *qkv,
+                        float *keys, float *keys_t, float *values_t, int64_t ld_t, int32_t *span, float *scales) {
     const int d = p->d;
+#if defined(__AVX512F__)
+    const int blocked = d % 16 == 0; /* the transposes in 16 x 16 register blocks, after the rows are in */
+#else
+    const int blocked = 0;
+#endif
     for (int r = 0; r < n; r++) {
-        if (r + PREFETCH_AHEAD < n) {
+        if (span_rows + r + PREFETCH_AHEAD < rows_end) {
             prefetch_bytes(p->table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 0);
             __builtin_prefetch(p->key_scale + span_rows[r + PREFETCH_AHEAD], 0, 3);
         }
         span[r] = (int32_t)(span_rows[r] - span_rows[0]);
         const float *src = p->table + span_rows[r] * 2 * d;
-        const float s = p->key_scale[span_rows[r]];
+        const float s = scales[r] = p->key_scale[span_rows[r]];
         float *dst = qkv + (int64_t)r * 2 * d;
         for (int j = 0; j < 2 * d; j++) dst[j] = src[j];
         if (keys)
             for (int j = 0; j < d; j++) keys[(int64_t)r * d + j] = s * src[j];
+        if (blocked) continue;
         if (keys_t)
             for (int j = 0; j < d; j++) keys_t[j * ld_t + r] = s * src[j];
         if (values_t)
             for (int j = 0; j < d; j++) values_t[j * ld_t + r] = src[d + j];
     }
+#if defined(__AVX512F__)
+    if (!blocked) return;
+    int r = 0;
+    for (; r + 16 <= n; r += 16)
+        for (int j = 0; j < d; j += 16) {
+            const float *row = qkv + (int64_t)r * 2 * d + j;
+            if (keys_t) transpose_block16(row, 2 * d, scales + r, keys_t + j * ld_t + r, ld_t);
+            if (values_t) transpose_block16(row + d, 2 * d, NULL, values_t + j * ld_t + r, ld_t);
+        }
+    for (; r < n; r++) { /* the rows past the last whole block */
+        const float *row = qkv + (int64_t)r * 2 * d;
+        if (keys_t)
+            for (int j = 0; j < d; j++) keys_t[j * ld_t + r] = scales[r] * row[j];
+        if (values_t)
+            for (int j = 0; j < d; j++) values_t[j * ld_t + r] = row[d + j];
+    }
+#endif
 }
 
 /* Logit x of key k for query q (span-relative rows) with the constants in: causal (a later key), then self.
@@ -315,15 +413,20 @@ static void masked_exp_rows(const Problem *p, const int32_t *window, float *x, c
 /* The chunk's logits [c, 2c] into x, masked, then exp(logit - row max) in place. query [c, d] (leading
  * dimension 2d: rows of the gathered (qk | v) span), keys_t the window's keys transposed [d, 2c]
  * (leading dimension ld_t), window [2c] their span-relative rows. The row max is given (recomputing in backward) or found and written to row_max; row_sum
- * (when not NULL) gets the row sums. */
+ * (when not NULL) gets the row sums. logits_section: the profile section of the matmul (the softmax's is the next). */
 static void chunk_exp_logits(const Problem *p, const float *query, const float *keys_t, int64_t ld_t,
-                             const int32_t *window, float *x, const float *given_max, float *row_max, float *row_sum) {
+                             const int32_t *window, float *x, const float *given_max, float *row_max, float *row_sum,
+                             int logits_section) {
     const int c = p->c, d = p->d, causal = p->causal;
     const float later = p->mask_value, self = p->self_value;
+    PROFILE_START();
     matmul(c, 2 * c, d, query, 2 * d, 1, keys_t, ld_t, 0, x, 2 * c);
+    PROFILE_MARK(logits_section);
+    (void)logits_section;
 #if defined(__AVX512F__)
     (void)causal, (void)later, (void)self;
     masked_exp_rows(p, window, x, given_max, row_max, row_sum);
+    PROFILE_MARK(logits_section + 1);
 #else
     for (int i = 0; i < c; i++) {
         float *xi = x + (int64_t)i * 2 * c;
@@ -347,6 +450,7 @@ static void chunk_exp_logits(const Problem *p, const float *query, const float *
         for (int u = 0; u < VLEN; u++) total += lanes[u];
         if (row_sum) row_sum[i] = total;
     }
+    PROFILE_MARK(logits_section + 1);
 #endif
 }
 
@@ -354,30 +458,38 @@ typedef struct {
     float *qkv, *keys, *keys_t, *values_t, *tile, *d_logits, *d_out, *shift, *grad_qv, *grad_keys;
     int64_t ld_t; /* leading dimension of keys_t and values_t: the longest span */
     int32_t *span; /* span rows relative to the first (rows of one head differ by less than 2^31) */
+    float *scales; /* the span rows' key scales */
 } Scratch;
+
+/* bytes of memory starting on a cache line (64 bytes), or NULL: whole-line vector stores stay on one line. */
+static void *alloc_lines(size_t bytes) {
+    void *memory = NULL;
+    return posix_memalign(&memory, 64, bytes > 0 ? bytes : 64) == 0 ? memory : NULL;
+}
 
 static int scratch_alloc(const Problem *p, Scratch *s) {
     const int64_t span = (int64_t)(p->stretch + 1) * p->c, c = p->c, d = p->d;
-    s->qkv = malloc(span * 2 * d * sizeof(float));
-    s->keys = malloc(span * d * sizeof(float));
-    s->keys_t = malloc(span * d * sizeof(float));
-    s->values_t = malloc(span * d * sizeof(float));
+    s->qkv = alloc_lines(span * 2 * d * sizeof(float));
+    s->keys = alloc_lines(span * d * sizeof(float));
+    s->keys_t = alloc_lines(span * d * sizeof(float));
+    s->values_t = alloc_lines(span * d * sizeof(float));
     s->ld_t = span;
-    s->tile = malloc(c * 2 * c * sizeof(float));
-    s->d_logits = malloc(c * 2 * c * sizeof(float));
-    s->d_out = malloc(c * d * sizeof(float));
-    s->shift = malloc(c * sizeof(float));
-    s->grad_qv = malloc(span * 2 * d * sizeof(float));
-    s->grad_keys = malloc(span * d * sizeof(float));
-    s->span = malloc(span * sizeof(int32_t));
-    return s->qkv && s->keys && s->keys_t && s->values_t && s->tile && s->d_logits && s->d_out && s->shift && s->grad_qv && s->grad_keys && s->span
+    s->tile = alloc_lines(c * 2 * c * sizeof(float));
+    s->d_logits = alloc_lines(c * 2 * c * sizeof(float));
+    s->d_out = alloc_lines(c * d * sizeof(float));
+    s->shift = alloc_lines(c * sizeof(float));
+    s->grad_qv = alloc_lines(span * 2 * d * sizeof(float));
+    s->grad_keys = alloc_lines(span * d * sizeof(float));
+    s->span = alloc_lines(span * sizeof(int32_t));
+    s->scales = alloc_lines(span * sizeof(float));
+    return s->qkv && s->keys && s->keys_t && s->values_t && s->tile && s->d_logits && s->d_out && s->shift && s->grad_qv && s->grad_keys && s->span && s->scales
                ? 0
                : 1;
 }
 
 static void scratch_free(Scratch *s) {
     free(s->qkv), free(s->keys), free(s->keys_t), free(s->values_t), free(s->tile), free(s->d_logits), free(s->d_out), free(s->shift), free(s->grad_qv),
-        free(s->grad_keys), free(s->span);
+        free(s->grad_keys), free(s->span), free(s->scales);
 }
 
 static void single_blas_thread(void) {
@@ -403,11 +515,12 @@ static int64_t next_stretch(const Task *t, int64_t flat, int64_t *bh, int64_t *g
  * rounds: with z the item's logsumexp, M the largest z so far and S the sum of exp(z - M), combined
  * holds the sum of exp(z - M) o / row sum (rescaled whenever M grows). At the end combined / S is
  * sum_r softmax_r(z) o_r, and M, S give every item's weight exp(z - M) / S. */
-static void combine_rounds(const Problem *p, const int64_t *query_rows, int64_t item, const float *o) {
+static void combine_rounds(const Problem *p, const int64_t *query_rows, const int64_t *rows_end, int64_t item,
+                           const float *o) {
     const int c = p->c, d = p->d;
     for (int i = 0; i < c; i++) {
         const int64_t row = query_rows[i];
-        if (i + PREFETCH_AHEAD < c) { /* random rows: fetch ahead, as in gather_span */
+        if (query_rows + i + PREFETCH_AHEAD < rows_end) { /* random rows: fetch ahead (into the next chunk's), as in gather_span */
             const int64_t ahead = query_rows[i + PREFETCH_AHEAD];
             prefetch_bytes(p->combined + ahead * d, d * sizeof(float), 1);
             __builtin_prefetch(p->lse_max + ahead, 1, 3);
@@ -478,24 +591,33 @@ static void *forward_task(void *arg) {
     }
     for (int64_t flat = t->first, bh, g0, count; flat < t->last; flat += count) {
         count = next_stretch(t, flat, &bh, &g0);
-        const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c;
-        gather_span(p, span_rows, (int)(count + 1) * c, s.qkv, NULL, s.keys_t, NULL, s.ld_t, s.span);
+        const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c, *rows_end = p->rows + (bh + 1) * (p->n_items + c);
+        PROFILE_START();
+        gather_span(p, span_rows, rows_end, (int)(count + 1) * c, s.qkv, NULL, s.keys_t, NULL, s.ld_t, s.span, s.scales);
+        PROFILE_MARK(F_GATHER);
         for (int64_t l = 0; l < count; l++) {
             const int64_t item = bh * p->n_items + (g0 + l) * c;
             float *x = s.tile; /* the tile stays in cache; the kept copy is streamed out below */
             chunk_exp_logits(p, s.qkv + (l + 1) * c * 2 * d, s.keys_t + l * c, s.ld_t, s.span + l * c, x, NULL,
-                             p->row_max + item, p->row_sum + item);
+                             p->row_max + item, p->row_sum + item, F_LOGITS);
+            PROFILE_SKIP();
             if (p->probs) store_streaming(p->probs + item * 2 * c, x, (int64_t)c * 2 * c);
+            PROFILE_MARK(F_SOFTMAX);
             if (!p->combined) {
                 matmul(c, d, 2 * c, x, 2 * c, 1, s.qkv + l * c * 2 * d + d, 2 * d, 0, p->out + item * d, d);
+                PROFILE_MARK(F_PV);
                 continue;
             }
             matmul(c, d, 2 * c, x, 2 * c, 1, s.qkv + l * c * 2 * d + d, 2 * d, 0, s.d_out, d);
-            combine_rounds(p, span_rows + (l + 1) * c, item, s.d_out);
+            PROFILE_MARK(F_PV);
+            combine_rounds(p, span_rows + (l + 1) * c, rows_end, item, s.d_out);
+            PROFILE_MARK(F_COMBINE);
         }
     }
+    PROFILE_START();
     if (p->combined) /* this thread's heads are complete: finish them */
         for (int64_t bh = t->first / (p->n_items / c); bh < t->last / (p->n_items / c); bh++) finish_head(p, bh);
+    PROFILE_MARK(F_FINISH);
 #if defined(__AVX__)
     _mm_sfence(); /* the streamed stores are visible to whoever reads probs next */
 #endif
@@ -505,16 +627,15 @@ static void *forward_task(void *arg) {
 
 /* Adds a stretch's gradients onto the table rows: (dqk | dv) plus dk mapped through k = s q
  * (dq = s dk - q (q . dk) s^3, linear in dk, so summing the windows first is exact). */
-static void add_span_grads(const Problem *p, const int64_t *span_rows, int span, const Scratch *s, float *grad_table) {
+static void add_span_grads(const Problem *p, const int64_t *span_rows, const int64_t *rows_end, int span, const Scratch *s,
+                           float *grad_table) {
     const int d = p->d;
     for (int r = 0; r < span; r++) {
         const float *q = s->qkv + (int64_t)r * 2 * d, *gk = s->grad_keys + (int64_t)r * d;
         const float *gqv = s->grad_qv + (int64_t)r * 2 * d;
-        const float scale = p->key_scale[span_rows[r]];
-        if (r + PREFETCH_AHEAD < span) {
+        const float scale = s->scales[r];
+        if (span_rows + r + PREFETCH_AHEAD < rows_end)
             prefetch_bytes(grad_table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 1);
-            __builtin_prefetch(p->key_scale + span_rows[r + PREFETCH_AHEAD], 0, 3);
-        }
         float dot = 0.0f;
         for (int j = 0; j < d; j++) dot += q[j] * gk[j];
         const float along = dot * scale * scale * scale;
@@ -536,21 +657,26 @@ static void *backward_task(void *arg) {
     }
     for (int64_t flat = t->first, bh, g0, count; flat < t->last; flat += count) {
         count = next_stretch(t, flat, &bh, &g0);
-        const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c;
+        const int64_t *span_rows = p->rows + bh * (p->n_items + c) + g0 * c, *rows_end = p->rows + (bh + 1) * (p->n_items + c);
         const int span = (int)(count + 1) * c;
-        gather_span(p, span_rows, span, s.qkv, s.keys, p->probs ? NULL : s.keys_t, s.values_t, s.ld_t, s.span);
+        PROFILE_START();
+        gather_span(p, span_rows, rows_end, span, s.qkv, s.keys, p->probs ? NULL : s.keys_t, s.values_t, s.ld_t, s.span,
+                    s.scales);
         memset(s.grad_qv, 0, (size_t)span * 2 * d * sizeof(float));
         memset(s.grad_keys, 0, (size_t)span * d * sizeof(float));
+        PROFILE_MARK(B_GATHER);
         for (int64_t l = 0; l < count; l++) {
             const int64_t item = bh * p->n_items + (g0 + l) * c;
             const int64_t *query_rows = span_rows + (l + 1) * c;
             const int32_t *window = s.span + l * c;
             const float *query = s.qkv + (l + 1) * c * 2 * d, *window_keys = s.keys + l * c * d;
             float *e = p->probs ? p->probs + item * 2 * c : s.tile, *ds = s.d_logits;
-            if (!p->probs) chunk_exp_logits(p, query, s.keys_t + l * c, s.ld_t, window, e, p->row_max + item, NULL, NULL);
+            if (!p->probs)
+                chunk_exp_logits(p, query, s.keys_t + l * c, s.ld_t, window, e, p->row_max + item, NULL, NULL, B_LOGITS);
+            PROFILE_SKIP();
             /* dO_t = (w_t / row sum) dY, and the same scale on dY . Y */
             for (int i = 0; i < c; i++) {
-                if (i + PREFETCH_AHEAD < c) {
+                if (query_rows + i + PREFETCH_AHEAD < rows_end) {
                     prefetch_bytes(p->grad_out + query_rows[i + PREFETCH_AHEAD] * d, d * sizeof(float), 0);
                     __builtin_prefetch(p->grad_dot + query_rows[i + PREFETCH_AHEAD], 0, 3);
                 }
@@ -559,8 +685,11 @@ static void *backward_task(void *arg) {
                 for (int j = 0; j < d; j++) s.d_out[i * d + j] = w * g[j];
                 s.shift[i] = w * p->grad_dot[query_rows[i]];
             }
+            PROFILE_MARK(B_DY_ROWS);
             matmul(2 * c, d, c, e, 1, 2 * c, s.d_out, d, 1, s.grad_qv + l * c * 2 * d + d, 2 * d); /* dV = E^T dO */
+            PROFILE_MARK(B_DV);
             matmul(c, 2 * c, d, s.d_out, d, 1, s.values_t + l * c, s.ld_t, 0, ds, 2 * c);      /* dP = dO V^T */
+            PROFILE_MARK(B_DP);
             /* dS = E (dP - shift); constant (masked, self) logits pass no gradient */
             for (int i = 0; i < c; i++) {
                 float *dsi = ds + (int64_t)i * 2 * c;
@@ -573,10 +702,14 @@ static void *backward_task(void *arg) {
                     dsi[j] = (k == q) | (causal & (k > q)) ? 0.0f : x;
                 }
             }
+            PROFILE_MARK(B_DS);
             matmul(c, d, 2 * c, ds, 2 * c, 1, window_keys, d, 1, s.grad_qv + (l + 1) * c * 2 * d, 2 * d); /* dQ = dS K */
+            PROFILE_MARK(B_DQ);
             matmul(2 * c, d, c, ds, 1, 2 * c, query, 2 * d, 1, s.grad_keys + l * c * d, d);                /* dK = dS^T Q */
+            PROFILE_MARK(B_DK);
         }
-        add_span_grads(p, span_rows, span, &s, t->grad_table);
+        add_span_grads(p, span_rows, rows_end, span, &s, t->grad_table);
+        PROFILE_MARK(B_ADD);
     }
     scratch_free(&s);
     return NULL;

@@ -146,7 +146,24 @@ def _load() -> ctypes.CDLL:
     lib.lsh_cpu_sort.argtypes = [ptr, i64, i64, i64, i64, i64, i32, i32, ptr, ptr, ptr]
     lib.lsh_cpu_isa.argtypes, lib.lsh_cpu_isa.restype = [], ctypes.c_char_p
     _state["isa"] = lib.lsh_cpu_isa().decode()
+    if hasattr(lib, "lsh_cpu_profile"):  # a build with -DLSH_CPU_PROFILE
+        lib.lsh_cpu_profile.argtypes, lib.lsh_cpu_profile.restype = [ptr], ctypes.c_int
+        lib.lsh_cpu_profile_sections.argtypes, lib.lsh_cpu_profile_sections.restype = [], ctypes.c_char_p
     return lib
+
+
+def profile_sections() -> dict[str, float] | None:
+    """Where the kernel's time went since the last call, in a build with ``-DLSH_CPU_PROFILE`` (in
+    $REFORMER_LSH_CPU_CFLAGS_EXTRA): section name ("forward gather", "backward dV", ...) -> wall ms
+    summed over the kernel's threads, then zeroed. None for a build without it or no kernel."""
+    status()
+    lib = _state.get("lib")
+    if lib is None or not hasattr(lib, "lsh_cpu_profile"):
+        return None
+    names = lib.lsh_cpu_profile_sections().decode().split(",")
+    ns = (ctypes.c_uint64 * len(names))()
+    lib.lsh_cpu_profile(ns)
+    return {name: value / 1e6 for name, value in zip(names, ns)}
 
 
 def status() -> str:
