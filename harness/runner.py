@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from harness.cells import Cell, execute_in_cell_process
 from harness.isolation import run_isolated
+from harness.safe_io import terminal_text
 from harness.store.schema import (
     CELL_KEY,
     CELL_WALL_S,
@@ -76,7 +77,7 @@ def _format_eta(seconds: float) -> str:
 
 def progress_line(done: int, total: int, eta_s: float, cell: Cell, row: dict[str, Any], round_text: str = "") -> str:
     """ "[####----]  3/30 ETA 1m20s | <cell> <outcome>": the line printed as each cell (or round of
-    a cell, `round_text` "r2/3 ") ends."""
+    a cell, `round_text` "r2/3 ") ends, control characters of labels and messages escaped."""
     width = 20
     filled = int(width * done / max(total, 1))
     bar = "#" * filled + "-" * (width - filled)
@@ -87,7 +88,7 @@ def progress_line(done: int, total: int, eta_s: float, cell: Cell, row: dict[str
     else:
         message = str(row.get(MESSAGE) or "")
         result = f"{row[STATUS].upper()}  {message.splitlines()[0][:70] if message else ''}"
-    return f"[{bar}] {done:>3}/{total} ETA {_format_eta(eta_s):>7} | {round_text}{cell.describe()} {result}"
+    return terminal_text(f"[{bar}] {done:>3}/{total} ETA {_format_eta(eta_s):>7} | {round_text}{cell.describe()} {result}")
 
 
 LONG_CELL_S = 60.0  # cells estimated to take longer get a line when they start, not only when they end

@@ -8,6 +8,7 @@ one reader, so that no file can hang a command, exhaust memory or the stack, or 
   the stack).
 * `check_name(value, what)`: a field of a stored file that becomes part of a path must be a plain
   folder name; `check_under(path, root)`: an output path stays under its root.
+* `terminal_text(text)`: text from a file, printed, shows its control characters as escapes.
 
 Every refusal is an `InputFileError` naming the file and what is wrong (the CLI exits 2)::
 
@@ -162,6 +163,18 @@ def check_name(value: Any, what: str, where: str | Path = "") -> str:
     if isinstance(value, str) and NAME_PATTERN.fullmatch(value):
         return value
     raise InputFileError(where, f"{what} {value!r} is not a plain name (letters, digits, '_', '.', '-'; no '/', no '..')")
+
+
+# Characters that steer a terminal rather than show: C0 controls but tab and newline, DEL, C1 controls
+# (0x9b is a one-byte CSI), and the bidirectional overrides and isolates that reorder what is shown.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: str) -> str:
+    """`text` with every `CONTROL_CHARACTERS` match written as its escape (ESC as ``\\x1b``, CR as
+    ``\\r``): a label or message from a file cannot move the cursor, clear or retitle the terminal
+    that prints it, or reorder the line. Newlines and tabs stay."""
+    return CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def check_under(path: str | Path, root: str | Path) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from harness.safe_io import terminal_text
 from harness.slurm import SlurmUnavailable, job_states
 from harness.store.reader import load_run_info, read_submissions
 from harness.store.schema import BATCH, CELL_KEY, MESSAGE, ROUND_ROW, ROW_TYPE, SEQ_LEN, STARTED_AT, STATUS, STATUS_ERROR, VARIANT_LABEL
@@ -116,7 +117,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
 
 
 def format_status(status: RunStatus, limit: int = 20) -> str:
-    """Human summary: counts, then the running, failed and pending cells (at most `limit` each)."""
+    """Human summary: counts, then the running, failed and pending cells (at most `limit` each); the
+    run's labels and messages with their control characters escaped (`terminal_text`)."""
     counts = status.counts()
     lines = [f"{status.path}", f"{len(status.states)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     done = [str(status.rows[k].get(STATUS)) for k in status.keys(DONE)]
@@ -148,4 +150,4 @@ def format_status(status: RunStatus, limit: int = 20) -> str:
     if status.job_states:
         states = list(status.job_states.values())
         lines.append("slurm jobs: " + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)))
-    return "\n".join(lines)
+    return terminal_text("\n".join(lines))

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from harness.safe_io import terminal_text
 from harness.store.files import atomic_write_text
 from harness.store.files import to_json as json_text
 
@@ -198,7 +199,7 @@ def to_markdown(document: Document | list[Block]) -> str:
             out.append(_markdown_table(block))
         elif isinstance(block, Items):
             out.append("\n".join("- " + markdown_text(item) for item in block.items))
-    return "\n\n".join(out) + "\n"
+    return terminal_text("\n\n".join(out) + "\n")  # control characters from a run, shown as escapes
 
 
 # --------------------------------------------------------------------------- HTML
@@ -265,7 +266,7 @@ def to_html(document: Document | list[Block], folder: Path, title: str | None = 
         elif isinstance(block, Items):
             out.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>")
     out.append("</body></html>\n")
-    return "\n".join(out)
+    return terminal_text("\n".join(out))  # no control character reaches the page (invalid in HTML)
 
 
 # --------------------------------------------------------------------------- terminal text and JSON
@@ -286,7 +287,8 @@ def _text_table(table: Table) -> str:
 def to_text(document: Document | list[Block]) -> str:
     """The blocks as terminal text: a heading is "title:" after a blank line, a paragraph its text,
     list items indented by two spaces, tables as `Table.text` says; a blank line separates a table,
-    list or code block from the paragraphs around it. No trailing newline."""
+    list or code block from the paragraphs around it; control characters escaped (`terminal_text`:
+    the text may come from a run someone sent). No trailing newline."""
     out: list[str] = []
     previous: Block | None = None
     for block in _blocks(document):
@@ -310,7 +312,7 @@ def to_text(document: Document | list[Block]) -> str:
         elif isinstance(block, Items):
             out += [f"  {item}" for item in block.items]
         previous = block
-    return "\n".join(out)
+    return terminal_text("\n".join(out))
 
 
 def block_json(block: Block) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from harness.store.schema import (
 matplotlib.use("Agg")
 
 import matplotlib.legend  # noqa: E402
+import matplotlib.text  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -64,6 +65,7 @@ from harness.report.figure_axes import (  # noqa: E402
     x_axis,
 )
 from harness.report.palette import series_order  # noqa: E402
+from harness.safe_io import terminal_text  # noqa: E402
 
 # --------------------------------------------------------------------------- metrics
 
@@ -392,7 +394,11 @@ def plot_ratio(
 
 
 def save(fig: Figure, folder: Path, stem: str) -> list[Path]:
-    """Write `fig` as <stem>.png and <stem>.svg (reproducible SVG ids, no date) and return both paths."""
+    """Write `fig` as <stem>.png and <stem>.svg (reproducible SVG ids, no date) and return both paths.
+    Every text of the figure has its control characters escaped first (`terminal_text`): labels come
+    from runs, and one such character would make the SVG malformed XML."""
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_text(terminal_text(text.get_text()))
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
     legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, matplotlib.legend.Legend)]

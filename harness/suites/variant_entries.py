@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.cells import MODEL_ATTENTION_KEYS, jsonable, variant_fields
+from harness.safe_io import CONTROL_CHARACTERS
 from harness.store.schema import MODEL_VARIANT, SEQ_LEN
 from harness.suites.common import KeyPath, Locator, check_cell_count, describe_fields, did_you_mean, values_text
 
@@ -50,8 +51,8 @@ def expand_variants(entries: list[dict[str, Any]], locator: Locator, sweep: dict
             )
         fields = variant_fields(name)
         label = entry.get("label")
-        if label is not None and (not isinstance(label, str) or not label.strip()):
-            raise locator.error(("variants", i, "label"), f"label must be a non-empty string, got {label!r}")
+        if label is not None and (not isinstance(label, str) or not label.strip() or CONTROL_CHARACTERS.search(label)):
+            raise locator.error(("variants", i, "label"), f"label must be a non-empty string without control characters, got {label!r}")
         seq_lens = entry.get(SEQ_LEN)
         if seq_lens is not None:
             if not isinstance(seq_lens, list) or not seq_lens:

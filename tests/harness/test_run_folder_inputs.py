@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pandas as pd
 import pytest
@@ -215,6 +216,31 @@ def test_user_text_reaches_the_report_as_text(finished, tmp_path):
     assert "&lt;img src=x onerror=alert(4)>" in markdown and "&lt;script>alert(3)" in markdown  # shown, not run
     assert "\\[here\\](javascript:alert(1))" in markdown and "\\[there\\](data:" in markdown  # not links
     assert 'href="javascript' not in page and 'href="data' not in page and "&lt;img src=x onerror=alert(5)&gt;.bin" in page
+
+
+def test_control_characters_from_a_run_reach_the_terminal_escaped(finished, tmp_path, capsys):
+    """A label and an error message with terminal escapes (retitle, clear, cursor up, CR) print as
+    escapes in status, check and compare, never as the bytes that would act on the terminal; the
+    report's Markdown, HTML and figures show them escaped too (an SVG with one would not be XML)."""
+    run = copy_run(finished, tmp_path)
+    frame = pd.read_parquet(run / PARQUET)
+    frame.loc[0, ["variant_label", "status", "message"]] = ["lsh\x1b]0;owned\x07", "error", "boom\r\x1b[1A\x1b[2Kall fine"]
+    frame.to_parquet(run / PARQUET)
+    printed = {}
+    for name, argv in commands(run, finished, tmp_path / "out").items():
+        code = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert code in (0, 1, 2) and "Traceback" not in err, (name, err)
+        printed[name] = out + err
+    for name, text in printed.items():
+        assert not any(ch in text for ch in "\x1b\x07\r"), (name, text)
+    assert "lsh\\x1b]0;owned\\x07 L=512 B=1: boom" in printed["status"]  # a message's first line
+    report = tmp_path / "out" / "report"
+    for page in (report / "report.md", report / "index.html"):
+        assert not any(ch in page.read_text() for ch in "\x1b\x07"), page
+    assert "lsh\\x1b\\]0;owned\\x07" in (report / "report.md").read_text()  # escaped, and the bracket as Markdown
+    figures = sorted(report.glob("*.svg"))
+    assert figures and all(ElementTree.parse(svg) for svg in figures)
 
 
 def test_recorded_overrides_reach_the_report_as_a_code_block(finished, tmp_path):

@@ -9,7 +9,18 @@ import time
 
 import pytest
 
-from harness.safe_io import LIMITS, MAX_JSON_DEPTH, InputFileError, check_name, check_under, json_depth, parse_json, read_bytes, read_json
+from harness.safe_io import (
+    LIMITS,
+    MAX_JSON_DEPTH,
+    InputFileError,
+    check_name,
+    check_under,
+    json_depth,
+    parse_json,
+    read_bytes,
+    read_json,
+    terminal_text,
+)
 
 
 def test_regular_files_read_and_json_parses(tmp_path):
@@ -73,3 +84,13 @@ def test_check_name_and_check_under_accept_plain_names(tmp_path):
         check_under(tmp_path / "link" / "x", tmp_path)
     with pytest.raises(InputFileError, match="outside"):
         check_under(tmp_path / ".." / "x", tmp_path)
+
+
+def test_terminal_text_shows_control_characters_as_escapes():
+    """What would steer a terminal (OSC retitle ending in BEL, CSI clear, CR overwrite, the one-byte
+    C1 CSI, DEL, a right-to-left override) is shown as its Python escape; text, tabs and newlines stay."""
+    hostile = "a\x1b]0;owned\x07 b\x1b[2J c\roverwritten \x9b31m d\x7f e\u202egnp.exe f\x00"
+    shown = terminal_text(hostile)
+    assert shown == "a\\x1b]0;owned\\x07 b\\x1b[2J c\\roverwritten \\x9b31m d\\x7f e\\u202egnp.exe f\\x00"
+    assert not any(ord(ch) < 32 or 127 <= ord(ch) < 160 or 0x202A <= ord(ch) <= 0x202E for ch in shown)
+    assert terminal_text("lsh n_hashes=8\tL=16384\nok é ü 長") == "lsh n_hashes=8\tL=16384\nok é ü 長"
