@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,22 +44,30 @@ from harness.workloads import step_flops
 from variants.attention import lsh, lsh_cpu
 
 
-def load_build(spec: str, sections: bool = False) -> tuple[str, dict]:
-    """NAME[:SOURCE]=EXTRA_CFLAGS -> (NAME, lsh_cpu's loaded module state for that build of SOURCE);
-    sections: with -DLSH_CPU_PROFILE (`lsh_cpu.profile_sections`)."""
+@dataclass
+class Build:
+    """One kernel build under test: its `lsh_cpu.load_build` state and its KEEP_PROBS setting."""
+
+    state: dict
+    keep_probs: bool | None
+
+    def use(self) -> None:
+        """Make this build (and its KEEP_PROBS) the kernel in use."""
+        lsh_cpu.use_build(self.state)
+        lsh_cpu.KEEP_PROBS = self.keep_probs
+
+
+def load_build(spec: str, sections: bool = False) -> tuple[str, Build]:
+    """NAME[:SOURCE]=EXTRA_CFLAGS -> (NAME, that build of SOURCE); sections: with -DLSH_CPU_PROFILE
+    (`lsh_cpu.profile_sections`). A NAME ending in -keep / -recompute sets KEEP_PROBS True / False."""
     name, _, extra = spec.partition("=")
     extra = f"{extra} -DLSH_CPU_PROFILE" if sections else extra
     name, _, source = name.partition(":")
-    default_source = lsh_cpu.SOURCE
-    lsh_cpu._state = {}
-    lsh_cpu.SOURCE = Path(source) if source else default_source
-    os.environ[lsh_cpu.CFLAGS_EXTRA_ENV] = extra
-    status = lsh_cpu.status()
-    lsh_cpu.SOURCE = default_source
-    if not status.startswith("fused C kernel"):
-        raise SystemExit(f"build {spec!r}: {status}")
-    lsh_cpu._state["keep_probs"] = True if name.endswith("-keep") else False if name.endswith("-recompute") else None
-    return name, lsh_cpu._state
+    state = lsh_cpu.load_build(Path(source) if source else None, extra)
+    if not lsh_cpu.status().startswith("fused C kernel"):
+        raise SystemExit(f"build {spec!r}: {lsh_cpu.status()}")
+    keep = True if name.endswith("-keep") else False if name.endswith("-recompute") else None
+    return name, Build(state, keep)
 
 
 def timed(fn, clock=time.perf_counter) -> float:
@@ -93,9 +101,9 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
         n_round = math.prod(factors)
         state["sorted"] = lsh_cpu.sort_items(state["buckets"], n_buckets=n_hashes * n_round, heads=heads, seq_len=seq_len, chunk=c)
 
-    def items() -> lsh._SortedItems:
+    def items() -> lsh.SortedItems:
         sort_idx, undo, rows = state["sorted"]
-        return lsh._SortedItems(
+        return lsh.SortedItems(
             rows=rows,
             undo=undo,
             sort_idx=sort_idx,
@@ -114,7 +122,7 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
         row_max = torch.empty(bh, n_items, 1)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c) if lsh_cpu.keep_probs() else None
-        combined, scale = lsh._fused_forward_combining(table, state["key_scale"], items(), probs, row_max, row_sum)
+        combined, scale = lsh.fused_forward_combining(table, state["key_scale"], items(), probs, row_max, row_sum)
         state.update(combined=combined, scale=scale, probs=probs, row_max=row_max)
 
     grad = torch.randn(seq_len * heads, head_dim)
@@ -130,7 +138,7 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
             state["sorted"][2],
             chunk=c,
             causal=False,
-            **lsh._mask_arguments(table.dtype),
+            **lsh.mask_arguments(table.dtype),
             probs=state["probs"],
             row_max=state["row_max"],
             scale=state["scale"],
@@ -257,14 +265,14 @@ def main() -> None:
     args = parser.parse_args()
     states = dict(load_build(spec, args.sections) for spec in args.build or ["default="])
     builds = list(states)
-    print(f"threads {torch.get_num_threads()}; builds: " + "; ".join(f"{n}: {s['status']}" for n, s in states.items()))
+    print(f"threads {torch.get_num_threads()}; builds: " + "; ".join(f"{n}: {b.state['status']}" for n, b in states.items()))
     for n_hashes in args.hashes:
         stages, module, x = layer_stages(args.seq_len, n_hashes)
         samples = {(name, stage): [] for name in builds for stage in stages}
         cpu = {name: [] for name in builds}
         for repeat in range(args.repeats + 1):  # the first round warms up
-            for name, state in states.items():
-                lsh_cpu._state, lsh_cpu.KEEP_PROBS = state, state["keep_probs"]
+            for name, build in states.items():
+                build.use()
                 for stage, fn in stages.items():
                     start_cpu, start = time.process_time(), time.perf_counter()
                     fn()
@@ -294,8 +302,8 @@ def main() -> None:
         if args.sections:
             sections = {name: [] for name in builds}
             for repeat in range(args.repeats + 1):
-                for name, state in states.items():
-                    lsh_cpu._state, lsh_cpu.KEEP_PROBS = state, state["keep_probs"]
+                for name, build in states.items():
+                    build.use()
                     lsh_cpu.profile_sections()  # zero what the stage table left
                     stages["forward kernel (+ combine)"]()
                     stages["dY . Y"]()

@@ -89,6 +89,21 @@ def test_extra_flags_are_part_of_the_build(monkeypatch, fresh_state, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
+def test_two_builds_load_side_by_side_and_switch(monkeypatch, fresh_state, tmp_path):
+    """load_build adds flags after the environment's and leaves the environment as it was; use_build
+    switches between loaded builds in one process (scripts/lsh_cpu_stages.py's A/B)."""
+    monkeypatch.setenv("REFORMER_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setenv(lsh_cpu.CFLAGS_EXTRA_ENV, "-O2")
+    plain = lsh_cpu.load_build()
+    profiled = lsh_cpu.load_build(extra_flags="-DLSH_CPU_PROFILE")
+    assert os.environ[lsh_cpu.CFLAGS_EXTRA_ENV] == "-O2" and lsh_cpu.SOURCE.name == "lsh_cpu.c"
+    assert plain["lib"]._name != profiled["lib"]._name and len(list(tmp_path.glob("lsh_cpu-*.so"))) == 2
+    assert lsh_cpu.profile_sections() is not None  # the last build loaded is in use
+    lsh_cpu.use_build(plain)
+    assert lsh_cpu.profile_sections() is None and lsh_cpu.status() == plain["status"]
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
 def test_profile_build_accounts_for_the_kernels_time(monkeypatch, fresh_state, tmp_path):
     """A -DLSH_CPU_PROFILE build (scripts/lsh_cpu_stages.py --sections) computes exactly what the plain
     build does, names the forward's and the backward's sections, and never claims more time than its

@@ -198,7 +198,7 @@ Block = tuple[slice, int, int]  # (heads, first chunk, number of chunks)
 
 
 @dataclass
-class _SortedItems:
+class SortedItems:
     """The hashed and sorted items of `lsh_attention`, and how `_LSHCore` walks them in blocks.
 
     rows: [BH, c + N] row ((b * L + position) * H + h) of each item in the [B * L * H, 2d] (qk | v)
@@ -280,7 +280,7 @@ def _chunks(span: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]
     return as_chunks[:, :-1].reshape(-1, chunk, d), as_chunks[:, 1:].reshape(-1, chunk, d)
 
 
-def _fill_constant(items: _SortedItems, block: Block, x: torch.Tensor, self_value: float, later_value: float) -> None:
+def _fill_constant(items: SortedItems, block: Block, x: torch.Tensor, self_value: float, later_value: float) -> None:
     """Set the logits of a block that are constants, in place: x [h * count, c, 2c].
 
     self (key position == query position) -> self_value; causal: later key -> later_value (first,
@@ -306,7 +306,7 @@ def _fill_constant(items: _SortedItems, block: Block, x: torch.Tensor, self_valu
 
 
 def _masked_logits(
-    items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None
+    items: SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Logits of a block [h * count, c, 2c]: q . k, causal then self masks, minus log N_ij (dup_correction).
 
@@ -333,7 +333,7 @@ class _BlockRows:
     block (bounded by block_elements: all heads and chunks at once only when they fit).
     """
 
-    def __init__(self, items: _SortedItems, table: torch.Tensor, key_scale: torch.Tensor):
+    def __init__(self, items: SortedItems, table: torch.Tensor, key_scale: torch.Tensor):
         self.items, self.table, self.key_scale = items, table, key_scale
         heads, first, count = max(items.blocks(), key=lambda b: (b[0].stop - b[0].start) * b[2])
         self.buffer = table.new_empty((heads.stop - heads.start) * (count + 1) * items.chunk, table.shape[1])
@@ -363,7 +363,7 @@ def _fold_windows(windows: torch.Tensor, chunk: int, out: torch.Tensor) -> torch
     return out
 
 
-def _unsort(sorted_rows: torch.Tensor, items: _SortedItems) -> torch.Tensor:
+def _unsort(sorted_rows: torch.Tensor, items: SortedItems) -> torch.Tensor:
     """Sum over rounds of sorted-order rows back onto positions: [BH, N, d] -> [B * L * H, d].
 
     Row (b * L + position) * H + h of the result is the sum over rounds r of
@@ -381,13 +381,13 @@ def _unsort(sorted_rows: torch.Tensor, items: _SortedItems) -> torch.Tensor:
     return total
 
 
-def _exp_logits(items: _SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+def _exp_logits(items: SortedItems, block: Block, query: torch.Tensor, keys: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     """The block's unnormalised probabilities exp(logits - row max) [h * count, c, 2c] again, from the saved row max [BH, N, 1]."""
     return _masked_logits(items, block, query, keys).sub_(items.sorted_slice(row_max, block)).exp_()
 
 
 def _recomputed_grad_dot_out(
-    items: _SortedItems, gather: _BlockRows, row_max: torch.Tensor, scale: torch.Tensor, grad_combined: torch.Tensor
+    items: SortedItems, gather: _BlockRows, row_max: torch.Tensor, scale: torch.Tensor, grad_combined: torch.Tensor
 ) -> torch.Tensor:
     """dY . Y per row [B * L * H, 1] without the output Y: sum over items of w_t (dY . o_t), o_t recomputed block by block."""
     c = items.chunk
@@ -403,15 +403,17 @@ def _recomputed_grad_dot_out(
     return grad_dot_out
 
 
-def _mask_arguments(dtype: torch.dtype) -> dict[str, float]:
+def mask_arguments(dtype: torch.dtype) -> dict[str, float]:
+    """`mask_value` (a later key under causal) and `self_value` (a query's own key) for `dtype`, as the
+    keyword arguments of `lsh_cpu.forward` / `backward`."""
     mask_value, self_value = mask_values(dtype)
     return dict(mask_value=mask_value, self_value=self_value)
 
 
-def _fused_forward_combining(
+def fused_forward_combining(
     table: torch.Tensor,
     key_scale: torch.Tensor,
-    items: _SortedItems,
+    items: SortedItems,
     probs: torch.Tensor | None,
     row_max: torch.Tensor,
     row_sum: torch.Tensor,
@@ -433,7 +435,7 @@ def _fused_forward_combining(
         items.rows,
         chunk=items.chunk,
         causal=items.causal,
-        **_mask_arguments(table.dtype),
+        **mask_arguments(table.dtype),
         probs=probs,
         row_max=row_max,
         row_sum=row_sum,
@@ -465,11 +467,11 @@ class _LSHCore(torch.autograd.Function):
     its atomics make the sums' order, so the last bits, vary between runs). On CPU in float32
     without dup_correction the fused kernel (`lsh_cpu.forward` / `backward`) replaces the block
     loops: the same quantities chunk by chunk, with the rounds combined per position inside the
-    forward when there are at least as many heads as kernel threads (`_fused_forward_combining`).
+    forward when there are at least as many heads as kernel threads (`fused_forward_combining`).
     """
 
     @staticmethod
-    def forward(ctx, table, items: _SortedItems):
+    def forward(ctx, table, items: SortedItems):
         c, n_hashes = items.chunk, items.n_hashes
         bh, n_items = items.undo.shape
         d = table.shape[-1] // 2
@@ -485,7 +487,7 @@ class _LSHCore(torch.autograd.Function):
         if ctx.fused and bh >= lsh_cpu.threads():
             # The kernel combines the rounds per position as it goes (no [BH, N, d] output buffer);
             # M and S (largest logsumexp, sum of exp(z - M)) give each item's weight exp(z - M) / S.
-            combined, scale = _fused_forward_combining(table, key_scale, items, probs, row_max, row_sum)
+            combined, scale = fused_forward_combining(table, key_scale, items, probs, row_max, row_sum)
         else:
             out = torch.empty(bh, n_items, d, **new)
             if ctx.fused:
@@ -495,7 +497,7 @@ class _LSHCore(torch.autograd.Function):
                     items.rows,
                     chunk=c,
                     causal=items.causal,
-                    **_mask_arguments(table.dtype),
+                    **mask_arguments(table.dtype),
                     probs=probs,
                     row_max=row_max,
                     row_sum=row_sum,
@@ -539,7 +541,7 @@ class _LSHCore(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_combined):
         table, key_scale, combined, row_max, scale, probs = ctx.saved_tensors
-        items: _SortedItems = ctx.items
+        items: SortedItems = ctx.items
         c, d = items.chunk, table.shape[-1] // 2
         grad_combined = grad_combined.contiguous()
         gather = None if ctx.fused and combined is not None else _BlockRows(items, table, key_scale)
@@ -555,7 +557,7 @@ class _LSHCore(torch.autograd.Function):
                 items.rows,
                 chunk=c,
                 causal=items.causal,
-                **_mask_arguments(table.dtype),
+                **mask_arguments(table.dtype),
                 probs=probs,
                 row_max=row_max,
                 scale=scale,
@@ -722,7 +724,7 @@ def lsh_attention_packed(
         chunk_of = None
         if dup_correction:
             chunk_of = (undo // c).view(batch, heads, n_hashes, seq_len).permute(0, 3, 1, 2).reshape(-1, n_hashes)
-    items = _SortedItems(
+    items = SortedItems(
         rows=rows,
         undo=undo,
         sort_idx=sort_idx,

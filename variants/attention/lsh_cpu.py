@@ -166,6 +166,32 @@ def profile_sections() -> dict[str, float] | None:
     return {name: value / 1e6 for name, value in zip(names, ns)}
 
 
+def load_build(source: Path | None = None, extra_flags: str = "") -> dict:
+    """Build (or find in the cache) and load the kernel of `source` (default SOURCE) with `extra_flags`
+    after $REFORMER_LSH_CPU_CFLAGS_EXTRA's, and make it the kernel in use; returns its load state for
+    `use_build`, so that one process can time several builds in turn (scripts/lsh_cpu_stages.py). The
+    environment and SOURCE are left as they were; `status()` says whether the build loaded."""
+    global SOURCE, _state
+    default_source, environment = SOURCE, os.environ.get(CFLAGS_EXTRA_ENV)
+    SOURCE, _state = source or default_source, {}
+    os.environ[CFLAGS_EXTRA_ENV] = f"{environment or ''} {extra_flags}".strip()
+    try:
+        status()
+    finally:
+        SOURCE = default_source
+        if environment is None:
+            os.environ.pop(CFLAGS_EXTRA_ENV, None)
+        else:
+            os.environ[CFLAGS_EXTRA_ENV] = environment
+    return _state
+
+
+def use_build(state: dict) -> None:
+    """Make the kernel of a `load_build` state the one in use."""
+    global _state
+    _state = state
+
+
 def status() -> str:
     """'fused C kernel, ... ISA <isa> (<path>)' when the kernel is loaded, else 'PyTorch ops: <why>' (builds
     it on first call). Recorded in every run's environment (`register_backend` in lsh.py)."""
@@ -264,7 +290,7 @@ def forward(
     """Chunked attention of every chunk, written into probs [BH, N, 2c] (None: not kept), row_max and
     row_sum [BH, N, 1], and out [BH, N, d].
 
-    table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`_SortedItems.rows`).
+    table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`SortedItems.rows`).
     out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it. With combined
     [R, d], lse_max and lse_sum [R] (initialised to 0, -inf, 0), item_scale [BH, N, 1] and seq_len
     instead of out, the rounds are combined per position on the fly: combined ends as the output
