@@ -9,8 +9,9 @@ backward, recomputes each layer's inputs from its outputs (x2 = y2 - g(y1), x1 =
 activation memory does not grow with the number of layers. Randomness inside f and g (LSH
 rotations with seed=None, dropout) comes from torch's global RNG: the state is captured before
 every f and g call and restored for the recompute, so buckets and dropout masks match; those
-snapshots (a few KiB per layer) are the only per-layer state kept. The autocast state of the
-forward is replayed in the recompute too. Reconstruction is exact up to rounding (~1e-15 in
+snapshots (a few KiB per layer) and each call's replay memo (variants/replay.py: what a layer's
+discrete choices were, LSH's buckets, ~1 MiB per LSH layer at 16K tokens and 8 rounds) are the only
+per-layer state kept. The autocast state of the forward is replayed in the recompute too. Reconstruction is exact up to rounding (~1e-15 in
 float64); in low precision the recomputed inputs drift slightly from the forward ones.
 """
 
@@ -25,6 +26,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from variants.registry import register
+from variants.replay import CallMemo, recording, replaying
 from variants.traffic import Traffic, pointwise, total_traffic
 
 Layers = Sequence[tuple[nn.Module, nn.Module]]
@@ -142,14 +144,17 @@ class _ReversibleStackFunction(torch.autograd.Function):
         ctx: Any, x1: torch.Tensor, x2: torch.Tensor, layers: nn.ModuleList, *params: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.autocast = autocast_state(x1.device)
-        ctx.layers, ctx.params, ctx.rng = layers, params, []
+        ctx.layers, ctx.params, ctx.replay = layers, params, []
+        backward = any(ctx.needs_input_grad)  # else no replay will come: keep nothing
         for f, g in layers:
-            rng_f = capture_rng(x1.device)
-            y1 = x1 + f(x2)
-            rng_g = capture_rng(x1.device)
-            y2 = x2 + g(y1)
+            rng_f, memo_f = capture_rng(x1.device), CallMemo() if backward else None
+            with recording(memo_f):
+                y1 = x1 + f(x2)
+            rng_g, memo_g = capture_rng(x1.device), CallMemo() if backward else None
+            with recording(memo_g):
+                y2 = x2 + g(y1)
             x1, x2 = y1, y2
-            ctx.rng.append((rng_f, rng_g))
+            ctx.replay.append((rng_f, memo_f, rng_g, memo_g))
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
@@ -171,16 +176,16 @@ class _ReversibleStackFunction(torch.autograd.Function):
             return grads[0] if grads[0] is not None else torch.zeros_like(inp)
 
         with torch.autocast(**ctx.autocast):
-            for (f, g), (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
+            for (f, g), (rng_f, memo_f, rng_g, memo_g) in zip(reversed(ctx.layers), reversed(ctx.replay)):
                 # Undo y2 = x2 + g(y1); y1 also feeds the next layer, so its gradient accumulates.
                 y1.requires_grad_(True)
-                with torch.enable_grad(), restored_rng(rng_g):
+                with torch.enable_grad(), restored_rng(rng_g), replaying(memo_g):
                     g_out = g(y1)
                 x2 = _subtract_into(y2, g_out).requires_grad_(True)
                 grad_y1 = grad_y1 + local_grads(g, g_out, y1, grad_y2)
                 del g_out
                 # Undo y1 = x1 + f(x2).
-                with torch.enable_grad(), restored_rng(rng_f):
+                with torch.enable_grad(), restored_rng(rng_f), replaying(memo_f):
                     f_out = f(x2)
                 x1 = _subtract_into(y1, f_out)
                 grad_y2 = grad_y2 + local_grads(f, f_out, x2, grad_y1)

@@ -45,6 +45,7 @@ from torch.profiler import record_function
 
 import variants.attention.lsh_cpu as lsh_cpu
 import variants.attention.lsh_triton as lsh_triton
+import variants.replay as replay
 from variants.attention.base import AttentionConfig, AttentionModule
 from variants.attention.full import full_attention, full_attention_bytes, mask_values, shared_qk_key_scale, shared_qk_keys_backward
 from variants.attention.lsh_backends import check_backend_name, resolve_backend
@@ -649,6 +650,25 @@ def lsh_attention(
     return out.transpose(1, 2)
 
 
+REPLAY_KIND = "lsh buckets"  # what `lsh_attention_packed` keeps in a reversible call's replay memo
+
+
+def keep_buckets(buckets: torch.Tensor) -> None:
+    """Keep `buckets` for the replay of this reversible layer call (variants/replay.py), in the
+    narrowest integer type that holds them (int16 below 2^15 buckets: 1 MiB at 16K tokens, 8 rounds,
+    4 heads); outside a recorded call nothing."""
+    if replay.recording_now():
+        narrow = torch.int16 if buckets.numel() == 0 or int(buckets.max()) < 2**15 else torch.int32
+        replay.keep(REPLAY_KIND, (buckets.to(narrow), buckets.dtype))
+
+
+def replayed_buckets() -> torch.Tensor | None:
+    """The buckets this call's first run hashed, when this is its replay: the recomputation must
+    attend over the same buckets, not over those of its rebuilt input (variants/replay.py)."""
+    kept = replay.recall(REPLAY_KIND)
+    return None if kept is None else kept[0].to(kept[1])
+
+
 def lsh_attention_packed(
     packed: torch.Tensor,
     *,
@@ -696,11 +716,13 @@ def lsh_attention_packed(
     used = resolve_backend(backend, device, packed.dtype, head_dim=head_dim, bucket_size=c, dup_correction=dup_correction)
     kernel = used.startswith("cpu_kernel")
     with torch.no_grad(), record_function("lsh/hash"):
-        if used == "triton" and len(factors) <= 2:  # the rotation matmul and the argmax in one kernel
+        buckets = replayed_buckets()  # in a reversible backward's recomputation: the forward's
+        if buckets is None and used == "triton" and len(factors) <= 2:  # the rotation matmul and the argmax in one kernel
             rotations = per_head_rotations(rotations, heads, head_dim, n_hashes, factors)
             buckets = lsh_triton.hash_buckets(packed.reshape(-1, width), rotations, factors, seq_len=seq_len, chunk=c)
-        else:
+        elif buckets is None:
             buckets = hash_buckets(qk, n_hashes, factors, rotations, cpu_kernel=kernel).view(bh, n_items)
+        keep_buckets(buckets)
     if used == "triton":
         with torch.no_grad(), record_function("lsh/sort"):
             sort_idx = sort_index(buckets, seq_len)
