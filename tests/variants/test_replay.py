@@ -43,8 +43,8 @@ def test_lsh_buckets_are_kept_narrow_and_come_back_as_they_were() -> None:
     small = torch.tensor([[0, 5, 32767]])
     large = torch.tensor([[0, 2**15, 2**20]])
     with replay.recording(memo):
-        keep_buckets(small)
-        keep_buckets(large)
+        keep_buckets(small, n_buckets=2**15)
+        keep_buckets(large, n_buckets=2**20 + 1)
     assert [kept.dtype for kept, _ in memo.values["lsh buckets"]] == [torch.int16, torch.int32]
     with replay.replaying(memo):
         first, second = replayed_buckets(), replayed_buckets()

@@ -653,12 +653,13 @@ def lsh_attention(
 REPLAY_KIND = "lsh buckets"  # what `lsh_attention_packed` keeps in a reversible call's replay memo
 
 
-def keep_buckets(buckets: torch.Tensor) -> None:
-    """Keep `buckets` for the replay of this reversible layer call (variants/replay.py), in the
-    narrowest integer type that holds them (int16 below 2^15 buckets: 1 MiB at 16K tokens, 8 rounds,
-    4 heads); outside a recorded call nothing."""
+def keep_buckets(buckets: torch.Tensor, n_buckets: int) -> None:
+    """Keep `buckets` (each below `n_buckets`, all rounds' together) for the replay of this reversible
+    layer call (variants/replay.py), in the narrowest integer type that holds them (int16 up to 2^15
+    buckets: 1 MiB at 16K tokens, 8 rounds, 4 heads; no device sync to find out); outside a recorded
+    call nothing."""
     if replay.recording_now():
-        narrow = torch.int16 if buckets.numel() == 0 or int(buckets.max()) < 2**15 else torch.int32
+        narrow = torch.int16 if n_buckets <= 2**15 else torch.int32
         replay.keep(REPLAY_KIND, (buckets.to(narrow), buckets.dtype))
 
 
@@ -722,7 +723,7 @@ def lsh_attention_packed(
             buckets = lsh_triton.hash_buckets(packed.reshape(-1, width), rotations, factors, seq_len=seq_len, chunk=c)
         elif buckets is None:
             buckets = hash_buckets(qk, n_hashes, factors, rotations, cpu_kernel=kernel).view(bh, n_items)
-        keep_buckets(buckets)
+        keep_buckets(buckets, n_hashes * math.prod(factors))
     if used == "triton":
         with torch.no_grad(), record_function("lsh/sort"):
             sort_idx = sort_index(buckets, seq_len)
