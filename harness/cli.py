@@ -33,7 +33,7 @@ from harness.commands import selfcheck as selfcheck_command
 from harness.commands import status as status_command
 from harness.export import EXPORT_FORMATS, ExportError
 from harness.overrides import OverrideError
-from harness.safe_io import InputFileError
+from harness.safe_io import InputFileError, terminal_text
 from harness.safe_yaml import YAMLInputError
 from harness.store.files import CorruptCellWarning, ResultsError
 from harness.suites import SuiteError
@@ -262,7 +262,7 @@ def _print_warning(
 ) -> None:
     """Our own warnings (an unreadable cell file) as one `warning:` line on stderr; others as usual."""
     if issubclass(category, CorruptCellWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        print(terminal_text(f"warning: {message}"), file=sys.stderr)
     else:
         _show_warning(message, category, filename, lineno, file, line)
 
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (SuiteError, ResultsError, UsageError, YAMLInputError, OverrideError, ExportError, InputFileError, PluginError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(terminal_text(f"error: {error}"), file=sys.stderr)  # the message may quote a file's text
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -166,8 +166,10 @@ def check_name(value: Any, what: str, where: str | Path = "") -> str:
 
 
 # Characters that steer a terminal rather than show: C0 controls but tab and newline, DEL, C1 controls
-# (0x9b is a one-byte CSI), and the bidirectional overrides and isolates that reorder what is shown.
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# (0x9b is a one-byte CSI), the direction marks, overrides and isolates that reorder what is shown,
+# the Unicode line and paragraph separators, and lone surrogates (valid in JSON, not encodable as
+# UTF-8: printing one raised).
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def terminal_text(text: str) -> str:

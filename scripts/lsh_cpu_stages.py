@@ -20,10 +20,11 @@ batched-matmul rate torch reaches on those shapes, and the hashing matmul at the
 the floor. No implementation of this algorithm whose matmuls run at torch's rates gets below it,
 before a single gather, exp or gradient add.
 
---sections builds every kernel with -DLSH_CPU_PROFILE and, after the stage table, times the kernel's
-forward and backward alone once more per repeat, printing where their time went inside the kernel
-(gathers, logits, softmax, each matmul, the combine, the gradient adds): wall ms per call summed
-over the kernel's threads, and each section's share.
+--sections builds every kernel with -DLSH_CPU_PROFILE (so the stage table then times those builds:
+a clock read per mark, ~0.5%) and, after the stage table, times the kernel's forward and backward
+alone once more per repeat, printing where their time went inside the kernel (gathers, logits,
+softmax, with the kept probabilities' streaming store where kept, each matmul, the combination,
+the gradient adds): wall ms per call summed over the kernel's threads, and each section's share.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def in_cache_bmm_rate(repeats: int) -> float:
     return statistics.mean(rows)
 
 
-def chunk_matmul_flops(seq_len: int, n_hashes: int, heads: int = 4, c: int = 64, d: int = 64) -> int:
+def chunk_matmul_flops(seq_len: int, n_hashes: int, heads: int, c: int, d: int) -> int:
     """FLOPs of the chunk matmuls of one forward + backward, none recomputed: per chunk [c, d] x [d, 2c]
     and [c, 2c] x [2c, d] forward, four such products backward."""
     chunks = heads * n_hashes * seq_len // c
@@ -289,7 +290,8 @@ def main() -> None:
         medians = {stage: [statistics.median(samples[(n, stage)]) for n in builds] for stage in stages}
         print_table(builds, medians, floor_ms, [statistics.median(cpu[n]) for n in builds])
         bmm_rate = in_cache_bmm_rate(3)
-        chunks_ms = chunk_matmul_flops(args.seq_len, n_hashes) / (bmm_rate * 1e9) * 1e3
+        config = module.config
+        chunks_ms = chunk_matmul_flops(args.seq_len, n_hashes, config.n_heads, config.bucket_size, config.head_dim) / (bmm_rate * 1e9) * 1e3
         hashing_ms = module.no_backward_flops(1, args.seq_len) / (rate * 1e9) * 1e3
         for name in builds:
             projections_ms = medians["projections fwd+bwd"][builds.index(name)]

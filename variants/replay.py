@@ -10,8 +10,9 @@ the first layer's input rebuilt with an error twice its own size, so the gradien
 
 So a module keeps such a choice in the memo of the call it runs in (`keep`) and takes it back when
 the same call is replayed (`recall`), as HuggingFace's Reformer keeps its buckets for the backward.
-The stack opens a `CallMemo` per f and g call (`recording`, then `replaying` in the backward);
-outside one, `keep` does nothing and `recall` returns None.
+The stack opens a `CallMemo` per f and g call (`recording`, then `replaying` in every backward);
+outside one, `keep` does nothing and `recall` returns None. A reversible stack nested inside an f or
+g opens memos of its own: its replays are its own, the outer call's memo does not reach into it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from typing import Any, Iterator
 
 @dataclass
 class CallMemo:
-    """The values one layer call kept, per kind in call order, for its replay."""
+    """The values one layer call kept, per kind in call order, for its replays: each replay reads
+    them from the first again (a second backward through a retained graph replays the same call);
+    they are freed with the memo (the autograd context that holds it)."""
 
     values: dict[str, list[Any]] = field(default_factory=dict)
     replaying: bool = False
+    read: dict[str, int] = field(default_factory=dict)  # in a replay: how many of each kind were recalled
 
 
 _current: ContextVar[CallMemo | None] = ContextVar("replay_memo", default=None)
@@ -45,9 +49,9 @@ def recording(memo: CallMemo | None) -> Iterator[None]:
 
 @contextmanager
 def replaying(memo: CallMemo | None) -> Iterator[None]:
-    """Run the replay of the call that filled `memo`: each `recall` returns, in order, what it kept."""
+    """Run a replay of the call that filled `memo`: each `recall` returns, in order, what it kept."""
     if memo is not None:
-        memo.replaying = True
+        memo.replaying, memo.read = True, {}
     token = _current.set(memo)
     try:
         yield
@@ -69,9 +73,13 @@ def keep(kind: str, value: Any) -> None:
 
 
 def recall(kind: str) -> Any | None:
-    """In a replayed call, the next value of `kind` its first run kept (then dropped from the memo,
-    freeing it); None outside a replay or when nothing of `kind` is left."""
+    """In a replayed call, the next value of `kind` its first run kept; None outside a replay or when
+    this replay has recalled every value of `kind` already."""
     memo = _current.get()
-    if memo is None or not memo.replaying or not memo.values.get(kind):
+    if memo is None or not memo.replaying:
         return None
-    return memo.values[kind].pop(0)
+    kept, index = memo.values.get(kind, []), memo.read.get(kind, 0)
+    if index >= len(kept):
+        return None
+    memo.read[kind] = index + 1
+    return kept[index]

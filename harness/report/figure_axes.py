@@ -14,6 +14,9 @@ import matplotlib
 from harness.store.schema import STATUS, STATUS_OK
 
 matplotlib.use("Agg")
+# Figure text comes from runs (labels, versions, settings): "$" must not start math text, where a
+# label like "$\\frac{$" made the whole report fail. No figure here uses math text on purpose.
+matplotlib.rcParams["text.parse_math"] = False
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402

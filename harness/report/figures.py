@@ -396,9 +396,18 @@ def plot_ratio(
 def save(fig: Figure, folder: Path, stem: str) -> list[Path]:
     """Write `fig` as <stem>.png and <stem>.svg (reproducible SVG ids, no date) and return both paths.
     Every text of the figure has its control characters escaped first (`terminal_text`): labels come
-    from runs, and one such character would make the SVG malformed XML."""
+    from runs, and one such character would make the SVG malformed XML. Tick labels exist only once
+    the figure is drawn (formatters write them): those that change are fixed in place escaped."""
     for text in fig.findobj(matplotlib.text.Text):
         text.set_text(terminal_text(text.get_text()))
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [label.get_text() for label in axis.get_majorticklabels()]
+            shown = [terminal_text(label) for label in labels]
+            if shown != labels:
+                axis.set_major_locator(ticker.FixedLocator(axis.get_majorticklocs()))
+                axis.set_major_formatter(ticker.FixedFormatter(shown))
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.svg"]
     legends = [a for ax in fig.axes for a in ax.get_children() if isinstance(a, matplotlib.legend.Legend)]

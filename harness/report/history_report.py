@@ -10,6 +10,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib import ticker
 from matplotlib.lines import Line2D
 
 from harness.analysis.catalog import find_runs
@@ -21,6 +22,7 @@ from harness.report.document import Block, Document, Figure, Heading, Items, Par
 from harness.report.figure_axes import new_figure, set_title, slug, theme
 from harness.report.folders import RESULTS_ROOT, output_folder, reports_root, staged, writing
 from harness.report.palette import series_palette
+from harness.safe_io import terminal_text
 from harness.store.files import ResultsError
 from harness.store.schema import RUN_ID
 from harness.store.versions import version_sha
@@ -66,6 +68,8 @@ def plot_history(history: History, folder: Path, stem: str, links: dict[str, str
             ax.scatter(ring["position"], ring["value"], s=140, facecolors="none", edgecolors=STEP_COLOUR, linewidths=2, zorder=4)
         ax.set_xticks(range(len(history.runs)), [short_version(e.run.code_version) for e in history.runs], rotation=45, ha="right")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # plain text, no math text
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("run (code version; commit order where git knows it, else run start)")
         ax.set_ylabel(f"{history.metric.name} ({history.metric.unit})" if history.metric.unit else history.metric.name)
         set_title(ax, f"{history.suite}: {history.metric.name} per configuration", history.device)
@@ -172,7 +176,8 @@ def render_history(histories: Sequence[History], root: str | Path = RESULTS_ROOT
 
 
 def summary_lines(history: History) -> list[str]:
-    """What the terminal shows of one device's history: versions, drift and each step."""
+    """What the terminal shows of one device's history: versions, drift and each step (labels, device
+    names and versions come from runs: control characters escaped, `terminal_text`)."""
     lines = [
         f"{history.suite} on {history.device}: {len(history.runs)} run(s), {len(history.versions)} code version(s), "
         f"{len(set(history.points[KEY])) if not history.points.empty else 0} configurations; {history.drift.text()}; "
@@ -183,4 +188,4 @@ def summary_lines(history: History) -> list[str]:
             f"  {'WORSE' if s.worse else 'better'}: {s.label}: {s.ratio:.3f}x from {short_version(s.before)} to {short_version(s.after)} "
             f"({s.commits}), p={s.p_value:.2g}"
         )
-    return lines
+    return [terminal_text(line) for line in lines]

@@ -4,13 +4,15 @@ that rounding cannot move an item to another bucket."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+import variants
 from harness.measurement import DTYPES
 from harness.selfcheck.framework import Context, Outcome, Skip
 from harness.selfcheck.references import BASE_SEED, TOLERANCES, judge, tensor_errors, widened
+from variants.model import PreNorm
 from variants.registry import VariantUnavailable
 
 LSH_ROUNDS = (1, 2, 4, 8)
@@ -111,4 +113,67 @@ def check_lsh(case: LshCase, dtype_name: str, context: Context) -> Outcome:
     reference = lsh_run(replace(case, backend="ops"), qk, v, rotations)
     outcome = judge(tensor_errors(device_run, reference), TOLERANCES[dtype_name])
     outcome.data["case"] = {k: getattr(case, k) for k in case.__dataclass_fields__}
+    return outcome
+
+
+# The reversible stack's replay of LSH's buckets (variants/replay.py): a stack at a size where hashing
+# the recomputation's rebuilt inputs again moved items to other buckets (float32 on the CPU: gradients
+# off by up to 5x their largest value before the replay). float32 only: with the streams themselves
+# in bfloat16 or float16 the subtraction that rebuilds a layer's input (x1 = y1 - f(x2), |f| >> |x1|)
+# loses most of x1's bits whatever the buckets (measured: the first layer's weight gradient 1.3x /
+# 0.16x off), which is why mixed precision keeps the streams in float32 (autocast).
+@dataclass(frozen=True)
+class ReversibleLshShape:
+    """The stack of `check_reversible_lsh`: `layers` LSH-8 + feed-forward pairs of width `width`."""
+
+    layers: int = 6
+    tokens: int = 2048
+    width: int = 128
+    heads: int = 2
+    n_hashes: int = 8
+    bucket_size: int = 32
+
+
+REVERSIBLE_LSH = ReversibleLshShape()
+
+
+def check_reversible_lsh(dtype_name: str, context: Context) -> Outcome:
+    """A reversible stack of LSH-8 layers on the device in `dtype_name`: its gradients (the backward
+    rebuilds every layer's input and recomputes it) against plain autograd through the same two-stream
+    equations on the same device and dtype with the same RNG draws, so the same buckets: only the
+    recomputation can differ."""
+    dtype, shape = DTYPES[dtype_name], REVERSIBLE_LSH
+    torch.manual_seed(BASE_SEED)
+    layers = []
+    for _ in range(shape.layers):
+        attention = variants.build(
+            "lsh", d_model=shape.width, n_heads=shape.heads, causal=True, n_hashes=shape.n_hashes, bucket_size=shape.bucket_size
+        )
+        ffn = variants.build("ffn", d_model=shape.width, d_ff=2 * shape.width)
+        layers.append((PreNorm(shape.width, attention), PreNorm(shape.width, ffn)))
+    stack = variants.spec("reversible").module_cls(variants.make_config("reversible"), layers).to(context.device, dtype)
+    generator = torch.Generator().manual_seed(BASE_SEED + 11)
+    x = (0.03 * torch.randn(1, shape.tokens, shape.width, generator=generator)).to(context.device, dtype)
+    probe = torch.randn(x.shape, generator=generator).to(context.device, dtype)
+
+    def gradients(forward) -> dict[str, torch.Tensor | None]:
+        inputs = x.detach().requires_grad_(True)
+        stack.zero_grad(set_to_none=True)
+        torch.manual_seed(BASE_SEED + 5)  # the same rotations in both runs
+        out = forward(inputs)
+        (out * probe).sum().backward()
+        grads = {"output": out.detach(), "input": inputs.grad}
+        return grads | {name: p.grad for name, p in stack.named_parameters()}
+
+    def plain(inputs: torch.Tensor) -> torch.Tensor:
+        x1 = x2 = inputs
+        for f, g in stack.layers:
+            x1 = x1 + f(x2)
+            x2 = x2 + g(x1)
+        return (x1 + x2) / 2
+
+    reversible = gradients(stack)
+    reference = gradients(plain)
+    outcome = judge(tensor_errors(reversible, reference), TOLERANCES[dtype_name])
+    outcome.data["shape"] = asdict(shape)
     return outcome

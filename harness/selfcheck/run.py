@@ -18,7 +18,7 @@ import torch
 import variants
 from harness.environment import REPO_ROOT, capture_environment, code_version, device_name
 from harness.selfcheck.framework import Check, CheckResult, Context, Outcome, SelfcheckError, Skip, Summary, first_line
-from harness.selfcheck.lsh_checks import LONG_LSH, LSH_ROUNDS, LSH_TRITON_ROUNDS, LshCase, check_lsh
+from harness.selfcheck.lsh_checks import LONG_LSH, LSH_ROUNDS, LSH_TRITON_ROUNDS, LshCase, check_lsh, check_reversible_lsh
 from harness.selfcheck.measurement_checks import check_device, check_gpu_timers, check_nvml, check_peak_memory, check_timer
 from harness.selfcheck.references import CHECKED_DTYPES
 from harness.selfcheck.runner_checks import check_oom, check_pool, check_suite
@@ -69,6 +69,7 @@ def plan_checks(quick: bool = False) -> list[Check]:
                 "lsh/dup_correction/rounds=4/bidirectional/float32", partial(check_lsh, LshCase(4, False, dup_correction=True), "float32")
             )
         )
+        checks.append(Check("lsh/reversible/rounds=8/causal/float32", partial(check_reversible_lsh, "float32")))
     checks += [Check("oom", check_oom), Check("pool", check_pool), Check("suite", check_suite)]  # not a column: check names
     return checks
 

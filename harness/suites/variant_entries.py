@@ -51,8 +51,9 @@ def expand_variants(entries: list[dict[str, Any]], locator: Locator, sweep: dict
             )
         fields = variant_fields(name)
         label = entry.get("label")
-        if label is not None and (not isinstance(label, str) or not label.strip() or CONTROL_CHARACTERS.search(label)):
-            raise locator.error(("variants", i, "label"), f"label must be a non-empty string without control characters, got {label!r}")
+        one_line = isinstance(label, str) and label.strip() and not CONTROL_CHARACTERS.search(label) and not {"\t", "\n"} & set(label)
+        if label is not None and not one_line:
+            raise locator.error(("variants", i, "label"), f"label must be one line of text without control characters, got {label!r}")
         seq_lens = entry.get(SEQ_LEN)
         if seq_lens is not None:
             if not isinstance(seq_lens, list) or not seq_lens:

@@ -94,3 +94,4 @@ def test_terminal_text_shows_control_characters_as_escapes():
     assert shown == "a\\x1b]0;owned\\x07 b\\x1b[2J c\\roverwritten \\x9b31m d\\x7f e\\u202egnp.exe f\\x00"
     assert not any(ord(ch) < 32 or 127 <= ord(ch) < 160 or 0x202A <= ord(ch) <= 0x202E for ch in shown)
     assert terminal_text("lsh n_hashes=8\tL=16384\nok é ü 長") == "lsh n_hashes=8\tL=16384\nok é ü 長"
+    assert terminal_text("a\ud800b\u2028c\u200fd") == "a\\ud800b\\u2028c\\u200fd"  # a lone surrogate can be printed now

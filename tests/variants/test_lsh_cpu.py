@@ -104,7 +104,8 @@ def test_two_builds_load_side_by_side_and_switch(monkeypatch, fresh_state, tmp_p
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
-def test_profile_build_accounts_for_the_kernels_time(monkeypatch, fresh_state, tmp_path):
+@pytest.mark.parametrize("threads", [2], indirect=True)  # no more than the 2 heads: the forward combines them
+def test_profile_build_accounts_for_the_kernels_time(monkeypatch, fresh_state, tmp_path, threads):
     """A -DLSH_CPU_PROFILE build (scripts/lsh_cpu_stages.py --sections) computes exactly what the plain
     build does, names the forward's and the backward's sections, and never claims more time than its
     threads had: a call's sections sum to at most threads x the call's wall time. A read zeroes them;

@@ -214,6 +214,13 @@ def test_optimizer_step_sees_gradients() -> None:
     assert losses[1] < losses[0]
 
 
+def float32_lsh_layers() -> list[tuple[nn.Module, nn.Module]]:
+    """Six float32 LSH-8 layers (d_model 128, bucket 32, rotations from the global RNG): at 2048 tokens
+    a recomputation that hashed again would move items to other buckets."""
+    layers = make_layers(6, attention="lsh", d_model=128, n_heads=2, n_hashes=8, bucket_size=32, seed=None)
+    return [(f.float(), g.float()) for f, g in layers]
+
+
 def test_reversible_lsh_in_float32_replays_its_buckets() -> None:
     """At 2048 tokens in float32 the rebuilt inputs differ from the forward's by rounding, enough for a
     few LSH items to land in other buckets if the recompute hashed again; each flip changes that
@@ -221,10 +228,7 @@ def test_reversible_lsh_in_float32_replays_its_buckets() -> None:
     buckets were replayed: this stack's first input rebuilt with ~50% error). With the forward's
     buckets replayed (variants/replay.py) the inputs come back to rounding and the gradients equal a
     plain two-stream autograd run's."""
-    layers = [
-        (Recorder(f.float()), g.float())
-        for f, g in make_layers(6, attention="lsh", d_model=128, n_heads=2, n_hashes=8, bucket_size=32, seed=None)
-    ]
+    layers = [(Recorder(f), g) for f, g in float32_lsh_layers()]
     stack = make_stack("reversible", layers)
     torch.manual_seed(1)
     x = (0.03 * torch.randn(1, 2048, 128)).requires_grad_()
@@ -242,3 +246,16 @@ def test_reversible_lsh_in_float32_replays_its_buckets() -> None:
     (two_stream_reference(layers, x) * weight).sum().backward()
     for grad, ref_grad in zip(grads, [x.grad] + [p.grad for p in stack.parameters()]):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * float(ref_grad.abs().max()))
+
+
+def test_a_second_backward_through_a_retained_graph_gets_the_same_gradients() -> None:
+    """Every backward replays the forward's buckets, not only the first (retain_graph=True)."""
+    stack = make_stack("reversible", float32_lsh_layers())
+    torch.manual_seed(1)
+    x = (0.03 * torch.randn(1, 2048, 128)).requires_grad_()
+    weight = torch.randn(1, 2048, 128)
+    torch.manual_seed(5)
+    loss = (stack(x) * weight).sum()
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)

@@ -660,14 +660,19 @@ def keep_buckets(buckets: torch.Tensor, n_buckets: int) -> None:
     call nothing."""
     if replay.recording_now():
         narrow = torch.int16 if n_buckets <= 2**15 else torch.int32
-        replay.keep(REPLAY_KIND, (buckets.to(narrow), buckets.dtype))
+        replay.keep(REPLAY_KIND, (buckets.to(narrow, copy=True), buckets.dtype))  # a copy: the sort overwrites buckets
 
 
-def replayed_buckets() -> torch.Tensor | None:
-    """The buckets this call's first run hashed, when this is its replay: the recomputation must
-    attend over the same buckets, not over those of its rebuilt input (variants/replay.py)."""
+def replayed_buckets(shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The buckets [`shape`] this call's first run hashed, when this is its replay: the recomputation
+    must attend over the same buckets, not over those of its rebuilt input (variants/replay.py). A
+    fresh tensor each time (the sort overwrites it; a second backward replays again)."""
     kept = replay.recall(REPLAY_KIND)
-    return None if kept is None else kept[0].to(kept[1])
+    if kept is None:
+        return None
+    if tuple(kept[0].shape) != tuple(shape):
+        raise RuntimeError(f"replayed LSH buckets of shape {tuple(kept[0].shape)}, this call hashes {tuple(shape)}: calls out of order")
+    return kept[0].to(kept[1])
 
 
 def lsh_attention_packed(
@@ -717,7 +722,7 @@ def lsh_attention_packed(
     used = resolve_backend(backend, device, packed.dtype, head_dim=head_dim, bucket_size=c, dup_correction=dup_correction)
     kernel = used.startswith("cpu_kernel")
     with torch.no_grad(), record_function("lsh/hash"):
-        buckets = replayed_buckets()  # in a reversible backward's recomputation: the forward's
+        buckets = replayed_buckets((bh, n_items))  # in a reversible backward's recomputation: the forward's
         if buckets is None and used == "triton" and len(factors) <= 2:  # the rotation matmul and the argmax in one kernel
             rotations = per_head_rotations(rotations, heads, head_dim, n_hashes, factors)
             buckets = lsh_triton.hash_buckets(packed.reshape(-1, width), rotations, factors, seq_len=seq_len, chunk=c)

@@ -292,7 +292,7 @@ static void gather_span(const Problem *p, const int64_t *span_rows, const int64_
     const int blocked = 0;
 #endif
     for (int r = 0; r < n; r++) {
-        if (span_rows + r + PREFETCH_AHEAD < rows_end) {
+        if (r + PREFETCH_AHEAD < rows_end - span_rows) {
             prefetch_bytes(p->table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 0);
             __builtin_prefetch(p->key_scale + span_rows[r + PREFETCH_AHEAD], 0, 3);
         }
@@ -520,7 +520,7 @@ static void combine_rounds(const Problem *p, const int64_t *query_rows, const in
     const int c = p->c, d = p->d;
     for (int i = 0; i < c; i++) {
         const int64_t row = query_rows[i];
-        if (query_rows + i + PREFETCH_AHEAD < rows_end) { /* random rows: fetch ahead (into the next chunk's), as in gather_span */
+        if (i + PREFETCH_AHEAD < rows_end - query_rows) { /* random rows: fetch ahead (into the next chunk's), as in gather_span */
             const int64_t ahead = query_rows[i + PREFETCH_AHEAD];
             prefetch_bytes(p->combined + ahead * d, d * sizeof(float), 1);
             __builtin_prefetch(p->lse_max + ahead, 1, 3);
@@ -634,7 +634,7 @@ static void add_span_grads(const Problem *p, const int64_t *span_rows, const int
         const float *q = s->qkv + (int64_t)r * 2 * d, *gk = s->grad_keys + (int64_t)r * d;
         const float *gqv = s->grad_qv + (int64_t)r * 2 * d;
         const float scale = s->scales[r];
-        if (span_rows + r + PREFETCH_AHEAD < rows_end)
+        if (r + PREFETCH_AHEAD < rows_end - span_rows)
             prefetch_bytes(grad_table + span_rows[r + PREFETCH_AHEAD] * 2 * d, 2 * d * sizeof(float), 1);
         float dot = 0.0f;
         for (int j = 0; j < d; j++) dot += q[j] * gk[j];
@@ -676,7 +676,7 @@ static void *backward_task(void *arg) {
             PROFILE_SKIP();
             /* dO_t = (w_t / row sum) dY, and the same scale on dY . Y */
             for (int i = 0; i < c; i++) {
-                if (query_rows + i + PREFETCH_AHEAD < rows_end) {
+                if (i + PREFETCH_AHEAD < rows_end - query_rows) {
                     prefetch_bytes(p->grad_out + query_rows[i + PREFETCH_AHEAD] * d, d * sizeof(float), 0);
                     __builtin_prefetch(p->grad_dot + query_rows[i + PREFETCH_AHEAD], 0, 3);
                 }
