@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import variants
 from harness.measurement import matmul_rate
 from harness.workloads import step_flops
-from variants.attention import lsh, lsh_cpu
+from variants.attention import lsh_core, lsh_cpu, lsh_hashing
+from variants.attention.full import shared_qk_key_scale
 
 
 @dataclass
@@ -86,8 +87,8 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
     torch.manual_seed(0)
     x = torch.randn(1, seq_len, 256, requires_grad=True)
     heads, head_dim, c = 4, 64, 64
-    factors = lsh.bucket_factors(None, seq_len, c)
-    rotations = lsh.draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=1)
+    factors = lsh_hashing.bucket_factors(None, seq_len, c)
+    rotations = lsh_hashing.draw_rotations(heads, head_dim, n_hashes, sum(factors), seed=1)
     weight = module.in_proj.weight.view(2, heads, head_dim, 256).transpose(0, 1).reshape(512, 256).detach()
     packed = F.linear(x.detach(), weight).view(1, seq_len, heads, 2 * head_dim)
     qk = packed[..., :head_dim].transpose(1, 2)
@@ -96,15 +97,15 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
     state: dict = {}
 
     def hash_():
-        state["buckets"] = lsh.hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
+        state["buckets"] = lsh_hashing.hash_buckets(qk, n_hashes, factors, rotations).view(bh, n_items)
 
     def sort():
         n_round = math.prod(factors)
         state["sorted"] = lsh_cpu.sort_items(state["buckets"], n_buckets=n_hashes * n_round, heads=heads, seq_len=seq_len, chunk=c)
 
-    def items() -> lsh.SortedItems:
+    def items() -> lsh_core.SortedItems:
         sort_idx, undo, rows = state["sorted"]
-        return lsh.SortedItems(
+        return lsh_core.SortedItems(
             rows=rows,
             undo=undo,
             sort_idx=sort_idx,
@@ -115,15 +116,15 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
             causal=False,
             save_probs=True,
             chunk_of=None,
-            block_elements=lsh.CPU_BLOCK_ELEMENTS,
+            block_elements=lsh_core.CPU_BLOCK_ELEMENTS,
         )
 
     def forward():
-        state["key_scale"] = lsh.shared_qk_key_scale(table[:, :head_dim])
+        state["key_scale"] = shared_qk_key_scale(table[:, :head_dim])
         row_max = torch.empty(bh, n_items, 1)
         row_sum = torch.empty_like(row_max)
         probs = torch.empty(bh, n_items, 2 * c) if lsh_cpu.keep_probs() else None
-        combined, scale = lsh.fused_forward_combining(table, state["key_scale"], items(), probs, row_max, row_sum)
+        combined, scale = lsh_core.fused_forward_combining(table, state["key_scale"], items(), probs, row_max, row_sum)
         state.update(combined=combined, scale=scale, probs=probs, row_max=row_max)
 
     grad = torch.randn(seq_len * heads, head_dim)
@@ -139,7 +140,7 @@ def layer_stages(seq_len: int, n_hashes: int) -> tuple[dict, torch.nn.Module, to
             state["sorted"][2],
             chunk=c,
             causal=False,
-            **lsh.mask_arguments(table.dtype),
+            **lsh_core.mask_arguments(table.dtype),
             probs=state["probs"],
             row_max=state["row_max"],
             scale=state["scale"],

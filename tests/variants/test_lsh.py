@@ -7,7 +7,8 @@ import torch
 
 import variants
 from variants.attention.full import full_attention
-from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention, lsh_attention_packed
+from variants.attention.lsh import lsh_attention, lsh_attention_packed
+from variants.attention.lsh_hashing import bucket_factors, draw_rotations, hash_buckets
 
 
 def randn(*shape, seed):
@@ -139,18 +140,6 @@ def test_dup_correction_is_softmax_over_union_of_candidates(causal):
     torch.testing.assert_close(got, torch.softmax(logits, -1) @ v, rtol=1e-9, atol=1e-9)
 
 
-def test_hash_buckets_shared_rotations_and_offsets():
-    qk = randn(2, 3, 8, 4, seed=30)
-    shared = randn(4, 2, 3, seed=31)
-    buckets = hash_buckets(qk, 2, 6, shared)
-    assert buckets.shape == (2, 3, 2, 8)
-    torch.testing.assert_close(buckets, hash_buckets(qk, 2, 6, shared.expand(3, -1, -1, -1)))
-    for r in range(2):
-        projected = qk @ shared[:, r]  # [B, H, L, 3]
-        expected = torch.cat([projected, -projected], -1).argmax(-1) + 6 * r
-        torch.testing.assert_close(buckets[:, :, r], expected)
-
-
 # (c) clustered inputs: more rounds -> closer to full attention.
 @pytest.mark.parametrize("causal", [False, True])
 def test_error_falls_with_more_hash_rounds_on_clustered_inputs(causal):
@@ -184,10 +173,10 @@ def test_gradcheck(causal, dup_correction):
 @pytest.mark.parametrize("save_probs", [True, False])
 @pytest.mark.parametrize("causal, dup_correction", [(False, False), (True, False), (False, True)])
 def test_blocked_and_recomputing_paths(monkeypatch, causal, dup_correction, save_probs):
-    import variants.attention.lsh as lsh_module
+    import variants.attention.lsh_core as lsh_core
 
     bucket_size = 2
-    monkeypatch.setattr(lsh_module, "CPU_BLOCK_ELEMENTS", 3 * bucket_size * 2 * bucket_size)  # 3 chunks per block
+    monkeypatch.setattr(lsh_core, "CPU_BLOCK_ELEMENTS", 3 * bucket_size * 2 * bucket_size)  # 3 chunks per block
     qk = randn(2, 2, 8, 4, seed=43).requires_grad_()
     v = randn(2, 2, 8, 4, seed=44).requires_grad_()
     rotations = randn(2, 4, 2, 2, seed=45)
@@ -281,22 +270,6 @@ def test_packed_layout_against_loop_reference_and_gradcheck(save_probs):
     expected, _ = reference_lsh(qk, v, rotations, 4, True, False)
     torch.testing.assert_close(lsh_attention_packed(packed, **kwargs), expected.transpose(1, 2), rtol=1e-9, atol=1e-9)
     assert torch.autograd.gradcheck(lambda x: lsh_attention_packed(x, **kwargs), (packed,))
-
-
-def test_hash_buckets_in_slices_of_positions(monkeypatch):
-    """Slicing the positions (bounded temporaries) changes no bucket, ties (zero vectors) included."""
-    import variants.attention.lsh as lsh_module
-
-    qk = randn(2, 3, 40, 4, seed=67)
-    qk[0, 1, :5] = 0.0  # every rotation ties: argmax takes the first index
-    rotations = randn(3, 4, 2, 2 + 3, seed=68)  # factors (4, 6)
-    whole = hash_buckets(qk, 2, (4, 6), rotations)
-    monkeypatch.setattr(lsh_module, "HASH_SLICE_ELEMENTS", 7 * 2 * 3 * 2 * 5)  # 7 positions per slice
-    torch.testing.assert_close(hash_buckets(qk, 2, (4, 6), rotations), whole, rtol=0, atol=0)
-    rotated = torch.einsum("bhld,hdnr->bhnlr", qk, rotations)
-    first, second = rotated[..., :2], rotated[..., 2:]
-    expected = torch.cat([first, -first], -1).argmax(-1) + 4 * torch.cat([second, -second], -1).argmax(-1)
-    torch.testing.assert_close(whole, expected + 24 * torch.arange(2).view(2, 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("save_probs", [True, False])

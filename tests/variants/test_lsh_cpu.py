@@ -17,7 +17,8 @@ import torch
 import variants
 from tests.variants.test_lsh import pack, reference_lsh
 from variants.attention import lsh_cpu
-from variants.attention.lsh import bucket_factors, draw_rotations, hash_buckets, lsh_attention_packed
+from variants.attention.lsh import lsh_attention_packed
+from variants.attention.lsh_hashing import bucket_factors, draw_rotations, hash_buckets
 
 HAS_COMPILER = bool(shutil.which("cc") or shutil.which("gcc"))
 

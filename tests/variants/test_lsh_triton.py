@@ -118,7 +118,7 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 def test_hash_kernel_equals_hash_buckets(dtype, factors):
     """The fused hash (matmul and argmax in one kernel) against the ops path's `hash_buckets`, with ties
     (zero rotations: every value ties, argmax takes the first) and factorised buckets."""
-    from variants.attention.lsh import draw_rotations, hash_buckets
+    from variants.attention.lsh_hashing import draw_rotations, hash_buckets
 
     batch, heads, seq_len, head_dim, n_hashes = 2, 2, 64, 16, 3
     qk = torch.randn(batch, seq_len, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)

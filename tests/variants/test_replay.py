@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from variants import replay
-from variants.attention.lsh import keep_buckets, replayed_buckets
+from variants.attention.lsh_hashing import keep_buckets, replayed_buckets
 
 
 def test_outside_a_layer_call_nothing_is_kept_or_recalled() -> None:

@@ -1,6 +1,6 @@
 """Which code runs LSH attention's core: the `backend` argument of `lsh_attention` and the `lsh` variant.
 
-- `ops`: PyTorch ops (`_LSHCore` in variants/attention/lsh.py), any device and dtype: the reference;
+- `ops`: PyTorch ops (`LSHCore` in variants/attention/lsh_core.py), any device and dtype: the reference;
 - `cpu_kernel`: the fused C kernel (variants/attention/lsh_cpu.py): float32 CPU tensors (with
   dup_correction it hashes and sorts, the ops core attends);
 - `triton`: the Triton kernels (variants/attention/lsh_triton.py): CUDA, or CPU tensors under

@@ -1,6 +1,6 @@
 """The fused CPU kernel of LSH attention's chunked part (`lsh_cpu.c`): build, load, call.
 
-`_LSHCore` runs its blocks of chunks with PyTorch ops everywhere; on CPU, for float32 without
+`LSHCore` runs its blocks of chunks with PyTorch ops everywhere; on CPU, for float32 without
 dup_correction, it calls this kernel instead when it is available. The kernel is plain C (no torch
 headers), compiled on first use with the system C compiler (`$CC`, else `cc` / `gcc`) into a cache
 folder and loaded with ctypes. The chunk matmuls are its own (register blocks, no packing); the
@@ -45,7 +45,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 # Extra compiler flags, appended after CFLAGS (part of the build's cache key): `-mno-avx512f` builds the
 # AVX2 path on an AVX-512 machine (CI tests both paths that way), `-march=x86-64` the generic one.
 CFLAGS_EXTRA_ENV = "REFORMER_LSH_CPU_CFLAGS_EXTRA"
-# Whether `_LSHCore` keeps the kernel's probabilities [BH, N, 2c] for the backward (save_probs) or the
+# Whether `LSHCore` keeps the kernel's probabilities [BH, N, 2c] for the backward (save_probs) or the
 # backward recomputes them from the row max (one more q.k matmul and exp per chunk; deterministic, so
 # the same values). None: by the ISA (`keep_probs`). True / False force it (A/B comparisons, tests).
 KEEP_PROBS: bool | None = None
@@ -291,7 +291,7 @@ def forward(
     row_sum [BH, N, 1], and out [BH, N, d].
 
     table [R, 2d] float32 (qk | v rows), key_scale [R, 1], rows [BH, c + N] int64 (`SortedItems.rows`).
-    out is E @ V with E = exp(logits - row max) unnormalised, as `_LSHCore` keeps it. With combined
+    out is E @ V with E = exp(logits - row max) unnormalised, as `LSHCore` keeps it. With combined
     [R, d], lse_max and lse_sum [R] (initialised to 0, -inf, 0), item_scale [BH, N, 1] and seq_len
     instead of out, the rounds are combined per position on the fly: combined ends as the output
     sum_t w_t o_t / row sum_t, with w_t = exp(z_t - M) / S, M = lse_max the largest logsumexp z of
@@ -360,7 +360,7 @@ def backward(
 def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     """Angular-LSH buckets of qk [batch, heads, seq_len, d] (any strides, last one 1) -> [batch, heads, n_hashes, seq_len].
 
-    rotations [heads, d, n_hashes, sum(factors) // 2]. As `lsh.hash_buckets` without the round
+    rotations [heads, d, n_hashes, sum(factors) // 2]. As `lsh_hashing.hash_buckets` without the round
     offsets: factor f's bucket is the argmax over concat([x, -x]) of its slice of the rotated values
     (ties to the first index), combined as b_0 + factors[0] * (b_1 + factors[1] * ...). The rotated
     values are made a block of positions at a time (one matmul each) and never stored.
@@ -398,7 +398,7 @@ def combine(out: torch.Tensor, scale: torch.Tensor, undo: torch.Tensor, *, batch
     """Rounds combined and unsorted: out [BH, N, d] (sorted items), scale [BH, N, 1], undo [BH, N] -> [B * L * H, d].
 
     Row (b * L + position) * H + h is the sum over rounds r of scale[i] * out[i] at the sorted index
-    i = undo[b * H + h, r * L + position]: `_unsort(out * scale)` of lsh.py in one pass, without
+    i = undo[b * H + h, r * L + position]: `_unsort(out * scale)` of lsh_core.py in one pass, without
     scaling out in place or a gather per round.
     """
     for name, x in (("out", out), ("scale", scale), ("undo", undo)):

@@ -1,6 +1,6 @@
 """Triton kernels for the core of LSH attention (the `triton` backend of `lsh_attention`).
 
-The same quantities as `_LSHCore` (variants/attention/lsh.py, the reference and fallback), for the
+The same quantities as `LSHCore` (variants/attention/lsh_core.py, the reference and fallback), for the
 items sorted by (round-offset bucket, position): chunk g of the combined order attends to chunks
 g - 1 (cyclically, across rounds) and g; keys are the length-normalised qk rows; causal masking by
 original position (mask value), then the self logit set to the self penalty (`mask_values`); the
@@ -171,7 +171,7 @@ def round_weights(lse: torch.Tensor, sort_idx: torch.Tensor, n_hashes: int) -> t
 
 class TritonLSHCore(torch.autograd.Function):
     """forward(table [B * L * H, 2d] (qk | v rows), key_scale [B * L * H] fp32, sort_idx [BH, N], seq_len,
-    heads, chunk, causal) -> [B * L * H, d] in the table's dtype: the LSH core of `_LSHCore` in Triton."""
+    heads, chunk, causal) -> [B * L * H, d] in the table's dtype: the LSH core of `LSHCore` in Triton."""
 
     @staticmethod
     def forward(ctx, table, key_scale, sort_idx, seq_len: int, heads: int, chunk: int, causal: bool):
@@ -212,7 +212,7 @@ class TritonLSHCore(torch.autograd.Function):
 
 def hash_buckets(table: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...], *, seq_len: int, chunk: int) -> torch.Tensor:
     """Buckets of the qk rows of table [B * L * H, 2d] -> [B * H, n_hashes * L] int64, round offsets included:
-    `variants.attention.lsh.hash_buckets` in one kernel (the rotated values are never stored).
+    `variants.attention.lsh_hashing.hash_buckets` in one kernel (the rotated values are never stored).
 
     rotations [H, d, n_hashes, sum(factors) // 2]; one or two factors (bucket = argmax_a + a * argmax_b);
     seq_len a multiple of chunk. Products are rounded to the table's dtype before the argmax, as the

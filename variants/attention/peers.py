@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from variants.attention.base import AttentionConfig
 from variants.attention.full import SdpaAttention, SdpaAttentionConfig, full_attention_bytes
-from variants.attention.lsh import bucket_factors, lsh_attention_bytes
+from variants.attention.lsh import lsh_attention_bytes
+from variants.attention.lsh_hashing import bucket_factors
 from variants.registry import VariantUnavailable, register
 from variants.traffic import Traffic, linear, pointwise
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import variants.attention.lsh as lsh_module
+import variants.attention.lsh_hashing as lsh_hashing
 from harness.selfcheck import lsh_checks
 from harness.selfcheck.lsh_checks import LSH_ROUNDS, LshCase
 from harness.selfcheck.references import CHECKED_DTYPES
@@ -16,8 +17,8 @@ def test_lsh_inputs_hash_into_the_same_buckets_in_every_dtype():
     for dtype_name in CHECKED_DTYPES:
         dtype = getattr(torch, dtype_name)
         qk, _, rotations = lsh_checks.lsh_inputs(case, dtype_name)
-        wide = lsh_module.hash_buckets(qk, 8, case.n_buckets, rotations)
-        low = lsh_module.hash_buckets(qk.to(dtype), 8, case.n_buckets, rotations.to(dtype))
+        wide = lsh_hashing.hash_buckets(qk, 8, case.n_buckets, rotations)
+        low = lsh_hashing.hash_buckets(qk.to(dtype), 8, case.n_buckets, rotations.to(dtype))
         assert torch.equal(low, wide), dtype_name
 
 
